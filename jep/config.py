@@ -1,0 +1,89 @@
+"""Frozen configuration of the MoE layer and of its dispatch.
+
+Both are plain hashable dataclasses, so they can be passed as static arguments of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+SCORES = ("softmax", "sigmoid")
+ACTIVATIONS = ("silu", "gelu", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchConfig:
+    """How tokens travel to their experts.
+
+    Attributes:
+      capacity: rows kept per local expert (GShard's meaning); `None` is dropless.
+      capacity_factor: alternative to `capacity`: `ceil(capacity_factor * T * k / E_local)` rows
+        per local expert, T being the tokens of one rank (what each expert gets under perfect
+        balance, times the factor). At most one of `capacity` and `capacity_factor` is set.
+      backend: the transport, `"auto"` or a name registered in `jep.transport`.
+    """
+
+    capacity: int | None = None
+    capacity_factor: float | None = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.capacity is not None and self.capacity_factor is not None:
+            raise ValueError("DispatchConfig: set at most one of capacity and capacity_factor")
+        if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 0):
+            raise ValueError(f"DispatchConfig.capacity must be an int >= 0 or None, got {self.capacity!r}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"DispatchConfig.capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
+
+    def capacity_for(self, num_tokens: int, top_k: int, num_local_experts: int) -> int | None:
+        """The per-local-expert capacity for `num_tokens` tokens per rank, or None (dropless)."""
+        if self.capacity_factor is None:
+            return self.capacity
+        return math.ceil(self.capacity_factor * num_tokens * top_k / num_local_experts)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The routed-expert MoE layer.
+
+    Attributes:
+      num_experts: E, experts in total; must be divisible by the size of the `axis_name` mesh axis.
+      top_k: k, experts per token.
+      score: "softmax" or "sigmoid" router scores.
+      num_groups, topk_groups: DeepSeek-V3 group-limited routing (both or neither).
+      renormalize: divide each token's k weights by their sum.
+      routed_scaling_factor: multiplies the routing weights (DeepSeek-V3 uses 2.5).
+      activation: gate activation of the SwiGLU experts ("silu", "gelu" or "relu").
+      axis_name: the mesh axis experts are sharded over (EP).
+      dispatch: capacity and transport, see `DispatchConfig`.
+      expert_backend: the grouped-matmul backend of `jep.expert_ffn`.
+    """
+
+    num_experts: int
+    top_k: int
+    score: str = "softmax"
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    renormalize: bool = True
+    routed_scaling_factor: float = 1.0
+    activation: str = "silu"
+    axis_name: str = "ep"
+    dispatch: DispatchConfig = DispatchConfig()
+    expert_backend: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"MoEConfig.num_experts must be an int >= 1, got {self.num_experts!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k must be an int in [1, num_experts={self.num_experts}], "
+                f"got {self.top_k!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"MoEConfig.score must be one of {SCORES}, got {self.score!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"MoEConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not isinstance(self.dispatch, DispatchConfig):
+            raise TypeError(f"MoEConfig.dispatch must be a DispatchConfig, got {type(self.dispatch)}")

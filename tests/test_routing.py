@@ -1,0 +1,99 @@
+"""jep.route and the balancing losses against per-token references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jep
+from jep import reference
+
+CASES = [
+    dict(score="softmax"),
+    dict(score="sigmoid"),
+    dict(score="softmax", renormalize=False),
+    dict(score="sigmoid", num_groups=4, topk_groups=2),
+    dict(score="softmax", num_groups=8, topk_groups=3),
+    dict(score="sigmoid", num_groups=16, topk_groups=5),  # one expert per group
+]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_route_matches_per_token_reference(rng, case, with_bias):
+    logits = rng.normal(size=(64, 16)).astype(np.float32)
+    bias = rng.normal(size=16).astype(np.float32) if with_bias else None
+    weights, ids = jep.route(jnp.asarray(logits), top_k=4, bias=bias, **case)
+    want_w, want_ids = jax.vmap(lambda l: reference.route_token(l, top_k=4, bias=bias, **case))(logits)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(weights, want_w, rtol=1e-6)
+    assert ids.dtype == jnp.int32 and weights.dtype == jnp.float32
+    assert all(len(set(row)) == 4 for row in np.asarray(ids))
+
+
+def test_group_limited_routing_stays_inside_the_chosen_groups(rng):
+    logits = rng.normal(size=(128, 32)).astype(np.float32)
+    _, ids = jep.route(jnp.asarray(logits), top_k=6, score="sigmoid", num_groups=8, topk_groups=2)
+    groups_used = [len(set(row // 4)) for row in np.asarray(ids)]
+    assert max(groups_used) <= 2
+
+
+def test_bias_changes_the_choice_but_not_the_weights(rng):
+    logits = rng.normal(size=(32, 8)).astype(np.float32)
+    bias = np.zeros(8, np.float32)
+    bias[3] = 100.0  # expert 3 always chosen
+    weights, ids = jep.route(jnp.asarray(logits), top_k=2, score="sigmoid", bias=bias,
+                             renormalize=False)
+    assert np.all(np.asarray(ids)[:, 0] == 3)
+    np.testing.assert_allclose(weights, np.take_along_axis(jax.nn.sigmoid(logits), ids, 1), rtol=1e-6)
+
+
+def test_renormalized_weights_sum_to_one(rng):
+    weights, _ = jep.route(jnp.asarray(rng.normal(size=(16, 8)), jnp.float32), top_k=3, score="sigmoid")
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_load_balancing_loss_is_one_when_uniform_and_grows_when_skewed():
+    num_tokens, num_experts = 8, 4
+    uniform_scores = jnp.full((num_tokens, num_experts), 1 / num_experts)
+    uniform_ids = jnp.arange(num_tokens)[:, None] % num_experts
+    np.testing.assert_allclose(jep.load_balancing_loss(uniform_scores, uniform_ids), 1.0, rtol=1e-6)
+    skewed_scores = jnp.zeros((num_tokens, num_experts)).at[:, 0].set(1.0)
+    skewed_ids = jnp.zeros((num_tokens, 1), jnp.int32)
+    np.testing.assert_allclose(jep.load_balancing_loss(skewed_scores, skewed_ids), num_experts)
+
+
+def test_load_balancing_loss_matches_the_switch_formula(rng):
+    logits = jnp.asarray(rng.normal(size=(50, 6)), jnp.float32)
+    scores = jep.router_scores(logits)
+    _, ids = jep.route(logits, top_k=2)
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=6)
+    want = 6 * np.sum(counts / (50 * 2) * np.asarray(scores).mean(0))
+    np.testing.assert_allclose(jep.load_balancing_loss(scores, ids), want, rtol=1e-6)
+    # Gradient flows through the scores only (counts are constants).
+    grad = jax.grad(lambda s: jep.load_balancing_loss(s, ids))(scores)
+    np.testing.assert_allclose(grad, np.broadcast_to(6 * counts / 100 / 50, (50, 6)), rtol=1e-6)
+
+
+def test_router_z_loss_is_mean_squared_logsumexp(rng):
+    logits = rng.normal(size=(10, 5)).astype(np.float32)
+    want = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
+    np.testing.assert_allclose(jep.router_z_loss(jnp.asarray(logits)), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(top_k=0), ValueError, "top_k"),
+    (dict(top_k=9), ValueError, "top_k"),
+    (dict(num_groups=4), ValueError, "together"),
+    (dict(num_groups=3, topk_groups=1), ValueError, "divide"),
+    (dict(num_groups=4, topk_groups=5), ValueError, "topk_groups"),
+    (dict(num_groups=4, topk_groups=1, top_k=3), ValueError, "exceeds"),
+    (dict(score="relu"), ValueError, "score"),
+    (dict(bias=jnp.zeros(7)), ValueError, "bias must have shape"),
+    (dict(logits=jnp.zeros((4, 8, 1))), ValueError, "logits must have rank 2"),
+    (dict(logits=jnp.zeros((4, 8), jnp.int32)), TypeError, "logits must be a floating"),
+])
+def test_route_bad_input_raises(kwargs, error, match):
+    args = dict(logits=jnp.zeros((4, 8)), top_k=2) | kwargs
+    with pytest.raises(error, match=match):
+        jep.route(args.pop("logits"), **args)
