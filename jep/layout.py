@@ -1,0 +1,100 @@
+"""Dispatch layout: from `expert_ids` to what each rank sends where (DeepEP's get_dispatch_layout).
+
+Everything is an array of static shape; sizes that depend on the routing are values. Shapes:
+T tokens on this rank, k = top_k, E experts, n ranks, E_local = E / n, m = min(k, n) (the most
+ranks one token can reach), S = T * m (the most rows one rank can send).
+
+The send buffer holds one row per (destination rank, token) pair, ordered by rank, then token:
+a token that chose several experts on one rank is sent there once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jep.routing import expert_counts
+
+
+class DispatchLayout(NamedTuple):
+    """Where this rank's tokens go.
+
+    Attributes:
+      tokens_per_rank: i32[n], tokens sent to each rank, each token counted once per rank.
+      tokens_per_expert: i32[E], (token, slot) pairs routed to each expert.
+      is_token_in_rank: bool[T, n], whether token t has an expert on rank r.
+      send_offsets: i32[n], first send row of each destination rank (exclusive cumsum of
+        `tokens_per_rank`).
+      send_token: i32[S], the token of each send row; `T` past the last row.
+      send_rank: i32[S], the destination rank of each send row; `n` past the last row.
+      slot_send_row: i32[T, k], the send row that carries slot j of token t to its expert's rank;
+        `S` for a slot whose expert id is outside [0, E).
+      slot_is_first: bool[T, k], whether slot j is the first of token t's slots on its rank (the
+        one that stands for the shared row when the rank's results are added up at home).
+    """
+
+    tokens_per_rank: jax.Array
+    tokens_per_expert: jax.Array
+    is_token_in_rank: jax.Array
+    send_offsets: jax.Array
+    send_token: jax.Array
+    send_rank: jax.Array
+    slot_send_row: jax.Array
+    slot_is_first: jax.Array
+
+
+def exclusive_cumsum(x: jax.Array) -> jax.Array:
+    return jnp.cumsum(x) - x
+
+
+def max_send_rows(num_tokens: int, top_k: int, num_ranks: int) -> int:
+    """S, the static size of the send buffer."""
+    return num_tokens * min(top_k, num_ranks)
+
+
+def get_dispatch_layout(expert_ids: jax.Array, *, num_experts: int, num_ranks: int) -> DispatchLayout:
+    """Computes the send layout of one rank.
+
+    Args:
+      expert_ids: i32[T, k]. Ids outside [0, E) mark empty slots: nothing is sent for them.
+      num_experts: E, divisible by `num_ranks`.
+      num_ranks: n, the size of the EP axis.
+    """
+    num_tokens, top_k = expert_ids.shape
+    experts_per_rank = num_experts // num_ranks
+    num_rows = max_send_rows(num_tokens, top_k, num_ranks)
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+
+    valid = (expert_ids >= 0) & (expert_ids < num_experts)
+    dest = jnp.where(valid, expert_ids // experts_per_rank, num_ranks).astype(jnp.int32)  # [T, k]
+    is_token_in_rank = jnp.zeros((num_tokens, num_ranks), bool)
+    is_token_in_rank = is_token_in_rank.at[tokens[:, None], dest].set(True, mode="drop")
+    tokens_per_rank = is_token_in_rank.sum(0, dtype=jnp.int32)
+    send_offsets = exclusive_cumsum(tokens_per_rank)
+
+    # Row of (token t, rank r): the rank's first row plus the tokens before t going to r.
+    row = send_offsets[None, :] + jnp.cumsum(is_token_in_rank, axis=0, dtype=jnp.int32) - 1
+    row = jnp.where(is_token_in_rank, row, num_rows)  # [T, n]
+    ranks = jnp.broadcast_to(jnp.arange(num_ranks, dtype=jnp.int32), row.shape)
+    send_token = jnp.full((num_rows,), num_tokens, jnp.int32)
+    send_token = send_token.at[row].set(jnp.broadcast_to(tokens[:, None], row.shape), mode="drop")
+    send_rank = jnp.full((num_rows,), num_ranks, jnp.int32).at[row].set(ranks, mode="drop")
+
+    slot_send_row = jnp.take_along_axis(row, jnp.minimum(dest, num_ranks - 1), axis=1)
+    slot_send_row = jnp.where(valid, slot_send_row, num_rows)
+    same_rank = dest[:, :, None] == dest[:, None, :]  # [T, k, k]
+    earlier = jnp.tril(jnp.ones((top_k, top_k), bool), k=-1)
+    slot_is_first = valid & ~jnp.any(same_rank & earlier[None], axis=-1)
+
+    return DispatchLayout(
+        tokens_per_rank=tokens_per_rank,
+        tokens_per_expert=expert_counts(expert_ids, num_experts),
+        is_token_in_rank=is_token_in_rank,
+        send_offsets=send_offsets,
+        send_token=send_token,
+        send_rank=send_rank,
+        slot_send_row=slot_send_row,
+        slot_is_first=slot_is_first,
+    )
