@@ -1,0 +1,64 @@
+"""Transports move exactly the rows they are told to, and the registry picks and refuses well."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import P, make_mesh, put
+
+import jep
+from jep.transport import xla
+
+
+@pytest.mark.parametrize("backend", jep.transport.available())
+@pytest.mark.parametrize("num_ranks", [1, 3, 8])
+def test_exchange_delivers_each_peers_rows_in_order(rng, backend, num_ranks):
+    block = 6
+    # send_sizes[s, p]: rows rank s sends to peer p, some of them zero.
+    send_sizes = rng.integers(0, block + 1, size=(num_ranks, num_ranks)).astype(np.int32)
+    send_sizes[0, :] = 0  # a rank that sends nothing
+    recv_sizes = np.ascontiguousarray(send_sizes.T)
+    in_rows, out_rows = num_ranks * block, num_ranks * block + 2
+    rows = rng.normal(size=(num_ranks, in_rows, 3)).astype(np.float32)
+    mesh = make_mesh((num_ranks,), ("ep",))
+
+    def local(rows, send, recv):
+        out = jep.transport.get(backend)(rows[0], send[0], recv[0], axis_name="ep",
+                                         out_rows=out_rows, max_rows_per_peer=block)
+        return out[None]
+
+    spec = P("ep")
+    out = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))(
+        put(mesh, rows, spec), put(mesh, send_sizes, spec), put(mesh, recv_sizes, spec))
+    out = np.asarray(out)
+    for r in range(num_ranks):
+        want = [rows[s, send_sizes[s, :r].sum():][: send_sizes[s, r]] for s in range(num_ranks)]
+        want = np.concatenate(want)
+        np.testing.assert_array_equal(out[r, : len(want)], want)
+        np.testing.assert_array_equal(out[r, len(want):], 0)
+
+
+@pytest.mark.parametrize("num_slices", [1, 4, 7])
+def test_xla_split_covers_each_range_in_order(rng, num_slices):
+    sizes = jnp.asarray(rng.integers(0, 20, size=5), jnp.int32)
+    offsets = jnp.cumsum(sizes) - sizes
+    piece_sizes, piece_offsets = xla._split(sizes, offsets, num_slices)
+    piece_sizes = np.asarray(piece_sizes).reshape(5, num_slices)
+    piece_offsets = np.asarray(piece_offsets).reshape(5, num_slices)
+    np.testing.assert_array_equal(piece_sizes.sum(1), sizes)
+    assert piece_sizes.max(1).tolist() == [-(-int(s) // num_slices) for s in sizes]
+    np.testing.assert_array_equal(piece_offsets[:, 0], offsets)
+    np.testing.assert_array_equal(piece_offsets[:, 1:], (piece_offsets + piece_sizes)[:, :-1])
+
+
+def test_auto_picks_xla_on_gpu_and_reference_on_cpu():
+    assert jep.transport.resolve("auto", "cpu") == "reference"
+    assert jep.transport.resolve("auto", "gpu") == "xla"
+    assert jep.transport.resolve("auto", "tpu") == "xla"
+
+
+def test_unknown_or_unavailable_backend_raises():
+    with pytest.raises(ValueError, match="one of"):
+        jep.transport.resolve("carrier-pigeon", "cpu")
+    with pytest.raises(ValueError, match="does not run on 'cpu'.*backend='reference'"):
+        jep.transport.resolve("xla", "cpu")
