@@ -1,0 +1,324 @@
+"""Dispatch and combine: ragged token exchange over the EP axis, under `shard_map`.
+
+Shapes (per rank): T tokens, H hidden, k = top_k, E experts, n = EP size, E_local = E / n,
+S = T * min(k, n) send rows, R = n * T receive rows (the most n peers can send), C expanded rows:
+`n * T * min(k, E_local)` dropless, `E_local * capacity` otherwise.
+
+The path of a token:
+  home rank:   x[T, H] --gather by send order--> send rows [S, H]   (one row per (rank, token))
+  the wire:    transport exchange                -> received rows [R, H] (by source rank, token)
+  expert rank: expand each received row to its local experts -> recv_x[C, H], grouped by expert
+and combine walks it back: each expert rank first adds up a token's local expert outputs with
+their weights (one row per (token, rank)), sends that row home, where the rows are added.
+
+`dispatch` and `combine` are each other's transpose: the backward of dispatch is an unweighted
+combine, the backward of combine is a dispatch scaled by the weights, plus the weights' gradient.
+Sums are taken in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jep import _checks, transport
+from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["send_token", "send_sizes", "recv_sizes", "slot_send_row", "slot_is_first",
+                 "recv_pair", "pair_row", "group_sizes", "num_dropped"],
+    meta_fields=["axis_name", "num_experts", "capacity", "backend"],
+)
+@dataclasses.dataclass(frozen=True)
+class DispatchHandle:
+    """What `combine` and the gradients need to walk a dispatch back. A pytree.
+
+    A *pair* is (received row i, slot j): slot j of the token carried by received row i.
+    Home side (the rank that owns the tokens):
+      send_token: i32[S], token of each send row (T past the last).
+      send_sizes: i32[n], rows sent to each rank; recv_sizes: i32[n], rows received from each.
+      slot_send_row: i32[T, k], the send row of slot j of token t (S for an empty slot).
+      slot_is_first: bool[T, k], slot j is the first of token t's slots on its rank.
+    Expert side (the rank that holds the experts):
+      recv_pair: i32[C], the pair `i * k + j` behind each expanded row (R * k for none).
+      pair_row: i32[R, k], the expanded row of each pair (C for a pair not here, or dropped).
+      group_sizes: i32[E_local], rows of each local expert in recv_x.
+      num_dropped: i32[], pairs received here that did not fit the capacity (0 when dropless).
+    """
+
+    send_token: jax.Array
+    send_sizes: jax.Array
+    recv_sizes: jax.Array
+    slot_send_row: jax.Array
+    slot_is_first: jax.Array
+    recv_pair: jax.Array
+    pair_row: jax.Array
+    group_sizes: jax.Array
+    num_dropped: jax.Array
+    axis_name: object
+    num_experts: int
+    capacity: int | None
+    backend: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_send_row.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.slot_send_row.shape[1]
+
+    @property
+    def num_ranks(self) -> int:
+        return self.send_sizes.shape[0]
+
+
+def ep_size(axis_name, caller: str) -> int:
+    """The size of `axis_name`, with a clear error when not inside `shard_map` over it."""
+    try:
+        return lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"{caller} must be called inside jax.shard_map over the mesh axis "
+            f"axis_name={axis_name!r}, which is not bound here") from None
+
+
+def take_rows(rows, index):
+    """rows[index] along axis 0, zero where index is out of range (also from an empty array)."""
+    if rows.shape[0] == 0:
+        return jnp.zeros(index.shape + rows.shape[1:], rows.dtype)
+    return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
+
+
+# --- the four moves, shared by dispatch, combine and their gradients ------------------------
+
+def _exchange(h: DispatchHandle, rows, send_sizes, recv_sizes, out_rows):
+    return transport.get(h.backend)(
+        rows, send_sizes, recv_sizes, axis_name=h.axis_name, out_rows=out_rows,
+        max_rows_per_peer=h.num_tokens)
+
+
+def _to_experts(h: DispatchHandle, home):
+    """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks."""
+    rows = take_rows(home, h.send_token)
+    return _exchange(h, rows, h.send_sizes, h.recv_sizes, h.num_ranks * h.num_tokens)
+
+
+def _to_home(h: DispatchHandle, received):
+    """[R, *F] rows on the expert ranks -> [S, *F] in the home rank's send order."""
+    num_rows = max_send_rows(h.num_tokens, h.top_k, h.num_ranks)
+    return _exchange(h, received, h.recv_sizes, h.send_sizes, num_rows)
+
+
+def _expand(h: DispatchHandle, received):
+    """[R, H] received rows -> [C, H] rows grouped by local expert (zeros past the last)."""
+    return take_rows(received, h.recv_pair // h.top_k)
+
+
+def _reduce_pairs(h: DispatchHandle, expanded, pair_weights=None):
+    """[C, H] expert rows -> f32[R, H]: each received row's pairs summed (weighted if given)."""
+    total = jnp.zeros((h.pair_row.shape[0], expanded.shape[1]), jnp.float32)
+    for j in range(h.top_k):
+        rows = take_rows(expanded, h.pair_row[:, j])
+        rows = rows.astype(jnp.float32)
+        total = total + (rows if pair_weights is None else rows * pair_weights[:, j, None])
+    return total
+
+
+def _sum_home(h: DispatchHandle, sent_back):
+    """[S, H] rows back home -> f32[T, H]: each token's rows (one per rank it reached) added."""
+    num_rows = sent_back.shape[0]
+    total = jnp.zeros((h.num_tokens, sent_back.shape[1]), jnp.float32)
+    for j in range(h.top_k):
+        row = jnp.where(h.slot_is_first[:, j], h.slot_send_row[:, j], num_rows)
+        total = total + take_rows(sent_back, row).astype(jnp.float32)
+    return total
+
+
+# --- planning ------------------------------------------------------------------------------
+
+def _plan(expert_ids, *, num_experts, axis_name, capacity, backend) -> DispatchHandle:
+    num_ranks = ep_size(axis_name, "jep.dispatch")
+    num_tokens, top_k = expert_ids.shape
+    experts_per_rank = num_experts // num_ranks
+    layout = get_dispatch_layout(expert_ids, num_experts=num_experts, num_ranks=num_ranks)
+    send_sizes = layout.tokens_per_rank
+    recv_sizes = send_sizes
+    if num_ranks > 1:
+        recv_sizes = lax.all_to_all(send_sizes, axis_name, 0, 0, tiled=True)
+
+    # Each send row carries its token's slots as local expert ids of the destination, +1 so that
+    # the zeros past the last received row read as "no expert".
+    slot_ids = jnp.take(expert_ids.astype(jnp.int32), layout.send_token, axis=0, mode="fill",
+                        fill_value=-1)  # [S, k]
+    local = slot_ids - layout.send_rank[:, None] * experts_per_rank
+    local = jnp.where((local >= 0) & (local < experts_per_rank) & (slot_ids >= 0), local + 1, 0)
+    handle = DispatchHandle(
+        send_token=layout.send_token, send_sizes=send_sizes, recv_sizes=recv_sizes,
+        slot_send_row=layout.slot_send_row, slot_is_first=layout.slot_is_first,
+        recv_pair=None, pair_row=None, group_sizes=None, num_dropped=None,
+        axis_name=axis_name, num_experts=num_experts, capacity=capacity, backend=backend)
+    pair_expert = _exchange(handle, local, send_sizes, recv_sizes, num_ranks * num_tokens) - 1
+
+    # Pairs sorted by local expert, stably: within an expert by source rank, then source token.
+    pair_expert = jnp.where(pair_expert >= 0, pair_expert, experts_per_rank).reshape(-1)
+    num_pairs = pair_expert.shape[0]
+    order = jnp.argsort(pair_expert, stable=True).astype(jnp.int32)
+    counts = jnp.zeros((experts_per_rank,), jnp.int32).at[pair_expert].add(1, mode="drop")
+    if capacity is None:
+        num_rows = num_ranks * num_tokens * min(top_k, experts_per_rank)
+        group_sizes = counts
+    else:
+        num_rows = experts_per_rank * capacity
+        group_sizes = jnp.minimum(counts, capacity)
+    # Row q of recv_x is the r-th kept pair of its expert e: the r-th of e's pairs in `order`.
+    row = jnp.arange(num_rows, dtype=jnp.int32)
+    expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")
+    expert = jnp.minimum(expert, experts_per_rank - 1)
+    rank_in_expert = row - exclusive_cumsum(group_sizes)[expert]
+    position = exclusive_cumsum(counts)[expert] + rank_in_expert
+    kept = row < group_sizes.sum()
+    recv_pair = jnp.where(kept, take_rows(order, position), num_pairs)
+    pair_row = jnp.full((num_pairs,), num_rows, jnp.int32)
+    pair_row = pair_row.at[recv_pair].set(jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
+    return dataclasses.replace(
+        handle, recv_pair=recv_pair, pair_row=pair_row.reshape(-1, top_k),
+        group_sizes=group_sizes, num_dropped=(counts - group_sizes).sum())
+
+
+# --- the differentiable row movers ---------------------------------------------------------
+
+@jax.custom_vjp
+def _dispatch_rows(x, h):
+    return _expand(h, _to_experts(h, x))
+
+
+def _dispatch_rows_fwd(x, h):
+    return _dispatch_rows(x, h), h
+
+
+def _dispatch_rows_bwd(h, g):
+    # The transpose: an unweighted combine.
+    sent_back = _to_home(h, _reduce_pairs(h, g).astype(g.dtype))
+    return _sum_home(h, sent_back).astype(g.dtype), None
+
+
+_dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
+
+
+def _combine(y, weights, h):
+    pair_weights = _to_experts(h, weights.astype(jnp.float32))  # f32[R, k]
+    partial_sums = _reduce_pairs(h, y, pair_weights).astype(y.dtype)
+    return _sum_home(h, _to_home(h, partial_sums)).astype(y.dtype), pair_weights
+
+
+@jax.custom_vjp
+def _combine_rows(y, weights, h):
+    return _combine(y, weights, h)[0]
+
+
+def _combine_rows_fwd(y, weights, h):
+    out, pair_weights = _combine(y, weights, h)
+    return out, (y, weights, pair_weights, h)
+
+
+def _combine_rows_bwd(residuals, g):
+    y, weights, pair_weights, h = residuals
+    g_received = _to_experts(h, g)  # [R, H]
+    # dy: the output gradient dispatched, scaled by each pair's weight.
+    row_weight = take_rows(pair_weights.reshape(-1), h.recv_pair)
+    dy = _expand(h, g_received).astype(jnp.float32) * row_weight[:, None]
+    # dweights[t, j] = <g[t], y[row of (t, j)]>, taken on the expert rank, sent home per slot.
+    g32 = g_received.astype(jnp.float32)
+    dots = jnp.stack([
+        jnp.sum(take_rows(y, h.pair_row[:, j]).astype(jnp.float32) * g32, axis=-1)
+        for j in range(h.top_k)], axis=1)  # f32[R, k]
+    dots_home = _to_home(h, dots)  # [S, k]
+    flat = h.slot_send_row * h.top_k + jnp.arange(h.top_k, dtype=jnp.int32)[None, :]
+    dweights = take_rows(dots_home.reshape(-1), flat)
+    return dy.astype(y.dtype), dweights.astype(weights.dtype), None
+
+
+_combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
+
+
+# --- the public API ------------------------------------------------------------------------
+
+def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
+             backend: str = "auto"):
+    """Sends each token to the ranks of its experts and groups the rows by local expert.
+
+    Call inside `jax.shard_map` over `axis_name`; expert e lives on rank e // E_local.
+
+    Args:
+      x: f[T, H] this rank's tokens.
+      expert_ids: i[T, k] each token's experts (`jep.route`). Ids outside [0, E) mark empty
+        slots: nothing is sent for them and they get no output.
+      num_experts: E, divisible by the size n of `axis_name`.
+      axis_name: the EP mesh axis.
+      capacity: `None` (dropless) or rows kept per local expert (>= 0). Rows beyond it are dropped,
+        lowest source rank and token first kept, and counted in `handle.num_dropped`.
+      backend: transport, "auto" or one of `jep.transport.names()`.
+
+    Returns:
+      recv_x: [C, H], x.dtype: the rows of local expert 0, then 1, ...; within an expert by
+        source rank, then source token. Rows past `sum(group_sizes)` are zero.
+        C = n * T * min(k, E_local) when dropless, E_local * capacity otherwise.
+      group_sizes: i32[E_local], rows per local expert.
+      handle: `DispatchHandle` for `combine`.
+    """
+    _checks.rank(x, 2, "x")
+    _checks.floating(x, "x")
+    _checks.rank(expert_ids, 2, "expert_ids")
+    _checks.integer(expert_ids, "expert_ids")
+    if expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"expert_ids must have one row per token of x: x has {x.shape[0]} tokens, "
+            f"expert_ids has shape {expert_ids.shape}")
+    if expert_ids.shape[1] < 1:
+        raise ValueError(f"expert_ids must have at least one slot, got shape {expert_ids.shape}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                 or capacity < 0):
+        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
+    num_ranks = ep_size(axis_name, "jep.dispatch")
+    if num_experts % num_ranks:
+        raise ValueError(
+            f"num_experts={num_experts} must be divisible by the size {num_ranks} of "
+            f"axis_name={axis_name!r}")
+    backend = transport.resolve(backend)
+    handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
+                   backend=backend)
+    return _dispatch_rows(x, handle), handle.group_sizes, handle
+
+
+def combine(y, handle: DispatchHandle, weights):
+    """Brings expert outputs home and adds each token's k outputs with their weights.
+
+    Args:
+      y: f[C, H], expert outputs in the row order of `recv_x` (rows past the groups are ignored).
+      handle: the `DispatchHandle` of the matching `dispatch`.
+      weights: f[T, k], the routing weights, in the slot order of `expert_ids`.
+
+    Returns:
+      [T, H] in y.dtype: `sum_j weights[t, j] * y[row of (t, j)]`, summed in float32; a slot that
+      was dropped or empty adds nothing.
+    """
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle must be the DispatchHandle returned by jep.dispatch, got {type(handle)}")
+    _checks.rank(y, 2, "y")
+    _checks.floating(y, "y")
+    _checks.floating(weights, "weights")
+    if y.shape[0] != handle.recv_pair.shape[0]:
+        raise ValueError(
+            f"y must have one row per row of recv_x ({handle.recv_pair.shape[0]}), got shape {y.shape}")
+    _checks.shape(weights, (handle.num_tokens, handle.top_k), "weights")
+    ep_size(handle.axis_name, "jep.combine")
+    return _combine_rows(y, weights, handle)

@@ -1,0 +1,202 @@
+"""dispatch / combine against the loop references in `jep.reference`, forward and backward."""
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import P, make_mesh, put
+from routings import KINDS, make_routing
+
+import jep
+from jep import reference
+
+BACKENDS = jep.transport.available()
+HIDDEN = 5
+
+
+@functools.lru_cache(maxsize=None)
+def dispatch_fn(num_ranks, num_experts, capacity, backend):
+    """jit(shard_map) of dispatch + combine and of their vjps, for global [n, T, ...] arrays."""
+    mesh = make_mesh((num_ranks,), ("ep",))
+
+    def local(x, ids, y, weights):
+        recv_x, group_sizes, handle = jep.dispatch(
+            x[0], ids[0], num_experts=num_experts, axis_name="ep", capacity=capacity, backend=backend)
+        out = jep.combine(y[0], handle, weights[0])
+        return recv_x[None], group_sizes[None], handle.num_dropped[None], out[None]
+
+    spec = P("ep")
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4)
+
+    def run(x, ids, y, weights, g_recv, g_out):
+        (recv_x, group_sizes, dropped, out), vjp = jax.vjp(
+            lambda x, y, w: mapped(x, ids, y, w), x, y, weights)
+        zeros = (jnp.zeros(group_sizes.shape, jax.dtypes.float0),
+                 jnp.zeros(dropped.shape, jax.dtypes.float0))
+        grads = vjp((g_recv,) + zeros + (g_out,))
+        return recv_x, group_sizes, dropped, out, grads
+
+    jitted = jax.jit(run)
+    return lambda *args: jitted(*(put(mesh, a, spec) for a in args))
+
+
+def check_against_reference(rng, ids, *, num_experts, capacity, backend):
+    num_ranks, num_tokens, top_k = ids.shape
+    x = rng.normal(size=(num_ranks, num_tokens, HIDDEN)).astype(np.float32)
+    weights = rng.random(ids.shape).astype(np.float32)
+    want_x, want_sizes, owner, want_dropped = reference.dispatch(
+        x, ids, num_experts=num_experts, capacity=capacity)
+    y = rng.normal(size=want_x.shape).astype(np.float32)
+    g_recv = rng.normal(size=want_x.shape).astype(np.float32)
+    g_out = rng.normal(size=x.shape).astype(np.float32)
+
+    recv_x, group_sizes, dropped, out, (dx, dy, dw) = dispatch_fn(
+        num_ranks, num_experts, capacity, backend)(x, ids, y, weights, g_recv, g_out)
+
+    np.testing.assert_array_equal(recv_x, want_x)  # a permutation: exact
+    np.testing.assert_array_equal(group_sizes, want_sizes)
+    np.testing.assert_array_equal(dropped, want_dropped)
+    np.testing.assert_allclose(out, reference.combine(y, owner, weights), rtol=1e-5, atol=1e-5)
+    # Backward of dispatch: the unweighted combine of the cotangent.
+    np.testing.assert_allclose(dx, reference.combine(g_recv, owner, np.ones_like(weights)),
+                               rtol=1e-5, atol=1e-5)
+    # Backward of combine: dy = the output cotangent dispatched, times each row's weight;
+    # dweights[t, j] = <g_out[t], y[row of (t, j)]>.
+    want_dy = np.zeros_like(y)
+    want_dw = np.zeros_like(weights)
+    for rank, row in zip(*np.nonzero(owner[..., 0] >= 0)):
+        source, token, slot = owner[rank, row]
+        want_dy[rank, row] = weights[source, token, slot] * g_out[source, token]
+        want_dw[source, token, slot] = g_out[source, token] @ y[rank, row]
+    np.testing.assert_allclose(dy, want_dy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+@pytest.mark.parametrize("kind", KINDS)
+def test_dispatch_and_combine_match_reference_forward_and_backward(rng, backend, num_ranks, kind):
+    num_experts = 2 * num_ranks
+    ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=6, top_k=2, num_experts=num_experts)
+    check_against_reference(rng, ids, num_experts=num_experts, capacity=None, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("capacity", [0, 1, 3, 100])
+@pytest.mark.parametrize("kind", ["random", "one_expert"])
+def test_capacity_drops_are_counted_exactly(rng, backend, capacity, kind):
+    num_ranks, num_experts = 4, 8
+    ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=5, top_k=3, num_experts=num_experts)
+    check_against_reference(rng, ids, num_experts=num_experts, capacity=capacity, backend=backend)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 8])
+def test_dispatch_then_combine_is_identity_when_k1(rng, num_ranks):
+    num_experts = 3 * num_ranks
+    ids = make_routing("random", rng, num_ranks=num_ranks, num_tokens=7, top_k=1, num_experts=num_experts)
+    x = rng.normal(size=(num_ranks, 7, HIDDEN)).astype(np.float32)
+    mesh = make_mesh((num_ranks,), ("ep",))
+
+    def local(x, ids):
+        recv_x, _, handle = jep.dispatch(x[0], ids[0], num_experts=num_experts, axis_name="ep")
+        return jep.combine(recv_x, handle, jnp.ones(ids[0].shape))[None]
+
+    out = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("ep"),) * 2, out_specs=P("ep")))(
+        put(mesh, x, P("ep")), put(mesh, ids, P("ep")))
+    np.testing.assert_array_equal(out, x)
+
+
+def test_token_crosses_to_a_rank_once_even_with_several_experts_there(rng):
+    # Every token picks experts 0 and 1, both on rank 0: rank 0 receives T rows per source, and
+    # expands them to 2T; the layout counts one row per (token, rank).
+    num_ranks, num_tokens = 2, 4
+    ids = np.broadcast_to(np.array([0, 1], np.int32), (num_ranks, num_tokens, 2))
+    layout = jep.layout.get_dispatch_layout(jnp.asarray(ids[0]), num_experts=4, num_ranks=num_ranks)
+    np.testing.assert_array_equal(layout.tokens_per_rank, [num_tokens, 0])
+    check_against_reference(rng, np.ascontiguousarray(ids), num_experts=4, capacity=None,
+                            backend=BACKENDS[0])
+
+
+@hypothesis.settings(max_examples=30, deadline=None, derandomize=False)
+@hypothesis.given(
+    num_ranks=st.sampled_from([1, 2, 4, 8]),
+    capacity=st.sampled_from([None, 0, 2, 5]),
+    data=st.data(),
+)
+def test_hypothesis_random_routings_match_reference(num_ranks, capacity, data):
+    num_tokens, top_k, num_experts = 4, 2, 2 * num_ranks
+    # Any ids in [-1, E], repeats within a token included: out-of-range ids are empty slots.
+    ids = data.draw(st.lists(st.integers(-1, num_experts), min_size=num_ranks * num_tokens * top_k,
+                             max_size=num_ranks * num_tokens * top_k))
+    ids = np.array(ids, np.int32).reshape(num_ranks, num_tokens, top_k)
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    check_against_reference(np.random.default_rng(seed), ids, num_experts=num_experts,
+                            capacity=capacity, backend=BACKENDS[0])
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def run_local(fn, num_ranks=2):
+    mesh = make_mesh((num_ranks,), ("ep",))
+    return jax.shard_map(fn, mesh=mesh, in_specs=(), out_specs=P())()
+
+
+def test_dispatch_outside_shard_map_raises():
+    with pytest.raises(ValueError, match="inside jax.shard_map"):
+        jep.dispatch(jnp.zeros((4, 3)), jnp.zeros((4, 1), jnp.int32), num_experts=2, axis_name="ep")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_experts=3), ValueError, "divisible"),
+    (dict(num_experts=0), ValueError, "num_experts"),
+    (dict(capacity=-1), ValueError, "capacity"),
+    (dict(capacity=1.5), ValueError, "capacity"),
+    (dict(x=jnp.zeros((4,))), ValueError, "x must have rank 2"),
+    (dict(x=jnp.zeros((4, 3), jnp.int32)), TypeError, "x must be a floating"),
+    (dict(expert_ids=jnp.zeros((4, 1))), TypeError, "expert_ids must be an integer"),
+    (dict(expert_ids=jnp.zeros((5, 1), jnp.int32)), ValueError, "one row per token"),
+    (dict(expert_ids=jnp.zeros((4,), jnp.int32)), ValueError, "expert_ids must have rank 2"),
+    (dict(backend="nope"), ValueError, "backend"),
+])
+def test_dispatch_bad_input_raises_at_trace_time(kwargs, error, match):
+    args = dict(x=jnp.zeros((4, 3)), expert_ids=jnp.zeros((4, 1), jnp.int32), num_experts=2,
+                axis_name="ep") | kwargs
+
+    def local():
+        jep.dispatch(args.pop("x"), args.pop("expert_ids"), **args)
+        return jnp.zeros(())
+
+    with pytest.raises(error, match=match):
+        run_local(local)
+
+
+def test_combine_bad_input_raises_at_trace_time():
+    def local():
+        recv_x, _, handle = jep.dispatch(jnp.zeros((4, 3)), jnp.zeros((4, 2), jnp.int32),
+                                         num_experts=2, axis_name="ep")
+        with pytest.raises(ValueError, match="weights must have shape"):
+            jep.combine(recv_x, handle, jnp.ones((4, 3)))
+        with pytest.raises(ValueError, match="one row per row of recv_x"):
+            jep.combine(recv_x[1:], handle, jnp.ones((4, 2)))
+        with pytest.raises(TypeError, match="DispatchHandle"):
+            jep.combine(recv_x, (), jnp.ones((4, 2)))
+        return jnp.zeros(())
+
+    run_local(local)
+
+
+def test_xla_transport_on_cpu_raises_naming_the_fallback():
+    if jep.transport.current_platform() != "cpu":
+        pytest.skip("the CPU has no ragged all-to-all; elsewhere xla runs")
+
+    def local():
+        jep.dispatch(jnp.zeros((4, 3)), jnp.zeros((4, 1), jnp.int32), num_experts=2,
+                     axis_name="ep", backend="xla")
+        return jnp.zeros(())
+
+    with pytest.raises(ValueError, match="backend='reference'"):
+        run_local(local)
