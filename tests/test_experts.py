@@ -1,0 +1,102 @@
+"""Grouped expert FFN against float64 numpy, for every grouped-matmul backend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jep
+from jep.experts import _BACKENDS
+
+BACKENDS = tuple(_BACKENDS)
+
+
+def numpy_ffn(x, group_sizes, w_gate, w_up, w_down):
+    x, w_gate, w_up, w_down = (np.asarray(a, np.float64) for a in (x, w_gate, w_up, w_down))
+    out = np.zeros_like(x)
+    start = 0
+    for g, size in enumerate(group_sizes):
+        rows = x[start:start + size]
+        gate = rows @ w_gate[g]
+        out[start:start + size] = (gate / (1 + np.exp(-gate)) * (rows @ w_up[g])) @ w_down[g]
+        start += size
+    return out
+
+
+def group_sizes_for(kind, rng, num_groups, num_rows):
+    if kind == "random":
+        cuts = np.sort(rng.integers(0, num_rows + 1, size=num_groups))
+        return np.diff(np.concatenate([[0], cuts])).astype(np.int32)
+    if kind == "one_group":  # everything in one expert, the others empty
+        sizes = np.zeros(num_groups, np.int32)
+        sizes[num_groups // 2] = num_rows - 3
+        return sizes
+    return np.zeros(num_groups, np.int32)  # "empty"
+
+
+def make_inputs(rng, num_rows=37, hidden=8, ffn=12, num_groups=5):
+    x = rng.normal(size=(num_rows, hidden)).astype(np.float32)
+    w_gate = rng.normal(size=(num_groups, hidden, ffn)).astype(np.float32) / 3
+    w_up = rng.normal(size=(num_groups, hidden, ffn)).astype(np.float32) / 3
+    w_down = rng.normal(size=(num_groups, ffn, hidden)).astype(np.float32) / 3
+    return x, w_gate, w_up, w_down
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["random", "one_group", "empty"])
+def test_expert_ffn_matches_float64_and_zeroes_rows_past_the_groups(rng, backend, kind):
+    x, w_gate, w_up, w_down = make_inputs(rng)
+    sizes = group_sizes_for(kind, rng, 5, x.shape[0])
+    out = jep.expert_ffn(x, jnp.asarray(sizes), w_gate, w_up, w_down, backend=backend)
+    want = numpy_ffn(x, sizes, w_gate, w_up, w_down)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(out)[sizes.sum():] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_ffn_gradients_match_float64(rng, backend):
+    x, w_gate, w_up, w_down = make_inputs(rng)
+    sizes = jnp.asarray(group_sizes_for("random", rng, 5, x.shape[0]))
+    cotangent = rng.normal(size=x.shape)
+
+    def loss(fn, *args):
+        return jnp.sum(fn(*args) * cotangent)
+
+    got = jax.grad(lambda *a: loss(lambda *b: jep.expert_ffn(b[0], sizes, *b[1:], backend=backend), *a),
+                   argnums=(0, 1, 2, 3))(x, w_gate, w_up, w_down)
+    with jax.enable_x64(True):
+        def ffn64(x, w_gate, w_up, w_down):
+            return jep.expert_ffn(x, sizes, w_gate, w_up, w_down, backend="reference")
+        want = jax.grad(lambda *a: loss(ffn64, *a), argnums=(0, 1, 2, 3))(
+            *(np.asarray(a, np.float64) for a in (x, w_gate, w_up, w_down)))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_ffn_bf16_within_1e2(rng):
+    x, w_gate, w_up, w_down = make_inputs(rng)
+    sizes = group_sizes_for("random", rng, 5, x.shape[0])
+    to_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    out = jep.expert_ffn(to_bf16(x), jnp.asarray(sizes), to_bf16(w_gate), to_bf16(w_up), to_bf16(w_down))
+    want = numpy_ffn(x, sizes, w_gate, w_up, w_down)
+    assert out.dtype == jnp.bfloat16
+    err = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
+    assert err < 1e-2
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(recv_x=np.zeros((4, 8, 1), np.float32)), ValueError, "recv_x must have rank 2"),
+    (dict(group_sizes=np.zeros(5, np.float32)), TypeError, "group_sizes must be an integer"),
+    (dict(w_up=np.zeros((5, 8, 13), np.float32)), ValueError, "w_up must have shape"),
+    (dict(w_down=np.zeros((5, 8, 12), np.float32)), ValueError, "w_down must have shape"),
+    (dict(w_gate=np.zeros((4, 8, 12), np.float32)), ValueError, "w_gate must have shape"),
+    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(backend="magic"), ValueError, "backend"),
+])
+def test_expert_ffn_bad_input_raises(rng, kwargs, error, match):
+    x, w_gate, w_up, w_down = make_inputs(rng)
+    args = dict(recv_x=x, group_sizes=np.zeros(5, np.int32), w_gate=w_gate, w_up=w_up,
+                w_down=w_down) | kwargs
+    with pytest.raises(error, match=match):
+        jep.expert_ffn(args.pop("recv_x"), args.pop("group_sizes"), args.pop("w_gate"),
+                       args.pop("w_up"), args.pop("w_down"), **args)
