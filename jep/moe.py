@@ -1,0 +1,136 @@
+"""The MoE layer as one function: route -> dispatch -> experts -> combine, over a mesh.
+
+Shapes: T tokens (all ranks), H hidden, F expert hidden, E experts, k = top_k.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from jep import _checks, routing
+from jep.config import MoEConfig
+from jep.dispatch import combine, dispatch
+from jep.experts import expert_ffn
+
+EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
+
+
+def init_params(key, *, hidden: int, ffn: int, config: MoEConfig, dtype=jnp.float32) -> dict:
+    """Random parameters for `moe`: router f32[H, E] (small, so routing starts near uniform),
+    w_gate and w_up [E, H, F], w_down [E, F, H] in `dtype` (scaled by 1/sqrt(fan-in))."""
+    k_router, k_gate, k_up, k_down = jax.random.split(key, 4)
+    num_experts = config.num_experts
+    normal = jax.random.normal
+    return {
+        "router": 0.02 * normal(k_router, (hidden, num_experts), jnp.float32),
+        "w_gate": (normal(k_gate, (num_experts, hidden, ffn)) / hidden**0.5).astype(dtype),
+        "w_up": (normal(k_up, (num_experts, hidden, ffn)) / hidden**0.5).astype(dtype),
+        "w_down": (normal(k_down, (num_experts, ffn, hidden)) / ffn**0.5).astype(dtype),
+    }
+
+
+def _check_params(params, hidden, config):
+    for name in ("router",) + EXPERT_PARAMS:
+        if name not in params:
+            raise ValueError(f"params must hold {name!r}; got keys {sorted(params)}")
+    num_experts = config.num_experts
+    _checks.shape(params["router"], (hidden, num_experts), "params['router']")
+    _checks.rank(params["w_gate"], 3, "params['w_gate']")
+    ffn = params["w_gate"].shape[2]
+    _checks.shape(params["w_gate"], (num_experts, hidden, ffn), "params['w_gate']")
+    _checks.shape(params["w_up"], (num_experts, hidden, ffn), "params['w_up']")
+    _checks.shape(params["w_down"], (num_experts, ffn, hidden), "params['w_down']")
+    if params.get("bias") is not None:
+        _checks.shape(params["bias"], (num_experts,), "params['bias']")
+
+
+def _place(x, mesh, spec):
+    """Reshards x to `spec` where the mesh's explicit axes demand it (shard_map checks them)."""
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(x, NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)
+    return x
+
+
+def moe(x, params: dict, *, config: MoEConfig, mesh=None):
+    """One routed-expert MoE layer with experts sharded over `config.axis_name`.
+
+    Tokens are split over every axis of the mesh (in mesh order), experts over the EP axis; each
+    rank routes its tokens, dispatches them, runs its local experts and combines.
+
+    Args:
+      x: f[..., H] tokens; their count T must be divisible by the number of devices of the mesh.
+      params: {"router": f32[H, E], "w_gate": [E, H, F], "w_up": [E, H, F], "w_down": [E, F, H],
+        optional "bias": f32[E] (selection-only routing bias)}.
+      config: `MoEConfig`.
+      mesh: a `jax.sharding.Mesh` holding `config.axis_name`; default: the mesh set with
+        `jax.set_mesh`/`jax.sharding.use_mesh`.
+
+    Returns:
+      y: same shape and dtype as x.
+      aux: {"load_balancing_loss": f32[], "router_z_loss": f32[], "tokens_per_expert": i32[E]
+        (routed pairs, before any drop), "num_dropped": i32[] (pairs dropped by the capacity)},
+        all over every token of the mesh.
+    """
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a jep.MoEConfig, got {type(config)}")
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            raise ValueError("moe needs a mesh: pass mesh= or set one with jax.set_mesh")
+    if config.axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"config.axis_name={config.axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+    ep = dict(zip(mesh.axis_names, mesh.axis_sizes))[config.axis_name]
+    if config.num_experts % ep:
+        raise ValueError(
+            f"num_experts={config.num_experts} must be divisible by the size {ep} of "
+            f"axis {config.axis_name!r}")
+    _checks.floating(x, "x")
+    if jnp.ndim(x) < 1:
+        raise ValueError(f"x must have shape [..., H], got {jnp.shape(x)}")
+    hidden = x.shape[-1]
+    _check_params(params, hidden, config)
+    tokens = x.reshape(-1, hidden)
+    num_devices = mesh.size
+    if tokens.shape[0] % num_devices:
+        raise ValueError(
+            f"x has {tokens.shape[0]} tokens, which the {num_devices} devices of the mesh "
+            f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} cannot split evenly")
+    capacity = config.dispatch.capacity_for(
+        tokens.shape[0] // num_devices, config.top_k, config.num_experts // ep)
+
+    token_axes = tuple(mesh.axis_names)
+    token_spec = P(token_axes, None)
+    expert_spec = P(config.axis_name, None, None)
+    bias = params.get("bias")
+
+    def layer(x, router, w_gate, w_up, w_down, bias):
+        logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
+        weights, expert_ids = routing.route(
+            logits, top_k=config.top_k, score=config.score, num_groups=config.num_groups,
+            topk_groups=config.topk_groups, bias=bias, renormalize=config.renormalize)
+        weights = weights * config.routed_scaling_factor
+        recv_x, group_sizes, handle = dispatch(
+            x, expert_ids, num_experts=config.num_experts, axis_name=config.axis_name,
+            capacity=capacity, backend=config.dispatch.backend)
+        expert_out = expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down,
+                                activation=config.activation, backend=config.expert_backend)
+        y = combine(expert_out, handle, weights)
+        scores = routing.router_scores(logits, config.score)
+        aux = {
+            "load_balancing_loss": routing.load_balancing_loss(scores, expert_ids, axis_name=token_axes),
+            "router_z_loss": routing.router_z_loss(logits, axis_name=token_axes),
+            "tokens_per_expert": lax.psum(routing.expert_counts(expert_ids, config.num_experts), token_axes),
+            "num_dropped": lax.psum(handle.num_dropped, token_axes),
+        }
+        return y, aux
+
+    args = (tokens, params["router"], params["w_gate"], params["w_up"], params["w_down"], bias)
+    specs = (token_spec, P(None, None), expert_spec, expert_spec, expert_spec,
+             None if bias is None else P(None))
+    args = tuple(a if a is None else _place(a, mesh, s) for a, s in zip(args, specs))
+    y, aux = jax.shard_map(layer, mesh=mesh, in_specs=specs, out_specs=(token_spec, P()))(*args)
+    return y.reshape(x.shape), aux

@@ -1,0 +1,179 @@
+"""The whole layer, `jep.moe`, against the per-token float64 `jep.reference.moe`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_mesh
+
+import jep
+
+HIDDEN, FFN, TOKENS = 8, 12, 64
+
+CONFIGS = {
+    "softmax_top2": jep.MoEConfig(num_experts=8, top_k=2),
+    "deepseek_v3_like": jep.MoEConfig(num_experts=16, top_k=4, score="sigmoid", num_groups=4,
+                                      topk_groups=2, routed_scaling_factor=2.5),
+    "capacity": jep.MoEConfig(num_experts=8, top_k=2,
+                              dispatch=jep.DispatchConfig(capacity_factor=1.0)),
+}
+MESHES = [((1,), ("ep",)), ((2,), ("ep",)), ((4,), ("ep",)), ((8,), ("ep",)),
+          ((2, 4), ("dp", "ep")), ((4, 2), ("dp", "ep"))]
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def make_problem(rng, config, router_scale=1.0, dtype=np.float32):
+    params = jep.init_params(jax.random.key(int(rng.integers(2**31))), hidden=HIDDEN, ffn=FFN,
+                             config=config)
+    params = jax.tree.map(np.asarray, params)
+    params["router"] = params["router"] * 50 * router_scale  # decisive routing, no near-ties
+    x = rng.normal(size=(TOKENS, HIDDEN)).astype(dtype)
+    cotangent = rng.normal(size=(TOKENS, HIDDEN))
+    return x, params, cotangent
+
+
+def loss_and_aux(moe_fn, x, params, cotangent):
+    y, aux = moe_fn(x, params)
+    return jnp.sum(y * cotangent) + aux["load_balancing_loss"] + aux["router_z_loss"], (y, aux)
+
+
+def run_jep(mesh, config, x, params, cotangent):
+    fn = jax.jit(jax.value_and_grad(
+        lambda x, p: loss_and_aux(lambda x, p: jep.moe(x, p, config=config, mesh=mesh), x, p, cotangent),
+        argnums=(0, 1), has_aux=True))
+    return fn(x, params)
+
+
+def run_reference(mesh_shape, config, x, params, cotangent):
+    ep, dp = mesh_shape[-1], (mesh_shape[0] if len(mesh_shape) == 2 else 1)
+    with jax.enable_x64(True):
+        as64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+        fn = jax.value_and_grad(
+            lambda x, p: loss_and_aux(
+                lambda x, p: jep.reference.moe(x, p, config=config, ep_size=ep, dp_size=dp),
+                x, p, cotangent),
+            argnums=(0, 1), has_aux=True)
+        result = fn(as64(x), jax.tree.map(as64, params))
+        return jax.tree.map(np.asarray, result)
+
+
+def assert_matches_reference(got, want, tol):
+    (_, (y, aux)), (dx, dparams) = got
+    (_, (want_y, want_aux)), (want_dx, want_dparams) = want
+    assert rel_err(y, want_y) < tol
+    np.testing.assert_array_equal(aux["tokens_per_expert"], want_aux["tokens_per_expert"])
+    np.testing.assert_array_equal(aux["num_dropped"], want_aux["num_dropped"])
+    for name in ("load_balancing_loss", "router_z_loss"):
+        np.testing.assert_allclose(aux[name], want_aux[name], rtol=tol)
+    assert rel_err(dx, want_dx) < tol
+    for name in ("router", "w_gate", "w_up", "w_down"):
+        assert rel_err(dparams[name], want_dparams[name]) < tol, name
+
+
+@pytest.mark.parametrize("mesh_shape, names", MESHES)
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_moe_matches_float64_reference_forward_and_gradients(rng, config_name, mesh_shape, names):
+    config = CONFIGS[config_name]
+    mesh = make_mesh(mesh_shape, names)
+    x, params, cotangent = make_problem(rng, config)
+    got = run_jep(mesh, config, x, params, cotangent)
+    assert_matches_reference(got, run_reference(mesh_shape, config, x, params, cotangent), 1e-5)
+
+
+@pytest.mark.parametrize("skew", ["all_to_one_expert", "empty_rank"])
+def test_moe_skewed_routing_matches_reference(rng, skew):
+    config = jep.MoEConfig(num_experts=8, top_k=1 if skew == "all_to_one_expert" else 2)
+    mesh = make_mesh((4,), ("ep",))
+    x, params, cotangent = make_problem(rng, config)
+    bias = np.zeros(8, np.float32)
+    if skew == "all_to_one_expert":
+        bias[5] = 1e4  # every token picks expert 5: seven experts and three ranks get nothing
+    else:
+        bias[6:] = -1e4  # nobody picks the experts of rank 3
+    params["bias"] = bias
+    got = run_jep(mesh, config, x, params, cotangent)
+    want = run_reference((4,), config, x, params, cotangent)
+    assert_matches_reference(got, want, 1e-5)
+    counts = np.asarray(got[0][1][1]["tokens_per_expert"])
+    assert counts[5] == TOKENS if skew == "all_to_one_expert" else counts[6:].sum() == 0
+
+
+def test_moe_bfloat16_within_1e2(rng):
+    config = CONFIGS["deepseek_v3_like"]
+    mesh = make_mesh((2, 4), ("dp", "ep"))
+    x, params, _ = make_problem(rng, config)
+    params16 = {k: (v if k == "router" else jnp.asarray(v, jnp.bfloat16)) for k, v in params.items()}
+    y, _ = jax.jit(lambda x, p: jep.moe(x, p, config=config, mesh=mesh))(
+        jnp.asarray(x, jnp.bfloat16), params16)
+    # The reference sees the same bf16-rounded inputs, in float64.
+    rounded = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32), params)
+    rounded["router"] = params["router"]
+    with jax.enable_x64(True):
+        want, _ = jep.reference.moe(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64),
+                                    jax.tree.map(lambda a: np.asarray(a, np.float64), rounded),
+                                    config=config, ep_size=4, dp_size=2)
+    assert y.dtype == jnp.bfloat16
+    assert rel_err(y, want) < 1e-2
+
+
+def test_moe_uses_the_mesh_set_with_set_mesh_and_auto_axes(rng):
+    config = CONFIGS["softmax_top2"]
+    mesh = make_mesh((2, 4), ("dp", "ep"), explicit=False)
+    x, params, _ = make_problem(rng, config)
+    with jax.set_mesh(mesh):
+        y, _ = jax.jit(lambda x, p: jep.moe(x, p, config=config))(x, params)
+    want, _ = jep.moe(x, params, config=config, mesh=mesh)
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+
+
+def test_moe_keeps_the_input_shape(rng):
+    config = CONFIGS["softmax_top2"]
+    mesh = make_mesh((4,), ("ep",))
+    x, params, _ = make_problem(rng, config)
+    y, _ = jep.moe(x.reshape(4, 16, HIDDEN), params, config=config, mesh=mesh)
+    assert y.shape == (4, 16, HIDDEN)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(config=jep.MoEConfig(num_experts=6, top_k=2)), ValueError, "divisible"),
+    (dict(config=jep.MoEConfig(num_experts=8, top_k=2, axis_name="expert")), ValueError, "not an axis"),
+    (dict(x=np.zeros((10, HIDDEN), np.float32)), ValueError, "cannot split evenly"),
+    (dict(x=np.zeros((TOKENS, HIDDEN), np.int32)), TypeError, "x must be a floating"),
+    (dict(drop="w_up"), ValueError, "params must hold 'w_up'"),
+    (dict(params_change={"router": np.zeros((HIDDEN, 7), np.float32)}), ValueError, "router"),
+    (dict(params_change={"w_down": np.zeros((8, FFN + 1, HIDDEN), np.float32)}), ValueError, "w_down"),
+    (dict(config="not a config"), TypeError, "MoEConfig"),
+    (dict(config=jep.MoEConfig(num_experts=8, top_k=2, num_groups=2, topk_groups=3)), ValueError,
+     "topk_groups"),
+])
+def test_moe_bad_input_raises_at_trace_time(rng, change, error, match):
+    config = CONFIGS["softmax_top2"]
+    mesh = make_mesh((4,), ("ep",))
+    x, params, _ = make_problem(rng, config)
+    params = dict(params) | change.get("params_change", {})
+    params.pop(change.get("drop", None), None)
+    with pytest.raises(error, match=match):
+        jax.eval_shape(lambda x, p: jep.moe(x, p, config=change.get("config", config), mesh=mesh),
+                       change.get("x", x), params)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_experts=4, top_k=5), "top_k"),
+    (dict(num_experts=4, top_k=0), "top_k"),
+    (dict(num_experts=0, top_k=1), "num_experts"),
+    (dict(num_experts=4, top_k=1, score="tanh"), "score"),
+])
+def test_config_bad_values_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jep.MoEConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(capacity=-1), dict(capacity=2, capacity_factor=1.0),
+                                    dict(capacity_factor=0.0)])
+def test_dispatch_config_bad_values_raise(kwargs):
+    with pytest.raises(ValueError, match="capacity"):
+        jep.DispatchConfig(**kwargs)
