@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One visit to a lent GPU machine: versions, the test suite on the GPUs (the `xla` transport is
+# among the backends there), and the training example. Logs go to $OUT (or ./out).
+# Usage, from the repository root: bash jep/bench/gpu_check.sh
+set -uo pipefail
+out="${OUT:-out}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several test workers share each GPU
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
+} 2>&1 | tee "$out/versions.txt"
+
+python3 -m pytest -q -p no:cacheprovider -n 4 -rs tests 2>&1 | tee "$out/tests.txt"
+tests_rc=${PIPESTATUS[0]}
+
+n=$(python3 -c "import jax; print(len(jax.devices()))")
+python3 examples/train_moe.py --dp 1 --ep "$n" --steps 100 --batch 8192 --hidden 1024 --ffn 512 \
+  --experts 64 --top-k 4 --log-every 25 2>&1 | tee "$out/train.txt"
+echo "tests exit code: $tests_rc"
+exit "$tests_rc"
