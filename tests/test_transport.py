@@ -62,3 +62,26 @@ def test_unknown_or_unavailable_backend_raises():
         jep.transport.resolve("carrier-pigeon", "cpu")
     with pytest.raises(ValueError, match="does not run on 'cpu'.*backend='reference'"):
         jep.transport.resolve("xla", "cpu")
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2])
+def test_xla_transport_traces_through_dispatch_combine_and_their_gradients(monkeypatch, num_ranks):
+    # Traced only (XLA:CPU cannot compile ragged_all_to_all). Under shard_map's check_vma the
+    # exchanged rows must be typed as varying over the mesh axis, or the custom_vjp rules reject
+    # their cotangents.
+    monkeypatch.setattr(xla, "runs_on", lambda platform: True)
+    mesh = make_mesh((num_ranks,), ("ep",))
+
+    def local(x, weights):
+        ids = jnp.zeros((x.shape[0], 1), jnp.int32)
+        recv_x, _, handle = jep.dispatch(x, ids, num_experts=2 * num_ranks, axis_name="ep",
+                                         backend="xla")
+        return jep.combine(recv_x * 2, handle, weights)
+
+    def loss(x, weights):
+        return jax.shard_map(local, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))(x, weights).sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(
+        put(mesh, np.zeros((4 * num_ranks, 3), np.float32), P("ep")),
+        put(mesh, np.ones((4 * num_ranks, 1), np.float32), P("ep")))
+    assert "ragged_all_to_all" in str(jaxpr)

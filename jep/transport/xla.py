@@ -39,7 +39,9 @@ def exchange(rows, send_sizes, recv_sizes, *, axis_name, out_rows, max_rows_per_
     piece_recv_sizes, piece_recv_offsets = _split(recv_sizes, exclusive_cumsum(recv_sizes), num_slices)
     # ragged_all_to_all wants, for each piece we send, its offset in the *receiver's* output.
     piece_output_offsets = lax.all_to_all(piece_recv_offsets, axis_name, 0, 0, tiled=True)
-    output = jnp.zeros((out_rows, *rows.shape[1:]), rows.dtype)
+    # zeros_like keeps the mesh axes `rows` varies over: ragged_all_to_all's result takes the type
+    # of `output`, and shard_map's check_vma needs it to vary like the rows it carries.
+    output = jnp.zeros_like(rows, shape=(out_rows, *rows.shape[1:]))
     return lax.ragged_all_to_all(
         rows, output, piece_input_offsets, piece_send_sizes, piece_output_offsets,
         piece_recv_sizes, axis_name=axis_name)
