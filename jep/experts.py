@@ -15,8 +15,13 @@ from jep.config import ACTIVATIONS
 _ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
 
+def _accumulator(x):
+    """float32, or float64 for float64 inputs."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _grouped_matmul_xla(x, w, group_sizes):
-    return lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+    return lax.ragged_dot(x, w, group_sizes, preferred_element_type=_accumulator(x))
 
 
 def _grouped_matmul_reference(x, w, group_sizes):
@@ -24,9 +29,9 @@ def _grouped_matmul_reference(x, w, group_sizes):
     ends = jnp.cumsum(group_sizes)
     row = jnp.arange(x.shape[0])
     group_of_row = jnp.searchsorted(ends, row, side="right")
-    out = jnp.zeros((x.shape[0], w.shape[2]), jnp.float32)
+    out = jnp.zeros((x.shape[0], w.shape[2]), _accumulator(x))
     for g in range(w.shape[0]):
-        product = jnp.dot(x, w[g], preferred_element_type=jnp.float32)
+        product = jnp.dot(x, w[g], preferred_element_type=_accumulator(x))
         out = out + jnp.where((group_of_row == g)[:, None], product, 0)
     return out
 
@@ -36,7 +41,7 @@ _BACKENDS = {"xla": _grouped_matmul_xla, "reference": _grouped_matmul_reference}
 
 
 def grouped_matmul(x, w, group_sizes, *, backend: str = "auto"):
-    """f32[C, N]: rows of group g times w[g]; rows past `sum(group_sizes)` give zero.
+    """f32[C, N] (f64 for f64 x): rows of group g times w[g]; rows past `sum(group_sizes)` give 0.
 
     Args:
       x: f[C, K], rows grouped contiguously, group 0 first.
