@@ -98,22 +98,24 @@ def take_rows(rows, index):
 
 # --- the four moves, shared by dispatch, combine and their gradients ------------------------
 
-def _exchange(h: DispatchHandle, rows, send_sizes, recv_sizes, out_rows):
-    return transport.get(h.backend)(
-        rows, send_sizes, recv_sizes, axis_name=h.axis_name, out_rows=out_rows,
-        max_rows_per_peer=h.num_tokens)
+def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens):
+    # A rank sends at most one row per token to a peer, so T bounds every peer's slice.
+    return transport.get(backend)(rows, send_sizes, recv_sizes, axis_name=axis_name,
+                                  out_rows=out_rows, max_rows_per_peer=num_tokens)
 
 
 def _to_experts(h: DispatchHandle, home):
     """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks."""
     rows = take_rows(home, h.send_token)
-    return _exchange(h, rows, h.send_sizes, h.recv_sizes, h.num_ranks * h.num_tokens)
+    return _exchange(rows, h.send_sizes, h.recv_sizes, h.num_ranks * h.num_tokens,
+                     backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens)
 
 
 def _to_home(h: DispatchHandle, received):
     """[R, *F] rows on the expert ranks -> [S, *F] in the home rank's send order."""
     num_rows = max_send_rows(h.num_tokens, h.top_k, h.num_ranks)
-    return _exchange(h, received, h.recv_sizes, h.send_sizes, num_rows)
+    return _exchange(received, h.recv_sizes, h.send_sizes, num_rows,
+                     backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens)
 
 
 def _expand(h: DispatchHandle, received):
@@ -159,12 +161,8 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend) -> DispatchH
                         fill_value=-1)  # [S, k]
     local = slot_ids - layout.send_rank[:, None] * experts_per_rank
     local = jnp.where((local >= 0) & (local < experts_per_rank) & (slot_ids >= 0), local + 1, 0)
-    handle = DispatchHandle(
-        send_token=layout.send_token, send_sizes=send_sizes, recv_sizes=recv_sizes,
-        slot_send_row=layout.slot_send_row, slot_is_first=layout.slot_is_first,
-        recv_pair=None, pair_row=None, group_sizes=None, num_dropped=None,
-        axis_name=axis_name, num_experts=num_experts, capacity=capacity, backend=backend)
-    pair_expert = _exchange(handle, local, send_sizes, recv_sizes, num_ranks * num_tokens) - 1
+    pair_expert = _exchange(local, send_sizes, recv_sizes, num_ranks * num_tokens,
+                            backend=backend, axis_name=axis_name, num_tokens=num_tokens) - 1
 
     # Pairs sorted by local expert, stably: within an expert by source rank, then source token.
     pair_expert = jnp.where(pair_expert >= 0, pair_expert, experts_per_rank).reshape(-1)
@@ -187,9 +185,12 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend) -> DispatchH
     recv_pair = jnp.where(kept, take_rows(order, position), num_pairs)
     pair_row = jnp.full((num_pairs,), num_rows, jnp.int32)
     pair_row = pair_row.at[recv_pair].set(jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
-    return dataclasses.replace(
-        handle, recv_pair=recv_pair, pair_row=pair_row.reshape(-1, top_k),
-        group_sizes=group_sizes, num_dropped=(counts - group_sizes).sum())
+    return DispatchHandle(
+        send_token=layout.send_token, send_sizes=send_sizes, recv_sizes=recv_sizes,
+        slot_send_row=layout.slot_send_row, slot_is_first=layout.slot_is_first,
+        recv_pair=recv_pair, pair_row=pair_row.reshape(-1, top_k), group_sizes=group_sizes,
+        num_dropped=(counts - group_sizes).sum(), axis_name=axis_name, num_experts=num_experts,
+        capacity=capacity, backend=backend)
 
 
 # --- the differentiable row movers ---------------------------------------------------------

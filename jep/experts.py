@@ -12,7 +12,7 @@ from jax import lax
 from jep import _checks
 from jep.config import ACTIVATIONS
 
-_ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
 
 def _accumulator(x):
@@ -80,7 +80,7 @@ def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "
     _checks.shape(w_down, (num_groups, ffn, hidden), "w_down")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    act = _ACTIVATION_FNS[activation]
+    act = ACTIVATION_FNS[activation]
     dtype = recv_x.dtype
     gate = grouped_matmul(recv_x, w_gate.astype(dtype), group_sizes, backend=backend)
     up = grouped_matmul(recv_x, w_up.astype(dtype), group_sizes, backend=backend)

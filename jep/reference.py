@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jep.config import MoEConfig
-
-_ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+from jep.experts import ACTIVATION_FNS
 
 
 def route_token(logits, *, top_k, score="softmax", num_groups=None, topk_groups=None, bias=None,
@@ -43,7 +42,7 @@ def route_token(logits, *, top_k, score="softmax", num_groups=None, topk_groups=
 
 def expert(x, w_gate, w_up, w_down, activation="silu"):
     """One token through one SwiGLU expert: f[H] -> f[H]."""
-    return (_ACTIVATION_FNS[activation](x @ w_gate) * (x @ w_up)) @ w_down
+    return (ACTIVATION_FNS[activation](x @ w_gate) * (x @ w_up)) @ w_down
 
 
 def kept_slots(expert_ids, num_experts: int, capacity: int | None, num_chunks: int = 1):
