@@ -132,5 +132,6 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
     specs = (token_spec, P(None, None), expert_spec, expert_spec, expert_spec,
              None if bias is None else P(None))
     args = tuple(a if a is None else _place(a, mesh, s) for a, s in zip(args, specs))
-    y, aux = jax.shard_map(layer, mesh=mesh, in_specs=specs, out_specs=(token_spec, P()))(*args)
+    # jit: called eagerly, the layer still runs as one program rather than op by op.
+    y, aux = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=specs, out_specs=(token_spec, P())))(*args)
     return y.reshape(x.shape), aux
