@@ -1,14 +1,15 @@
 """jep: expert parallelism for Mixture-of-Experts models in JAX."""
 
 from jep.config import DispatchConfig, MoEConfig
-from jep import layout, reference, transport
+from jep import flax, layout, reference, transport
 from jep.dispatch import DispatchHandle, combine, dispatch
 from jep.experts import expert_ffn, grouped_matmul
+from jep.flax import nnx
 from jep.moe import init_params, moe
 from jep.routing import load_balancing_loss, route, router_scores, router_z_loss
 
 __all__ = [
     "DispatchConfig", "DispatchHandle", "MoEConfig", "combine", "dispatch", "expert_ffn",
-    "grouped_matmul", "init_params", "layout", "moe", "reference", "transport",
+    "flax", "grouped_matmul", "init_params", "layout", "moe", "nnx", "reference", "transport",
     "load_balancing_loss", "route", "router_scores", "router_z_loss",
 ]

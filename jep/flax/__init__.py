@@ -1,0 +1,6 @@
+"""Flax modules over `jep.moe`: `jep.flax.MoE` (linen) and `jep.nnx.MoE` (NNX)."""
+
+from jep.flax import nnx
+from jep.flax.linen import MoE
+
+__all__ = ["MoE", "nnx"]

@@ -1,0 +1,71 @@
+"""What the linen and NNX modules share: their parameters (shapes, shardings, initializers) and
+the forward pass over them, so the two modules stay thin shells."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec as P
+
+from jep.config import MoEConfig
+from jep.experts import ACTIVATION_FNS
+from jep.moe import moe
+
+
+class ParamSpec(NamedTuple):
+    shape: tuple[int, ...]
+    sharding: tuple  # mesh axis (or None) per dimension
+    init: object  # jax.nn.initializers-style: (key, shape, dtype) -> array
+    follows_param_dtype: bool  # False: float32 whatever param_dtype is (the router)
+
+
+def _fan_in(in_axis):
+    return jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=in_axis, out_axis=-1)
+
+
+def param_specs(hidden: int, ffn: int, shared_ffn: int, config: MoEConfig) -> dict[str, ParamSpec]:
+    """The layer's parameters: `jep.moe`'s (router f32[H, E], w_gate/w_up [E, H, F],
+    w_down [E, F, H], experts sharded over the EP axis) and, when `shared_ffn` > 0, a
+    DeepSeek-style shared expert (shared_gate/shared_up [H, F_s], shared_down [F_s, H]),
+    replicated."""
+    num_experts, ep = config.num_experts, config.axis_name
+    expert_init = jax.nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    specs = {
+        "router": ParamSpec((hidden, num_experts), (None, None),
+                            jax.nn.initializers.normal(0.02), False),
+        "w_gate": ParamSpec((num_experts, hidden, ffn), (ep, None, None), expert_init, True),
+        "w_up": ParamSpec((num_experts, hidden, ffn), (ep, None, None), expert_init, True),
+        "w_down": ParamSpec((num_experts, ffn, hidden), (ep, None, None), expert_init, True),
+    }
+    if shared_ffn:
+        specs |= {
+            "shared_gate": ParamSpec((hidden, shared_ffn), (None, None), _fan_in(0), True),
+            "shared_up": ParamSpec((hidden, shared_ffn), (None, None), _fan_in(0), True),
+            "shared_down": ParamSpec((shared_ffn, hidden), (None, None), _fan_in(0), True),
+        }
+    return specs
+
+
+def init_sharded(spec: ParamSpec, key, dtype):
+    """Initializes one parameter, placed on its sharding when the current mesh has explicit axes
+    (where a sharding is a type, not a hint)."""
+    value = spec.init(key, spec.shape, dtype if spec.follows_param_dtype else jnp.float32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and any(t == AxisType.Explicit for t in mesh.axis_types):
+        value = jax.sharding.reshard(value, P(*spec.sharding))
+    return value
+
+
+def apply(x, params: dict, *, config: MoEConfig, mesh=None):
+    """The layer: `jep.moe` over the routed experts, plus the shared expert if there is one."""
+    y, aux = moe(x, params, config=config, mesh=mesh)
+    if "shared_gate" in params:
+        act = ACTIVATION_FNS[config.activation]
+        dtype = x.dtype
+        hidden = act(x @ params["shared_gate"].astype(dtype)) * (x @ params["shared_up"].astype(dtype))
+        y = y + hidden @ params["shared_down"].astype(dtype)
+    return y, aux

@@ -1,0 +1,68 @@
+"""jep.flax.MoE (linen) and jep.nnx.MoE equal jep.moe, and train under a user's jit and mesh."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_mesh
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jep
+
+CONFIG = jep.MoEConfig(num_experts=8, top_k=2)
+HIDDEN, FFN, SHARED = 16, 24, 20
+
+
+def shared_expert(x, p):
+    return (jax.nn.silu(x @ p["shared_gate"]) * (x @ p["shared_up"])) @ p["shared_down"]
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("shared_ffn", [0, SHARED])
+def test_linen_module_equals_jep_moe_for_its_parameters(rng, explicit, shared_ffn):
+    mesh = make_mesh((2, 4), ("dp", "ep"), explicit=explicit)
+    x = jnp.asarray(rng.normal(size=(64, HIDDEN)), jnp.float32)
+    module = jep.flax.MoE(config=CONFIG, ffn=FFN, shared_ffn=shared_ffn)
+    with jax.set_mesh(mesh):
+        variables = jax.jit(module.init)(jax.random.key(0), x)
+        y, aux = jax.jit(module.apply)(variables, x)
+    params = nn.unbox(variables)["params"]
+    want, want_aux = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(x, params)
+    if shared_ffn:
+        want = want + shared_expert(x, params)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(aux["tokens_per_expert"], want_aux["tokens_per_expert"])
+    specs = nn.get_partition_spec(variables)["params"]
+    assert specs["w_gate"] == P("ep", None, None) and specs["router"] == P(None, None)
+    assert ("shared_gate" in params) == bool(shared_ffn)
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("shared_ffn", [0, SHARED])
+def test_nnx_module_equals_jep_moe_and_creates_sharded_parameters(rng, explicit, shared_ffn):
+    mesh = make_mesh((2, 4), ("dp", "ep"), explicit=explicit)
+    x = jnp.asarray(rng.normal(size=(64, HIDDEN)), jnp.float32)
+    with jax.set_mesh(mesh):
+        module = jep.nnx.MoE(HIDDEN, FFN, config=CONFIG, shared_ffn=shared_ffn, rngs=nnx.Rngs(0))
+        y, aux = nnx.jit(lambda m, x: m(x))(module, x)
+    params = {name: p[...] for name, p in module.params.items()}
+    assert params["w_gate"].sharding.is_equivalent_to(NamedSharding(mesh, P("ep", None, None)), 3)
+    assert params["w_gate"].addressable_shards[0].data.shape == (2, HIDDEN, FFN)
+    want, want_aux = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(x, params)
+    if shared_ffn:
+        want = want + shared_expert(x, params)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux["load_balancing_loss"], want_aux["load_balancing_loss"], rtol=1e-6)
+
+
+def test_linen_and_nnx_modules_agree_with_the_same_parameters(rng):
+    mesh = make_mesh((4,), ("ep",))
+    x = jnp.asarray(rng.normal(size=(32, HIDDEN)), jnp.float32)
+    with jax.set_mesh(mesh):
+        nnx_module = jep.nnx.MoE(HIDDEN, FFN, config=CONFIG, rngs=nnx.Rngs(3))
+        params = {name: p[...] for name, p in nnx_module.params.items()}
+        y_nnx, _ = nnx.jit(lambda m, x: m(x))(nnx_module, x)
+        y_linen, _ = jax.jit(jep.flax.MoE(config=CONFIG, ffn=FFN).apply)({"params": params}, x)
+    np.testing.assert_allclose(y_nnx, y_linen, rtol=1e-6, atol=1e-6)
