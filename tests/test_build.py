@@ -24,3 +24,4 @@ def test_every_test_file_has_its_own_py_test():
     tests = re.search(r"for name in \[(.*?)\]", build_text(), re.S).group(1)
     names = set(re.findall(r'"(\w+)"', tests))
     assert names == {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+

@@ -1,0 +1,116 @@
+"""The training example (examples/train_moe_lm.py): it learns, it is mesh-independent, it
+resumes exactly, and expert parameters stay on their EP shard."""
+
+import importlib.util
+import pathlib
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_moe_lm.py"
+TINY = ["--d-model", "32", "--layers", "1", "--heads", "2", "--experts", "8", "--ffn", "48",
+        "--seq-len", "16", "--batch", "16", "--corpus-mb", "0.2", "--no-progress", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def example():
+    if len(jax.devices()) < 8:
+        pytest.skip("the example's meshes need 8 devices")
+    spec = importlib.util.spec_from_file_location("train_moe_lm", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def losses_on_mesh(example, dp, ep, steps):
+    args = example.parse_args(TINY + ["--dp", str(dp), "--ep", str(ep), "--steps", "10"])
+    mesh = example.make_mesh(args)
+    train_data, _ = example.load_corpus(int(args.corpus_mb * 2**20))
+    model, optimizer, train_step, _ = example.build(args, mesh)
+    sharding = NamedSharding(mesh, P(("dp", "ep"), None))
+    losses = []
+    with jax.set_mesh(mesh):
+        for step in range(steps):
+            batch = example.sample_batch(train_data, jax.random.fold_in(jax.random.key(0), step),
+                                         args.batch, args.seq_len)
+            losses.append(float(train_step(model, optimizer, jax.device_put(batch, sharding))[0]))
+    return np.array(losses)
+
+
+def test_same_loss_on_every_mesh_at_step_0_and_after_3_steps(example):
+    want = losses_on_mesh(example, 1, 8, steps=4)
+    for dp, ep in [(2, 4), (4, 2), (8, 1)]:
+        np.testing.assert_allclose(losses_on_mesh(example, dp, ep, steps=4), want, rtol=2e-5,
+                                   err_msg=f"mesh dp={dp} ep={ep}")
+
+
+def test_loss_decreases_and_plot_and_metrics_are_written(example, tmp_path):
+    args = example.parse_args(TINY + ["--steps", "40", "--eval-every", "20", "--out", str(tmp_path)])
+    history = example.train(args)
+    first, last = np.mean(history["loss"][:5]), np.mean(history["loss"][-5:])
+    assert last < 0.8 * first, (first, last)
+    assert len(history["eval_loss"]) == 2 and history["eval_loss"][1] < history["eval_loss"][0]
+    assert (tmp_path / "training.png").stat().st_size > 10_000
+    assert (tmp_path / "metrics.json").exists()
+
+
+def test_checkpoint_round_trip_continues_training_identically(example, tmp_path):
+    common = TINY + ["--ckpt-every", "3", "--eval-every", "100", "--out", str(tmp_path)]
+    straight = example.train(example.parse_args(common + ["--steps", "6"]))
+    # Throw away the last checkpoint: resume from step 3 and train steps 3..5 again.
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    resumed = example.train(example.parse_args(common + ["--steps", "6", "--resume"]))
+    assert resumed["step"] == straight["step"]
+    np.testing.assert_array_equal(resumed["loss"], straight["loss"])
+
+
+def test_expert_parameters_are_never_all_gathered_in_a_training_step(example):
+    args = example.parse_args(TINY + ["--dp", "2", "--ep", "4"])
+    mesh = example.make_mesh(args)
+    model, optimizer, train_step, _ = example.build(args, mesh)
+    batch = jax.device_put(np.zeros((args.batch, args.seq_len + 1), np.int32),
+                           NamedSharding(mesh, P(("dp", "ep"), None)))
+    with jax.set_mesh(mesh):
+        hlo = train_step.lower(model, optimizer, batch).compile().as_text()
+    full_shapes = {f"{args.experts},{args.d_model},{args.ffn}", f"{args.experts},{args.ffn},{args.d_model}"}
+    gathered = re.findall(r"= \w+\[([\d,]+)\][^=]*? all-gather", hlo)
+    assert not full_shapes & set(gathered), gathered
+    # Expert gradients are summed over dp only: every all-reduce of a local expert shard has
+    # replica groups of dp devices.
+    local = f"f32[{args.experts // args.ep},{args.d_model},{args.ffn}]"
+    reductions = [line for line in hlo.splitlines() if "all-reduce(" in line and local in line]
+    assert reductions
+    for line in reductions:
+        groups = re.search(r"replica_groups=\{((?:\{[\d,]+\},?)+)\}", line).group(1)
+        assert {len(g.split(",")) for g in re.findall(r"\{([\d,]+)\}", groups)} == {args.dp}, line
+    # ...and each device holds (and updates) only its own experts.
+    w_gate = model.blocks[0].moe.params["w_gate"][...]
+    assert w_gate.addressable_shards[0].data.shape == (args.experts // 4, args.d_model, args.ffn)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ep", "3"], "--experts 8 must be divisible by --ep 3"),
+    (["--dp", "4", "--ep", "4"], "needs 16 devices"),
+    (["--top-k", "9"], "--top-k 9 must be at most --experts 8"),
+    (["--batch", "12"], "--batch 12 must be divisible"),
+    (["--heads", "3"], "divisible by --heads 3"),
+    (["--steps", "0"], ">= 1"),
+    (["--backend", "pigeon"], "invalid choice"),
+])
+def test_bad_flags_give_clear_messages(example, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        example.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_help_documents_every_flag(example, capsys):
+    with pytest.raises(SystemExit):
+        example.parse_args(["--help"])
+    text = capsys.readouterr().out
+    flags = set(re.findall(r'a\("(--[\w-]+)"', EXAMPLE.read_text()))
+    assert flags and all(flag in text for flag in flags)
+    assert all(f"{flag}" in text for flag in ("--resume", "--ckpt-every", "--capacity-factor"))
