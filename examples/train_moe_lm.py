@@ -254,7 +254,8 @@ def train(args) -> dict:
     train_data, held_out = load_corpus(int(args.corpus_mb * 2**20))
     model, optimizer, train_step, eval_step = build(args, mesh)
     manager = checkpoint_manager(os.path.join(args.out, "checkpoints"))
-    history = {"step": [], "loss": [], "load": [], "dropped": [], "eval_step": [], "eval_loss": []}
+    history = {"step": [], "loss": [], "load": [], "dropped": [], "tokens_per_s": [],
+               "eval_step": [], "eval_loss": []}
     start = 0
     if args.resume and manager.latest_step() is not None:
         start, history = restore(manager, model, optimizer)
@@ -278,6 +279,7 @@ def train(args) -> dict:
             history["loss"].append(loss)
             history["load"].append(load.tolist())
             history["dropped"].append(int(aux["num_dropped"].sum()))
+            history["tokens_per_s"].append(tokens_per_s)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                             imbalance=f"{(load.max(-1) / load.mean(-1)).max():.2f}",
                             dropped=history["dropped"][-1], refresh=False)
@@ -294,7 +296,7 @@ def train(args) -> dict:
     if history["step"]:
         plot(history, os.path.join(args.out, "training.png"))
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump({k: history[k] for k in ("step", "loss", "dropped", "eval_step", "eval_loss")}, f)
+            json.dump({k: v for k, v in history.items() if k != "load"}, f)
     return history
 
 
@@ -304,8 +306,12 @@ def main(argv=None):
           f"mesh dp={args.dp} x ep={args.ep}; {args.layers} blocks, E={args.experts} top-{args.top_k}")
     history = train(args)
     if history["loss"]:
+        # The median of the second half: the first steps include compilation.
+        rates = history["tokens_per_s"]
+        rate = np.median(rates[len(rates) // 2:])
         print(f"loss {history['loss'][0]:.3f} -> {history['loss'][-1]:.3f}; held-out "
-              f"{history['eval_loss'][-1]:.3f}; plot in {os.path.join(args.out, 'training.png')}")
+              f"{history['eval_loss'][-1]:.3f}; {rate:,.0f} tokens/s (median, second half); "
+              f"plot in {os.path.join(args.out, 'training.png')}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One visit to a lent GPU machine: versions, the test suite on the GPUs (the `xla` transport is
-# among the backends there), and the training example. Logs go to $OUT (or ./out).
+# among the backends there), and the training example (then resumed from its checkpoint). Logs go to $OUT (or ./out).
 # Usage, from the repository root: bash jep/bench/gpu_check.sh
 set -uo pipefail
 out="${OUT:-out}"
@@ -19,7 +19,12 @@ python3 -m pytest -q -p no:cacheprovider -n 4 -rs tests 2>&1 | tee "$out/tests.t
 tests_rc=${PIPESTATUS[0]}
 
 n=$(python3 -c "import jax; print(len(jax.devices()))")
-python3 examples/train_moe.py --dp 1 --ep "$n" --steps 100 --batch 8192 --hidden 1024 --ffn 512 \
-  --experts 64 --top-k 4 --log-every 25 2>&1 | tee "$out/train.txt"
+python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 300 --batch 64 --seq-len 256 --d-model 512 \
+  --heads 8 --layers 4 --experts 32 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
+  --ckpt-every 300 --out /tmp/train_moe_lm --no-progress 2>&1 | tee "$out/train.txt"
+python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 320 --batch 64 --seq-len 256 --d-model 512 \
+  --heads 8 --layers 4 --experts 32 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
+  --ckpt-every 300 --out /tmp/train_moe_lm --no-progress --resume 2>&1 | tee -a "$out/train.txt"
+cp /tmp/train_moe_lm/training.png /tmp/train_moe_lm/metrics.json "$out/" 2>/dev/null
 echo "tests exit code: $tests_rc"
 exit "$tests_rc"
