@@ -15,15 +15,17 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
   python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
 } 2>&1 | tee "$out/versions.txt"
 
-python3 -m pytest -q -p no:cacheprovider -n 4 -rs tests 2>&1 | tee "$out/tests.txt"
+[ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q -p no:cacheprovider -n 4 -rs tests 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 n=$(python3 -c "import jax; print(len(jax.devices()))")
-python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 300 --batch 64 --seq-len 256 --d-model 512 \
-  --heads 8 --layers 4 --experts 32 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
+# Sized to fit: XLA's lax.ragged_dot backward materializes per-group dense products, and at twice
+# these tokens and experts it asked for 64 GiB on one H200 (jax 0.11.2).
+python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 300 --batch 32 --seq-len 256 --d-model 512 \
+  --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
   --ckpt-every 300 --out /tmp/train_moe_lm --no-progress 2>&1 | tee "$out/train.txt"
-python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 320 --batch 64 --seq-len 256 --d-model 512 \
-  --heads 8 --layers 4 --experts 32 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
+python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 320 --batch 32 --seq-len 256 --d-model 512 \
+  --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
   --ckpt-every 300 --out /tmp/train_moe_lm --no-progress --resume 2>&1 | tee -a "$out/train.txt"
 cp /tmp/train_moe_lm/training.png /tmp/train_moe_lm/metrics.json "$out/" 2>/dev/null
 echo "tests exit code: $tests_rc"
