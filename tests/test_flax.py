@@ -1,5 +1,6 @@
 """jep.flax.MoE (linen) and jep.nnx.MoE equal jep.moe, and train under a user's jit and mesh."""
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -66,3 +67,16 @@ def test_linen_and_nnx_modules_agree_with_the_same_parameters(rng):
         y_nnx, _ = nnx.jit(lambda m, x: m(x))(nnx_module, x)
         y_linen, _ = jax.jit(jep.flax.MoE(config=CONFIG, ffn=FFN).apply)({"params": params}, x)
     np.testing.assert_allclose(y_nnx, y_linen, rtol=1e-6, atol=1e-6)
+
+
+def test_modules_name_the_hidden_size_they_were_built_for(rng):
+    mesh = make_mesh((4,), ("ep",))
+    x = jnp.zeros((32, HIDDEN + 1))
+    with jax.set_mesh(mesh):
+        module = jep.nnx.MoE(HIDDEN, FFN, config=CONFIG, rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match=rf"x must have shape \[\.\.\., {HIDDEN}\]"):
+            module(x)
+        params = {name: p[...] for name, p in module.params.items()}
+        # linen checks the parameter shapes first, with its own clear error.
+        with pytest.raises(flax.errors.ScopeParamShapeError, match="router"):
+            jep.flax.MoE(config=CONFIG, ffn=FFN).apply({"params": params}, x)

@@ -62,6 +62,11 @@ def init_sharded(spec: ParamSpec, key, dtype):
 
 def apply(x, params: dict, *, config: MoEConfig, mesh=None):
     """The layer: `jep.moe` over the routed experts, plus the shared expert if there is one."""
+    built_for = params["router"].shape[0]
+    if jnp.ndim(x) < 1 or x.shape[-1] != built_for:
+        raise ValueError(
+            f"x must have shape [..., {built_for}] (the hidden size the layer was built for), "
+            f"got {jnp.shape(x)}")
     y, aux = moe(x, params, config=config, mesh=mesh)
     if "shared_gate" in params:
         act = ACTIVATION_FNS[config.activation]
