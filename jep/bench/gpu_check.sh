@@ -28,5 +28,15 @@ python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 320 --batch 32 --seq-l
   --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
   --ckpt-every 300 --out /tmp/train_moe_lm --no-progress --resume 2>&1 | tee -a "$out/train.txt"
 cp /tmp/train_moe_lm/training.png /tmp/train_moe_lm/metrics.json "$out/" 2>/dev/null
+# Benchmarks that one GPU can give: the grouped GEMM, and the layer with every expert local (EP=1).
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  python3 -m jep.bench gemm --iters 10 --repeats 5 --out "$out/gemm" 2>&1 | tee "$out/bench.txt"
+  python3 -m jep.bench gemm --routing zipf --gemm-shapes 32768x7168x2048x8 --iters 10 --repeats 5 \
+    --out "$out/gemm_zipf" 2>&1 | tee -a "$out/bench.txt"
+  python3 -m jep.bench layer --tokens 4096 --hidden 2048 --ffn 1024 --experts 64 --topk 4 --iters 5 \
+    --repeats 5 --out "$out/layer_small" 2>&1 | tee -a "$out/bench.txt"
+  python3 -m jep.bench layer --tokens 4096 --iters 3 --repeats 3 --out "$out/layer_dsv3" 2>&1 \
+    | tee -a "$out/bench.txt"
+fi
 echo "tests exit code: $tests_rc"
 exit "$tests_rc"

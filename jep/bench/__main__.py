@@ -1,0 +1,86 @@
+"""python -m jep.bench transport|gemm|layer|all [flags]; see `--help`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # Only the CPU platform reads this: 8 simulated devices for the EP axis there.
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax.numpy as jnp  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from jep.bench import gemm, layer, report, timing, transport, workloads  # noqa: E402
+
+SUITES = ("transport", "gemm", "layer")
+
+
+def _ints(text):
+    return [int(v) for v in text.split(",")]
+
+
+def _shapes(text):
+    return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jep.bench", description=__doc__)
+    a = p.add_argument
+    a("suite", choices=SUITES + ("all",), help="what to measure")
+    a("--tokens", type=_ints, default=[4096], help="tokens per rank, comma-separated (transport sweeps them)")
+    a("--hidden", type=int, default=7168, help="H")
+    a("--ffn", type=int, default=2048, help="F, hidden width of an expert (layer)")
+    a("--experts", type=int, default=256, help="E")
+    a("--topk", type=int, default=8, help="k")
+    a("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="token and weight dtype")
+    a("--routing", default="uniform", choices=workloads.ROUTINGS, help="routing of tokens (and group sizes)")
+    a("--gemm-shapes", type=_shapes, default=_shapes("32768x7168x2048x8,32768x7168x2048x64,32768x1024x512x8"),
+      help="grouped GEMM shapes MxKxNxG, comma-separated")
+    a("--iters", type=int, default=20, help="iterations inside one jitted loop")
+    a("--repeats", type=int, default=5, help="timed loops; the median is reported")
+    a("--out", default="out/bench", help="folder for results.json and the plots")
+    args = p.parse_args(argv)
+    if min(min(args.tokens), args.hidden, args.ffn, args.experts, args.topk, args.iters, args.repeats) < 1:
+        p.error("sizes and counts must be >= 1")
+    if args.topk > args.experts:
+        p.error(f"--topk {args.topk} must be at most --experts {args.experts}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dtype = jnp.dtype(args.dtype)
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    jobs = []
+    if "transport" in suites:
+        jobs += [("transport", t) for t in args.tokens]
+    if "gemm" in suites:
+        jobs.append(("gemm", None))
+    if "layer" in suites:
+        jobs.append(("layer", args.tokens[-1]))
+    results = []
+    environment = timing.environment()
+    print(f"{environment['device']}, jax {environment['jax']}, {environment['date']}")
+    for suite, tokens in tqdm(jobs, desc="jep.bench"):
+        common = dict(dtype=dtype, iters=args.iters, repeats=args.repeats)
+        if suite == "transport":
+            results += transport.measure(tokens=tokens, hidden=args.hidden, experts=args.experts,
+                                         top_k=args.topk, routing=args.routing, **common)
+        elif suite == "gemm":
+            results += gemm.measure(shapes=args.gemm_shapes, routing=args.routing, **common)
+        else:
+            results += layer.measure(tokens=tokens, hidden=args.hidden, ffn=args.ffn,
+                                     experts=args.experts, top_k=args.topk, **common)
+    command = "python -m jep.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    report.write(results, environment, args.out, command)
+    print(report.table(results))
+    print(f"results and plots in {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Grouped GEMM: jep's grouped matmul (forward, dx, dw) against lax.ragged_dot and a dense matmul
+of the same flops. Shapes M x K x N with G groups: y[M, N] = x[M, K] @ w[g][K, N] per group."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import jep
+from jep.bench import timing, workloads
+
+
+def _ops(matmul):
+    """forward, dx and dw of one grouped matmul `matmul(x, w, group_sizes)`."""
+    def forward(x, w, dy, sizes):
+        return matmul(x, w, sizes)
+
+    def dx(x, w, dy, sizes):
+        return jax.vjp(lambda x: matmul(x, w, sizes), x)[1](dy)[0]
+
+    def dw(x, w, dy, sizes):
+        return jax.vjp(lambda w: matmul(x, w, sizes), w)[1](dy)[0]
+
+    return {"forward": forward, "dx": dx, "dw": dw}
+
+
+def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    variants = {
+        "jep": lambda x, w, s: jep.grouped_matmul(x, w, s).astype(x.dtype),
+        "lax.ragged_dot": lambda x, w, s: lax.ragged_dot(x, w, s),
+    }
+    results = []
+    for m, k, n, g in shapes:
+        rotation = 2
+        x = jnp.asarray(rng.normal(size=(rotation, m, k)), dtype)
+        w = jnp.asarray(rng.normal(size=(rotation, g, k, n)) / k**0.5, dtype)
+        dy = jnp.asarray(rng.normal(size=(rotation, m, n)), dtype)
+        sizes = jnp.asarray(np.stack([workloads.group_sizes(routing, rng, m, g) for _ in range(rotation)]))
+        flops = 2.0 * m * k * n
+
+        def record(variant, op, body, args):
+            run = jax.jit(lambda *a: timing.repeat_in_loop(body, a, iters))
+            seconds = timing.seconds_per_iteration(run, args, iters=iters, repeats=repeats)
+            results.append({"suite": "gemm", "variant": variant, "op": op, "m": m, "k": k, "n": n,
+                            "groups": g, "routing": routing, "seconds": seconds,
+                            "tflop_per_s": flops / seconds / 1e12})
+
+        for variant, matmul in variants.items():
+            for op, body in _ops(matmul).items():
+                record(variant, op, body, (x, w, dy, sizes))
+        # The dense peer: one [M, K] @ [K, N] (same flops), and its two backward products.
+        dense = {"forward": lambda x, w, dy: x @ w[0], "dx": lambda x, w, dy: dy @ w[0].T,
+                 "dw": lambda x, w, dy: x.T @ dy}
+        for op, body in dense.items():
+            record("dense matmul", op, body, (x, w, dy))
+    for r in results:
+        dense = next(d for d in results if d["variant"] == "dense matmul" and d["op"] == r["op"]
+                     and (d["m"], d["k"], d["n"], d["groups"]) == (r["m"], r["k"], r["n"], r["groups"]))
+        r["vs_dense"] = r["tflop_per_s"] / dense["tflop_per_s"]
+    return results

@@ -1,0 +1,140 @@
+"""One MoE layer, forward + backward: jep against the two ways JAX users write it today.
+
+  jep:       jep.moe (dropless, the platform's best transport and grouped matmul)
+  capacity:  GShard/Switch style: one-hot dispatch and combine einsums with capacity factor 1.25,
+             experts sharded over `ep`, dense lax.all_to_all (what generic frameworks do)
+  ragged:    dropless, from lax.ragged_all_to_all (one slice per peer, a row per (token, slot))
+             and lax.ragged_dot only (GPU/TPU: XLA:CPU has no ragged all-to-all)
+All three use the same router (softmax top-k) and SwiGLU experts; tokens are split over the EP
+axis (every device).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jep
+from jep.bench import timing
+from jep.layout import exclusive_cumsum
+from jep.transport import xla
+
+CAPACITY_FACTOR = 1.25
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def capacity_moe(x, router, w_gate, w_up, w_down, *, top_k, axis_name="ep",
+                 capacity_factor=CAPACITY_FACTOR):
+    """Per rank, inside shard_map: the GShard layer. x [T, H]; experts [E_local, ...]. Each
+    (source rank, expert) pair keeps ceil(capacity_factor * T * k / E) rows, first come first kept."""
+    num_tokens, hidden = x.shape
+    n = lax.axis_size(axis_name)
+    local = w_gate.shape[0]
+    num_experts = local * n
+    weights, ids = jep.route(x.astype(jnp.float32) @ router, top_k=top_k)
+    capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    chosen = jax.nn.one_hot(ids, num_experts, dtype=jnp.int32)  # [T, k, E]
+    flat = chosen.reshape(-1, num_experts)
+    position = ((jnp.cumsum(flat, 0) - flat) * flat).sum(-1).reshape(num_tokens, top_k)
+    slot = jax.nn.one_hot(position, capacity, dtype=x.dtype) * (position < capacity)[..., None]
+    dispatch_mask = jnp.einsum("tke,tkc->tec", chosen.astype(x.dtype), slot)
+    combine_mask = jnp.einsum("tke,tkc->tec", chosen.astype(jnp.float32) * weights[..., None],
+                              slot.astype(jnp.float32)).astype(x.dtype)
+    expert_in = jnp.einsum("tec,th->ech", dispatch_mask, x).reshape(n, local, capacity, hidden)
+    expert_in = lax.all_to_all(expert_in, axis_name, 0, 0)  # [source, local, C, H]
+    expert_in = expert_in.transpose(1, 0, 2, 3).reshape(local, n * capacity, hidden)
+    out = jax.vmap(_swiglu)(expert_in, w_gate, w_up, w_down)
+    out = out.reshape(local, n, capacity, hidden).transpose(1, 0, 2, 3)
+    out = lax.all_to_all(out, axis_name, 0, 0).reshape(num_experts, capacity, hidden)
+    return jnp.einsum("tec,ech->th", combine_mask, out)
+
+
+def ragged_moe(x, router, w_gate, w_up, w_down, *, top_k, axis_name="ep"):
+    """Per rank, inside shard_map: dropless with lax.ragged_all_to_all + lax.ragged_dot only."""
+    num_tokens, hidden = x.shape
+    n = lax.axis_size(axis_name)
+    local = w_gate.shape[0]
+    weights, ids = jep.route(x.astype(jnp.float32) @ router, top_k=top_k)
+    flat_ids = ids.reshape(-1)
+    order = jnp.argsort(flat_ids)  # (token, slot) rows by expert, hence by destination rank
+    rows = x[order // top_k]
+    send = jnp.zeros((n,), jnp.int32).at[flat_ids // local].add(1)
+    recv = lax.all_to_all(send, axis_name, 0, 0, tiled=True)
+    exchange = lambda a, s, r: xla.exchange(a, s, r, axis_name=axis_name, out_rows=n * a.shape[0],  # noqa: E731
+                                             max_rows_per_peer=a.shape[0], num_slices=1)
+    received = exchange(rows, send, recv)
+    received_ids = exchange(flat_ids[order][:, None] % local + 1, send, recv)[:, 0] - 1
+    # Received rows come by source rank; ragged_dot wants them by expert.
+    local_order = jnp.argsort(jnp.where(received_ids >= 0, received_ids, local))
+    sizes = jnp.zeros((local,), jnp.int32).at[received_ids].add(1, mode="drop")
+    h = received[local_order]
+    h = jax.nn.silu(lax.ragged_dot(h, w_gate, sizes)) * lax.ragged_dot(h, w_up, sizes)
+    out = jnp.zeros_like(received).at[local_order].set(lax.ragged_dot(h, w_down, sizes))
+    back = xla.exchange(out, recv, send, axis_name=axis_name, out_rows=rows.shape[0],
+                        max_rows_per_peer=rows.shape[0], num_slices=1)
+    per_slot = jnp.zeros_like(back).at[order].set(back).reshape(num_tokens, top_k, hidden)
+    return jnp.einsum("tkh,tk->th", per_slot, weights.astype(x.dtype))
+
+
+def receive_buffer_rows(*, tokens, experts, top_k, ep) -> dict:
+    """Rows of one rank's expert-input buffer: jep dropless (worst case, static) and capacity."""
+    return {"dropless": ep * tokens * min(top_k, experts // ep),
+            "capacity_1.25": (experts // ep) * ep * math.ceil(CAPACITY_FACTOR * tokens * top_k / experts)}
+
+
+def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dtype, iters: int,
+            repeats: int, seed: int = 0) -> list[dict]:
+    n = len(jax.devices())
+    mesh = jax.make_mesh((n,), ("ep",), axis_types=(AxisType.Auto,))
+    config = jep.MoEConfig(num_experts=experts, top_k=top_k, axis_name="ep")
+    params = jep.init_params(jax.random.key(seed), hidden=hidden, ffn=ffn, config=config, dtype=dtype)
+    expert_spec = NamedSharding(mesh, P("ep"))
+    params = {k: jax.device_put(v, expert_spec if k != "router" else NamedSharding(mesh, P()))
+              for k, v in params.items()}
+    rng = np.random.default_rng(seed)
+    xs = jax.device_put(jnp.asarray(rng.normal(size=(2, n * tokens, hidden)), dtype),
+                        NamedSharding(mesh, P(None, "ep")))
+
+    def baseline(layer):
+        def apply(x, p):
+            specs = (P("ep"), P(), P("ep"), P("ep"), P("ep"))
+            fn = jax.shard_map(lambda *a: layer(*a, top_k=top_k), mesh=mesh, in_specs=specs,
+                               out_specs=P("ep"))
+            return fn(x, p["router"], p["w_gate"], p["w_up"], p["w_down"])
+        return apply
+
+    variants = {"jep": lambda x, p: jep.moe(x, p, config=config, mesh=mesh)[0],
+                "capacity 1.25": baseline(capacity_moe)}
+    if xla.runs_on(jep.transport.current_platform()):
+        variants["ragged_all_to_all + ragged_dot"] = baseline(ragged_moe)
+
+    results = []
+    for name, apply in variants.items():
+        def step(x, apply=apply):
+            loss = lambda p, x: jnp.sum(apply(x, p).astype(jnp.float32) ** 2)  # noqa: E731
+            return jax.grad(loss, argnums=(0, 1))(params, x)
+
+        run = jax.jit(lambda xs, step=step: timing.repeat_in_loop(step, (xs,), iters))
+        entry = {"suite": "layer", "variant": name, "tokens_per_rank": tokens, "hidden": hidden,
+                 "ffn": ffn, "experts": experts, "top_k": top_k, "ranks": n,
+                 "memory_bytes": timing.compiled_bytes(run, (xs,))}
+        try:
+            seconds = timing.seconds_per_iteration(run, (xs,), iters=iters, repeats=repeats)
+            entry |= {"seconds": seconds, "tokens_per_s": n * tokens / seconds}
+        except Exception as error:  # noqa: BLE001 - an out-of-memory peer is a result, not a crash
+            entry |= {"seconds": None, "tokens_per_s": None, "error": str(error).splitlines()[0][:200]}
+        results.append(entry)
+    for ep in (4, 8, 64):
+        if experts % ep == 0:
+            rows = receive_buffer_rows(tokens=tokens, experts=experts, top_k=top_k, ep=ep)
+            results.append({"suite": "layer", "variant": "receive buffer", "ep": ep,
+                            **{f"{k}_bytes": v * hidden * 2 for k, v in rows.items()}})
+    return results

@@ -1,0 +1,96 @@
+"""Tables on stdout, JSON and PNG plots of the benchmark results."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jep.bench.transport import NVLINK_GBPS
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    transport = [r for r in results if r["suite"] == "transport"]
+    if transport:
+        lines += ["| tokens/rank | routing | variant | op | time (us) | GB/s per rank |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['tokens_per_rank']} | {r['routing']} | {r['variant']} | {r['op']} | "
+                  f"{r['seconds'] * 1e6:.1f} | {r['gb_per_s']:.4g} |" for r in transport]
+        lines += [f"(NVLink 4 one-way limit: {NVLINK_GBPS:.0f} GB/s; ranks: {transport[0]['ranks']})", ""]
+    gemm = [r for r in results if r["suite"] == "gemm"]
+    if gemm:
+        lines += ["| M x K x N, G | routing | variant | op | time (ms) | TFLOP/s | vs dense |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['m']} x {r['k']} x {r['n']}, {r['groups']} | {r['routing']} | {r['variant']} | "
+                  f"{r['op']} | {r['seconds'] * 1e3:.3f} | {r['tflop_per_s']:.4g} | {r['vs_dense']:.2f} |"
+                  for r in gemm]
+        lines.append("")
+    layer = [r for r in results if r["suite"] == "layer" and r["variant"] != "receive buffer"]
+    if layer:
+        lines += ["| T/rank, H, F, E, k | variant | fwd+bwd (ms) | tokens/s | memory (GiB) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in layer:
+            memory = None if r["memory_bytes"] is None else r["memory_bytes"] / 2**30
+            time_ms = None if r["seconds"] is None else r["seconds"] * 1e3
+            note = f" ({r['error']})" if r.get("error") else ""
+            lines.append(f"| {r['tokens_per_rank']}, {r['hidden']}, {r['ffn']}, {r['experts']}, "
+                         f"{r['top_k']} | {r['variant']} | {_fmt(time_ms, '.2f')}{note} | "
+                         f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(memory, '.3g')} |")
+        lines.append("")
+    buffers = [r for r in results if r.get("variant") == "receive buffer"]
+    if buffers:
+        lines += ["| EP | receive buffer, dropless (GiB) | capacity 1.25 (GiB) |", "| --- | --- | --- |"]
+        lines += [f"| {r['ep']} | {r['dropless_bytes'] / 2**30:.3g} | {r['capacity_1.25_bytes'] / 2**30:.3g} |"
+                  for r in buffers]
+    return "\n".join(lines)
+
+
+def write(results: list[dict], environment: dict, out: str, command: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"environment": environment, "command": command, "results": results}, f, indent=1)
+    plot(results, out)
+
+
+def plot(results: list[dict], out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    transport = [r for r in results if r["suite"] == "transport"]
+    if transport:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, op in zip(axes, ("dispatch", "combine")):
+            for variant in dict.fromkeys(r["variant"] for r in transport):
+                points = sorted((r["tokens_per_rank"], r["gb_per_s"]) for r in transport
+                                if r["variant"] == variant and r["op"] == op)
+                if points:
+                    ax.plot(*zip(*points), "o-", label=variant)
+            ax.axhline(NVLINK_GBPS, color="k", ls="--", lw=1, label="NVLink one-way limit")
+            ax.set(xscale="log", xlabel="tokens per rank", title=op)
+        axes[0].set_ylabel("GB/s per rank")
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "transport.png"), dpi=120)
+        plt.close(fig)
+    gemm = [r for r in results if r["suite"] == "gemm"]
+    if gemm:
+        shapes = list(dict.fromkeys(f"{r['m']}x{r['k']}x{r['n']}\nG={r['groups']} {r['op']}" for r in gemm))
+        variants = list(dict.fromkeys(r["variant"] for r in gemm))
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(shapes)), 4))
+        width = 0.8 / len(variants)
+        for i, variant in enumerate(variants):
+            values = {f"{r['m']}x{r['k']}x{r['n']}\nG={r['groups']} {r['op']}": r["tflop_per_s"]
+                      for r in gemm if r["variant"] == variant}
+            ax.bar([j + i * width for j in range(len(shapes))], [values.get(s, 0) for s in shapes],
+                   width, label=variant)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=7)
+        ax.set(ylabel="TFLOP/s", title="grouped GEMM")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "gemm.png"), dpi=120)
+        plt.close(fig)

@@ -1,0 +1,106 @@
+"""Dispatch and combine bandwidth: every jep transport against the ways JAX users move tokens today.
+
+Variants, all moving the same token rows over the EP axis (every device of the machine):
+  jep/<backend>:      jep.dispatch / jep.combine (one row per (token, rank), layout included)
+  all_to_all padded:  lax.all_to_all of per-peer blocks padded to the largest peer slice (what a
+                      capacity-based MoE sends)
+  ragged_all_to_all:  lax.ragged_all_to_all with one slice per peer (GPU/TPU only)
+GB/s per rank = bf16 bytes of the token rows a rank receives / time (DeepEP's count), the mean
+rank's rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jep
+from jep.bench import timing, workloads
+from jep.layout import get_dispatch_layout
+from jep.transport import xla
+
+NVLINK_GBPS = 450.0  # NVLink 4 on H200, one direction: 18 links x 25 GB/s
+
+
+def _mesh():
+    return jax.make_mesh((len(jax.devices()),), ("ep",), axis_types=(AxisType.Auto,))
+
+
+def _rows_per_peer(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """i64[n, n]: rows rank s sends to rank r (one per token per rank)."""
+    num_ranks = ids.shape[0]
+    return np.stack([np.asarray(get_dispatch_layout(jnp.asarray(ids[s]), num_experts=num_experts,
+                                                    num_ranks=num_ranks).tokens_per_rank)
+                     for s in range(num_ranks)]).astype(np.int64)
+
+
+def measure(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routing: str,
+            iters: int, repeats: int, seed: int = 0) -> list[dict]:
+    mesh = _mesh()
+    n = mesh.size
+    rng = np.random.default_rng(seed)
+    rotation = 2
+    ids = np.stack([workloads.expert_ids(routing, rng, (n, tokens), experts, top_k)
+                    for _ in range(rotation)])  # [R, n, T, k]
+    rows = _rows_per_peer(ids[0], experts)
+    received_bytes = rows.sum(0).mean() * hidden * jnp.dtype(dtype).itemsize
+    x = jnp.asarray(rng.normal(size=(rotation, n, tokens, hidden)), dtype)
+    weights = jnp.asarray(rng.random((rotation, n, tokens, top_k)), jnp.float32)
+    spec = P(None, "ep")
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    results = []
+
+    def record(name, ops, run, args):
+        seconds = timing.seconds_per_iteration(run, args, iters=iters, repeats=repeats)
+        for op in ops:  # a peer's one collective stands for both directions
+            results.append({"suite": "transport", "variant": name, "op": op,
+                            "tokens_per_rank": tokens, "hidden": hidden, "experts": experts,
+                            "top_k": top_k, "routing": routing, "ranks": n, "seconds": seconds,
+                            "bytes_per_rank": float(received_bytes),
+                            "gb_per_s": received_bytes / seconds / 1e9})
+
+    def per_rank(fn):
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=P("ep")))
+
+    for backend in jep.transport.available():
+        def dispatch_loop(x, ids, backend=backend):
+            body = lambda x, ids: jep.dispatch(x[0], ids[0], num_experts=experts, axis_name="ep",  # noqa: E731
+                                               backend=backend)[0]
+            return timing.repeat_in_loop(body, (x, ids), iters)[None]
+
+        def combine_loop(x, ids, weights, backend=backend):
+            recv_x, _, handle = jep.dispatch(x[0, 0], ids[0, 0], num_experts=experts,
+                                             axis_name="ep", backend=backend)
+            ys = jnp.stack([recv_x, recv_x * 2])  # rotated expert outputs
+            body = lambda y, w: jep.combine(y, handle, w[0])  # noqa: E731
+            return timing.repeat_in_loop(body, (ys, weights), iters)[None]
+
+        record(f"jep/{backend}", ["dispatch"], per_rank(dispatch_loop), (put(x), put(ids)))
+        record(f"jep/{backend}", ["combine"], per_rank(combine_loop), (put(x), put(ids), put(weights)))
+
+    # Peers move the same rows; the bytes counted stay the useful ones.
+    block = int(rows.max())
+    blocks = jnp.zeros((rotation, n, n, block, hidden), dtype) + x[:, :, :1, None, :]
+
+    def padded_loop(blocks):
+        body = lambda b: lax.all_to_all(b[0], "ep", 0, 0)  # noqa: E731
+        return timing.repeat_in_loop(body, (blocks,), iters)[None]
+
+    run = per_rank(padded_loop)
+    record("all_to_all padded", ["dispatch", "combine"], run, (put(blocks),))
+
+    if xla.runs_on(jep.transport.current_platform()):
+        send = jnp.asarray(np.broadcast_to(rows, (rotation, n, n)), jnp.int32)
+        recv = jnp.asarray(np.broadcast_to(rows.T, (rotation, n, n)), jnp.int32)
+        wire = jnp.zeros((rotation, n, tokens * min(top_k, n), hidden), dtype) + x[:, :, :1, :]
+
+        def ragged_loop(wire, send, recv):
+            body = lambda w, s, r: xla.exchange(w[0], s[0], r[0], axis_name="ep", out_rows=n * tokens,  # noqa: E731
+                                               max_rows_per_peer=tokens, num_slices=1)
+            return timing.repeat_in_loop(body, (wire, send, recv), iters)[None]
+
+        record("ragged_all_to_all", ["dispatch", "combine"], per_rank(ragged_loop), (put(wire), put(send), put(recv)))
+    return results

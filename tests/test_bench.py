@@ -1,0 +1,81 @@
+"""python -m jep.bench: a CPU smoke run of every suite, and the layer baselines are right."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import P, make_mesh, put
+
+import jep
+from jep.bench import __main__ as bench
+from jep.bench import layer, workloads
+
+
+def test_cpu_smoke_run_of_every_suite_writes_json_table_and_plots(tmp_path, capsys):
+    results = bench.main(["all", "--tokens", "8,16", "--hidden", "16", "--ffn", "8", "--experts", "8",
+                          "--topk", "2", "--gemm-shapes", "32x16x8x4", "--iters", "2", "--repeats", "1",
+                          "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["environment"]["jax"] == jax.__version__ and saved["results"]
+    assert {r["suite"] for r in results} == {"transport", "gemm", "layer"}
+    timed = [r for r in results if "seconds" in r]
+    assert all(r["seconds"] > 0 for r in timed)
+    variants = {r["variant"] for r in results if r["suite"] == "transport"}
+    assert {"jep/reference", "all_to_all padded"} <= variants
+    assert {"jep", "capacity 1.25"} <= {r["variant"] for r in results if r["suite"] == "layer"}
+    assert (tmp_path / "transport.png").exists() and (tmp_path / "gemm.png").exists()
+    assert "GB/s per rank" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("routing", workloads.ROUTINGS)
+def test_workloads_draw_distinct_experts_and_exact_group_sizes(routing):
+    rng = np.random.default_rng(0)
+    ids = workloads.expert_ids(routing, rng, (3, 50), 16, 4)
+    assert ids.shape == (3, 50, 4) and ids.min() >= 0 and ids.max() < 16
+    assert all(len(set(row)) == 4 for row in ids.reshape(-1, 4))
+    sizes = workloads.group_sizes(routing, rng, 1000, 8)
+    assert sizes.sum() == 1000 and sizes.min() >= 0
+
+
+def test_capacity_baseline_without_drops_equals_the_reference(rng):
+    mesh = make_mesh((4,), ("ep",))
+    config = jep.MoEConfig(num_experts=8, top_k=2)
+    params = jep.init_params(jax.random.key(0), hidden=8, ffn=12, config=config)
+    params["router"] = params["router"] * 50
+    x = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
+
+    def local(x, router, w_gate, w_up, w_down):
+        # A capacity factor of E: no (rank, expert) pair can overflow.
+        return layer.capacity_moe(x, router, w_gate, w_up, w_down, top_k=2, capacity_factor=8.0)
+
+    y = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("ep"), P(), P("ep"), P("ep"), P("ep")),
+                              out_specs=P("ep")))(
+        put(mesh, x, P("ep")), put(mesh, params["router"], P()),
+        *(put(mesh, params[k], P("ep")) for k in ("w_gate", "w_up", "w_down")))
+    want, _ = jep.reference.moe(x, params, config=config)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_receive_buffer_rows_are_the_worst_case_and_the_capacity():
+    rows = layer.receive_buffer_rows(tokens=4096, experts=256, top_k=8, ep=4)
+    assert rows == {"dropless": 4 * 4096 * 8, "capacity_1.25": 64 * 4 * 160}
+
+
+def test_ragged_baseline_equals_the_reference():
+    if not jep.transport.xla.runs_on(jep.transport.current_platform()):
+        pytest.skip("the ragged baseline needs lax.ragged_all_to_all (GPU/TPU)")
+    n = min(4, len(jax.devices()))
+    mesh = make_mesh((n,), ("ep",))
+    config = jep.MoEConfig(num_experts=8, top_k=2)
+    params = jep.init_params(jax.random.key(0), hidden=8, ffn=12, config=config)
+    params["router"] = params["router"] * 50
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(8 * n, 8)), jnp.float32)
+    y = jax.jit(jax.shard_map(
+        lambda *a: layer.ragged_moe(*a, top_k=2), mesh=mesh,
+        in_specs=(P("ep"), P(), P("ep"), P("ep"), P("ep")), out_specs=P("ep")))(
+        put(mesh, x, P("ep")), put(mesh, params["router"], P()),
+        *(put(mesh, params[k], P("ep")) for k in ("w_gate", "w_up", "w_down")))
+    want, _ = jep.reference.moe(x, params, config=config)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
