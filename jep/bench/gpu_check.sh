@@ -2,6 +2,7 @@
 # One visit to a lent GPU machine: versions, the test suite on the GPUs (the `xla` transport is
 # among the backends there), and the training example (then resumed from its checkpoint). Logs go to $OUT (or ./out).
 # Usage, from the repository root: bash jep/bench/gpu_check.sh
+# (SKIP_TESTS=1, SKIP_TRAIN=1, SKIP_BENCH=1 leave a part out.)
 set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
@@ -21,13 +22,15 @@ tests_rc=${PIPESTATUS[0]}
 n=$(python3 -c "import jax; print(len(jax.devices()))")
 # Sized to fit: XLA's lax.ragged_dot backward materializes per-group dense products, and at twice
 # these tokens and experts it asked for 64 GiB on one H200 (jax 0.11.2).
-python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 300 --batch 32 --seq-len 256 --d-model 512 \
-  --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
-  --ckpt-every 300 --out /tmp/train_moe_lm --no-progress 2>&1 | tee "$out/train.txt"
-python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 320 --batch 32 --seq-len 256 --d-model 512 \
-  --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
-  --ckpt-every 300 --out /tmp/train_moe_lm --no-progress --resume 2>&1 | tee -a "$out/train.txt"
-cp /tmp/train_moe_lm/training.png /tmp/train_moe_lm/metrics.json "$out/" 2>/dev/null
+if [ "${SKIP_TRAIN:-0}" != 1 ]; then
+  python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 300 --batch 32 --seq-len 256 --d-model 512 \
+    --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
+    --ckpt-every 300 --out /tmp/train_moe_lm --no-progress 2>&1 | tee "$out/train.txt"
+  python3 examples/train_moe_lm.py --dp 1 --ep "$n" --steps 320 --batch 32 --seq-len 256 --d-model 512 \
+    --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
+    --ckpt-every 300 --out /tmp/train_moe_lm --no-progress --resume 2>&1 | tee -a "$out/train.txt"
+  cp /tmp/train_moe_lm/training.png /tmp/train_moe_lm/metrics.json "$out/" 2>/dev/null
+fi
 # Benchmarks that one GPU can give: the grouped GEMM, and the layer with every expert local (EP=1).
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   python3 -m jep.bench gemm --iters 10 --repeats 5 --out "$out/gemm" 2>&1 | tee "$out/bench.txt"
