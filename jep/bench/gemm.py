@@ -43,10 +43,15 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
 
         def record(variant, op, body, args):
             run = jax.jit(lambda *a: timing.repeat_in_loop(body, a, iters))
-            seconds = timing.seconds_per_iteration(run, args, iters=iters, repeats=repeats)
-            results.append({"suite": "gemm", "variant": variant, "op": op, "m": m, "k": k, "n": n,
-                            "groups": g, "routing": routing, "seconds": seconds,
-                            "tflop_per_s": flops / seconds / 1e12})
+            entry = {"suite": "gemm", "variant": variant, "op": op, "m": m, "k": k, "n": n,
+                     "groups": g, "routing": routing}
+            try:
+                seconds = timing.seconds_per_iteration(run, args, iters=iters, repeats=repeats)
+                entry |= {"seconds": seconds, "tflop_per_s": flops / seconds / 1e12}
+            except Exception as error:  # noqa: BLE001 - an out-of-memory peer is a result
+                entry |= {"seconds": None, "tflop_per_s": None,
+                          "error": str(error).splitlines()[0][:200]}
+            results.append(entry)
 
         for variant, matmul in variants.items():
             for op, body in _ops(matmul).items():
@@ -59,5 +64,6 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
     for r in results:
         dense = next(d for d in results if d["variant"] == "dense matmul" and d["op"] == r["op"]
                      and (d["m"], d["k"], d["n"], d["groups"]) == (r["m"], r["k"], r["n"], r["groups"]))
-        r["vs_dense"] = r["tflop_per_s"] / dense["tflop_per_s"]
+        r["vs_dense"] = (None if r["tflop_per_s"] is None or dense["tflop_per_s"] is None
+                         else r["tflop_per_s"] / dense["tflop_per_s"])
     return results

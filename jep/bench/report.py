@@ -25,9 +25,12 @@ def table(results: list[dict]) -> str:
     if gemm:
         lines += ["| M x K x N, G | routing | variant | op | time (ms) | TFLOP/s | vs dense |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['m']} x {r['k']} x {r['n']}, {r['groups']} | {r['routing']} | {r['variant']} | "
-                  f"{r['op']} | {r['seconds'] * 1e3:.3f} | {r['tflop_per_s']:.4g} | {r['vs_dense']:.2f} |"
-                  for r in gemm]
+        for r in gemm:
+            time_ms = None if r["seconds"] is None else r["seconds"] * 1e3
+            note = f" ({r['error']})" if r.get("error") else ""
+            lines.append(f"| {r['m']} x {r['k']} x {r['n']}, {r['groups']} | {r['routing']} | "
+                         f"{r['variant']} | {r['op']} | {_fmt(time_ms, '.3f')}{note} | "
+                         f"{_fmt(r['tflop_per_s'], '.4g')} | {_fmt(r['vs_dense'], '.2f')} |")
         lines.append("")
     layer = [r for r in results if r["suite"] == "layer" and r["variant"] != "receive buffer"]
     if layer:
@@ -84,7 +87,7 @@ def plot(results: list[dict], out: str) -> None:
         fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(shapes)), 4))
         width = 0.8 / len(variants)
         for i, variant in enumerate(variants):
-            values = {f"{r['m']}x{r['k']}x{r['n']}\nG={r['groups']} {r['op']}": r["tflop_per_s"]
+            values = {f"{r['m']}x{r['k']}x{r['n']}\nG={r['groups']} {r['op']}": r["tflop_per_s"] or 0
                       for r in gemm if r["variant"] == variant}
             ax.bar([j + i * width for j in range(len(shapes))], [values.get(s, 0) for s in shapes],
                    width, label=variant)

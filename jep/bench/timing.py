@@ -40,11 +40,11 @@ def seconds_per_iteration(run, args, *, iters: int, repeats: int) -> float:
     return statistics.median(times) / iters
 
 
-def compiled_bytes(run, args) -> int | None:
-    """Device memory the compiled `run` needs per device (arguments, outputs and temporaries), as
+def compiled_bytes(compiled) -> int | None:
+    """Device memory a compiled program needs per device (arguments, outputs and temporaries), as
     XLA's memory analysis reports it; None where the backend does not say."""
     try:
-        analysis = run.lower(*args).compile().memory_analysis()
+        analysis = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
         return None
     if analysis is None:
