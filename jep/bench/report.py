@@ -12,6 +12,13 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _time_cell(result, scale, spec):
+    """The time of a measurement in ms or us, or "-" and why it has none (out of memory...)."""
+    if result["seconds"] is None:
+        return f"- ({result.get('error', 'not measured')})"
+    return format(result["seconds"] * scale, spec)
+
+
 def table(results: list[dict]) -> str:
     lines = []
     transport = [r for r in results if r["suite"] == "transport"]
@@ -19,17 +26,15 @@ def table(results: list[dict]) -> str:
         lines += ["| tokens/rank | routing | variant | op | time (us) | GB/s per rank |",
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['tokens_per_rank']} | {r['routing']} | {r['variant']} | {r['op']} | "
-                  f"{r['seconds'] * 1e6:.1f} | {r['gb_per_s']:.4g} |" for r in transport]
+                  f"{_time_cell(r, 1e6, '.1f')} | {r['gb_per_s']:.4g} |" for r in transport]
         lines += [f"(NVLink 4 one-way limit: {NVLINK_GBPS:.0f} GB/s; ranks: {transport[0]['ranks']})", ""]
     gemm = [r for r in results if r["suite"] == "gemm"]
     if gemm:
         lines += ["| M x K x N, G | routing | variant | op | time (ms) | TFLOP/s | vs dense |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in gemm:
-            time_ms = None if r["seconds"] is None else r["seconds"] * 1e3
-            note = f" ({r['error']})" if r.get("error") else ""
             lines.append(f"| {r['m']} x {r['k']} x {r['n']}, {r['groups']} | {r['routing']} | "
-                         f"{r['variant']} | {r['op']} | {_fmt(time_ms, '.3f')}{note} | "
+                         f"{r['variant']} | {r['op']} | {_time_cell(r, 1e3, '.3f')} | "
                          f"{_fmt(r['tflop_per_s'], '.4g')} | {_fmt(r['vs_dense'], '.2f')} |")
         lines.append("")
     layer = [r for r in results if r["suite"] == "layer" and r["variant"] != "receive buffer"]
@@ -38,10 +43,8 @@ def table(results: list[dict]) -> str:
                   "| --- | --- | --- | --- | --- |"]
         for r in layer:
             memory = None if r["memory_bytes"] is None else r["memory_bytes"] / 2**30
-            time_ms = None if r["seconds"] is None else r["seconds"] * 1e3
-            note = f" ({r['error']})" if r.get("error") else ""
             lines.append(f"| {r['tokens_per_rank']}, {r['hidden']}, {r['ffn']}, {r['experts']}, "
-                         f"{r['top_k']} | {r['variant']} | {_fmt(time_ms, '.2f')}{note} | "
+                         f"{r['top_k']} | {r['variant']} | {_time_cell(r, 1e3, '.2f')} | "
                          f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(memory, '.3g')} |")
         lines.append("")
     buffers = [r for r in results if r.get("variant") == "receive buffer"]
