@@ -21,7 +21,6 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jep
 from jep.bench import timing
-from jep.layout import exclusive_cumsum
 from jep.transport import xla
 
 CAPACITY_FACTOR = 1.25

@@ -8,7 +8,6 @@ other one is tested against.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
