@@ -47,8 +47,9 @@ def _check_params(params, hidden, config):
         _checks.shape(params["bias"], (num_experts,), "params['bias']")
 
 
-def _place(x, mesh, spec):
-    """Reshards x to `spec` where the mesh's explicit axes demand it (shard_map checks them)."""
+def place(x, mesh, spec):
+    """Reshards x to `spec` where the mesh has explicit axes (there a sharding is a type that
+    shard_map checks, not a hint); elsewhere returns x as it is."""
     if any(t == AxisType.Explicit for t in mesh.axis_types):
         return jax.sharding.reshard(x, NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)
     return x
@@ -131,7 +132,7 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
     args = (tokens, params["router"], params["w_gate"], params["w_up"], params["w_down"], bias)
     specs = (token_spec, P(None, None), expert_spec, expert_spec, expert_spec,
              None if bias is None else P(None))
-    args = tuple(a if a is None else _place(a, mesh, s) for a, s in zip(args, specs))
+    args = tuple(a if a is None else place(a, mesh, s) for a, s in zip(args, specs))
     # jit: called eagerly, the layer still runs as one program rather than op by op.
     y, aux = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=specs, out_specs=(token_spec, P())))(*args)
     return y.reshape(x.shape), aux

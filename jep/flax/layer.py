@@ -7,11 +7,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from jep.config import MoEConfig
 from jep.experts import ACTIVATION_FNS
-from jep.moe import moe
+from jep.moe import moe, place
 
 
 class ParamSpec(NamedTuple):
@@ -55,9 +55,7 @@ def init_sharded(spec: ParamSpec, key, dtype):
     (where a sharding is a type, not a hint)."""
     value = spec.init(key, spec.shape, dtype if spec.follows_param_dtype else jnp.float32)
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and any(t == AxisType.Explicit for t in mesh.axis_types):
-        value = jax.sharding.reshard(value, P(*spec.sharding))
-    return value
+    return value if mesh.empty else place(value, mesh, P(*spec.sharding))
 
 
 def apply(x, params: dict, *, config: MoEConfig, mesh=None):
