@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jep import _checks, transport
-from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows
+from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, take_rows
 
 
 @functools.partial(
@@ -89,26 +89,20 @@ def ep_size(axis_name, caller: str) -> int:
             f"axis_name={axis_name!r}, which is not bound here") from None
 
 
-def take_rows(rows, index):
-    """rows[index] along axis 0, zero where index is out of range (also from an empty array)."""
-    if rows.shape[0] == 0:
-        return jnp.zeros(index.shape + rows.shape[1:], rows.dtype)
-    return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
-
-
 # --- the four moves, shared by dispatch, combine and their gradients ------------------------
 
-def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens):
+def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens,
+              index=None):
     # A rank sends at most one row per token to a peer, so T bounds every peer's slice.
-    return transport.get(backend)(rows, send_sizes, recv_sizes, axis_name=axis_name,
-                                  out_rows=out_rows, max_rows_per_peer=num_tokens)
+    return transport.exchange(backend, rows, send_sizes, recv_sizes, axis_name=axis_name,
+                              out_rows=out_rows, max_rows_per_peer=num_tokens, index=index)
 
 
 def _to_experts(h: DispatchHandle, home):
     """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks."""
-    rows = take_rows(home, h.send_token)
-    return _exchange(rows, h.send_sizes, h.recv_sizes, h.num_ranks * h.num_tokens,
-                     backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens)
+    return _exchange(home, h.send_sizes, h.recv_sizes, h.num_ranks * h.num_tokens,
+                     backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens,
+                     index=h.send_token)
 
 
 def _to_home(h: DispatchHandle, received):
@@ -116,6 +110,15 @@ def _to_home(h: DispatchHandle, received):
     num_rows = max_send_rows(h.num_tokens, h.top_k, h.num_ranks)
     return _exchange(received, h.recv_sizes, h.send_sizes, num_rows,
                      backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens)
+
+
+def _sum_home(h: DispatchHandle, received):
+    """[R, H] rows on the expert ranks -> [T, H] at home: each token's rows (one per rank it
+    reached) sent back and added in float32, in received's dtype."""
+    return transport.exchange_sum(
+        h.backend, received, h.recv_sizes, h.send_sizes, h.slot_send_row, h.slot_is_first,
+        axis_name=h.axis_name, out_rows=max_send_rows(h.num_tokens, h.top_k, h.num_ranks),
+        max_rows_per_peer=h.num_tokens)
 
 
 def _expand(h: DispatchHandle, received):
@@ -130,16 +133,6 @@ def _reduce_pairs(h: DispatchHandle, expanded, pair_weights=None):
         rows = take_rows(expanded, h.pair_row[:, j])
         rows = rows.astype(jnp.float32)
         total = total + (rows if pair_weights is None else rows * pair_weights[:, j, None])
-    return total
-
-
-def _sum_home(h: DispatchHandle, sent_back):
-    """[S, H] rows back home -> f32[T, H]: each token's rows (one per rank it reached) added."""
-    num_rows = sent_back.shape[0]
-    total = jnp.zeros((h.num_tokens, sent_back.shape[1]), jnp.float32)
-    for j in range(h.top_k):
-        row = jnp.where(h.slot_is_first[:, j], h.slot_send_row[:, j], num_rows)
-        total = total + take_rows(sent_back, row).astype(jnp.float32)
     return total
 
 
@@ -206,8 +199,7 @@ def _dispatch_rows_fwd(x, h):
 
 def _dispatch_rows_bwd(h, g):
     # The transpose: an unweighted combine.
-    sent_back = _to_home(h, _reduce_pairs(h, g).astype(g.dtype))
-    return _sum_home(h, sent_back).astype(g.dtype), None
+    return _sum_home(h, _reduce_pairs(h, g).astype(g.dtype)), None
 
 
 _dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
@@ -216,7 +208,7 @@ _dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 def _combine(y, weights, h):
     pair_weights = _to_experts(h, weights.astype(jnp.float32))  # f32[R, k]
     partial_sums = _reduce_pairs(h, y, pair_weights).astype(y.dtype)
-    return _sum_home(h, _to_home(h, partial_sums)).astype(y.dtype), pair_weights
+    return _sum_home(h, partial_sums), pair_weights
 
 
 @jax.custom_vjp

@@ -49,6 +49,13 @@ def exclusive_cumsum(x: jax.Array) -> jax.Array:
     return jnp.cumsum(x) - x
 
 
+def take_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
+    """rows[index] along axis 0, zero where index is out of range (also from an empty array)."""
+    if rows.shape[0] == 0:
+        return jnp.zeros(index.shape + rows.shape[1:], rows.dtype)
+    return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
+
+
 def max_send_rows(num_tokens: int, top_k: int, num_ranks: int) -> int:
     """S, the static size of the send buffer."""
     return num_tokens * min(top_k, num_ranks)

@@ -25,3 +25,10 @@ def test_every_test_file_has_its_own_py_test():
     names = set(re.findall(r'"(\w+)"', tests))
     assert names == {p.stem for p in (ROOT / "tests").glob("test_*.py")}
 
+
+
+def test_every_kernel_source_is_listed_in_build():
+    listed = set(re.findall(r'"([\w/]+\.(?:cc|cu|h))"', build_text()))
+    on_disk = {str(p.relative_to(ROOT)) for ext in ("cc", "cu", "h")
+               for p in (ROOT / "jep_kernels").rglob(f"*.{ext}")}
+    assert on_disk == listed

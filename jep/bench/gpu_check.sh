@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One visit to a lent GPU machine: versions, the test suite on the GPUs (the `xla` transport is
-# among the backends there), and the training example (then resumed from its checkpoint). Logs go to $OUT (or ./out).
+# One visit to a lent GPU machine: versions, the test suite on the GPUs (the `xla` and `ffi`
+# transports are among the backends there), and the training example (then resumed from its checkpoint). Logs go to $OUT (or ./out).
 # Usage, from the repository root: bash jep/bench/gpu_check.sh
 # (SKIP_TESTS=1, SKIP_TRAIN=1, SKIP_BENCH=1 leave a part out.)
 set -uo pipefail
@@ -31,9 +31,14 @@ if [ "${SKIP_TRAIN:-0}" != 1 ]; then
     --ckpt-every 300 --out /tmp/train_moe_lm --no-progress --resume 2>&1 | tee -a "$out/train.txt"
   cp /tmp/train_moe_lm/training.png /tmp/train_moe_lm/metrics.json "$out/" 2>/dev/null
 fi
-# Benchmarks that one GPU can give: the grouped GEMM, and the layer with every expert local (EP=1).
+# Benchmarks: the transports over all GPUs of the machine (at EP=1 local costs only), the grouped
+# GEMM, and the layer.
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  python3 -m jep.bench gemm --iters 10 --repeats 5 --out "$out/gemm" 2>&1 | tee "$out/bench.txt"
+  python3 -m jep.bench transport --tokens 512,4096,16384 --hidden 7168 --experts 256 --topk 8 \
+    --iters 10 --repeats 5 --out "$out/transport" 2>&1 | tee "$out/bench.txt"
+  python3 -m jep.bench transport --routing zipf --tokens 4096 --hidden 7168 --experts 256 --topk 8 \
+    --iters 10 --repeats 5 --out "$out/transport_zipf" 2>&1 | tee -a "$out/bench.txt"
+  python3 -m jep.bench gemm --iters 10 --repeats 5 --out "$out/gemm" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench gemm --routing zipf --gemm-shapes 32768x7168x2048x8 --iters 10 --repeats 5 \
     --out "$out/gemm_zipf" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench layer --tokens 4096 --hidden 2048 --ffn 1024 --experts 64 --topk 4 --iters 5 \

@@ -13,16 +13,26 @@ A transport is one function, `exchange`, called inside `shard_map` over `axis_na
 
 It moves bytes only: `dispatch` and `combine` own the layout, the expansion and the gradients, so a
 new transport is one module here plus one line in `_BACKENDS`.
+
+`dispatch` and `combine` call the two moves below, which a transport may fuse: `exchange` with an
+`index` (send `rows[index]`, gathered on the way out) and `exchange_sum` (the way home of
+combine, where each token's received rows are added). A module that defines `GATHERS = True`
+takes `index=` in its `exchange`, one that defines `exchange_sum` fuses the sum; for the others
+both are composed here from plain JAX and their `exchange`.
 """
 
 from __future__ import annotations
 
 import jax
 
-from jep.transport import reference, xla
+import jax.numpy as jnp
 
-# Fastest first: `auto` takes the first one that runs on the platform.
-_BACKENDS = {"xla": xla, "reference": reference}
+from jep.layout import take_rows
+from jep.transport import ffi, reference, xla
+
+# Preferred first: `auto` takes the first one that runs on the platform. `ffi` comes after `xla`
+# until it has been measured faster across GPUs; on the CPU, where `xla` does not run, it is first.
+_BACKENDS = {"xla": xla, "ffi": ffi, "reference": reference}
 
 
 def current_platform() -> str:
@@ -59,3 +69,37 @@ def resolve(backend: str, platform: str | None = None) -> str:
 def get(name: str):
     """The `exchange` function of a registered transport."""
     return _BACKENDS[name].exchange
+
+
+def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows: int,
+             max_rows_per_peer: int, index=None):
+    """The transport's exchange of `rows[index]` (of `rows` when index is None; an index out of
+    range sends a zero row)."""
+    module = _BACKENDS[backend]
+    kwargs = dict(axis_name=axis_name, out_rows=out_rows, max_rows_per_peer=max_rows_per_peer)
+    if index is not None:
+        if getattr(module, "GATHERS", False):
+            kwargs["index"] = index
+        else:
+            rows = take_rows(rows, index)
+    return module.exchange(rows, send_sizes, recv_sizes, **kwargs)
+
+
+def exchange_sum(backend: str, rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name,
+                 out_rows: int, max_rows_per_peer: int):
+    """Exchanges `rows` and adds, for each token t, the received rows `slot_row[t, j]` with
+    `slot_mask[t, j]`: [T, *F] in rows.dtype, added in float32 in slot order.
+
+    slot_row: i32[T, k], rows of the exchange's result (`out_rows` of them).
+    slot_mask: bool[T, k], the slots to add (a token's row from one rank is added once).
+    """
+    module = _BACKENDS[backend]
+    kwargs = dict(axis_name=axis_name, out_rows=out_rows, max_rows_per_peer=max_rows_per_peer)
+    if hasattr(module, "exchange_sum"):
+        return module.exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, **kwargs)
+    received = module.exchange(rows, send_sizes, recv_sizes, **kwargs)
+    total = jnp.zeros((slot_row.shape[0], *rows.shape[1:]), jnp.float32)
+    for j in range(slot_row.shape[1]):
+        row = jnp.where(slot_mask[:, j], slot_row[:, j], out_rows)
+        total = total + take_rows(received, row).astype(jnp.float32)
+    return total.astype(rows.dtype)

@@ -1,0 +1,109 @@
+"""The ragged all-to-all as an XLA FFI custom call: C++ on the CPU, CUDA on NVIDIA GPUs.
+
+All devices of an exchange live in this process. Each device's call meets the others' (a host
+rendezvous exchanging buffer pointers), then *pulls* its received rows straight out of its peers'
+buffers, and waits until every peer is done reading its own before it returns. Nothing is padded:
+a device reads exactly the rows sent to it.
+
+Two calls, both used inside `shard_map` (the caller passes `coords` = (group, rank): which EP group
+of the mesh this device belongs to and its rank on the EP axis):
+
+  exchange(rows, send_sizes, coords, *, num_ranks, out_rows, index=None) -> [out_rows, *F]
+    Rank p sends `send_sizes[q]` rows to rank q, peer 0's first; the rows it sends, in order, are
+    `rows[index]` (or `rows` when index is None; an index outside [0, len(rows)) sends zeros).
+    The result holds peer 0's rows for this rank, then peer 1's, ..., zeros past the last.
+  exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks) -> [T, *F]
+    Receives like `exchange` (no index) and returns, for each token t, the received rows
+    slot_row[t, j] for the j with slot_mask[t, j] added in float32 in slot order, rounded once
+    to rows.dtype: the fused way home of `jep.combine`.
+
+The rendezvous waits `timeout()` seconds (default 60, `JEP_FFI_TIMEOUT_S`, `set_timeout`) and
+then fails with the ranks that never came, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jep_kernels.ragged_a2a import build
+
+MAX_RANKS = 32  # kMaxPeers in routes.h
+MAX_SLOTS = 64  # kMaxSlots in cuda.cu
+_TARGETS = {"jep_ragged_exchange": "JepRaggedExchange",
+            "jep_ragged_exchange_sum": "JepRaggedExchangeSum"}
+_FFI_PLATFORMS = {"cpu": "cpu", "gpu": "CUDA"}
+_registered: set[str] = set()
+_lock = threading.Lock()
+_op_ids = itertools.count(1)
+_timeout_s: float | None = None
+
+
+def timeout() -> float:
+    """Seconds a device waits for its peers before the exchange fails."""
+    if _timeout_s is not None:
+        return _timeout_s
+    return float(os.environ.get("JEP_FFI_TIMEOUT_S", 60))
+
+
+def set_timeout(seconds: float | None) -> None:
+    """Sets the rendezvous timeout for exchanges traced from now on (None: back to the default)."""
+    global _timeout_s
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"seconds must be > 0 or None, got {seconds!r}")
+    _timeout_s = seconds
+
+
+def register(platform: str) -> None:
+    """Builds (once, cached) and registers the handlers for `platform` ("cpu" or "gpu")."""
+    with _lock:
+        if platform in _registered:
+            return
+        if platform not in _FFI_PLATFORMS:
+            raise ValueError(f"the ffi transport runs on {tuple(_FFI_PLATFORMS)}, not {platform!r}")
+        lib = ctypes.cdll.LoadLibrary(str(build.library(platform)))
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform=_FFI_PLATFORMS[platform])
+        _registered.add(platform)
+
+
+def _check_ranks(num_ranks: int) -> None:
+    if not 1 <= num_ranks <= MAX_RANKS:
+        raise ValueError(f"the ffi transport exchanges among 1 to {MAX_RANKS} ranks, got {num_ranks}")
+
+
+def _attrs(num_ranks: int, what: str) -> dict:
+    return dict(op=np.int64(next(_op_ids)), num_ranks=np.int64(num_ranks),
+                timeout_ms=np.int64(round(timeout() * 1000)), what=what)
+
+
+def exchange(rows, send_sizes, coords, *, num_ranks: int, out_rows: int, index=None,
+             what: str = "exchange"):
+    _check_ranks(num_ranks)
+    has_index = index is not None
+    if index is None:
+        index = jnp.zeros((0,), jnp.int32)
+    out = jax.ShapeDtypeStruct((out_rows, *rows.shape[1:]), rows.dtype)
+    return jax.ffi.ffi_call("jep_ragged_exchange", out)(
+        rows, index.astype(jnp.int32), send_sizes.astype(jnp.int32), coords.astype(jnp.int32),
+        has_index=has_index, **_attrs(num_ranks, what))
+
+
+def exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks: int,
+                 what: str = "exchange_sum"):
+    _check_ranks(num_ranks)
+    if rows.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
+        raise TypeError(f"exchange_sum adds f16, bf16, f32 or f64 rows, got {rows.dtype}")
+    if slot_row.ndim != 2 or slot_row.shape[1] > MAX_SLOTS:
+        raise ValueError(f"slot_row must be [T, k] with k <= {MAX_SLOTS}, got {slot_row.shape}")
+    out = jax.ShapeDtypeStruct((slot_row.shape[0], *rows.shape[1:]), rows.dtype)
+    return jax.ffi.ffi_call("jep_ragged_exchange_sum", out)(
+        rows, send_sizes.astype(jnp.int32), slot_row.astype(jnp.int32), slot_mask.astype(bool),
+        coords.astype(jnp.int32), **_attrs(num_ranks, what))
