@@ -1,6 +1,8 @@
 """jep_kernels: jep's compiled and kernel-level code, each kernel with a reference beside it.
 
-`jep` imports this package, never the other way round. Its kernels (the Pallas grouped GEMM and
-token permutes, the ragged all-to-all FFI custom call) arrive behind the registries that
-`jep.expert_ffn` and `jep.transport` already have; until then it holds no kernel.
+`jep` imports this package, never the other way round.
+  ragged_a2a/      the ragged all-to-all as an XLA FFI custom call (C++ for the CPU, CUDA), behind
+                   `jep.transport` as backend "ffi".
+  grouped_matmul/  the grouped GEMM in Pallas Mosaic GPU (Hopper): forward and dx; measured by
+                   `python -m jep.bench gemm`, not yet behind `jep.expert_ffn`.
 """

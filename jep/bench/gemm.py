@@ -1,5 +1,8 @@
 """Grouped GEMM: jep's grouped matmul (forward, dx, dw) against lax.ragged_dot and a dense matmul
-of the same flops. Shapes M x K x N with G groups: y[M, N] = x[M, K] @ w[g][K, N] per group."""
+of the same flops. Shapes M x K x N with G groups: y[M, N] = x[M, K] @ w[g][K, N] per group.
+
+On a GPU the Pallas Mosaic GPU kernel of `jep_kernels.grouped_matmul` is measured too
+("jep/pallas": its own forward and dx; its dw is still XLA's)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import numpy as np
 from jax import lax
 
 import jep
+import jep_kernels.grouped_matmul
 from jep.bench import timing, workloads
 
 
@@ -32,6 +36,8 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
         "jep": jep.grouped_matmul,
         "lax.ragged_dot": lambda x, w, s: lax.ragged_dot(x, w, s),
     }
+    if jax.default_backend() == "gpu":
+        variants["jep/pallas"] = jep_kernels.grouped_matmul.grouped_matmul
     results = []
     for m, k, n, g in shapes:
         rotation = 2

@@ -1,0 +1,67 @@
+"""Grouped GEMM kernels: y[rows of group g] = x[rows of g] @ w[g], groups contiguous.
+
+`grouped_matmul` is differentiable (`jax.custom_vjp`): the forward product and dx (the same kernel
+with w read transposed) run the Pallas Mosaic GPU kernel of `mgpu`; dw[g] = x[rows of g]^T @
+dy[rows of g] is still XLA's (the transpose of `lax.ragged_dot`): its own kernel is to come.
+
+Runs on Hopper GPUs (`interpret=True`: Pallas's GPU interpret mode, on the CPU, for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jep_kernels.grouped_matmul import mgpu
+from jep_kernels.grouped_matmul.mgpu import Config, check_shapes
+
+__all__ = ["Config", "check_shapes", "grouped_matmul"]
+
+
+def _product(x, w, group_sizes, *, transpose_w, config, interpret):
+    if transpose_w and interpret:
+        # The interpreter has no transposed shared-memory views: transpose in memory instead.
+        w, transpose_w = jnp.swapaxes(w, 1, 2), False
+    return mgpu.grouped_matmul(x, w, group_sizes, transpose_w=transpose_w, config=config,
+                               interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped_matmul(x, w, group_sizes, config, interpret):
+    return _product(x, w, group_sizes, transpose_w=False, config=config, interpret=interpret)
+
+
+def _fwd(x, w, group_sizes, config, interpret):
+    y = _product(x, w, group_sizes, transpose_w=False, config=config, interpret=interpret)
+    return y, (x, w, group_sizes)
+
+
+def _bwd(config, interpret, residuals, dy):
+    x, w, group_sizes = residuals
+    dy = dy.astype(x.dtype)
+    dx = _product(dy, w, group_sizes, transpose_w=True, config=config, interpret=interpret)
+    dw = jax.vjp(lambda w: lax.ragged_dot(x, w, group_sizes, preferred_element_type=x.dtype),
+                 w)[1](dy)[0]
+    return dx, dw, None
+
+
+_grouped_matmul.defvjp(_fwd, _bwd)
+
+
+def grouped_matmul(x, w, group_sizes, *, config: Config | None = None, interpret: bool = False):
+    """y[M, N] = x[rows of g] @ w[g] for each group g; rows past sum(group_sizes) are zero.
+
+    Args:
+      x: bf16/f16 [M, K]; w: [G, K, N] of the same dtype; group_sizes: i32[G].
+      config: tile sizes (`Config`); K must be a multiple of block_k, N of block_n.
+      interpret: run in Pallas's GPU interpret mode (CPU, slow; for tests).
+    """
+    config = config or Config()
+    check_shapes(x, w, group_sizes, transpose_w=False, config=config)
+    if w.shape[1] % config.block_n:
+        raise ValueError(f"K={w.shape[1]} must be a multiple of block_n={config.block_n} "
+                         "(the backward product dx has K columns)")
+    return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), config, interpret)

@@ -1,0 +1,161 @@
+"""The grouped GEMM in Pallas Mosaic GPU (Hopper): y[rows of g] = x[rows of g] @ w[g].
+
+A persistent kernel: one program per multiprocessor walks a list of output tiles. A tile is a
+work item of `schedule.work_items` (a group and a block of `block_m` rows) times a block of
+`block_n` columns. For each tile the K dimension is streamed through shared memory by TMA in a
+pipeline of `max_concurrent_steps` stages and multiplied on the tensor cores (wgmma) into a
+float32 accumulator; the tile's rows of its group are then stored through shared memory with TMA
+(a block that straddles a group boundary is computed once per group, each storing its own rows).
+Rows past the last group are stored as zeros.
+
+bf16 or f16 in, f32 accumulation, the output in the input dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jep_kernels.grouped_matmul import schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile sizes and pipeline depth of one kernel launch."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+
+
+def interpret_params():
+    """Parameters that run a Mosaic GPU kernel in Pallas's GPU interpret mode (on the CPU).
+
+    Reads past the end of an array return zeros, as TMA loads do on the GPU (the last row block
+    may reach past M)."""
+    params = getattr(plgpu, "InterpretParams", None)
+    if params is None:  # jax 0.10: not yet exported
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+
+
+def _num_programs(interpret: bool) -> int:
+    if interpret:
+        return 2
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
+def check_shapes(x, w, group_sizes, *, transpose_w: bool, config: Config):
+    """Raises a ValueError/TypeError naming what this kernel cannot take."""
+    if x.ndim != 2 or w.ndim != 3:
+        raise ValueError(f"x must be [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
+    if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise TypeError(f"x and w must both be bf16 or both f16, got {x.dtype} and {w.dtype}")
+    k_w, n = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    if x.shape[1] != k_w:
+        raise ValueError(f"x's K ({x.shape[1]}) must match w's ({k_w})")
+    if group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"group_sizes must be [{w.shape[0]}], got {group_sizes.shape}")
+    if k_w % config.block_k or n % config.block_n:
+        raise ValueError(
+            f"K={k_w} must be a multiple of block_k={config.block_k} and N={n} of "
+            f"block_n={config.block_n}")
+
+
+def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Config = Config(),
+                   interpret: bool = False):
+    """y[M, N]: rows of group g times w[g] ([K, N], or [N, K] transposed when `transpose_w`).
+
+    Groups are contiguous row ranges given by `group_sizes` (i32[G]); rows past their sum are
+    zero. M need not be a multiple of anything; K must be a multiple of block_k, N of block_n.
+    """
+    check_shapes(x, w, group_sizes, transpose_w=transpose_w, config=config)
+    num_rows, depth = x.shape
+    num_groups = w.shape[0]
+    width = w.shape[1] if transpose_w else w.shape[2]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
+    num_items = items.shape[0] // 4
+    col_blocks = width // bn
+
+    def body(items_gmem, x_gmem, w_gmem, out_gmem):
+        @plgpu.nd_loop((num_items * col_blocks,), collective_axes="sm")
+        def _tile(info):
+            tile = info.index[0]
+            item, col = tile // col_blocks, tile % col_blocks
+            group = items_gmem[4 * item]
+            block = items_gmem[4 * item + 1]
+            first_row = items_gmem[4 * item + 2]
+            end_row = items_gmem[4 * item + 3]
+            computes = group < num_groups
+
+            @pl.when(group >= 0)
+            def _item():
+                def multiply(acc_ref):
+                    @pl.when(computes)
+                    def _():
+                        w_spec = (plgpu.BlockSpec((bn, bk), lambda kk: (col, kk), delay_release=1)
+                                  if transpose_w else
+                                  plgpu.BlockSpec((bk, bn), lambda kk: (kk, col), delay_release=1))
+                        plgpu.emit_pipeline(
+                            lambda _, x_smem, w_smem: plgpu.wgmma(
+                                acc_ref, x_smem,
+                                plgpu.transpose_ref(w_smem, (1, 0)) if transpose_w else w_smem),
+                            grid=(depth // bk,),
+                            in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (block, kk),
+                                                      delay_release=1), w_spec],
+                            max_concurrent_steps=config.max_concurrent_steps,
+                        )(x_gmem, w_gmem.at[jnp.minimum(group, num_groups - 1)])
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(multiply, plgpu.ACC((bm, bn)))
+
+                @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_gmem.dtype))
+                def _store(out_smem):
+                    @pl.when(computes)
+                    def _():
+                        out_smem[...] = acc.astype(out_smem.dtype)
+
+                    @pl.when(~computes)
+                    def _():
+                        out_smem[...] = jnp.zeros((bm, bn), out_smem.dtype)
+
+                    plgpu.commit_smem()
+                    _store_rows(out_smem, out_gmem, block * bm, first_row - block * bm,
+                                end_row - first_row, col * bn, min(bm, num_rows), bn)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_rows, width), x.dtype),
+        grid=(_num_programs(interpret),),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params() if interpret else None,
+    )
+    return kernel(items, x, w)
+
+
+def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width):
+    """Copies rows [offset, offset + count) of the tile in `smem` to gmem rows block_row + offset...
+
+    TMA copies have static shapes, so `count` (1..max_rows, known only at run time) is stored as
+    the sum of its binary digits: one copy of 2^i rows for each bit i set, largest first.
+    """
+    rows = 1 << (max_rows.bit_length() - 1)
+    while rows >= 1:
+        @pl.when((count & rows) != 0)
+        def _(rows=rows, offset=offset):
+            plgpu.copy_smem_to_gmem(
+                smem.at[pl.ds(offset, rows)],
+                gmem.at[pl.ds(block_row + offset, rows), pl.ds(col, width)])
+
+        offset = offset + (count & rows)
+        rows //= 2
