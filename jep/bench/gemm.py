@@ -1,8 +1,8 @@
 """Grouped GEMM: jep's grouped matmul (forward, dx, dw) against lax.ragged_dot and a dense matmul
 of the same flops. Shapes M x K x N with G groups: y[M, N] = x[M, K] @ w[g][K, N] per group.
 
-On a GPU the Pallas Mosaic GPU kernel of `jep_kernels.grouped_matmul` is measured too
-("jep/pallas": its own forward and dx; its dw is still XLA's)."""
+On a GPU the Pallas Mosaic GPU kernels of `jep_kernels.grouped_matmul` are measured too
+("jep/pallas": forward, dx and dw)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Grouped GEMM kernels: y[rows of group g] = x[rows of g] @ w[g], groups contiguous.
 
-`grouped_matmul` is differentiable (`jax.custom_vjp`): the forward product and dx (the same kernel
-with w read transposed) run the Pallas Mosaic GPU kernel of `mgpu`; dw[g] = x[rows of g]^T @
-dy[rows of g] is still XLA's (the transpose of `lax.ragged_dot`): its own kernel is to come.
+`grouped_matmul` is differentiable (`jax.custom_vjp`), all three products Pallas Mosaic GPU kernels
+of `mgpu`: the forward, dx (the same kernel reading w transposed) and dw[g] = x[rows of g]^T @
+dy[rows of g] (`mgpu.grouped_matmul_dw`, the group's rows as the contraction).
 
 Runs on Hopper GPUs (`interpret=True`: Pallas's GPU interpret mode, on the CPU, for tests).
 """
@@ -13,7 +13,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jep_kernels.grouped_matmul import mgpu
 from jep_kernels.grouped_matmul.mgpu import Config, check_shapes
@@ -43,9 +42,8 @@ def _bwd(config, interpret, residuals, dy):
     x, w, group_sizes = residuals
     dy = dy.astype(x.dtype)
     dx = _product(dy, w, group_sizes, transpose_w=True, config=config, interpret=interpret)
-    dw = jax.vjp(lambda w: lax.ragged_dot(x, w, group_sizes, preferred_element_type=x.dtype),
-                 w)[1](dy)[0]
-    return dx, dw, None
+    dw = mgpu.grouped_matmul_dw(x, dy, group_sizes, config=config, interpret=interpret)
+    return dx, dw.astype(w.dtype), None
 
 
 _grouped_matmul.defvjp(_fwd, _bwd)
@@ -61,7 +59,7 @@ def grouped_matmul(x, w, group_sizes, *, config: Config | None = None, interpret
     """
     config = config or Config()
     check_shapes(x, w, group_sizes, transpose_w=False, config=config)
-    if w.shape[1] % config.block_n:
-        raise ValueError(f"K={w.shape[1]} must be a multiple of block_n={config.block_n} "
-                         "(the backward product dx has K columns)")
+    if w.shape[1] % config.block_n or w.shape[1] % config.block_m:
+        raise ValueError(f"K={w.shape[1]} must be a multiple of block_n={config.block_n} and of "
+                         f"block_m={config.block_m} (the backward products dx and dw tile K)")
     return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), config, interpret)

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -159,3 +160,114 @@ def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width):
 
         offset = offset + (count & rows)
         rows //= 2
+
+
+def _group_table(group_sizes, num_rows: int, block_rows: int):
+    """i32[4 G]: (first row, end row, first row block, number of row blocks) of each group."""
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    first_block = starts // block_rows
+    blocks = jnp.where(ends > starts, (ends - 1) // block_rows - first_block + 1, 0)
+    return jnp.stack([starts, ends, first_block, blocks], axis=1).reshape(-1)
+
+
+def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), interpret: bool = False):
+    """dw[G, K, N]: dw[g] = x[rows of g]^T @ dy[rows of g] (zero for an empty group).
+
+    The rows of a group are the contraction: each output tile streams its group's row blocks
+    (`block_k` rows a step) and, in the first and last block, zeroes the rows of the neighbouring
+    groups in shared memory before the product. Output tiles are `block_m` x `block_n`; K must be
+    a multiple of block_m and N of block_n.
+    """
+    if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"x must be [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
+    if x.dtype != dy.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise TypeError(f"x and dy must both be bf16 or both f16, got {x.dtype} and {dy.dtype}")
+    num_rows, depth = x.shape
+    width = dy.shape[1]
+    num_groups = group_sizes.shape[0]
+    br, bk, bn = config.block_k, config.block_m, config.block_n
+    if depth % bk or width % bn:
+        raise ValueError(f"K={depth} must be a multiple of block_m={bk} and N={width} of "
+                         f"block_n={bn}")
+    table = _group_table(group_sizes, num_rows, br)
+    k_blocks, n_blocks = depth // bk, width // bn
+    # The interpreter has no transposed shared-memory views: there x is transposed in memory
+    # ([K, M]) and its tiles are read as they are.
+    x_in = jnp.swapaxes(x, 0, 1) if interpret else x
+
+    def body(table_gmem, x_gmem, dy_gmem, out_gmem):
+        @plgpu.nd_loop((num_groups * k_blocks * n_blocks,), collective_axes="sm")
+        def _tile(info):
+            tile = info.index[0]
+            group = tile // (k_blocks * n_blocks)
+            ki = (tile // n_blocks) % k_blocks
+            ni = tile % n_blocks
+            start = table_gmem[4 * group]
+            end = table_gmem[4 * group + 1]
+            first_block = table_gmem[4 * group + 2]
+            blocks = table_gmem[4 * group + 3]
+
+            def multiply(acc_ref):
+                def step(index, x_smem, dy_smem):
+                    b = index[0]
+
+                    @pl.when((b == 0) | (b == blocks - 1))
+                    def _mask():
+                        axis = 1 if interpret else 0
+                        shape = (bk, br) if interpret else (br, bk)
+                        row = lax.broadcasted_iota(jnp.int32, shape, axis)
+                        if not interpret:
+                            row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
+                        row = row + (first_block + b) * br
+                        keep = ((row >= start) & (row < end)).astype(x_smem.dtype)
+                        x_smem[...] = x_smem[...] * keep
+                        plgpu.commit_smem()
+
+                    lhs = x_smem if interpret else plgpu.transpose_ref(x_smem, (1, 0))
+                    plgpu.wgmma(acc_ref, lhs, dy_smem)
+
+                x_spec = (plgpu.BlockSpec((bk, br), lambda b: (ki, first_block + b),
+                                          delay_release=1) if interpret else
+                          plgpu.BlockSpec((br, bk), lambda b: (first_block + b, ki),
+                                          delay_release=1))
+
+                @pl.when(blocks > 0)
+                def _():
+                    plgpu.emit_pipeline(
+                        step,
+                        grid=(blocks,),
+                        in_specs=[x_spec, plgpu.BlockSpec((br, bn), lambda b: (first_block + b, ni),
+                                                          delay_release=1)],
+                        max_concurrent_steps=config.max_concurrent_steps,
+                    )(x_gmem, dy_gmem)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(multiply, plgpu.ACC((bk, bn)))
+
+            @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bk, bn), out_gmem.dtype))
+            def _store(out_smem):
+                @pl.when(blocks > 0)
+                def _():
+                    out_smem[...] = acc.astype(out_smem.dtype)
+
+                @pl.when(blocks == 0)
+                def _():
+                    out_smem[...] = jnp.zeros((bk, bn), out_smem.dtype)
+
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    out_smem, out_gmem.at[group, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_groups, depth, width), x.dtype),
+        grid=(_num_programs(interpret),),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params() if interpret else None,
+    )
+    return kernel(table, x_in, dy)
