@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+import jep_kernels.grouped_matmul
 from jep import _checks
 from jep.config import ACTIVATIONS
+from jep.transport import current_platform
 
 ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
@@ -39,8 +41,23 @@ def _grouped_matmul_reference(x, w, group_sizes):
     return out.astype(x.dtype)
 
 
-# Fastest first: `auto` takes the first.
-_BACKENDS = {"xla": _grouped_matmul_xla, "reference": _grouped_matmul_reference}
+def _grouped_matmul_pallas(x, w, group_sizes):
+    return jep_kernels.grouped_matmul.grouped_matmul(x, w, group_sizes)
+
+
+def _pallas_takes(x, w) -> bool:
+    """Whether the Pallas Mosaic GPU kernels run here and take these shapes: a Hopper GPU, bf16 or
+    f16, K and N multiples of the kernel's 128-wide tiles."""
+    if current_platform() != "gpu":
+        return False
+    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    tile = jep_kernels.grouped_matmul.Config().block_n
+    return (capability.startswith("9.") and x.dtype in (jnp.bfloat16, jnp.float16)
+            and w.dtype == x.dtype and w.shape[1] % tile == 0 and w.shape[2] % tile == 0)
+
+
+_BACKENDS = {"pallas": _grouped_matmul_pallas, "xla": _grouped_matmul_xla,
+             "reference": _grouped_matmul_reference}
 
 
 def grouped_matmul(x, w, group_sizes, *, backend: str = "auto"):
@@ -51,11 +68,19 @@ def grouped_matmul(x, w, group_sizes, *, backend: str = "auto"):
       x: f[C, K], rows grouped contiguously, group 0 first.
       w: f[G, K, N].
       group_sizes: i32[G].
+      backend: "auto" (the Pallas kernels where they run and take the shapes, else XLA's
+        `lax.ragged_dot`), "pallas", "xla" or "reference".
     """
-    name = next(iter(_BACKENDS)) if backend == "auto" else backend
-    if name not in _BACKENDS:
+    if backend == "auto":
+        backend = "pallas" if _pallas_takes(x, w) else "xla"
+    if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {tuple(_BACKENDS)}, got {backend!r}")
-    return _BACKENDS[name](x, w, group_sizes)
+    if backend == "pallas" and not _pallas_takes(x, w):
+        raise ValueError(
+            "backend='pallas' (jep_kernels.grouped_matmul, Pallas Mosaic GPU) needs a Hopper GPU, "
+            f"bf16 or f16 x and w, and K and N multiples of 128; got x {x.dtype}{list(x.shape)}, "
+            f"w {w.dtype}{list(w.shape)} on {current_platform()!r}. Use 'xla' or 'auto'.")
+    return _BACKENDS[backend](x, w, group_sizes)
 
 
 def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",
@@ -67,7 +92,8 @@ def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "
       group_sizes: i32[G], rows per expert; rows past their sum give zero.
       w_gate, w_up: f[G, H, F]; w_down: f[G, F, H].
       activation: "silu" (SwiGLU), "gelu" or "relu".
-      backend: grouped-matmul backend, "auto", "xla" (`lax.ragged_dot`) or "reference".
+      backend: grouped-matmul backend, "auto", "pallas" (Hopper), "xla" (`lax.ragged_dot`) or
+        "reference".
 
     Returns:
       [C, H] in recv_x.dtype; products accumulate in float32.

@@ -3,6 +3,6 @@
 `jep` imports this package, never the other way round.
   ragged_a2a/      the ragged all-to-all as an XLA FFI custom call (C++ for the CPU, CUDA), behind
                    `jep.transport` as backend "ffi".
-  grouped_matmul/  the grouped GEMM in Pallas Mosaic GPU (Hopper): forward, dx and dw; measured
-                   by `python -m jep.bench gemm`, not yet behind `jep.expert_ffn`.
+  grouped_matmul/  the grouped GEMM in Pallas Mosaic GPU (Hopper): forward, dx and dw, behind
+                   `jep.expert_ffn` as backend "pallas" ("auto" on Hopper).
 """

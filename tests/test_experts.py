@@ -4,11 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_mesh
 
 import jep
-from jep.experts import _BACKENDS
+from jep import experts
 
-BACKENDS = tuple(_BACKENDS)
+# The backends that take any float dtype and shape; "pallas" (Hopper, bf16, 128-wide tiles) has
+# its own tests below and in test_grouped_matmul_kernel.py.
+BACKENDS = ("xla", "reference")
+ON_HOPPER = experts._pallas_takes(jnp.zeros((1, 128), jnp.bfloat16),
+                                  jnp.zeros((1, 128, 128), jnp.bfloat16))
 
 
 def numpy_ffn(x, group_sizes, w_gate, w_up, w_down):
@@ -100,3 +105,63 @@ def test_expert_ffn_bad_input_raises(rng, kwargs, error, match):
     with pytest.raises(error, match=match):
         jep.expert_ffn(args.pop("recv_x"), args.pop("group_sizes"), args.pop("w_gate"),
                        args.pop("w_up"), args.pop("w_down"), **args)
+
+
+def test_pallas_backend_where_it_cannot_run_raises_naming_the_alternatives(rng):
+    x, w_gate, w_up, w_down = make_inputs(rng)
+    with pytest.raises(ValueError, match="Hopper GPU.*Use 'xla' or 'auto'"):
+        jep.expert_ffn(x, np.zeros(5, np.int32), w_gate, w_up, w_down, backend="pallas")
+
+
+def relative_error(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Pallas Mosaic GPU kernels need a Hopper GPU")
+def test_pallas_expert_ffn_and_gradients_match_float64():
+    rng = np.random.default_rng(0)
+    x, w_gate, w_up, w_down = make_inputs(rng, num_rows=300, hidden=256, ffn=128, num_groups=4)
+    x, w_gate, w_up, w_down = (np.asarray(jnp.asarray(a / 4, jnp.bfloat16), np.float32)
+                               for a in (x, w_gate, w_up, w_down))
+    sizes = np.array([90, 0, 150, 40], np.int32)
+    bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, w_gate, w_up, w_down)]
+    cotangent = rng.normal(size=x.shape)
+
+    def loss(backend):
+        return lambda *a: jnp.sum(jep.expert_ffn(a[0], jnp.asarray(sizes), *a[1:], backend=backend)
+                                  .astype(jnp.float32) * cotangent)
+
+    out = jep.expert_ffn(*bf16[:1], jnp.asarray(sizes), *bf16[1:], backend="pallas")
+    assert relative_error(out, numpy_ffn(x, sizes, w_gate, w_up, w_down)) < 1e-2
+    grads = jax.grad(loss("pallas"), argnums=(0, 1, 2, 3))(*bf16)
+    with jax.enable_x64(True):
+        want = jax.grad(loss("reference"), argnums=(0, 1, 2, 3))(
+            *(np.asarray(a, np.float64) for a in (x, w_gate, w_up, w_down)))
+    for got, expected in zip(grads, want):
+        assert relative_error(got, expected) < 1e-2
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Pallas Mosaic GPU kernels need a Hopper GPU")
+def test_moe_with_the_pallas_experts_matches_the_reference():
+    rng = np.random.default_rng(1)
+    config = jep.MoEConfig(num_experts=8, top_k=2, expert_backend="pallas")
+    params = jep.init_params(jax.random.key(0), hidden=256, ffn=128, config=config)
+    params = {k: (v * 50 if k == "router" else jnp.asarray(v, jnp.bfloat16))
+              for k, v in params.items()}
+    x = jnp.asarray(rng.normal(size=(512, 256)), jnp.bfloat16)
+    mesh = make_mesh((1,), ("ep",))
+    loss = lambda x, p, moe: jnp.sum(moe(x, p)[0].astype(jnp.float32) ** 2)  # noqa: E731
+    got = jax.jit(jax.value_and_grad(
+        lambda x, p: loss(x, p, lambda x, p: jep.moe(x, p, config=config, mesh=mesh)),
+        argnums=(0, 1)))(x, params)
+    with jax.enable_x64(True):
+        as64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+        want = jax.value_and_grad(
+            lambda x, p: loss(x, p, lambda x, p: jep.reference.moe(x, p, config=config,
+                                                                   ep_size=1, dp_size=1)),
+            argnums=(0, 1))(as64(x), jax.tree.map(as64, params))
+    assert relative_error(got[0], want[0]) < 1e-2
+    assert relative_error(got[1][0], want[1][0]) < 2e-2
+    for name in ("w_gate", "w_up", "w_down"):
+        assert relative_error(got[1][1][name], want[1][1][name]) < 2e-2, name

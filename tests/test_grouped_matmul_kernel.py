@@ -72,3 +72,33 @@ def test_shapes_it_cannot_take_raise():
                           config=CONFIG)
     with pytest.raises(ValueError, match="group_sizes"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.zeros(3, jnp.int32))
+
+
+def test_inside_shard_map_with_weights_replicated_over_dp():
+    # x varies over (dp, ep), w only over ep: the kernels' results must be typed so that the
+    # custom_vjp takes them, and dw comes back typed like w. One device (the GPU interpret mode
+    # keeps global state: devices must not interpret kernels concurrently); the mesh axes carry
+    # the types all the same. 100 rows: not a multiple of the 8 rows TMA wants (the wrapper pads).
+    from conftest import P, make_mesh, put
+
+    mesh = make_mesh((1, 1), ("dp", "ep"))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(1, 100, 128)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(2, 128, 64)) / 10, jnp.bfloat16)
+    sizes = put(mesh, np.array([[30, 50]], np.int32), P(("dp", "ep")))
+    rows, experts = P(("dp", "ep")), P("ep")
+
+    def loss(matmul):
+        mapped = jax.shard_map(lambda x, w, s: matmul(x[0], w, s[0])[None], mesh=mesh,
+                               in_specs=(rows, experts, rows), out_specs=rows)
+        return lambda x, w: jnp.sum(mapped(x, w, sizes).astype(jnp.float32) ** 2)
+
+    args = (put(mesh, x, rows), put(mesh, w, experts))
+    got = jax.jit(jax.value_and_grad(loss(lambda x, w, s: gm.grouped_matmul(
+        x, w, s, config=CONFIG, interpret=not ON_GPU)), argnums=(0, 1)))(*args)
+    want = jax.jit(jax.value_and_grad(loss(lambda x, w, s: lax.ragged_dot(x, w, s)),
+                                      argnums=(0, 1)))(*args)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-3)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=2e-2, atol=2e-2 * float(np.abs(np.asarray(b, np.float32)).max()))

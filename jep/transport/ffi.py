@@ -17,6 +17,7 @@ from jax import lax
 
 from jep_kernels import ragged_a2a
 from jep_kernels.ragged_a2a import build
+from jep_kernels.vma import vary_like
 
 GATHERS = True
 UNAVAILABLE = ("it needs every device of the EP axis in this process, the CPU or an NVIDIA GPU, "
@@ -62,25 +63,12 @@ def _platform() -> str:
     return current_platform()
 
 
-def _varying(x) -> frozenset:
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    return frozenset(aval.mat.varying if vma is None else vma)
-
-
-def _vary_like(out, *inputs):
-    """`out` typed as varying over the mesh axes its inputs vary over, as the other transports'
-    results are (shard_map's check_vma compares the types in the custom_vjp rules)."""
-    missing = tuple(sorted(frozenset().union(*map(_varying, inputs)) - _varying(out)))
-    return lax.pcast(out, missing, to="varying") if missing else out
-
-
 def exchange(rows, send_sizes, recv_sizes, *, axis_name, out_rows, max_rows_per_peer, index=None):
     del recv_sizes, max_rows_per_peer  # each receiver reads its sizes from its senders
     coords, num_ranks = _prepare(axis_name)
     out = ragged_a2a.exchange(rows, send_sizes, coords, num_ranks=num_ranks, out_rows=out_rows,
                               index=index, what=f"exchange over axis {axis_name!r}")
-    return _vary_like(out, rows, send_sizes, *([] if index is None else [index]))
+    return vary_like(out, rows, send_sizes, *([] if index is None else [index]))
 
 
 def exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name, out_rows,
@@ -89,4 +77,4 @@ def exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name
     coords, num_ranks = _prepare(axis_name)
     out = ragged_a2a.exchange_sum(rows, send_sizes, coords, slot_row, slot_mask,
                                   num_ranks=num_ranks, what=f"combine over axis {axis_name!r}")
-    return _vary_like(out, rows, send_sizes, slot_row, slot_mask)
+    return vary_like(out, rows, send_sizes, slot_row, slot_mask)
