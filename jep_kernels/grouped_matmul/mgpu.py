@@ -46,10 +46,18 @@ def interpret_params():
     return params(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
 
 
-def _num_programs(interpret: bool) -> int:
-    if interpret:
-        return 2
-    return getattr(jax.devices()[0], "core_count", None) or 132
+def _persistent(body, out_type, interpret: bool):
+    """A kernel of one program per multiprocessor (axis "sm"; 2 programs when interpreted)."""
+    programs = 2 if interpret else getattr(jax.devices()[0], "core_count", None) or 132
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(programs,),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params() if interpret else None,
+    )
 
 
 def check_shapes(x, w, group_sizes, *, transpose_w: bool, config: Config):
@@ -132,16 +140,8 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
                                 end_row - first_row, col * bn, min(bm, num_rows), bn)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((num_rows, width), x.dtype),
-        grid=(_num_programs(interpret),),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret_params() if interpret else None,
-    )
-    return kernel(items, x, w)
+    return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), x.dtype), interpret)(
+        items, x, w)
 
 
 def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width):
@@ -261,13 +261,5 @@ def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), interpre
                     out_smem, out_gmem.at[group, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((num_groups, depth, width), x.dtype),
-        grid=(_num_programs(interpret),),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret_params() if interpret else None,
-    )
-    return kernel(table, x_in, dy)
+    return _persistent(body, jax.ShapeDtypeStruct((num_groups, depth, width), x.dtype),
+                       interpret)(table, x_in, dy)

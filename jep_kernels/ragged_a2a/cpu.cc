@@ -17,6 +17,7 @@
 #include <string_view>
 #include <vector>
 
+#include "buffers.h"
 #include "rendezvous.h"
 #include "routes.h"
 #include "xla/ffi/api/ffi.h"
@@ -66,27 +67,6 @@ void Store(ffi::DataType dtype, char* row, int64_t i, float value) {
     case ffi::DataType::F16: reinterpret_cast<_Float16*>(row)[i] = static_cast<_Float16>(value); break;
     default: break;
   }
-}
-
-bool Summable(ffi::DataType dtype) {
-  return dtype == ffi::DataType::F32 || dtype == ffi::DataType::F64 ||
-         dtype == ffi::DataType::BF16 || dtype == ffi::DataType::F16;
-}
-
-int64_t RowBytes(const ffi::AnyBuffer& buffer) {
-  auto dims = buffer.dimensions();
-  int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(buffer.element_type()));
-  for (size_t d = 1; d < dims.size(); ++d) bytes *= dims[d];
-  return bytes;
-}
-
-int64_t NumRows(const ffi::AnyBuffer& buffer) {
-  auto dims = buffer.dimensions();
-  return dims.size() == 0 ? 1 : dims[0];
-}
-
-ffi::Error Invalid(const std::string& message) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jep ffi transport: " + message);
 }
 
 ffi::Future Ready(ffi::Error error) {
@@ -192,7 +172,9 @@ ffi::Future ExchangeSum(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S3
                         ffi::Buffer<ffi::S32> coords, ffi::Result<ffi::AnyBuffer> out, int64_t op,
                         int64_t num_ranks, int64_t timeout_ms, std::string_view what) {
   ffi::DataType dtype = rows.element_type();
-  if (!Summable(dtype)) return Ready(Invalid("exchange_sum adds f16, bf16, f32 or f64 rows only"));
+  if (!Summable(dtype)) {
+    return Ready(Invalid("exchange_sum adds f16, bf16, f32 or f64 rows only"));
+  }
   if (static_cast<int64_t>(send_sizes.element_count()) != num_ranks) {
     return Ready(Invalid("send_sizes must have one entry per rank"));
   }

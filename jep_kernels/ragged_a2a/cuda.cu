@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "buffers.h"
 #include "rendezvous.h"
 #include "routes.h"
 #include "xla/ffi/api/ffi.h"
@@ -55,10 +56,6 @@ ffi::Error CudaError(cudaError_t status, const char* what) {
     if (status_ != cudaSuccess) return CudaError(status_, what); \
   } while (0)
 
-ffi::Error Invalid(const std::string& message) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jep ffi transport: " + message);
-}
-
 // Peer access from `device` to each peer's GPU, enabled once per pair for the process.
 ffi::Error EnablePeerAccess(int device, const std::vector<Peer>& peers) {
   static std::mutex mutex;
@@ -82,18 +79,6 @@ ffi::Error EnablePeerAccess(int device, const std::vector<Peer>& peers) {
     enabled.insert({device, peer.device});
   }
   return ffi::Error::Success();
-}
-
-int64_t RowBytes(const ffi::AnyBuffer& buffer) {
-  auto dims = buffer.dimensions();
-  int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(buffer.element_type()));
-  for (size_t d = 1; d < dims.size(); ++d) bytes *= dims[d];
-  return bytes;
-}
-
-int64_t NumRows(const ffi::AnyBuffer& buffer) {
-  auto dims = buffer.dimensions();
-  return dims.size() == 0 ? 1 : dims[0];
 }
 
 // One exchange's host side: the copied sizes, the meeting, the routes.
@@ -296,10 +281,7 @@ ffi::Error ExchangeSum(cudaStream_t stream, int32_t device, ffi::RunId run, ffi:
   int64_t num_tokens = slots[0], top_k = slots.size() > 1 ? slots[1] : 1;
   if (top_k > kMaxSlots) return Invalid("at most 64 slots per token");
   ffi::DataType dtype = rows.element_type();
-  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::F64 &&
-      dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) {
-    return Invalid("exchange_sum adds f16, bf16, f32 or f64 rows only");
-  }
+  if (!Summable(dtype)) return Invalid("exchange_sum adds f16, bf16, f32 or f64 rows only");
   Call call;
   ffi::Error begun = Begin(stream, device, run.run_id, rows, nullptr, 0, send_sizes, coords,
                            num_ranks, op, timeout_ms, what, &call);
