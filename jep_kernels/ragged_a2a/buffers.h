@@ -1,9 +1,12 @@
-// What both handlers (cpu.cc, cuda.cu) read off their XLA buffers, and how they refuse input.
+// What both handlers (cpu.cc, cuda.cu) share: the operands and attributes of the two calls (as
+// `jep_kernels.ragged_a2a` passes them), what they read off their buffers, how they refuse input.
 #ifndef JEP_KERNELS_RAGGED_A2A_BUFFERS_H_
 #define JEP_KERNELS_RAGGED_A2A_BUFFERS_H_
 
 #include <cstdint>
 #include <string>
+#include <string_view>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -32,6 +35,40 @@ inline bool Summable(ffi::DataType dtype) {
 
 inline ffi::Error Invalid(const std::string& message) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jep ffi transport: " + message);
+}
+
+// The rest of a binding that starts with a platform's own contexts: the run id, then
+//   exchange:     rows, index, send_sizes, coords (group, rank) -> out
+//   exchange_sum: rows, send_sizes, slot_row, slot_mask, coords -> out
+// with the attributes op, num_ranks, [has_index,] timeout_ms, what.
+template <typename Binding>
+auto BindExchange(Binding binding) {
+  return std::move(binding).template Ctx<ffi::RunId>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<int64_t>("op")
+      .template Attr<int64_t>("num_ranks")
+      .template Attr<bool>("has_index")
+      .template Attr<int64_t>("timeout_ms")
+      .template Attr<std::string_view>("what");
+}
+
+template <typename Binding>
+auto BindExchangeSum(Binding binding) {
+  return std::move(binding).template Ctx<ffi::RunId>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::PRED>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<int64_t>("op")
+      .template Attr<int64_t>("num_ranks")
+      .template Attr<int64_t>("timeout_ms")
+      .template Attr<std::string_view>("what");
 }
 
 }  // namespace jep

@@ -213,29 +213,7 @@ ffi::Future ExchangeSum(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S3
 }  // namespace jep
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JepRaggedExchange, jep::Exchange,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::RunId>()
-                                  .Arg<ffi::AnyBuffer>()           // rows
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // index
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // send_sizes
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // coords: group, rank
-                                  .Ret<ffi::AnyBuffer>()           // out
-                                  .Attr<int64_t>("op")
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<bool>("has_index")
-                                  .Attr<int64_t>("timeout_ms")
-                                  .Attr<std::string_view>("what"));
+                              jep::BindExchange(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JepRaggedExchangeSum, jep::ExchangeSum,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::RunId>()
-                                  .Arg<ffi::AnyBuffer>()           // rows
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // send_sizes
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // slot_row
-                                  .Arg<ffi::Buffer<ffi::PRED>>()   // slot_mask
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // coords: group, rank
-                                  .Ret<ffi::AnyBuffer>()           // out
-                                  .Attr<int64_t>("op")
-                                  .Attr<int64_t>("num_ranks")
-                                  .Attr<int64_t>("timeout_ms")
-                                  .Attr<std::string_view>("what"));
+                              jep::BindExchangeSum(ffi::Ffi::Bind()));
