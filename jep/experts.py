@@ -51,7 +51,7 @@ def _pallas_takes(x, w) -> bool:
     if current_platform() != "gpu":
         return False
     capability = str(getattr(jax.devices()[0], "compute_capability", ""))
-    tile = jep_kernels.grouped_matmul.Config().block_n
+    tile = jep_kernels.grouped_matmul.SHAPE_MULTIPLE
     return (capability.startswith("9.") and x.dtype in (jnp.bfloat16, jnp.float16)
             and w.dtype == x.dtype and w.shape[1] % tile == 0 and w.shape[2] % tile == 0)
 

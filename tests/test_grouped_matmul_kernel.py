@@ -11,6 +11,9 @@ import jep_kernels.grouped_matmul as gm
 
 ON_GPU = jax.default_backend() == "gpu"
 CONFIG = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
+# Two compute warpgroups of 32 columns each (a 64-wide tile), epilogue tiles of 32 x 32.
+CONFIG_WS = gm.Config(block_m=64, block_n=32, block_k=64, max_concurrent_steps=2,
+                      warp_specialized=True, epilogue_m=32, epilogue_n=32)
 
 
 def numpy_grouped(x, w, sizes):
@@ -24,14 +27,19 @@ def numpy_grouped(x, w, sizes):
     return y
 
 
-@pytest.mark.parametrize("sizes", [
-    [70, 0, 100],        # an empty group; blocks straddle the boundaries; a zero tail
-    [0, 200, 0],         # every row to one group
-    [64, 64, 72],        # on block boundaries, then off; no tail
-    [0, 0, 0],           # nothing: all zeros
-    [150, 100, 90],      # sums past M: the last group is cut at M
-])
-def test_forward_and_gradients_match_references(sizes):
+@pytest.mark.parametrize("config, sizes", [
+    (CONFIG, [70, 0, 100]),        # an empty group; blocks straddle the boundaries; a zero tail
+    (CONFIG, [0, 200, 0]),         # every row to one group
+    (CONFIG, [64, 64, 72]),        # on block boundaries, then off; no tail
+    (CONFIG, [0, 0, 0]),           # nothing: all zeros
+    (CONFIG, [150, 100, 90]),      # sums past M: the last group is cut at M
+    (CONFIG_WS, [70, 0, 100]),
+    (CONFIG_WS, [0, 200, 0]),
+    (CONFIG_WS, [33, 31, 1]),      # boundaries inside one epilogue tile; a long zero tail
+    (CONFIG_WS, [0, 0, 0]),
+    (CONFIG_WS, [150, 100, 90]),
+], ids=lambda v: "ws" if v is CONFIG_WS else "plain" if v is CONFIG else None)
+def test_forward_and_gradients_match_references(config, sizes):
     rng = np.random.default_rng(len(sizes) + sum(sizes))
     m, k, n = 200, 128, 64
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
@@ -39,7 +47,7 @@ def test_forward_and_gradients_match_references(sizes):
     dy = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
     group_sizes = jnp.asarray(sizes, jnp.int32)
 
-    y, vjp = jax.vjp(lambda x, w: gm.grouped_matmul(x, w, group_sizes, config=CONFIG,
+    y, vjp = jax.vjp(lambda x, w: gm.grouped_matmul(x, w, group_sizes, config=config,
                                                     interpret=not ON_GPU), x, w)
     dx, dw = vjp(dy)
 
@@ -67,9 +75,15 @@ def test_shapes_it_cannot_take_raise():
     x = jnp.zeros((8, 128), jnp.bfloat16)
     with pytest.raises(TypeError, match="bf16"):
         gm.grouped_matmul(x.astype(jnp.float32), jnp.zeros((2, 128, 64)), jnp.zeros(2, jnp.int32))
-    with pytest.raises(ValueError, match="N=96 of block_n=64"):
+    with pytest.raises(ValueError, match="N=96 of the tile width 64"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 96), jnp.bfloat16), jnp.zeros(2, jnp.int32),
                           config=CONFIG)
+    with pytest.raises(ValueError, match="N=192 of the tile width 256"):  # warp-specialized
+        gm.grouped_matmul(x, jnp.zeros((2, 128, 192), jnp.bfloat16), jnp.zeros(2, jnp.int32),
+                          config=gm.Config(warp_specialized=True))
+    with pytest.raises(ValueError, match="K=64 must be a multiple of block_m=128"):  # dw's tiles
+        gm.grouped_matmul(jnp.zeros((8, 64), jnp.bfloat16), jnp.zeros((2, 64, 128), jnp.bfloat16),
+                          jnp.zeros(2, jnp.int32), config=gm.Config(block_n=64))
     with pytest.raises(ValueError, match="group_sizes"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.zeros(3, jnp.int32))
 
@@ -102,3 +116,28 @@ def test_inside_shard_map_with_weights_replicated_over_dp():
     for a, b in zip(got[1], want[1]):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=2e-2, atol=2e-2 * float(np.abs(np.asarray(b, np.float32)).max()))
+
+
+def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_128():
+    from jep_kernels.grouped_matmul import tuning
+
+    table = tuning._table()
+    for name, config in table.items():
+        op, *dims = name.split()
+        k, n, groups = (int(d.split("=")[1]) for d in dims)
+        assert tuning.config_for(op, k, n, groups) == config
+        if op == "dw":
+            assert k % config.block_m == 0 and n % config.block_n == 0
+        else:
+            check = jax.ShapeDtypeStruct((8, k), jnp.bfloat16)
+            gm.check_shapes(check, jax.ShapeDtypeStruct((groups, k, n), jnp.bfloat16),
+                            jax.ShapeDtypeStruct((groups,), jnp.int32), transpose_w=False,
+                            config=config)
+    for k, n in [(128, 128), (384, 640), (7168, 2048), (1024, 512)]:
+        configs = gm.configs_for((4, k, n))  # table entries or defaults; they must take the shape
+        assert set(configs) == {"forward", "dx", "dw"}
+        for op in tuning.OPS:
+            pk, pn = tuning.product_shape(op, k, n)
+            c = configs[op]
+            tile_n = c.block_n * (2 if c.warp_specialized and op != "dw" else 1)
+            assert pn % tile_n == 0 and pk % (c.block_m if op == "dw" else c.block_k) == 0

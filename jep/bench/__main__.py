@@ -1,4 +1,7 @@
-"""python -m jep.bench transport|gemm|layer|all [flags]; see `--help`."""
+"""python -m jep.bench transport|gemm|layer|all|tune [flags]; see `--help`.
+
+`tune` (GPU only, not part of `all`) times the Pallas grouped GEMM's candidate configurations on
+the --gemm-shapes and writes the tuning table the fastest make (OUT/table.json)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jep.bench import gemm, layer, report, timing, transport, workloads  # noqa: E402
+from jep.bench import gemm, layer, report, timing, transport, tune, workloads  # noqa: E402
 
 SUITES = ("transport", "gemm", "layer")
 
@@ -30,7 +33,7 @@ def _shapes(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jep.bench", description=__doc__)
     a = p.add_argument
-    a("suite", choices=SUITES + ("all",), help="what to measure")
+    a("suite", choices=SUITES + ("all", "tune"), help="what to measure")
     a("--tokens", type=_ints, default=[4096], help="tokens per rank, comma-separated (transport sweeps them)")
     a("--hidden", type=int, default=7168, help="H")
     a("--ffn", type=int, default=2048, help="F, hidden width of an expert (layer)")
@@ -55,6 +58,9 @@ def main(argv=None):
     args = parse_args(argv)
     dtype = jnp.dtype(args.dtype)
     suites = SUITES if args.suite == "all" else (args.suite,)
+    command = "python -m jep.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.suite == "tune":
+        return _tune(args, dtype, command)
     jobs = []
     if "transport" in suites:
         jobs += [("transport", t) for t in args.tokens]
@@ -75,10 +81,21 @@ def main(argv=None):
         else:
             results += layer.measure(tokens=tokens, hidden=args.hidden, ffn=args.ffn,
                                      experts=args.experts, top_k=args.topk, **common)
-    command = "python -m jep.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report.write(results, environment, args.out, command)
     print(report.table(results))
     print(f"results and plots in {args.out}")
+    return results
+
+
+def _tune(args, dtype, command):
+    environment = timing.environment()
+    print(f"{environment['device']}, jax {environment['jax']}, {environment['date']}")
+    results, picks = tune.measure(shapes=args.gemm_shapes, dtype=dtype, routing=args.routing,
+                                  iters=args.iters, repeats=args.repeats)
+    report.write(results, environment, args.out, command)
+    path = tune.write_table(picks, environment, args.out, command)
+    print(report.table(results))
+    print(f"tuning table in {path}; results in {args.out}")
     return results
 
 

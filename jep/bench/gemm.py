@@ -2,7 +2,9 @@
 of the same flops. Shapes M x K x N with G groups: y[M, N] = x[M, K] @ w[g][K, N] per group.
 
 On a GPU the Pallas Mosaic GPU kernels of `jep_kernels.grouped_matmul` are measured too
-("jep/pallas": forward, dx and dw)."""
+("jep/pallas": forward, dx and dw), beside the ones JAX ships as examples
+(`jax.experimental.pallas.ops.gpu`: `ragged_dot_mgpu` for the forward and dx,
+`transposed_ragged_dot_mgpu` for dw; the configuration of `../shared/GPU.md`'s 521-524 TFLOP/s)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,21 @@ def _ops(matmul):
         return jax.vjp(lambda w: matmul(x, w, sizes), w)[1](dy)[0]
 
     return {"forward": forward, "dx": dx, "dw": dw}
+
+
+def _jax_pallas_ops():
+    """forward, dx and dw from jax.experimental.pallas.ops.gpu's grouped-GEMM examples."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
+    tiles = dict(block_m=192, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=2)
+    return {
+        "forward": lambda x, w, dy, s: ragged_dot_mgpu.ragged_dot(x, w, group_sizes=s, **tiles),
+        "dx": lambda x, w, dy, s: ragged_dot_mgpu.ragged_dot(dy, w, group_sizes=s,
+                                                             transpose_rhs=True, **tiles),
+        "dw": lambda x, w, dy, s: transposed_ragged_dot_mgpu.transposed_ragged_dot(
+            x, dy, group_sizes=s, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
+            grid_block_n=1),
+    }
 
 
 def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int = 0) -> list[dict]:
@@ -62,6 +79,9 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
         for variant, matmul in variants.items():
             for op, body in _ops(matmul).items():
                 record(variant, op, body, (x, w, dy, sizes))
+        if jax.default_backend() == "gpu":
+            for op, body in _jax_pallas_ops().items():
+                record("jax.experimental.pallas.ops", op, body, (x, w, dy, sizes))
         # The dense peer: one [M, K] @ [K, N] (same flops), and its two backward products.
         dense = {"forward": lambda x, w, dy: x @ w[0], "dx": lambda x, w, dy: dy @ w[0].T,
                  "dw": lambda x, w, dy: x.T @ dy}

@@ -37,6 +37,14 @@ def table(results: list[dict]) -> str:
                          f"{r['variant']} | {r['op']} | {_time_cell(r, 1e3, '.3f')} | "
                          f"{_fmt(r['tflop_per_s'], '.4g')} | {_fmt(r['vs_dense'], '.2f')} |")
         lines.append("")
+    tune = [r for r in results if r["suite"] == "tune"]
+    if tune:
+        lines += ["| M x K x N, G | op | configuration | time (ms) | TFLOP/s | picked |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['m']} x {r['k']} x {r['n']}, {r['groups']} | {r['op']} | {r['variant']} | "
+                  f"{_time_cell(r, 1e3, '.3f')} | {_fmt(r['tflop_per_s'], '.4g')} | "
+                  f"{'yes' if r['picked'] else ''} |" for r in tune]
+        lines.append("")
     layer = [r for r in results if r["suite"] == "layer" and r["variant"] != "receive buffer"]
     if layer:
         lines += ["| T/rank, H, F, E, k | variant | fwd+bwd (ms) | tokens/s | memory (GiB) |",

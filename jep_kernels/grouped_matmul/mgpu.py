@@ -33,6 +33,12 @@ class Config:
     block_n: int = 128
     block_k: int = 64
     max_concurrent_steps: int = 4
+    # The forward/dx kernel: two compute warpgroups, each with its own block_n columns of a
+    # block_m x (2 block_n) tile, fed by a third that only issues TMA loads; stores in
+    # epilogue tiles of epilogue_m x epilogue_n, overlapped with the next tile's loads.
+    warp_specialized: bool = False
+    epilogue_m: int = 64
+    epilogue_n: int = 64
 
 
 def interpret_params():
@@ -71,10 +77,11 @@ def check_shapes(x, w, group_sizes, *, transpose_w: bool, config: Config):
         raise ValueError(f"x's K ({x.shape[1]}) must match w's ({k_w})")
     if group_sizes.shape != (w.shape[0],):
         raise ValueError(f"group_sizes must be [{w.shape[0]}], got {group_sizes.shape}")
-    if k_w % config.block_k or n % config.block_n:
+    tile_n = config.block_n * (2 if config.warp_specialized else 1)
+    if k_w % config.block_k or n % tile_n:
         raise ValueError(
-            f"K={k_w} must be a multiple of block_k={config.block_k} and N={n} of "
-            f"block_n={config.block_n}")
+            f"K={k_w} must be a multiple of block_k={config.block_k} and N={n} of the tile "
+            f"width {tile_n}")
 
 
 def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Config = Config(),
@@ -85,6 +92,9 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
     zero. M need not be a multiple of anything; K must be a multiple of block_k, N of block_n.
     """
     check_shapes(x, w, group_sizes, transpose_w=transpose_w, config=config)
+    if config.warp_specialized:
+        return _grouped_matmul_ws(x, w, group_sizes, transpose_w=transpose_w, config=config,
+                                  interpret=interpret)
     num_rows, depth = x.shape
     num_groups = w.shape[0]
     width = w.shape[1] if transpose_w else w.shape[2]
@@ -144,7 +154,118 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
         items, x, w)
 
 
-def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width):
+def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
+    """`grouped_matmul` with warp specialization: see `Config.warp_specialized`."""
+    num_rows, depth = x.shape
+    num_groups = w.shape[0]
+    width = w.shape[1] if transpose_w else w.shape[2]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    em, en = min(config.epilogue_m, bm), min(config.epilogue_n, bn)
+    items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
+    num_items = items.shape[0] // 4
+    col_blocks = width // (2 * bn)
+    dtype = x.dtype
+    swizzle = plgpu.find_swizzle(bk * jnp.dtype(dtype).itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+                  plgpu.SwizzleTransform(swizzle))
+
+    def body(items_gmem, x_gmem, w_gmem, out_gmem):
+        wg = lax.axis_index("wg")
+        compute_wg = wg < 2
+
+        def pipeline(mma, compute_context, block=0, col=0):
+            w_spec = (plgpu.BlockSpec((2 * bn, bk), lambda kk: (col, kk), transforms=transforms)
+                      if transpose_w else
+                      plgpu.BlockSpec((bk, 2 * bn), lambda kk: (kk, col), transforms=transforms))
+            return plgpu.emit_pipeline_warp_specialized(
+                mma,
+                grid=(depth // bk,),
+                memory_registers=40,
+                in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (block, kk),
+                                          transforms=transforms), w_spec],
+                wg_axis="wg",
+                num_compute_wgs=2,
+                max_concurrent_steps=config.max_concurrent_steps,
+                compute_context=compute_context,
+            )
+
+        ignore = lambda *_, **__: None  # allocations depend on the block shapes only
+
+        @functools.partial(
+            pl.run_scoped,
+            allocations=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem.at[0]),
+            out_smem=plgpu.SMEM((2, 2, em, en), dtype),
+            collective_axes="wg",
+        )
+        def _scope(allocations, out_smem):
+            @plgpu.nd_loop((num_items * col_blocks,), collective_axes="sm")
+            def _tile(info):
+                tile = info.index[0]
+                item, col = tile // col_blocks, tile % col_blocks
+                group = items_gmem[4 * item]
+                block = items_gmem[4 * item + 1]
+                first_row = items_gmem[4 * item + 2] - block * bm
+                end_row = items_gmem[4 * item + 3] - block * bm
+                wg_col = col * 2 * bn + wg * bn
+
+                def epilogue(tile_values):
+                    """Stores rows [first_row, end_row) of this warpgroup's bm x bn tile."""
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for i in range(bm // em):
+                        lo = jnp.clip(first_row - i * em, 0, em)
+                        hi = jnp.clip(end_row - i * em, 0, em)
+                        for j in range(bn // en):
+                            slot = (i * (bn // en) + j) % 2
+                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                            out_smem[wg, slot] = tile_values(i, j)
+                            plgpu.commit_smem()
+                            _store_rows(out_smem.at[wg, slot], out_gmem, block * bm + i * em, lo,
+                                        jnp.maximum(hi - lo, 0), wg_col + j * en,
+                                        min(em, num_rows), en, commit_group=False)
+                            plgpu.commit_smem_to_gmem_group()
+
+                def compute_context(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
+                    def _(acc_ref):
+                        eval_pipeline(acc_ref)
+                        acc = acc_ref[...].astype(dtype)
+                        epilogue(lambda i, j: acc[i * em:(i + 1) * em, j * en:(j + 1) * en])
+
+                def mma(_, x_smem, w_smem, acc_ref):
+                    if transpose_w:
+                        w_tile = plgpu.transpose_ref(w_smem.at[pl.ds(wg * bn, bn)], (1, 0))
+                    else:
+                        w_tile = w_smem.at[:, pl.ds(wg * bn, bn)]
+                    plgpu.wgmma(acc_ref, x_smem, w_tile)
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                @pl.when((group >= 0) & (group < num_groups))
+                def _product():
+                    pipeline(mma, compute_context, block, col)(
+                        x_gmem, w_gmem.at[group], allocations=allocations)
+
+                @pl.when((group == num_groups) & compute_wg)
+                def _zeros():
+                    epilogue(lambda i, j: jnp.zeros((em, en), dtype))
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    programs = 2 if interpret else getattr(jax.devices()[0], "core_count", None) or 132
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_rows, width), dtype),
+        grid=(programs,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params() if interpret else None,
+    )(items, x, w)
+
+
+def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width, commit_group=True):
     """Copies rows [offset, offset + count) of the tile in `smem` to gmem rows block_row + offset...
 
     TMA copies have static shapes, so `count` (1..max_rows, known only at run time) is stored as
@@ -156,7 +277,8 @@ def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width):
         def _(rows=rows, offset=offset):
             plgpu.copy_smem_to_gmem(
                 smem.at[pl.ds(offset, rows)],
-                gmem.at[pl.ds(block_row + offset, rows), pl.ds(col, width)])
+                gmem.at[pl.ds(block_row + offset, rows), pl.ds(col, width)],
+                commit_group=commit_group)
 
         offset = offset + (count & rows)
         rows //= 2

@@ -1,0 +1,85 @@
+"""Tuning the Pallas grouped GEMM: every candidate configuration of each product (forward, dx, dw)
+on each shape, timed; the fastest per (op, K, N, G) makes the tuning table. GPU only.
+
+Shapes are given as for the gemm suite (M x K x N with G groups, w [G, K, N]); the table keys
+each product by its own K and N (`jep_kernels.grouped_matmul.tuning`). The table is written to
+`OUT/table.json`; copy it to `jep_kernels/grouped_matmul/table.json` to use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jep.bench import timing, workloads
+from jep_kernels.grouped_matmul import mgpu, tuning
+
+
+def _describe(config) -> str:
+    kind = "ws" if config.warp_specialized else "plain"
+    return (f"{kind} {config.block_m}x{config.block_n}x{config.block_k} "
+            f"s{config.max_concurrent_steps}")
+
+
+def _product(op, config):
+    if op == "forward":
+        return lambda x, w, dy, sizes: mgpu.grouped_matmul(x, w, sizes, config=config)
+    if op == "dx":
+        return lambda x, w, dy, sizes: mgpu.grouped_matmul(dy, w, sizes, transpose_w=True,
+                                                           config=config)
+    return lambda x, w, dy, sizes: mgpu.grouped_matmul_dw(x, dy, sizes, config=config)
+
+
+def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int = 0):
+    """(results, picks): one result per (shape, op, candidate), and the fastest candidate per
+    tuning-table key."""
+    if jax.default_backend() != "gpu":
+        raise SystemExit("python -m jep.bench tune runs the Pallas Mosaic GPU kernels: it needs a "
+                         "Hopper GPU")
+    rng = np.random.default_rng(seed)
+    results, picks = [], {}
+    for m, k, n, g in shapes:
+        rotation = 2
+        x = jnp.asarray(rng.normal(size=(rotation, m, k)), dtype)
+        w = jnp.asarray(rng.normal(size=(rotation, g, k, n)) / k**0.5, dtype)
+        dy = jnp.asarray(rng.normal(size=(rotation, m, n)), dtype)
+        sizes = jnp.asarray(np.stack([workloads.group_sizes(routing, rng, m, g)
+                                      for _ in range(rotation)]))
+        flops = 2.0 * m * k * n
+        for op in tuning.OPS:
+            pk, pn = tuning.product_shape(op, k, n)
+            best = None
+            for config in tuning.candidates(op, pk, pn):
+                body = _product(op, config)
+                run = jax.jit(lambda *a, body=body: timing.repeat_in_loop(body, a, iters))
+                entry = {"suite": "tune", "variant": _describe(config), "op": op, "m": m, "k": k,
+                         "n": n, "groups": g, "routing": routing,
+                         "config": dataclasses.asdict(config)}
+                try:
+                    seconds = timing.seconds_per_iteration(run, (x, w, dy, sizes), iters=iters,
+                                                           repeats=repeats)
+                    entry |= {"seconds": seconds, "tflop_per_s": flops / seconds / 1e12}
+                    if best is None or seconds < best[0]:
+                        best = (seconds, config)
+                except Exception as error:  # noqa: BLE001 - e.g. more shared memory than there is
+                    entry |= {"seconds": None, "tflop_per_s": None,
+                              "error": str(error).splitlines()[0][:200]}
+                results.append(entry)
+            if best is not None:
+                picks[tuning.key(op, pk, pn, g)] = best[1]
+    for r in results:
+        pk, pn = tuning.product_shape(r["op"], r["k"], r["n"])
+        pick = picks.get(tuning.key(r["op"], pk, pn, r["groups"]))
+        r["picked"] = pick is not None and dataclasses.asdict(pick) == r["config"]
+    return results, picks
+
+
+def write_table(picks, environment: dict, out: str, command: str) -> pathlib.Path:
+    path = pathlib.Path(out) / "table.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tuning.write(path, picks, {**environment, "command": command})
+    return path

@@ -1,0 +1,88 @@
+"""Which kernel configuration each grouped-GEMM product runs with, by shape.
+
+The three products of one grouped matmul y = x @ w[g] (x [M, K], w [G, K, N]) are tuned apart:
+
+- "forward": y = x @ w[g], a [M, K] x [K, N] product;
+- "dx": dx = dy @ w[g]^T, [M, N] x [N, K] (the forward kernel reading w transposed);
+- "dw": dw[g] = x[rows of g]^T @ dy[rows of g], [K, M_g] x [M_g, N].
+
+`table.json` (beside this file) holds the configuration a benchmark run picked for each measured
+(op, K, N, G), K and N named as in the list above (`python -m jep.bench tune` writes a new one;
+BENCHMARKS.md says how it was made). A shape whose (op, K, N) is in the table with another G
+takes the entry of the nearest G (by ratio); other shapes get `default(op, K, N)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+
+from jep_kernels.grouped_matmul.mgpu import Config
+
+OPS = ("forward", "dx", "dw")
+TABLE = pathlib.Path(__file__).with_name("table.json")
+
+
+def key(op: str, k: int, n: int, groups: int) -> str:
+    return f"{op} K={k} N={n} G={groups}"
+
+
+def default(op: str, k: int, n: int) -> Config:
+    """A configuration that takes every K and N that are multiples of 128."""
+    if op == "dw":
+        return Config(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)
+    block_n = 128 if n % 256 == 0 else 64
+    return Config(block_m=128, block_n=block_n, block_k=64, max_concurrent_steps=4,
+                  warp_specialized=True)
+
+
+@functools.cache
+def _table(path: pathlib.Path = TABLE) -> dict[str, Config]:
+    if not path.exists():
+        return {}
+    entries = json.loads(path.read_text())["configs"]
+    return {name: Config(**fields) for name, fields in entries.items()}
+
+
+def config_for(op: str, k: int, n: int, groups: int) -> Config:
+    """The tuned configuration for this product and shape, else `default(op, k, n)`."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    table = _table()
+    if key(op, k, n, groups) in table:
+        return table[key(op, k, n, groups)]
+    prefix = key(op, k, n, 0)[:-1]
+    near = [(abs(math.log(int(name[len(prefix):]) / max(groups, 1))), name)
+            for name in table if name.startswith(prefix)]
+    return table[min(near)[1]] if near else default(op, k, n)
+
+
+def product_shape(op: str, k: int, n: int) -> tuple[int, int]:
+    """(K, N) of `op`'s own product, for a grouped matmul whose w is [G, k, n]."""
+    return (n, k) if op == "dx" else (k, n)
+
+
+def candidates(op: str, k: int, n: int) -> list[Config]:
+    """The configurations a tuning run measures for `op` at this (product) K and N: the ones
+    that take the shape."""
+    if op == "dw":
+        found = [Config(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps)
+                 for bm, bn, bk, steps in ((128, 128, 64, 4), (128, 128, 64, 5), (128, 128, 128, 3),
+                                           (64, 128, 64, 4), (128, 64, 64, 4))]
+        return [c for c in found if k % c.block_m == 0 and n % c.block_n == 0]
+    found = [Config(block_m=bm, block_n=128, block_k=64, max_concurrent_steps=steps)
+             for bm, steps in ((128, 4), (128, 5), (192, 4))]
+    found += [Config(block_m=128, block_n=bn, block_k=64, max_concurrent_steps=steps,
+                     warp_specialized=True)
+              for bn, steps in ((128, 3), (128, 4), (64, 4))]
+    tile_n = lambda c: c.block_n * (2 if c.warp_specialized else 1)  # noqa: E731
+    return [c for c in found if k % c.block_k == 0 and n % tile_n(c) == 0]
+
+
+def write(path: pathlib.Path, picks: dict[str, Config], about: dict) -> None:
+    """Writes a table of `picks` (key -> Config), with `about` (device, versions, date, command)."""
+    configs = {name: dataclasses.asdict(config) for name, config in sorted(picks.items())}
+    path.write_text(json.dumps({"about": about, "configs": configs}, indent=1) + "\n")
