@@ -11,9 +11,11 @@ import jep_kernels.grouped_matmul as gm
 
 ON_GPU = jax.default_backend() == "gpu"
 CONFIG = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
-# Two compute warpgroups of 32 columns each (a 64-wide tile), epilogue tiles of 32 x 32.
-CONFIG_WS = gm.Config(block_m=64, block_n=32, block_k=64, max_concurrent_steps=2,
+# Two compute warpgroups of 64 columns each (a 128-wide tile), epilogue tiles of 32 x 32.
+CONFIG_WS = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
                       warp_specialized=True, epilogue_m=32, epilogue_n=32)
+CONFIG_WS_DELAYED = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=3,
+                              warp_specialized=True, epilogue_m=32, epilogue_n=32, delay_release=1)
 
 
 def numpy_grouped(x, w, sizes):
@@ -34,14 +36,16 @@ def numpy_grouped(x, w, sizes):
     (CONFIG, [0, 0, 0]),           # nothing: all zeros
     (CONFIG, [150, 100, 90]),      # sums past M: the last group is cut at M
     (CONFIG_WS, [70, 0, 100]),
+    (CONFIG_WS_DELAYED, [70, 0, 100]),  # one wgmma left in flight per warpgroup
     (CONFIG_WS, [0, 200, 0]),
     (CONFIG_WS, [33, 31, 1]),      # boundaries inside one epilogue tile; a long zero tail
     (CONFIG_WS, [0, 0, 0]),
     (CONFIG_WS, [150, 100, 90]),
-], ids=lambda v: "ws" if v is CONFIG_WS else "plain" if v is CONFIG else None)
+], ids=lambda v: {id(CONFIG): "plain", id(CONFIG_WS): "ws",
+                  id(CONFIG_WS_DELAYED): "ws-delayed"}.get(id(v)))
 def test_forward_and_gradients_match_references(config, sizes):
     rng = np.random.default_rng(len(sizes) + sum(sizes))
-    m, k, n = 200, 128, 64
+    m, k, n = 200, 128, 64 * (2 if config.warp_specialized else 1)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(len(sizes), k, n)) / k**0.5, jnp.bfloat16)
     dy = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
@@ -78,6 +82,9 @@ def test_shapes_it_cannot_take_raise():
     with pytest.raises(ValueError, match="N=96 of the tile width 64"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 96), jnp.bfloat16), jnp.zeros(2, jnp.int32),
                           config=CONFIG)
+    with pytest.raises(ValueError, match="block_n=32 must be a multiple of 64"):
+        gm.grouped_matmul(x, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.zeros(2, jnp.int32),
+                          config=gm.Config(block_n=32, warp_specialized=True))
     with pytest.raises(ValueError, match="N=192 of the tile width 256"):  # warp-specialized
         gm.grouped_matmul(x, jnp.zeros((2, 128, 192), jnp.bfloat16), jnp.zeros(2, jnp.int32),
                           config=gm.Config(warp_specialized=True))

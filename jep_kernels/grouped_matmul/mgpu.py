@@ -39,6 +39,9 @@ class Config:
     warp_specialized: bool = False
     epilogue_m: int = 64
     epilogue_n: int = 64
+    # Warp-specialized only: wgmma groups each compute warpgroup leaves in flight (0 or 1); a
+    # stage is released that many steps after its product was issued.
+    delay_release: int = 0
 
 
 def interpret_params():
@@ -78,6 +81,9 @@ def check_shapes(x, w, group_sizes, *, transpose_w: bool, config: Config):
     if group_sizes.shape != (w.shape[0],):
         raise ValueError(f"group_sizes must be [{w.shape[0]}], got {group_sizes.shape}")
     tile_n = config.block_n * (2 if config.warp_specialized else 1)
+    if config.warp_specialized and config.block_n % 64:
+        raise ValueError(f"block_n={config.block_n} must be a multiple of 64 (the swizzle tile) "
+                         "for the warp-specialized kernel")
     if k_w % config.block_k or n % tile_n:
         raise ValueError(
             f"K={k_w} must be a multiple of block_k={config.block_k} and N={n} of the tile "
@@ -174,15 +180,18 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
         compute_wg = wg < 2
 
         def pipeline(mma, compute_context, block=0, col=0):
-            w_spec = (plgpu.BlockSpec((2 * bn, bk), lambda kk: (col, kk), transforms=transforms)
+            delay = config.delay_release
+            w_spec = (plgpu.BlockSpec((2 * bn, bk), lambda kk: (col, kk), transforms=transforms,
+                                      delay_release=delay)
                       if transpose_w else
-                      plgpu.BlockSpec((bk, 2 * bn), lambda kk: (kk, col), transforms=transforms))
+                      plgpu.BlockSpec((bk, 2 * bn), lambda kk: (kk, col), transforms=transforms,
+                                      delay_release=delay))
             return plgpu.emit_pipeline_warp_specialized(
                 mma,
                 grid=(depth // bk,),
                 memory_registers=40,
                 in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (block, kk),
-                                          transforms=transforms), w_spec],
+                                          transforms=transforms, delay_release=delay), w_spec],
                 wg_axis="wg",
                 num_compute_wgs=2,
                 max_concurrent_steps=config.max_concurrent_steps,
@@ -237,7 +246,7 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
                     else:
                         w_tile = w_smem.at[:, pl.ds(wg * bn, bn)]
                     plgpu.wgmma(acc_ref, x_smem, w_tile)
-                    plgpu.wgmma_wait(0)
+                    plgpu.wgmma_wait(config.delay_release)
                     return acc_ref
 
                 @pl.when((group >= 0) & (group < num_groups))

@@ -76,13 +76,17 @@ def candidates(op: str, k: int, n: int) -> list[Config]:
     found = [Config(block_m=bm, block_n=128, block_k=64, max_concurrent_steps=steps)
              for bm, steps in ((128, 4), (128, 5), (192, 4))]
     found += [Config(block_m=128, block_n=bn, block_k=64, max_concurrent_steps=steps,
-                     warp_specialized=True)
-              for bn, steps in ((128, 3), (128, 4), (64, 4))]
+                     warp_specialized=True, delay_release=delay)
+              for bn, steps, delay in ((128, 3, 0), (128, 4, 0), (64, 4, 0), (128, 3, 1),
+                                       (128, 4, 1))]
     tile_n = lambda c: c.block_n * (2 if c.warp_specialized else 1)  # noqa: E731
     return [c for c in found if k % c.block_k == 0 and n % tile_n(c) == 0]
 
 
 def write(path: pathlib.Path, picks: dict[str, Config], about: dict) -> None:
-    """Writes a table of `picks` (key -> Config), with `about` (device, versions, date, command)."""
-    configs = {name: dataclasses.asdict(config) for name, config in sorted(picks.items())}
-    path.write_text(json.dumps({"about": about, "configs": configs}, indent=1) + "\n")
+    """Writes the table of this package updated with `picks` (key -> Config) to `path`; `about`
+    (device, versions, date, command) joins the list of the runs that made it."""
+    runs = json.loads(TABLE.read_text())["runs"] if TABLE.exists() else []
+    configs = {name: dataclasses.asdict(config)
+               for name, config in sorted((_table() | picks).items())}
+    path.write_text(json.dumps({"runs": runs + [about], "configs": configs}, indent=1) + "\n")
