@@ -11,11 +11,14 @@ import jep_kernels.grouped_matmul as gm
 
 ON_GPU = jax.default_backend() == "gpu"
 CONFIG = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
-# Two compute warpgroups of 64 columns each (a 128-wide tile), epilogue tiles of 32 x 32.
-CONFIG_WS = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2,
-                      warp_specialized=True, epilogue_m=32, epilogue_n=32)
-CONFIG_WS_DELAYED = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=3,
-                              warp_specialized=True, epilogue_m=32, epilogue_n=32, delay_release=1)
+# Two compute warpgroups of 64 columns each (a 128-wide tile), two epilogue tiles of 64 rows.
+CONFIG_WS = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                      warp_specialized=True, epilogue_m=64, epilogue_n=64)
+# Clusters of two blocks on neighbouring column tiles, sharing (multicasting) the x tile. The
+# interpret mode of jax 0.10 cannot run clusters (its run_scoped over the cluster fails): GPU only.
+CONFIG_WS_CLUSTER = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                              warp_specialized=True, epilogue_m=64, epilogue_n=64, cluster_n=2)
+ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="clusters run on the GPU only")
 
 
 def numpy_grouped(x, w, sizes):
@@ -36,16 +39,19 @@ def numpy_grouped(x, w, sizes):
     (CONFIG, [0, 0, 0]),           # nothing: all zeros
     (CONFIG, [150, 100, 90]),      # sums past M: the last group is cut at M
     (CONFIG_WS, [70, 0, 100]),
-    (CONFIG_WS_DELAYED, [70, 0, 100]),  # one wgmma left in flight per warpgroup
+    pytest.param(CONFIG_WS_CLUSTER, [70, 0, 100], marks=ON_GPU_ONLY),
     (CONFIG_WS, [0, 200, 0]),
     (CONFIG_WS, [33, 31, 1]),      # boundaries inside one epilogue tile; a long zero tail
+    pytest.param(CONFIG_WS_CLUSTER, [33, 31, 1], marks=ON_GPU_ONLY),
     (CONFIG_WS, [0, 0, 0]),
     (CONFIG_WS, [150, 100, 90]),
 ], ids=lambda v: {id(CONFIG): "plain", id(CONFIG_WS): "ws",
-                  id(CONFIG_WS_DELAYED): "ws-delayed"}.get(id(v)))
+                  id(CONFIG_WS_CLUSTER): "ws-cluster"}.get(id(v)))
 def test_forward_and_gradients_match_references(config, sizes):
     rng = np.random.default_rng(len(sizes) + sum(sizes))
-    m, k, n = 200, 128, 64 * (2 if config.warp_specialized else 1)
+    # The tile width of the warp-specialized kernel (2 block_n per cluster block) for N, and for
+    # K, which is dx's N.
+    m, k, n = 200, 128 * config.cluster_n, 64 * (2 * config.cluster_n if config.warp_specialized else 1)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(len(sizes), k, n)) / k**0.5, jnp.bfloat16)
     dy = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
@@ -82,7 +88,7 @@ def test_shapes_it_cannot_take_raise():
     with pytest.raises(ValueError, match="N=96 of the tile width 64"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 96), jnp.bfloat16), jnp.zeros(2, jnp.int32),
                           config=CONFIG)
-    with pytest.raises(ValueError, match="block_n=32 must be a multiple of 64"):
+    with pytest.raises(ValueError, match="block_n=32 must be a multiple of 64 for the warp-spe"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.zeros(2, jnp.int32),
                           config=gm.Config(block_n=32, warp_specialized=True))
     with pytest.raises(ValueError, match="N=192 of the tile width 256"):  # warp-specialized
@@ -146,5 +152,5 @@ def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_1
         for op in tuning.OPS:
             pk, pn = tuning.product_shape(op, k, n)
             c = configs[op]
-            tile_n = c.block_n * (2 if c.warp_specialized and op != "dw" else 1)
+            tile_n = c.block_n * (2 * c.cluster_n if c.warp_specialized and op != "dw" else 1)
             assert pn % tile_n == 0 and pk % (c.block_m if op == "dw" else c.block_k) == 0

@@ -39,9 +39,9 @@ class Config:
     warp_specialized: bool = False
     epilogue_m: int = 64
     epilogue_n: int = 64
-    # Warp-specialized only: wgmma groups each compute warpgroup leaves in flight (0 or 1); a
-    # stage is released that many steps after its product was issued.
-    delay_release: int = 0
+    # Warp-specialized only: 2 runs pairs of blocks (a cluster) on neighbouring column tiles
+    # of the same rows, each loading half of the x tile and multicasting it to both.
+    cluster_n: int = 1
 
 
 def interpret_params():
@@ -81,9 +81,14 @@ def check_shapes(x, w, group_sizes, *, transpose_w: bool, config: Config):
     if group_sizes.shape != (w.shape[0],):
         raise ValueError(f"group_sizes must be [{w.shape[0]}], got {group_sizes.shape}")
     tile_n = config.block_n * (2 if config.warp_specialized else 1)
-    if config.warp_specialized and config.block_n % 64:
-        raise ValueError(f"block_n={config.block_n} must be a multiple of 64 (the swizzle tile) "
-                         "for the warp-specialized kernel")
+    if config.warp_specialized:
+        tile_n *= config.cluster_n
+        for name in ("block_n", "epilogue_m", "epilogue_n"):
+            if getattr(config, name) % 64:
+                raise ValueError(f"{name}={getattr(config, name)} must be a multiple of 64 for "
+                                 "the warp-specialized kernel (its register and swizzle tiles)")
+        if config.cluster_n not in (1, 2):
+            raise ValueError(f"cluster_n must be 1 or 2, got {config.cluster_n}")
     if k_w % config.block_k or n % tile_n:
         raise ValueError(
             f"K={k_w} must be a multiple of block_k={config.block_k} and N={n} of the tile "
@@ -169,7 +174,8 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
     em, en = min(config.epilogue_m, bm), min(config.epilogue_n, bn)
     items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
     num_items = items.shape[0] // 4
-    col_blocks = width // (2 * bn)
+    cluster = config.cluster_n
+    col_blocks = width // (2 * bn * cluster)
     dtype = x.dtype
     swizzle = plgpu.find_swizzle(bk * jnp.dtype(dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
@@ -180,18 +186,16 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
         compute_wg = wg < 2
 
         def pipeline(mma, compute_context, block=0, col=0):
-            delay = config.delay_release
-            w_spec = (plgpu.BlockSpec((2 * bn, bk), lambda kk: (col, kk), transforms=transforms,
-                                      delay_release=delay)
+            w_spec = (plgpu.BlockSpec((2 * bn, bk), lambda kk: (col, kk), transforms=transforms)
                       if transpose_w else
-                      plgpu.BlockSpec((bk, 2 * bn), lambda kk: (kk, col), transforms=transforms,
-                                      delay_release=delay))
+                      plgpu.BlockSpec((bk, 2 * bn), lambda kk: (kk, col), transforms=transforms))
             return plgpu.emit_pipeline_warp_specialized(
                 mma,
                 grid=(depth // bk,),
                 memory_registers=40,
-                in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (block, kk),
-                                          transforms=transforms, delay_release=delay), w_spec],
+                in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (block, kk), transforms=transforms,
+                                          collective_axes=("cluster",) if cluster > 1 else ()),
+                          w_spec],
                 wg_axis="wg",
                 num_compute_wgs=2,
                 max_concurrent_steps=config.max_concurrent_steps,
@@ -210,7 +214,9 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
             @plgpu.nd_loop((num_items * col_blocks,), collective_axes="sm")
             def _tile(info):
                 tile = info.index[0]
-                item, col = tile // col_blocks, tile % col_blocks
+                item = tile // col_blocks
+                col = (tile % col_blocks) * cluster + (
+                    lax.axis_index("cluster") if cluster > 1 else 0)
                 group = items_gmem[4 * item]
                 block = items_gmem[4 * item + 1]
                 first_row = items_gmem[4 * item + 2] - block * bm
@@ -246,7 +252,7 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
                     else:
                         w_tile = w_smem.at[:, pl.ds(wg * bn, bn)]
                     plgpu.wgmma(acc_ref, x_smem, w_tile)
-                    plgpu.wgmma_wait(config.delay_release)
+                    plgpu.wgmma_wait(0)
                     return acc_ref
 
                 @pl.when((group >= 0) & (group < num_groups))
@@ -264,8 +270,10 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_rows, width), dtype),
-        grid=(programs,),
+        grid=(programs // cluster,),
         grid_names=("sm",),
+        cluster=(cluster,),
+        cluster_names=("cluster",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(

@@ -76,10 +76,10 @@ def candidates(op: str, k: int, n: int) -> list[Config]:
     found = [Config(block_m=bm, block_n=128, block_k=64, max_concurrent_steps=steps)
              for bm, steps in ((128, 4), (128, 5), (192, 4))]
     found += [Config(block_m=128, block_n=bn, block_k=64, max_concurrent_steps=steps,
-                     warp_specialized=True, delay_release=delay)
-              for bn, steps, delay in ((128, 3, 0), (128, 4, 0), (64, 4, 0), (128, 3, 1),
-                                       (128, 4, 1))]
-    tile_n = lambda c: c.block_n * (2 if c.warp_specialized else 1)  # noqa: E731
+                     warp_specialized=True, cluster_n=cluster)
+              for bn, steps, cluster in ((128, 3, 1), (128, 4, 1), (64, 4, 1), (128, 3, 2),
+                                         (128, 4, 2))]
+    tile_n = lambda c: c.block_n * (2 * c.cluster_n if c.warp_specialized else 1)  # noqa: E731
     return [c for c in found if k % c.block_k == 0 and n % tile_n(c) == 0]
 
 
