@@ -20,7 +20,9 @@ from jep_kernels.grouped_matmul import mgpu, tuning
 
 
 def _describe(config) -> str:
-    kind = "ws" if config.warp_specialized else "plain"
+    kind = "plain"
+    if config.warp_specialized:
+        kind = "ws" if config.cluster_n == 1 else f"ws cluster {config.cluster_n}"
     return (f"{kind} {config.block_m}x{config.block_n}x{config.block_k} "
             f"s{config.max_concurrent_steps}")
 
