@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 SCORES = ("softmax", "sigmoid")
+OVERFLOW = ("position", "probability", "reroute")
 ACTIVATIONS = ("silu", "gelu", "relu")
 
 
@@ -21,11 +22,15 @@ class DispatchConfig:
       capacity_factor: alternative to `capacity`: `ceil(capacity_factor * T * k / E_local)` rows
         per local expert, T being the tokens of one rank (what each expert gets under perfect
         balance, times the factor). At most one of `capacity` and `capacity_factor` is set.
+      overflow: what happens to pairs a full expert cannot take (with a capacity only; see
+        `jep.balance`): "position" drops the latest by position, "probability" drops those of
+        lowest router weight, "reroute" moves them to their token's next-best expert with room.
       backend: the transport, `"auto"` or a name registered in `jep.transport`.
     """
 
     capacity: int | None = None
     capacity_factor: float | None = None
+    overflow: str = "position"
     backend: str = "auto"
 
     def __post_init__(self):
@@ -36,6 +41,8 @@ class DispatchConfig:
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(
                 f"DispatchConfig.capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
+        if self.overflow not in OVERFLOW:
+            raise ValueError(f"DispatchConfig.overflow must be one of {OVERFLOW}, got {self.overflow!r}")
 
     def capacity_for(self, num_tokens: int, top_k: int, num_local_experts: int) -> int | None:
         """The per-local-expert capacity for `num_tokens` tokens per rank, or None (dropless)."""

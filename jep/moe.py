@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jep import _checks, routing
+from jep import _checks, balance, routing
 from jep.config import MoEConfig
 from jep.dispatch import combine, dispatch
 from jep.experts import expert_ffn
@@ -47,6 +47,16 @@ def _check_params(params, hidden, config):
         _checks.shape(params["bias"], (num_experts,), "params['bias']")
 
 
+def _weights_of(scores, expert_ids, renormalize: bool):
+    """f32[T, k]: the scores of the experts in expert_ids (0 for an empty slot), renormalized
+    over each token's slots if asked."""
+    valid = expert_ids >= 0
+    weights = jnp.where(valid, jnp.take_along_axis(scores, jnp.maximum(expert_ids, 0), axis=1), 0)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights
+
+
 def place(x, mesh, spec):
     """Reshards x to `spec` where the mesh has explicit axes (there a sharding is a type that
     shard_map checks, not a hint); elsewhere returns x as it is."""
@@ -71,9 +81,17 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
 
     Returns:
       y: same shape and dtype as x.
-      aux: {"load_balancing_loss": f32[], "router_z_loss": f32[], "tokens_per_expert": i32[E]
-        (routed pairs, before any drop), "num_dropped": i32[] (pairs dropped by the capacity)},
-        all over every token of the mesh.
+      aux: over every token of the mesh:
+        "load_balancing_loss": f32[], the Switch loss over all tokens;
+        "sequence_load_balancing_loss": f32[], the same per sequence, averaged (sequences are
+          x's second-to-last axis when x is [..., S, H]; a [T, H] x is one sequence);
+        "router_z_loss": f32[];
+        "tokens_per_expert": i32[E], pairs the router chose per expert (before any capacity
+          policy; what `jep.balance.update_bias` takes);
+        "expert_imbalance", "rank_imbalance": f32[], max / mean of those pairs over experts and
+          over the EP ranks;
+        "num_dropped": i32[], pairs the capacity dropped; "num_rerouted": i32[], pairs moved
+          to another expert (`DispatchConfig.overflow="reroute"`).
     """
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a jep.MoEConfig, got {type(config)}")
@@ -102,6 +120,9 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
             f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} cannot split evenly")
     capacity = config.dispatch.capacity_for(
         tokens.shape[0] // num_devices, config.top_k, config.num_experts // ep)
+    overflow = config.dispatch.overflow if capacity is not None else "position"
+    local_tokens = tokens.shape[0] // num_devices
+    sequence_length = x.shape[-2] if jnp.ndim(x) >= 3 else tokens.shape[0]
 
     token_axes = tuple(mesh.axis_names)
     token_spec = P(token_axes, None)
@@ -113,6 +134,20 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
         weights, expert_ids = routing.route(
             logits, top_k=config.top_k, score=config.score, num_groups=config.num_groups,
             topk_groups=config.topk_groups, bias=bias, renormalize=config.renormalize)
+        scores = routing.router_scores(logits, config.score)
+        routed_ids = expert_ids
+        num_rerouted = num_policy_dropped = jnp.int32(0)
+        if overflow == "probability":
+            expert_ids, num_policy_dropped = balance.keep_by_probability(
+                expert_ids, weights, capacity=capacity, num_experts=config.num_experts,
+                axis_name=config.axis_name)
+        elif overflow == "reroute":
+            choice = routing.selection_scores(scores, num_groups=config.num_groups,
+                                              topk_groups=config.topk_groups, bias=bias)
+            expert_ids, num_rerouted, num_policy_dropped = balance.reroute(
+                expert_ids, choice, capacity=capacity, num_experts=config.num_experts,
+                axis_name=config.axis_name)
+            weights = _weights_of(scores, expert_ids, config.renormalize)
         weights = weights * config.routed_scaling_factor
         recv_x, group_sizes, handle = dispatch(
             x, expert_ids, num_experts=config.num_experts, axis_name=config.axis_name,
@@ -120,12 +155,20 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
         expert_out = expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down,
                                 activation=config.activation, backend=config.expert_backend)
         y = combine(expert_out, handle, weights)
-        scores = routing.router_scores(logits, config.score)
+        counts = lax.psum(routing.expert_counts(routed_ids, config.num_experts), token_axes)
+        first_token = lax.axis_index(token_axes) * local_tokens
         aux = {
-            "load_balancing_loss": routing.load_balancing_loss(scores, expert_ids, axis_name=token_axes),
+            "load_balancing_loss": routing.load_balancing_loss(scores, routed_ids, axis_name=token_axes),
+            "sequence_load_balancing_loss": balance.sequence_load_balancing_loss(
+                scores, routed_ids, sequence_length=sequence_length,
+                num_sequences=tokens.shape[0] // sequence_length, first_token=first_token,
+                axis_name=token_axes),
             "router_z_loss": routing.router_z_loss(logits, axis_name=token_axes),
-            "tokens_per_expert": lax.psum(routing.expert_counts(expert_ids, config.num_experts), token_axes),
-            "num_dropped": lax.psum(handle.num_dropped, token_axes),
+            "tokens_per_expert": counts,
+            "expert_imbalance": balance.imbalance(counts),
+            "rank_imbalance": balance.imbalance(balance.rank_loads(counts, ep)),
+            "num_dropped": lax.psum(handle.num_dropped + num_policy_dropped, token_axes),
+            "num_rerouted": lax.psum(num_rerouted, token_axes),
         }
         return y, aux
 

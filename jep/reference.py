@@ -23,6 +23,20 @@ def route_token(logits, *, top_k, score="softmax", num_groups=None, topk_groups=
     groups, only the experts of the `topk_groups` groups with the best sum of their two best choice
     scores are eligible; the k best eligible experts win; their weights are the unbiased scores.
     """
+    scores, choice = _scores_and_choice(logits, score, num_groups, topk_groups, bias)
+    expert_ids = jnp.argsort(-choice)[:top_k].astype(jnp.int32)
+    weights = scores[expert_ids]
+    if renormalize:
+        weights = weights / (weights.sum() + 1e-20)
+    return weights, expert_ids
+
+
+def preference_token(logits, *, score="softmax", num_groups=None, topk_groups=None, bias=None):
+    """One token: i32[E], every expert in the order `route_token` ranks them (best first)."""
+    return jnp.argsort(-_scores_and_choice(logits, score, num_groups, topk_groups, bias)[1])
+
+
+def _scores_and_choice(logits, score, num_groups, topk_groups, bias):
     num_experts = logits.shape[0]
     scores = jax.nn.softmax(logits) if score == "softmax" else jax.nn.sigmoid(logits)
     choice = jax.lax.stop_gradient(scores if bias is None else scores + bias)
@@ -33,32 +47,63 @@ def route_token(logits, *, top_k, score="softmax", num_groups=None, topk_groups=
         chosen_groups = jnp.argsort(-best_two)[:topk_groups]
         in_chosen = jnp.isin(jnp.arange(num_experts) // per_group, chosen_groups)
         choice = jnp.where(in_chosen, choice, -jnp.inf)
-    expert_ids = jnp.argsort(-choice)[:top_k].astype(jnp.int32)
-    weights = scores[expert_ids]
-    if renormalize:
-        weights = weights / (weights.sum() + 1e-20)
-    return weights, expert_ids
+    return scores, choice
+
+
+def overflow_pairs(policy: str, expert_ids, weights, preference, *, capacity: int,
+                   num_experts: int, num_chunks: int = 1) -> np.ndarray:
+    """i32[T, k]: where each (token, slot) pair ends up under a capacity policy (-1: dropped),
+    pair by pair in plain numpy (see `jep.balance` for the rules).
+
+    Tokens are split into `num_chunks` consecutive chunks (EP groups), each with its own
+    capacity of `capacity` pairs per expert; a pair's position is its token, then its slot.
+    `preference`: i32[T, E], each token's experts best first (`preference_token`).
+    """
+    ids = np.array(expert_ids, np.int64)
+    weights, preference = np.asarray(weights), np.asarray(preference)
+    num_tokens, top_k = ids.shape
+    per_chunk = num_tokens // num_chunks
+    for chunk in range(num_chunks):
+        tokens = range(chunk * per_chunk, (chunk + 1) * per_chunk)
+        pairs = [(t, j) for t in tokens for j in range(top_k) if 0 <= ids[t, j] < num_experts]
+        if policy == "position":
+            taken = np.zeros(num_experts, int)
+            for t, j in pairs:
+                taken[ids[t, j]] += 1
+                if taken[ids[t, j]] > capacity:
+                    ids[t, j] = -1
+        elif policy == "probability":
+            for e in range(num_experts):
+                to_e = sorted((p for p in pairs if ids[p] == e), key=lambda p: -weights[p])
+                for p in to_e[capacity:]:  # sorted() is stable: ties stay in position order
+                    ids[p] = -1
+        elif policy == "reroute":
+            taken = np.zeros(num_experts, int)
+            next_choice = {t: top_k for t in tokens}
+            pending = pairs
+            while pending:
+                full = []
+                for t, j in pending:
+                    if taken[ids[t, j]] < capacity:
+                        taken[ids[t, j]] += 1
+                    else:
+                        full.append((t, j))
+                pending = []
+                for t, j in full:
+                    if next_choice[t] < num_experts:
+                        ids[t, j] = preference[t, next_choice[t]]
+                        pending.append((t, j))
+                    else:
+                        ids[t, j] = -1
+                    next_choice[t] += 1
+        else:
+            raise ValueError(f"unknown policy {policy!r}")
+    return ids.astype(np.int32)
 
 
 def expert(x, w_gate, w_up, w_down, activation="silu"):
     """One token through one SwiGLU expert: f[H] -> f[H]."""
     return (ACTIVATION_FNS[activation](x @ w_gate) * (x @ w_up)) @ w_down
-
-
-def kept_slots(expert_ids, num_experts: int, capacity: int | None, num_chunks: int = 1):
-    """bool[T, k]: which (token, slot) pairs a per-expert capacity keeps.
-
-    Tokens are split into `num_chunks` equal consecutive chunks, each an independent set of
-    competitors (one data-parallel group); inside a chunk an expert keeps its first `capacity`
-    pairs in token order, then slot order.
-    """
-    if capacity is None:
-        return jnp.ones(expert_ids.shape, bool)
-    chunks = expert_ids.reshape(num_chunks, -1)
-    one_hot = chunks[..., None] == jnp.arange(num_experts)  # [chunks, T/chunks * k, E]
-    before = jnp.cumsum(one_hot, axis=1) - one_hot
-    position = jnp.sum(before * one_hot, axis=-1)
-    return (position < capacity).reshape(expert_ids.shape)
 
 
 def moe(x, params: dict, *, config: MoEConfig, ep_size: int = 1, dp_size: int = 1):
@@ -82,11 +127,29 @@ def moe(x, params: dict, *, config: MoEConfig, ep_size: int = 1, dp_size: int = 
         l, top_k=top_k, score=config.score, num_groups=config.num_groups,
         topk_groups=config.topk_groups, bias=None if bias is None else jnp.asarray(bias, x.dtype),
         renormalize=config.renormalize))(logits)
-    weights = weights * config.routed_scaling_factor
-
     tokens_per_rank = tokens.shape[0] // (ep_size * dp_size)
     capacity = config.dispatch.capacity_for(tokens_per_rank, top_k, num_experts // ep_size)
-    kept = kept_slots(expert_ids, num_experts, capacity, num_chunks=dp_size)
+    routed_ids = expert_ids
+    if capacity is None:
+        kept = jnp.ones(expert_ids.shape, bool)
+    else:
+        # The policy's decisions have no gradient: made in numpy, on values without one.
+        preference = jax.vmap(lambda l: preference_token(
+            l, score=config.score, num_groups=config.num_groups, topk_groups=config.topk_groups,
+            bias=None if bias is None else jnp.asarray(bias, x.dtype)))(logits)
+        decide = lambda ids, w, pref: overflow_pairs(  # noqa: E731
+            config.dispatch.overflow, ids, w, pref, capacity=capacity, num_experts=num_experts,
+            num_chunks=dp_size)
+        expert_ids = jax.pure_callback(
+            decide, jax.ShapeDtypeStruct(expert_ids.shape, jnp.int32),
+            *(jax.lax.stop_gradient(a) for a in (expert_ids, weights, preference)))
+        kept = expert_ids >= 0
+        if config.dispatch.overflow == "reroute":
+            scores = jax.nn.softmax(logits) if config.score == "softmax" else jax.nn.sigmoid(logits)
+            weights = jnp.where(kept, jnp.take_along_axis(scores, jnp.maximum(expert_ids, 0), 1), 0)
+            if config.renormalize:
+                weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    weights = weights * config.routed_scaling_factor
 
     w_gate, w_up, w_down = (jnp.asarray(params[n], x.dtype) for n in ("w_gate", "w_up", "w_down"))
 
@@ -101,14 +164,28 @@ def moe(x, params: dict, *, config: MoEConfig, ep_size: int = 1, dp_size: int = 
     y = jax.vmap(token_output)(tokens, weights, expert_ids, kept)
 
     scores = jax.nn.softmax(logits) if config.score == "softmax" else jax.nn.sigmoid(logits)
-    counts = jnp.zeros(num_experts, jnp.int32).at[expert_ids.reshape(-1)].add(1)
-    fraction = counts / (tokens.shape[0] * top_k)
+
+    def balance_loss(scores, ids):
+        counts = jnp.zeros(num_experts, jnp.int32).at[ids.reshape(-1)].add(1)
+        return num_experts * jnp.sum(counts / ids.size * scores.mean(0))
+
+    counts = jnp.zeros(num_experts, jnp.int32).at[routed_ids.reshape(-1)].add(1)
+    sequence_length = x.shape[-2] if x.ndim >= 3 else tokens.shape[0]
+    num_sequences = tokens.shape[0] // sequence_length
+    per_sequence = [balance_loss(scores[s * sequence_length:(s + 1) * sequence_length],
+                                 routed_ids[s * sequence_length:(s + 1) * sequence_length])
+                    for s in range(num_sequences)]
+    rank_load = counts.reshape(ep_size, -1).sum(1)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     aux = {
-        "load_balancing_loss": num_experts * jnp.sum(fraction * scores.mean(0)),
+        "load_balancing_loss": balance_loss(scores, routed_ids),
+        "sequence_load_balancing_loss": sum(per_sequence) / num_sequences,
         "router_z_loss": jnp.mean(log_z**2),
         "tokens_per_expert": counts,
+        "expert_imbalance": counts.max() / counts.mean(),
+        "rank_imbalance": rank_load.max() / rank_load.mean(),
         "num_dropped": jnp.sum(~kept).astype(jnp.int32),
+        "num_rerouted": jnp.sum(kept & (expert_ids != routed_ids)).astype(jnp.int32),
     }
     return y.reshape(x.shape), aux
 
@@ -165,4 +242,4 @@ def combine(y, owner, weights):
     return out
 
 
-__all__ = ["combine", "dispatch", "expert", "kept_slots", "moe", "route_token"]
+__all__ = ["combine", "dispatch", "expert", "moe", "overflow_pairs", "preference_token", "route_token"]

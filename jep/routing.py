@@ -37,6 +37,17 @@ def _group_mask(choice: jax.Array, num_groups: int, topk_groups: int) -> jax.Arr
     return jnp.repeat(keep, num_experts // num_groups, axis=1)
 
 
+def selection_scores(scores: jax.Array, *, num_groups: int | None = None,
+                     topk_groups: int | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """f32[T, E], what `route` ranks experts by (no gradient): the scores plus the selection
+    bias, -inf outside each token's `topk_groups` best groups under group-limited routing."""
+    choice = scores if bias is None else scores + lax.stop_gradient(bias.astype(jnp.float32))
+    choice = lax.stop_gradient(choice)
+    if num_groups is not None:
+        choice = jnp.where(_group_mask(choice, num_groups, topk_groups), choice, -jnp.inf)
+    return choice
+
+
 def route(
     logits: jax.Array,
     *,
@@ -86,10 +97,7 @@ def route(
         _checks.floating(bias, "bias")
 
     scores = router_scores(logits, score)
-    choice = scores if bias is None else scores + lax.stop_gradient(bias.astype(jnp.float32))
-    choice = lax.stop_gradient(choice)
-    if num_groups is not None:
-        choice = jnp.where(_group_mask(choice, num_groups, topk_groups), choice, -jnp.inf)
+    choice = selection_scores(scores, num_groups=num_groups, topk_groups=topk_groups, bias=bias)
     _, expert_ids = lax.top_k(choice, top_k)
     weights = jnp.take_along_axis(scores, expert_ids, axis=1)
     if renormalize:

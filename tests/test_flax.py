@@ -1,6 +1,7 @@
 """jep.flax.MoE (linen) and jep.nnx.MoE equal jep.moe, and train under a user's jit and mesh."""
 
 import flax
+import optax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,3 +81,52 @@ def test_modules_name_the_hidden_size_they_were_built_for(rng):
         # linen checks the parameter shapes first, with its own clear error.
         with pytest.raises(flax.errors.ScopeParamShapeError, match="router"):
             jep.flax.MoE(config=CONFIG, ffn=FFN).apply({"params": params}, x)
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_modules_carry_and_update_the_selection_bias(rng, explicit):
+    # The bias is state: the modules route with it, move it by the sign rule after a training
+    # call, leave it alone in evaluation, and an optimizer over the parameters never sees it.
+    mesh = make_mesh((2, 4), ("dp", "ep"), explicit=explicit)
+    x = jnp.asarray(rng.normal(size=(64, HIDDEN)), jnp.float32)
+    rate = 0.01
+    with jax.set_mesh(mesh):
+        module = jep.nnx.MoE(HIDDEN, FFN, config=CONFIG, rngs=nnx.Rngs(0), bias_rate=rate)
+        params = {name: p[...] for name, p in module.params.items()}
+        optimizer = nnx.Optimizer(module, optax.sgd(0.1), wrt=nnx.Param)
+
+        @nnx.jit
+        def train_step(module, optimizer, x):
+            grads, aux = nnx.grad(lambda m: (lambda y, a: (jnp.sum(y**2), a))(*m(x)),
+                                  has_aux=True)(module)
+            optimizer.update(module, grads)
+            return aux
+
+        aux = train_step(module, optimizer, x)
+        bias = np.asarray(module.bias[...])
+        np.testing.assert_allclose(
+            bias, jep.update_bias(jnp.zeros(8), aux["tokens_per_expert"], rate=rate))
+        assert np.abs(bias).max() == rate
+        assert not any(isinstance(leaf, jep.nnx.SelectionBias) for leaf in
+                       jax.tree.leaves(nnx.state(module, nnx.Param), is_leaf=lambda v: True))
+        # Evaluation routes with the bias and keeps it.
+        module.eval()
+        y, _ = nnx.jit(lambda m, x: m(x))(module, x)
+        np.testing.assert_array_equal(module.bias[...], bias)
+        params = {name: p[...] for name, p in module.params.items()}
+        want, _ = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(
+            x, params | {"bias": jnp.asarray(bias)})
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+        linen = jep.flax.MoE(config=CONFIG, ffn=FFN, bias_rate=rate)
+        variables = jax.jit(linen.init)(jax.random.key(0), x)
+        np.testing.assert_array_equal(variables["balance"]["bias"], np.zeros(8))
+        (y, aux), state = jax.jit(lambda v, x: linen.apply(v, x, mutable=["balance"]))(
+            variables, x)
+        np.testing.assert_allclose(
+            state["balance"]["bias"],
+            jep.update_bias(jnp.zeros(8), aux["tokens_per_expert"], rate=rate))
+        y_eval, _ = jax.jit(linen.apply)(variables | state, x)  # not mutable: no update
+        want, _ = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(
+            x, nn.unbox(variables)["params"] | {"bias": state["balance"]["bias"]})
+        np.testing.assert_allclose(y_eval, want, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,12 @@ CONFIGS = {
                                       topk_groups=2, routed_scaling_factor=2.5),
     "capacity": jep.MoEConfig(num_experts=8, top_k=2,
                               dispatch=jep.DispatchConfig(capacity_factor=1.0)),
+    "capacity_probability": jep.MoEConfig(
+        num_experts=8, top_k=2, dispatch=jep.DispatchConfig(capacity_factor=1.0,
+                                                            overflow="probability")),
+    "capacity_reroute": jep.MoEConfig(
+        num_experts=16, top_k=4, score="sigmoid", num_groups=4, topk_groups=2,
+        dispatch=jep.DispatchConfig(capacity_factor=1.25, overflow="reroute")),
 }
 MESHES = [((1,), ("ep",)), ((2,), ("ep",)), ((4,), ("ep",)), ((8,), ("ep",)),
           ((2, 4), ("dp", "ep")), ((4, 2), ("dp", "ep"))]
@@ -67,7 +73,9 @@ def assert_matches_reference(got, want, tol):
     assert rel_err(y, want_y) < tol
     np.testing.assert_array_equal(aux["tokens_per_expert"], want_aux["tokens_per_expert"])
     np.testing.assert_array_equal(aux["num_dropped"], want_aux["num_dropped"])
-    for name in ("load_balancing_loss", "router_z_loss"):
+    np.testing.assert_array_equal(aux["num_rerouted"], want_aux["num_rerouted"])
+    for name in ("load_balancing_loss", "sequence_load_balancing_loss", "router_z_loss",
+                 "expert_imbalance", "rank_imbalance"):
         np.testing.assert_allclose(aux[name], want_aux[name], rtol=tol)
     assert rel_err(dx, want_dx) < tol
     for name in ("router", "w_gate", "w_up", "w_down"):
@@ -177,3 +185,19 @@ def test_config_bad_values_raise(kwargs, match):
 def test_dispatch_config_bad_values_raise(kwargs):
     with pytest.raises(ValueError, match="capacity"):
         jep.DispatchConfig(**kwargs)
+
+
+@pytest.mark.parametrize("overflow", ["position", "probability", "reroute"])
+def test_sequences_spanning_ranks_and_overflow_policies_match_reference(rng, overflow):
+    # 2 sequences of 32 tokens on 8 ranks: each sequence spans four ranks, and its
+    # per-sequence balancing loss adds up pieces from all of them.
+    config = jep.MoEConfig(num_experts=8, top_k=2, dispatch=jep.DispatchConfig(
+        capacity_factor=0.75, overflow=overflow))
+    mesh = make_mesh((2, 4), ("dp", "ep"), explicit=False)
+    x, params, cotangent = make_problem(rng, config)
+    x, cotangent = x.reshape(2, 32, HIDDEN), cotangent.reshape(2, 32, HIDDEN)
+    got = run_jep(mesh, config, x, params, cotangent)
+    want = run_reference((2, 4), config, x, params, cotangent)
+    assert_matches_reference(got, want, 1e-5)
+    assert got[0][1][1]["num_dropped"] > 0  # the capacity bites
+    assert (got[0][1][1]["num_rerouted"] > 0) == (overflow == "reroute")
