@@ -72,7 +72,8 @@ class Block(nnx.Module):
             keep_rngs=False, rngs=rngs)
         self.moe_norm = nnx.RMSNorm(args.d_model, rngs=rngs)
         self.moe = jep.nnx.MoE(args.d_model, args.ffn, config=config, shared_ffn=args.shared_ffn,
-                               rngs=rngs)
+                               rngs=rngs,
+                               bias_rate=args.bias_rate if args.balance == "bias" else 0.0)
 
     def __call__(self, x, mask):
         x = x + self.attn(self.attn_norm(x), mask=mask)
@@ -103,7 +104,8 @@ class LM(nnx.Module):
 def loss_fn(model, batch, args):
     logits, aux = model(batch[:, :-1])
     task = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-    total = (task + args.balance_coef * aux["load_balancing_loss"].sum()
+    balance_coef = args.balance_coef if args.balance == "aux" else 0.0
+    total = (task + balance_coef * aux["load_balancing_loss"].sum()
              + args.z_coef * aux["router_z_loss"].sum())
     return total, (task, aux)
 
@@ -112,7 +114,8 @@ def build(args, mesh):
     """Model, optimizer and jitted steps, created sharded on `mesh`."""
     config = jep.MoEConfig(
         num_experts=args.experts, top_k=args.top_k, axis_name="ep",
-        dispatch=jep.DispatchConfig(capacity_factor=args.capacity_factor, backend=args.backend))
+        dispatch=jep.DispatchConfig(capacity_factor=args.capacity_factor, overflow=args.overflow,
+                                    backend=args.backend))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, warmup_steps=args.warmup, decay_steps=max(args.steps, args.warmup + 1),
         end_value=args.lr / 10)
@@ -142,8 +145,12 @@ def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
 
+# What a checkpoint keeps of the model: its parameters and the MoE layers' selection biases.
+MODEL_STATE = (nnx.Param, jep.nnx.SelectionBias)
+
+
 def save(manager, step, model, optimizer, history):
-    state = {"model": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+    state = {"model": nnx.state(model, MODEL_STATE), "optimizer": nnx.state(optimizer)}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                               history=ocp.args.JsonSave(history)))
     manager.wait_until_finished()
@@ -152,7 +159,7 @@ def save(manager, step, model, optimizer, history):
 def restore(manager, model, optimizer) -> tuple[int, dict]:
     """Loads the latest checkpoint into model and optimizer (keeping their shardings)."""
     step = manager.latest_step()
-    target = {"model": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+    target = {"model": nnx.state(model, MODEL_STATE), "optimizer": nnx.state(optimizer)}
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), history=ocp.args.JsonRestore()))
     nnx.update(model, restored["state"]["model"])
@@ -178,12 +185,18 @@ def parse_args(argv=None):
     a("--dp", type=int, default=2, help="data-parallel mesh axis size")
     a("--ep", type=int, default=4, help="expert-parallel mesh axis size")
     a("--capacity-factor", type=float, default=None, help="per-expert capacity factor; default dropless")
+    a("--overflow", default="position", choices=jep.balance.OVERFLOW,
+      help="with a capacity: drop by position, drop the lowest router probability, or reroute")
     a("--backend", default="auto", choices=("auto",) + jep.transport.names(), help="dispatch transport")
     a("--lr", type=float, default=3e-3, help="peak learning rate")
     a("--warmup", type=int, default=30, help="linear warm-up steps")
     a("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     a("--clip", type=float, default=1.0, help="gradient clipping by global norm")
-    a("--balance-coef", type=float, default=1e-2, help="weight of the load-balancing loss (per layer)")
+    a("--balance", default="aux", choices=("aux", "bias", "none"),
+      help="load balancing: the Switch loss (aux), DeepSeek-V3's aux-loss-free selection bias "
+           "(bias), or neither")
+    a("--balance-coef", type=float, default=1e-2, help="weight of the load-balancing loss (per layer; --balance aux)")
+    a("--bias-rate", type=float, default=1e-3, help="step of the selection-bias rule (--balance bias)")
     a("--z-coef", type=float, default=1e-3, help="weight of the router z-loss (per layer)")
     a("--corpus-mb", type=float, default=4.0, help="megabytes of standard-library source to read")
     a("--eval-every", type=int, default=100, help="steps between held-out evaluations")
@@ -219,9 +232,11 @@ def make_mesh(args):
 
 def evaluate(eval_step, model, held_out, args, sharding) -> float:
     key = jax.random.key(args.seed + 1)  # the same held-out batches every time
+    model.eval()  # the selection bias (--balance bias) is used, not updated
     losses = [eval_step(model, jax.device_put(sample_batch(held_out, jax.random.fold_in(key, i),
                                                            args.batch, args.seq_len), sharding))
               for i in range(args.eval_batches)]
+    model.train()
     return float(np.mean(losses))
 
 
@@ -230,7 +245,7 @@ def plot(history: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_load) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_load, ax_imbalance) = plt.subplots(1, 3, figsize=(16, 4))
     ax_loss.plot(history["step"], history["loss"], label="train", lw=0.8)
     if history["eval_step"]:
         ax_loss.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out")
@@ -242,6 +257,11 @@ def plot(history: dict, path: str) -> None:
                            extent=(history["step"][0], history["step"][-1], -0.5, share.shape[1] - 0.5))
     ax_load.set(xlabel="step", ylabel="expert", title="share of tokens per expert (block 0)")
     fig.colorbar(image, ax=ax_load)
+    imbalance = load.max(-1) / np.maximum(load.mean(-1), 1e-9)  # [steps, layers]
+    for layer in range(imbalance.shape[1]):
+        ax_imbalance.plot(history["step"], imbalance[:, layer], lw=0.8, label=f"block {layer}")
+    ax_imbalance.set(xlabel="step", ylabel="max / mean tokens per expert", title="imbalance")
+    ax_imbalance.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

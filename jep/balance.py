@@ -9,10 +9,11 @@ Capacity policies (`OVERFLOW`), for a capacity of c rows per expert and EP group
   rest dropped (GShard; what `jep.dispatch` does by itself);
 - "probability": the c pairs of highest router weight are kept (ties by position);
 - "reroute": a pair whose expert is full moves to its token's next-best expert (by the
-  selection scores) that it does not use yet, in rounds, until every pair has a place or has
-  tried every expert. Pairs placed in a round are never displaced, so a pair is dropped only
-  when every expert its token does not already use is full: nothing is dropped when
-  pairs <= (E - k + 1) * c over the EP group.
+  selection scores) that it does not use yet and that has room, in rounds: each round the
+  arriving pairs are taken in position order while there is room, and those turned away go on
+  to their next open expert. Pairs placed in a round are never displaced, and a full expert
+  stays full, so a pair is dropped only when every expert its token does not already use is
+  full: nothing is dropped when pairs <= (E - k + 1) * c over the EP group.
 
 Nothing here builds a [T, E, capacity] tensor; the policies work on the EP group's pairs
 (n * T * k of them) and per-expert counts (E).
@@ -20,8 +21,13 @@ Nothing here builds a [T, E, capacity] tensor; the policies work on the EP group
 
 from __future__ import annotations
 
+import functools
+import heapq
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jep import _checks
@@ -159,12 +165,19 @@ def reroute(expert_ids, choice, *, capacity: int, num_experts: int, axis_name):
         fits = place < room[arriving]  # [n * T * k]; never for no expert
         taken = taken + expert_counts(jnp.where(fits, arriving, num_experts), num_experts)
         full = pending & ~_mine(fits, axis_name, ids.size).reshape(ids.shape)
-        # A token's pairs that found their expert full take its next candidates, in slot order.
-        candidate = next_choice[:, None] + jnp.cumsum(full, axis=1, dtype=jnp.int32) - 1
-        moved = jnp.take_along_axis(preference, jnp.minimum(candidate, num_experts - 1), axis=1)
-        ids = jnp.where(full, jnp.where(candidate < num_experts, moved, -1), ids)
-        pending = full & (candidate < num_experts)
-        next_choice = next_choice + jnp.sum(full, axis=1, dtype=jnp.int32)
+        # The m-th of a token's pairs that found their expert full takes the m-th expert, in
+        # the token's order from its pointer on, that has room now (others may take it first;
+        # then the pair tries again next round).
+        open_ = (taken < capacity)[preference] & (
+            jnp.arange(num_experts, dtype=jnp.int32) >= next_choice[:, None])
+        open_count = jnp.cumsum(open_, axis=1, dtype=jnp.int32)  # [T, E]
+        nth = jnp.cumsum(full, axis=1, dtype=jnp.int32)  # [T, k], 1-based among the full
+        column = jax.vmap(lambda row, n: jnp.searchsorted(row, n, side="left"))(open_count, nth)
+        moved = jnp.take_along_axis(preference, jnp.minimum(column, num_experts - 1), axis=1)
+        ids = jnp.where(full, jnp.where(column < num_experts, moved, -1), ids)
+        pending = full & (column < num_experts)
+        last = jnp.max(jnp.where(full, column + 1, 0), axis=1)
+        next_choice = jnp.where(jnp.any(full, axis=1), jnp.minimum(last, num_experts), next_choice)
         return ids, pending, next_choice, taken, lax.psum(jnp.sum(pending), axis_name)
 
     # The first round outside the loop: its results carry the mesh-axis types the loop keeps.
@@ -174,3 +187,202 @@ def reroute(expert_ids, choice, *, capacity: int, num_experts: int, axis_name):
     num_rerouted = jnp.sum(valid & (ids != expert_ids) & (ids >= 0), dtype=jnp.int32)
     num_dropped = jnp.sum(valid & (ids < 0), dtype=jnp.int32)
     return ids, num_rerouted, num_dropped
+
+
+# --- replicated experts (EPLB) ---------------------------------------------------------------
+
+class Placement(NamedTuple):
+    """Logical experts on physical slots: P = E + R slots, rank r holding slots
+    [r * P / n, (r + 1) * P / n) (as an [P, ...] array sharded over the EP axis).
+
+    A pytree of arrays whose shapes depend only on (E, R): a new placement of the same sizes
+    passes through `jax.jit` without recompiling.
+
+    Attributes:
+      physical_to_logical: i32[P], the logical expert in each slot.
+      logical_to_physical: i32[E, R + 1], each expert's slots, -1 past its count.
+      replica_count: i32[E], slots per expert (1 + its redundant replicas).
+    """
+
+    physical_to_logical: np.ndarray
+    logical_to_physical: np.ndarray
+    replica_count: np.ndarray
+
+    @property
+    def num_physical(self) -> int:
+        return len(self.physical_to_logical)
+
+
+def identity_placement(num_experts: int) -> Placement:
+    """Every expert in its own slot, in order: what no replicas means."""
+    slots = np.arange(num_experts, dtype=np.int32)
+    return Placement(slots, slots[:, None].copy(), np.ones(num_experts, np.int32))
+
+
+def check_placement(placement, num_experts: int, num_ranks: int) -> int:
+    """Raises a ValueError naming what does not fit; returns R, the redundant replicas."""
+    if not isinstance(placement, Placement):
+        raise TypeError(f"placement must be a jep.balance.Placement, got {type(placement)}")
+    num_physical = placement.physical_to_logical.shape[0]
+    if placement.replica_count.shape != (num_experts,) or placement.logical_to_physical.shape != (
+            num_experts, num_physical - num_experts + 1):
+        raise ValueError(
+            f"placement is for {placement.replica_count.shape[0]} experts and "
+            f"{num_physical} slots; the layer has E={num_experts} (logical_to_physical must be "
+            f"[E, P - E + 1])")
+    if num_physical % num_ranks:
+        raise ValueError(f"placement has {num_physical} slots, not divisible by the {num_ranks} "
+                         "ranks of the EP axis")
+    return num_physical - num_experts
+
+
+def place_experts(load, *, num_replicas: int, num_ranks: int,
+                  num_nodes: int | None = None) -> Placement:
+    """Places E logical experts on E + R physical slots over n ranks so that rank loads are even.
+
+    Host-side (numpy), between steps. First the R redundant replicas go, one at a time, to the
+    expert with the highest load per copy; each copy then carries load / copies. Then the copies
+    are packed heaviest first, each on the rank with the least load that has a free slot and no
+    copy of the same expert yet where one exists (longest-processing-time packing). With
+    `num_nodes`, copies are first packed that way onto nodes, then within each node onto its
+    ranks (traffic stays inside nodes when it can).
+
+    Args:
+      load: f[E] per-expert load (token counts), or f[steps, E], a history (summed).
+      num_replicas: R >= 0 redundant copies; E + R must be divisible by n.
+      num_ranks: n, the size of the EP axis.
+      num_nodes: optional number of nodes, dividing n.
+    """
+    load = np.asarray(load, np.float64)
+    if load.ndim == 2:
+        load = load.sum(0)
+    if load.ndim != 1:
+        raise ValueError(f"load must be [E] or [steps, E], got shape {load.shape}")
+    num_experts = load.shape[0]
+    if num_replicas < 0 or (num_experts + num_replicas) % num_ranks:
+        raise ValueError(f"num_replicas={num_replicas} must be >= 0 with E + R = "
+                         f"{num_experts + num_replicas} divisible by num_ranks={num_ranks}")
+    if num_nodes is not None and (num_nodes < 1 or num_ranks % num_nodes):
+        raise ValueError(f"num_nodes={num_nodes} must divide num_ranks={num_ranks}")
+    count = np.ones(num_experts, np.int64)
+    heap = [(-load[e], e) for e in range(num_experts)]
+    heapq.heapify(heap)
+    for _ in range(num_replicas):
+        _, e = heapq.heappop(heap)
+        count[e] += 1
+        heapq.heappush(heap, (-load[e] / count[e], e))
+    copies = [(load[e] / count[e], e) for e in range(num_experts) for _ in range(count[e])]
+    copies.sort(key=lambda c: (-c[0], c[1]))
+    slots_per_rank = (num_experts + num_replicas) // num_ranks
+    if num_nodes is None:
+        ranks = _pack(copies, num_ranks, slots_per_rank)
+    else:
+        per_node = num_ranks // num_nodes
+        ranks = [[] for _ in range(num_ranks)]
+        for node, members in enumerate(_pack(copies, num_nodes, slots_per_rank * per_node)):
+            members.sort(key=lambda c: (-c[0], c[1]))
+            for i, held in enumerate(_pack(members, per_node, slots_per_rank)):
+                ranks[node * per_node + i] = held
+    physical_to_logical = np.array([e for held in ranks for _, e in held], np.int32)
+    logical_to_physical = np.full((num_experts, num_replicas + 1), -1, np.int32)
+    filled = np.zeros(num_experts, np.int64)
+    for slot, e in enumerate(physical_to_logical):
+        logical_to_physical[e, filled[e]] = slot
+        filled[e] += 1
+    return Placement(physical_to_logical, logical_to_physical, count.astype(np.int32))
+
+
+def _pack(copies, num_bins: int, slots: int):
+    """Longest-processing-time packing of (load, expert) copies, heaviest first, into
+    `num_bins` bins of `slots` each; a bin that already holds the expert is avoided when
+    another with room exists."""
+    bins = [[] for _ in range(num_bins)]
+    totals = np.zeros(num_bins)
+    for weight, e in copies:
+        open_bins = [b for b in range(num_bins) if len(bins[b]) < slots]
+        fresh = [b for b in open_bins if all(held != e for _, held in bins[b])] or open_bins
+        b = min(fresh, key=lambda b: (totals[b], b))
+        bins[b].append((weight, e))
+        totals[b] += weight
+    return bins
+
+
+def rank_load_of(placement: Placement, load, num_ranks: int) -> np.ndarray:
+    """f[n]: the load each rank gets under `placement` when an expert's tokens are spread evenly
+    over its copies."""
+    load = np.asarray(load, np.float64)
+    load = load.sum(0) if load.ndim == 2 else load
+    per_copy = load[placement.physical_to_logical] / placement.replica_count[
+        placement.physical_to_logical]
+    return per_copy.reshape(num_ranks, -1).sum(1)
+
+
+def replica_ids(expert_ids, placement: Placement, first_pair=0):
+    """i32[T, k]: the physical slot each pair goes to, spreading an expert's pairs over its
+    copies in turn (by the pair's global position `first_pair + t * k + j`); empty slots stay
+    empty (-1)."""
+    num_experts = placement.replica_count.shape[0]
+    valid = (expert_ids >= 0) & (expert_ids < num_experts)
+    e = jnp.where(valid, expert_ids, 0)
+    position = first_pair + jnp.arange(expert_ids.size, dtype=jnp.int32).reshape(expert_ids.shape)
+    copy = position % jnp.asarray(placement.replica_count)[e]
+    return jnp.where(valid, jnp.asarray(placement.logical_to_physical)[e, copy], -1)
+
+
+def sum_replica_gradients(grads, placement: Placement, *, axis_name):
+    """Gradients of [P_local, ...] expert slots -> each slot holds the sum over all copies of its
+    logical expert (what the logical expert's gradient is; every copy then takes the same step).
+
+    Inside `shard_map` over `axis_name`, each leaf this rank's slots (a block of P / n). Only
+    the replicated experts are reduced over the axis: a psum of [R, ...] per leaf.
+    """
+    num_experts = placement.replica_count.shape[0]
+    num_replicas = placement.physical_to_logical.shape[0] - num_experts
+    if num_replicas == 0:
+        return grads
+    count = jnp.asarray(placement.replica_count)
+    replicated = count > 1
+    # Each replicated expert's row in the [R, ...] buffer (at most R experts have copies).
+    row_of = jnp.where(replicated, jnp.cumsum(replicated) - 1, num_replicas)
+    rank = lax.axis_index(axis_name)
+
+    def one(g):
+        local = g.shape[0]
+        logical = lax.dynamic_slice_in_dim(jnp.asarray(placement.physical_to_logical),
+                                           rank * local, local)
+        rows = row_of[logical]
+        total = jnp.zeros((num_replicas,) + g.shape[1:], g.dtype).at[rows].add(g, mode="drop")
+        total = lax.psum(total, axis_name)
+        summed = jnp.take(total, jnp.minimum(rows, num_replicas - 1), axis=0)
+        keep = (rows >= num_replicas).reshape((local,) + (1,) * (g.ndim - 1))
+        return jnp.where(keep, g, summed)
+
+    return jax.tree.map(one, grads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tie_copies(weights, placement: Placement, axis_name):
+    """The identity on [P_local, ...] expert-slot weights (inside `shard_map` over `axis_name`)
+    whose gradient is `sum_replica_gradients` of the slots' own: every copy of an expert gets
+    its logical expert's gradient, so copies that start equal stay equal under any optimizer."""
+    return weights
+
+
+def _tie_fwd(weights, placement, axis_name):
+    return weights, placement
+
+
+def _tie_bwd(axis_name, placement, grad):
+    return sum_replica_gradients(grad, placement, axis_name=axis_name), None
+
+
+tie_copies.defvjp(_tie_fwd, _tie_bwd)
+
+
+def move_experts(tree, old: Placement, new: Placement):
+    """Expert-slot arrays ([P, ...] leaves: weights, optimizer moments) laid out for `new`:
+    each new slot takes the values of a slot of its logical expert under `old`. Call between
+    steps (jitted, the leaves sharded over the EP axis); copies of one expert hold the same
+    values when their gradients were summed (`sum_replica_gradients`)."""
+    source = jnp.asarray(old.logical_to_physical)[jnp.asarray(new.physical_to_logical), 0]
+    return jax.tree.map(lambda leaf: jnp.take(leaf, source, axis=0), tree)

@@ -32,7 +32,7 @@ def init_params(key, *, hidden: int, ffn: int, config: MoEConfig, dtype=jnp.floa
     }
 
 
-def _check_params(params, hidden, config):
+def _check_params(params, hidden, config, num_slots):
     for name in ("router",) + EXPERT_PARAMS:
         if name not in params:
             raise ValueError(f"params must hold {name!r}; got keys {sorted(params)}")
@@ -40,9 +40,9 @@ def _check_params(params, hidden, config):
     _checks.shape(params["router"], (hidden, num_experts), "params['router']")
     _checks.rank(params["w_gate"], 3, "params['w_gate']")
     ffn = params["w_gate"].shape[2]
-    _checks.shape(params["w_gate"], (num_experts, hidden, ffn), "params['w_gate']")
-    _checks.shape(params["w_up"], (num_experts, hidden, ffn), "params['w_up']")
-    _checks.shape(params["w_down"], (num_experts, ffn, hidden), "params['w_down']")
+    _checks.shape(params["w_gate"], (num_slots, hidden, ffn), "params['w_gate']")
+    _checks.shape(params["w_up"], (num_slots, hidden, ffn), "params['w_up']")
+    _checks.shape(params["w_down"], (num_slots, ffn, hidden), "params['w_down']")
     if params.get("bias") is not None:
         _checks.shape(params["bias"], (num_experts,), "params['bias']")
 
@@ -65,7 +65,7 @@ def place(x, mesh, spec):
     return x
 
 
-def moe(x, params: dict, *, config: MoEConfig, mesh=None):
+def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
     """One routed-expert MoE layer with experts sharded over `config.axis_name`.
 
     Tokens are split over every axis of the mesh (in mesh order), experts over the EP axis; each
@@ -78,6 +78,12 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
       config: `MoEConfig`.
       mesh: a `jax.sharding.Mesh` holding `config.axis_name`; default: the mesh set with
         `jax.set_mesh`/`jax.sharding.use_mesh`.
+      placement: optional `jep.balance.Placement` of the E logical experts on P = E + R
+        physical slots (replicated hot experts). The expert weights are then per slot
+        ([P, H, F] and [P, F, H], sharded over the EP axis), each token's pair goes to one copy
+        of its expert (copies taken in turn), and the gradient of every copy is its logical
+        expert's (the sum over its copies, `jep.balance.sum_replica_gradients`), so copies
+        stay equal. Capacity applies per slot; only the "position" overflow policy.
 
     Returns:
       y: same shape and dtype as x.
@@ -111,7 +117,13 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
     if jnp.ndim(x) < 1:
         raise ValueError(f"x must have shape [..., H], got {jnp.shape(x)}")
     hidden = x.shape[-1]
-    _check_params(params, hidden, config)
+    num_slots = config.num_experts
+    if placement is not None:
+        num_slots += balance.check_placement(placement, config.num_experts, ep)
+        if config.dispatch.overflow != "position":
+            raise ValueError(f"placement works with DispatchConfig.overflow='position' only, got "
+                             f"{config.dispatch.overflow!r}")
+    _check_params(params, hidden, config, num_slots)
     tokens = x.reshape(-1, hidden)
     num_devices = mesh.size
     if tokens.shape[0] % num_devices:
@@ -119,7 +131,7 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
             f"x has {tokens.shape[0]} tokens, which the {num_devices} devices of the mesh "
             f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} cannot split evenly")
     capacity = config.dispatch.capacity_for(
-        tokens.shape[0] // num_devices, config.top_k, config.num_experts // ep)
+        tokens.shape[0] // num_devices, config.top_k, num_slots // ep)
     overflow = config.dispatch.overflow if capacity is not None else "position"
     local_tokens = tokens.shape[0] // num_devices
     sequence_length = x.shape[-2] if jnp.ndim(x) >= 3 else tokens.shape[0]
@@ -129,7 +141,7 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
     expert_spec = P(config.axis_name, None, None)
     bias = params.get("bias")
 
-    def layer(x, router, w_gate, w_up, w_down, bias):
+    def layer(x, router, w_gate, w_up, w_down, bias, placement):
         logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
         weights, expert_ids = routing.route(
             logits, top_k=config.top_k, score=config.score, num_groups=config.num_groups,
@@ -149,14 +161,22 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
                 axis_name=config.axis_name)
             weights = _weights_of(scores, expert_ids, config.renormalize)
         weights = weights * config.routed_scaling_factor
+        first_token = lax.axis_index(token_axes) * local_tokens
+        slot_ids = expert_ids
+        if placement is not None:
+            slot_ids = balance.replica_ids(expert_ids, placement, first_token * config.top_k)
         recv_x, group_sizes, handle = dispatch(
-            x, expert_ids, num_experts=config.num_experts, axis_name=config.axis_name,
+            x, slot_ids, num_experts=num_slots, axis_name=config.axis_name,
             capacity=capacity, backend=config.dispatch.backend)
+        if placement is not None:
+            w_gate, w_up, w_down = (balance.tie_copies(w, placement, config.axis_name)
+                                    for w in (w_gate, w_up, w_down))
         expert_out = expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down,
                                 activation=config.activation, backend=config.expert_backend)
         y = combine(expert_out, handle, weights)
         counts = lax.psum(routing.expert_counts(routed_ids, config.num_experts), token_axes)
-        first_token = lax.axis_index(token_axes) * local_tokens
+        slot_counts = counts if placement is None else lax.psum(
+            routing.expert_counts(slot_ids, num_slots), token_axes)
         aux = {
             "load_balancing_loss": routing.load_balancing_loss(scores, routed_ids, axis_name=token_axes),
             "sequence_load_balancing_loss": balance.sequence_load_balancing_loss(
@@ -166,16 +186,19 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None):
             "router_z_loss": routing.router_z_loss(logits, axis_name=token_axes),
             "tokens_per_expert": counts,
             "expert_imbalance": balance.imbalance(counts),
-            "rank_imbalance": balance.imbalance(balance.rank_loads(counts, ep)),
+            "rank_imbalance": balance.imbalance(balance.rank_loads(slot_counts, ep)),
             "num_dropped": lax.psum(handle.num_dropped + num_policy_dropped, token_axes),
             "num_rerouted": lax.psum(num_rerouted, token_axes),
         }
         return y, aux
 
-    args = (tokens, params["router"], params["w_gate"], params["w_up"], params["w_down"], bias)
+    args = (tokens, params["router"], params["w_gate"], params["w_up"], params["w_down"], bias,
+            placement)
     specs = (token_spec, P(None, None), expert_spec, expert_spec, expert_spec,
-             None if bias is None else P(None))
-    args = tuple(a if a is None else place(a, mesh, s) for a, s in zip(args, specs))
+             None if bias is None else P(None),
+             None if placement is None else P())  # a spec for every leaf of the placement
+    args = tuple(a if a is None else jax.tree.map(lambda leaf, s=s: place(jnp.asarray(leaf), mesh, s), a)
+                 for a, s in zip(args, specs))
     # jit: called eagerly, the layer still runs as one program rather than op by op.
     y, aux = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=specs, out_specs=(token_spec, P())))(*args)
     return y.reshape(x.shape), aux

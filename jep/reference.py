@@ -89,7 +89,10 @@ def overflow_pairs(policy: str, expert_ids, weights, preference, *, capacity: in
                     else:
                         full.append((t, j))
                 pending = []
-                for t, j in full:
+                for t, j in full:  # each goes on to its token's next expert with room now
+                    while (next_choice[t] < num_experts
+                           and taken[preference[t, next_choice[t]]] >= capacity):
+                        next_choice[t] += 1
                     if next_choice[t] < num_experts:
                         ids[t, j] = preference[t, next_choice[t]]
                         pending.append((t, j))

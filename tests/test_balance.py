@@ -149,3 +149,116 @@ def test_load_statistics():
 def test_overflow_is_checked():
     with pytest.raises(ValueError, match="overflow"):
         jep.DispatchConfig(capacity=2, overflow="spill")
+
+
+def zipf_load(rng, num_experts, scale=1e5):
+    return scale / (1.0 + rng.permutation(num_experts))
+
+
+@pytest.mark.parametrize("num_replicas, num_nodes", [(8, None), (16, None), (32, 2), (64, 4)])
+def test_placement_of_a_zipf_load_is_within_10_percent_of_the_best_possible(rng, num_replicas,
+                                                                            num_nodes):
+    num_experts, num_ranks = 64, 8
+    load = zipf_load(rng, num_experts)
+    placement = balance.place_experts(load, num_replicas=num_replicas, num_ranks=num_ranks,
+                                      num_nodes=num_nodes)
+    slots = num_experts + num_replicas
+    assert placement.physical_to_logical.shape == (slots,)
+    assert np.bincount(placement.physical_to_logical, minlength=num_experts).tolist() == \
+        placement.replica_count.tolist()
+    for e in range(num_experts):  # each expert's slots, listed once each
+        listed = placement.logical_to_physical[e]
+        assert sorted(listed[listed >= 0]) == np.flatnonzero(placement.physical_to_logical == e).tolist()
+    # The best any placement with these copies can do: the mean rank load, or the heaviest copy.
+    rank_load = balance.rank_load_of(placement, load, num_ranks)
+    best = max(load.sum() / num_ranks, (load / placement.replica_count).max())
+    assert rank_load.max() <= 1.10 * best
+    without = balance.rank_load_of(balance.identity_placement(num_experts), load, num_ranks)
+    assert rank_load.max() < without.max()
+    if num_nodes is None and placement.replica_count.max() <= num_ranks:
+        # Copies of one expert sit on different ranks (where there are enough of them).
+        per_rank = placement.physical_to_logical.reshape(num_ranks, -1)
+        assert all(len(set(row)) == len(row) for row in per_rank)
+
+
+def test_placement_rejects_what_does_not_fit():
+    with pytest.raises(ValueError, match="divisible by num_ranks"):
+        balance.place_experts(np.ones(8), num_replicas=3, num_ranks=4)
+    with pytest.raises(ValueError, match="num_nodes"):
+        balance.place_experts(np.ones(8), num_replicas=0, num_ranks=4, num_nodes=3)
+    with pytest.raises(ValueError, match="load"):
+        balance.place_experts(np.ones((2, 2, 2)), num_replicas=0, num_ranks=2)
+
+
+@pytest.mark.parametrize("mesh_shape, names", [((4,), ("ep",)), ((2, 4), ("dp", "ep"))])
+def test_replicated_experts_give_the_same_layer_and_gradients(rng, mesh_shape, names):
+    # Physical slots holding copies of the logical weights: the output and every gradient equal
+    # the layer's without replicas.
+    num_experts, num_replicas, hidden, ffn = 8, 4, 8, 12
+    mesh = make_mesh(mesh_shape, names, explicit=False)
+    config = jep.MoEConfig(num_experts=num_experts, top_k=2,
+                           dispatch=jep.DispatchConfig(backend="reference"))
+    params = jep.init_params(jax.random.key(int(rng.integers(2**31))), hidden=hidden, ffn=ffn,
+                             config=config)
+    params["router"] = params["router"] * 50
+    x = jnp.asarray(rng.normal(size=(64, hidden)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(64, hidden)), jnp.float32)
+    placement = balance.place_experts(zipf_load(rng, num_experts), num_replicas=num_replicas,
+                                      num_ranks=4)
+    assert placement.replica_count.max() > 1
+    experts = ("w_gate", "w_up", "w_down")
+    slots = {k: (v[placement.physical_to_logical] if k in experts else v) for k, v in params.items()}
+
+    def loss(p, placement):
+        y, aux = jep.moe(x, p, config=config, mesh=mesh, placement=placement)
+        return jnp.sum(y * cotangent) + aux["load_balancing_loss"], (y, aux)
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, (want_y, want_aux)), want = grad(params, None)
+    (_, (y, aux)), got = grad(slots, placement)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(aux["tokens_per_expert"], want_aux["tokens_per_expert"])
+    np.testing.assert_allclose(got["router"], want["router"], rtol=1e-5, atol=1e-6)
+    for k in experts:  # every copy's gradient is its logical expert's
+        np.testing.assert_allclose(got[k], np.asarray(want[k])[placement.physical_to_logical],
+                                   rtol=1e-5, atol=1e-6)
+    # Each copy's own share of it differs from its sibling's; sum_replica_gradients adds the
+    # shares up over the EP axis.
+    hot = int(np.argmax(placement.replica_count))
+    first, second = placement.logical_to_physical[hot, :2]
+    shares = np.zeros(np.shape(got["w_up"]), np.float32)  # [P, H, F]
+    shares[first] = 1.0
+    shares[second] = 2.0
+    summed = jax.jit(jax.shard_map(
+        lambda g, pl: balance.sum_replica_gradients(g, pl, axis_name="ep"), mesh=mesh,
+        in_specs=(P("ep"), P()), out_specs=P("ep")))(jnp.asarray(shares),
+                                                     jax.tree.map(jnp.asarray, placement))
+    np.testing.assert_array_equal(summed[first], np.full(shares.shape[1:], 3.0))
+    np.testing.assert_array_equal(summed[second], np.full(shares.shape[1:], 3.0))
+    others = np.delete(np.arange(len(shares)), placement.logical_to_physical[hot][
+        placement.logical_to_physical[hot] >= 0])
+    assert not np.asarray(summed)[others].any()
+
+
+def test_move_experts_lays_slots_out_for_a_new_placement(rng):
+    num_experts = 8
+    old = balance.place_experts(zipf_load(rng, num_experts), num_replicas=4, num_ranks=4)
+    new = balance.place_experts(zipf_load(rng, num_experts), num_replicas=4, num_ranks=4)
+    logical = rng.normal(size=(num_experts, 3, 2)).astype(np.float32)
+    state = {"w": logical[old.physical_to_logical], "mu": 2 * logical[old.physical_to_logical]}
+    moved = balance.move_experts(state, old, new)
+    np.testing.assert_array_equal(moved["w"], logical[new.physical_to_logical])
+    np.testing.assert_array_equal(moved["mu"], 2 * logical[new.physical_to_logical])
+
+
+def test_bad_placement_is_named():
+    mesh = make_mesh((4,), ("ep",), explicit=False)
+    config = jep.MoEConfig(num_experts=8, top_k=2)
+    params = jep.init_params(jax.random.key(0), hidden=8, ffn=4, config=config)
+    x = jnp.zeros((16, 8))
+    with pytest.raises(ValueError, match=r"w_gate'\] must have shape \(12, 8, 4\)"):  # per slot
+        jep.moe(x, params, config=config, mesh=mesh,
+                placement=balance.place_experts(np.ones(8), num_replicas=4, num_ranks=4))
+    with pytest.raises(ValueError, match="not divisible"):
+        jep.moe(x, params, config=config, mesh=mesh,
+                placement=balance.place_experts(np.ones(8), num_replicas=2, num_ranks=2))

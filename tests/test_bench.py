@@ -15,11 +15,14 @@ from jep.bench import layer, workloads
 
 def test_cpu_smoke_run_of_every_suite_writes_json_table_and_plots(tmp_path, capsys):
     results = bench.main(["all", "--tokens", "8,16", "--hidden", "16", "--ffn", "8", "--experts", "8",
-                          "--topk", "2", "--gemm-shapes", "32x16x8x4", "--iters", "2", "--repeats", "1",
+                          "--topk", "2", "--gemm-shapes", "32x16x8x4", "--experts-sweep", "8,16",
+                          "--iters", "2", "--repeats", "1",
                           "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["environment"]["jax"] == jax.__version__ and saved["results"]
-    assert {r["suite"] for r in results} == {"transport", "gemm", "layer"}
+    assert {r["suite"] for r in results} == {"transport", "gemm", "layer", "routing"}
+    assert {r["op"] for r in results if r["suite"] == "routing"} == {
+        "route", "layout + stats", "route + layout", "reroute"}
     timed = [r for r in results if "seconds" in r]
     assert all(r["seconds"] > 0 for r in timed)
     variants = {r["variant"] for r in results if r["suite"] == "transport"}

@@ -58,8 +58,14 @@ def test_loss_decreases_and_plot_and_metrics_are_written(example, tmp_path):
     assert (tmp_path / "metrics.json").exists()
 
 
-def test_checkpoint_round_trip_continues_training_identically(example, tmp_path):
-    common = TINY + ["--ckpt-every", "3", "--eval-every", "100", "--out", str(tmp_path)]
+@pytest.mark.parametrize("balance", [
+    [],
+    # The selection bias is state the checkpoint must keep; reroute under a tight capacity.
+    ["--balance", "bias", "--bias-rate", "0.01", "--capacity-factor", "0.8", "--overflow",
+     "reroute"],
+], ids=["aux-loss", "bias-reroute"])
+def test_checkpoint_round_trip_continues_training_identically(example, tmp_path, balance):
+    common = TINY + balance + ["--ckpt-every", "3", "--eval-every", "100", "--out", str(tmp_path)]
     straight = example.train(example.parse_args(common + ["--steps", "6"]))
     # Throw away the last checkpoint: resume from step 3 and train steps 3..5 again.
     shutil.rmtree(tmp_path / "checkpoints" / "6")

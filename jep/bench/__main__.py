@@ -1,4 +1,4 @@
-"""python -m jep.bench transport|gemm|layer|all|tune [flags]; see `--help`.
+"""python -m jep.bench transport|gemm|layer|routing|all|tune [flags]; see `--help`.
 
 `tune` (GPU only, not part of `all`) times the Pallas grouped GEMM's candidate configurations on
 the --gemm-shapes and writes the tuning table the fastest make (OUT/table.json)."""
@@ -17,9 +17,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jep.bench import gemm, layer, report, timing, transport, tune, workloads  # noqa: E402
+from jep.bench import gemm, layer, report, routing, timing, transport, tune, workloads  # noqa: E402
 
-SUITES = ("transport", "gemm", "layer")
+SUITES = ("transport", "gemm", "layer", "routing")
 
 
 def _ints(text):
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     a("--routing", default="uniform", choices=workloads.ROUTINGS, help="routing of tokens (and group sizes)")
     a("--gemm-shapes", type=_shapes, default=_shapes("32768x7168x2048x8,32768x7168x2048x64,32768x1024x512x8"),
       help="grouped GEMM shapes MxKxNxG, comma-separated")
+    a("--experts-sweep", type=_ints, default=[64, 4096],
+      help="numbers of experts the routing suite compares, comma-separated")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")
     a("--repeats", type=int, default=5, help="timed loops; the median is reported")
     a("--out", default="out/bench", help="folder for results.json and the plots")
@@ -68,6 +70,8 @@ def main(argv=None):
         jobs.append(("gemm", None))
     if "layer" in suites:
         jobs.append(("layer", args.tokens[-1]))
+    if "routing" in suites:
+        jobs.append(("routing", args.tokens[-1]))
     results = []
     environment = timing.environment()
     print(f"{environment['device']}, jax {environment['jax']}, {environment['date']}")
@@ -78,6 +82,9 @@ def main(argv=None):
                                          top_k=args.topk, routing=args.routing, **common)
         elif suite == "gemm":
             results += gemm.measure(shapes=args.gemm_shapes, routing=args.routing, **common)
+        elif suite == "routing":
+            results += routing.measure(tokens=tokens, experts_sweep=args.experts_sweep,
+                                       top_k=args.topk, iters=args.iters, repeats=args.repeats)
         else:
             results += layer.measure(tokens=tokens, hidden=args.hidden, ffn=args.ffn,
                                      experts=args.experts, top_k=args.topk, **common)

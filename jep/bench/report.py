@@ -37,6 +37,14 @@ def table(results: list[dict]) -> str:
                          f"{r['variant']} | {r['op']} | {_time_cell(r, 1e3, '.3f')} | "
                          f"{_fmt(r['tflop_per_s'], '.4g')} | {_fmt(r['vs_dense'], '.2f')} |")
         lines.append("")
+    routing = [r for r in results if r["suite"] == "routing"]
+    if routing:
+        lines += ["| tokens/rank | E | k | op | time (ms) | vs first E |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['tokens_per_rank']} | {r['experts']} | {r['top_k']} | {r['op']} | "
+                  f"{_time_cell(r, 1e3, '.3f')} | {r['vs_first_experts']:.2f} |" for r in routing]
+        lines.append(f"(ranks: {routing[0]['ranks']})")
+        lines.append("")
     tune = [r for r in results if r["suite"] == "tune"]
     if tune:
         lines += ["| M x K x N, G | op | configuration | time (ms) | TFLOP/s | picked |",
