@@ -73,7 +73,8 @@ class Block(nnx.Module):
         self.moe_norm = nnx.RMSNorm(args.d_model, rngs=rngs)
         self.moe = jep.nnx.MoE(args.d_model, args.ffn, config=config, shared_ffn=args.shared_ffn,
                                rngs=rngs,
-                               bias_rate=args.bias_rate if args.balance == "bias" else 0.0)
+                               bias_rate=args.bias_rate if args.balance == "bias" else 0.0,
+                               num_replicas=args.replicas)
 
     def __call__(self, x, mask):
         x = x + self.attn(self.attn_norm(x), mask=mask)
@@ -145,8 +146,9 @@ def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
 
-# What a checkpoint keeps of the model: its parameters and the MoE layers' selection biases.
-MODEL_STATE = (nnx.Param, jep.nnx.SelectionBias)
+# What a checkpoint keeps of the model: its parameters and the MoE layers' selection biases and
+# expert placements.
+MODEL_STATE = (nnx.Param, jep.nnx.SelectionBias, jep.nnx.ExpertPlacement)
 
 
 def save(manager, step, model, optimizer, history):
@@ -197,6 +199,9 @@ def parse_args(argv=None):
            "(bias), or neither")
     a("--balance-coef", type=float, default=1e-2, help="weight of the load-balancing loss (per layer; --balance aux)")
     a("--bias-rate", type=float, default=1e-3, help="step of the selection-bias rule (--balance bias)")
+    a("--replicas", type=int, default=0, help="redundant copies of hot experts per MoE layer (EPLB)")
+    a("--replace-every", type=int, default=50,
+      help="steps between re-placements of the replicated experts, from the loads of those steps")
     a("--z-coef", type=float, default=1e-3, help="weight of the router z-loss (per layer)")
     a("--corpus-mb", type=float, default=4.0, help="megabytes of standard-library source to read")
     a("--eval-every", type=int, default=100, help="steps between held-out evaluations")
@@ -216,6 +221,11 @@ def parse_args(argv=None):
         p.error(f"--dp {args.dp} x --ep {args.ep} needs {args.dp * args.ep} devices; {devices} present")
     if args.experts % args.ep:
         p.error(f"--experts {args.experts} must be divisible by --ep {args.ep}")
+    if args.replicas < 0 or (args.experts + args.replicas) % args.ep:
+        p.error(f"--experts {args.experts} + --replicas {args.replicas} must be divisible by "
+                f"--ep {args.ep} (and --replicas >= 0)")
+    if args.replace_every < 1:
+        p.error("--replace-every must be >= 1")
     if args.top_k > args.experts:
         p.error(f"--top-k {args.top_k} must be at most --experts {args.experts}")
     if args.batch % (args.dp * args.ep):
@@ -302,8 +312,14 @@ def train(args) -> dict:
             history["tokens_per_s"].append(tokens_per_s)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                             imbalance=f"{(load.max(-1) / load.mean(-1)).max():.2f}",
+                            rank_imbalance=f"{float(aux['rank_imbalance'].max()):.2f}",
                             dropped=history["dropped"][-1], refresh=False)
             done = step + 1
+            if args.replicas and done % args.replace_every == 0:
+                recent = np.asarray(history["load"][-args.replace_every:])  # [steps, layers, E]
+                jep.nnx.replace_experts(
+                    model, {("blocks", i, "moe"): recent[:, i] for i in range(args.layers)},
+                    optimizer)
             if done % args.eval_every == 0 or done == args.steps:
                 history["eval_step"].append(done)
                 history["eval_loss"].append(evaluate(eval_step, model, held_out, args, batch_sharding))

@@ -130,3 +130,58 @@ def test_modules_carry_and_update_the_selection_bias(rng, explicit):
         want, _ = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(
             x, nn.unbox(variables)["params"] | {"bias": state["balance"]["bias"]})
         np.testing.assert_allclose(y_eval, want, rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_replicated_experts_train_and_move_to_a_new_placement(rng):
+    # A layer with 4 redundant copies: copies start equal and stay equal through a training
+    # step; replace_experts moves weights and Adam moments to a placement made from a skewed
+    # load; the layer computes the same function before and after the move.
+    mesh = make_mesh((4,), ("ep",), explicit=False)
+    x = jnp.asarray(rng.normal(size=(32, HIDDEN)), jnp.float32)
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.moe = jep.nnx.MoE(HIDDEN, FFN, config=CONFIG, rngs=nnx.Rngs(0), num_replicas=4)
+
+        def __call__(self, x):
+            return self.moe(x)
+
+    with jax.set_mesh(mesh):
+        model = Model()
+        placement = jax.tree.map(np.asarray, model.moe.placement.get_value())
+        assert model.moe.params["w_up"][...].shape == (12, HIDDEN, FFN)
+        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+        @nnx.jit
+        def train_step(model, optimizer, x):
+            loss = lambda m: (lambda y, aux: (jnp.sum(y**2), aux))(*m(x))  # noqa: E731
+            grads, aux = nnx.grad(loss, has_aux=True)(model)
+            optimizer.update(model, grads)
+            return aux
+
+        aux = train_step(model, optimizer, x)
+
+        def assert_copies_equal(values, placement):
+            for e in range(CONFIG.num_experts):
+                slots = placement.logical_to_physical[e]
+                slots = slots[slots >= 0]
+                for s in slots[1:]:
+                    np.testing.assert_array_equal(values[s], values[slots[0]])
+
+        assert_copies_equal(np.asarray(model.moe.params["w_up"][...]), placement)
+        before = nnx.jit(lambda m, x: m(x)[0])(model, x)
+        load = np.zeros(CONFIG.num_experts)
+        load[5] = 100.0  # expert 5 hot: it gets the copies now
+        load += 1
+        moved = jep.nnx.replace_experts(model, {("moe",): load}, optimizer)
+        old, new = moved[("moe",)]
+        assert new.replica_count[5] == 5
+        after = nnx.jit(lambda m, x: m(x)[0])(model, x)
+        np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+        w_up = np.asarray(model.moe.params["w_up"][...])
+        assert_copies_equal(w_up, new)
+        mu = dict(nnx.to_flat_state(nnx.state(optimizer)))[("opt_state", 0, "mu", "moe", "params", "w_up")]
+        assert_copies_equal(np.asarray(mu[...]), new)
+        assert np.abs(np.asarray(mu[...])).max() > 0
+        aux = train_step(model, optimizer, x)  # trains on in the new placement
+        assert_copies_equal(np.asarray(model.moe.params["w_up"][...]), new)

@@ -63,7 +63,9 @@ def test_loss_decreases_and_plot_and_metrics_are_written(example, tmp_path):
     # The selection bias is state the checkpoint must keep; reroute under a tight capacity.
     ["--balance", "bias", "--bias-rate", "0.01", "--capacity-factor", "0.8", "--overflow",
      "reroute"],
-], ids=["aux-loss", "bias-reroute"])
+    # Replicated experts, re-placed every 2 steps: placements and moments move; resume is exact.
+    ["--replicas", "4", "--replace-every", "2"],
+], ids=["aux-loss", "bias-reroute", "replicas"])
 def test_checkpoint_round_trip_continues_training_identically(example, tmp_path, balance):
     common = TINY + balance + ["--ckpt-every", "3", "--eval-every", "100", "--out", str(tmp_path)]
     straight = example.train(example.parse_args(common + ["--steps", "6"]))
@@ -106,6 +108,8 @@ def test_expert_parameters_are_never_all_gathered_in_a_training_step(example):
     (["--heads", "3"], "divisible by --heads 3"),
     (["--steps", "0"], ">= 1"),
     (["--backend", "pigeon"], "invalid choice"),
+    (["--replicas", "3"], "--replicas 3 must be divisible by --ep 4"),
+    (["--overflow", "spill"], "invalid choice"),
 ])
 def test_bad_flags_give_clear_messages(example, capsys, flags, message):
     with pytest.raises(SystemExit):

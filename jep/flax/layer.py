@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from jep.config import MoEConfig
 from jep.experts import ACTIVATION_FNS
-from jep.moe import moe, place
+from jep.moe import EXPERT_PARAMS, moe, place
 
 
 class ParamSpec(NamedTuple):
@@ -50,22 +50,25 @@ def param_specs(hidden: int, ffn: int, shared_ffn: int, config: MoEConfig) -> di
     return specs
 
 
-def init_sharded(spec: ParamSpec, key, dtype):
+def init_sharded(spec: ParamSpec, key, dtype, slots=None):
     """Initializes one parameter, placed on its sharding when the current mesh has explicit axes
-    (where a sharding is a type, not a hint)."""
+    (where a sharding is a type, not a hint). `slots` (i32[P], the logical expert of each
+    physical slot): an expert weight is drawn per logical expert, then copied to its slots."""
     value = spec.init(key, spec.shape, dtype if spec.follows_param_dtype else jnp.float32)
+    if slots is not None:
+        value = value[jnp.asarray(slots)]
     mesh = jax.sharding.get_abstract_mesh()
     return value if mesh.empty else place(value, mesh, P(*spec.sharding))
 
 
-def apply(x, params: dict, *, config: MoEConfig, mesh=None):
+def apply(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
     """The layer: `jep.moe` over the routed experts, plus the shared expert if there is one."""
     built_for = params["router"].shape[0]
     if jnp.ndim(x) < 1 or x.shape[-1] != built_for:
         raise ValueError(
             f"x must have shape [..., {built_for}] (the hidden size the layer was built for), "
             f"got {jnp.shape(x)}")
-    y, aux = moe(x, params, config=config, mesh=mesh)
+    y, aux = moe(x, params, config=config, mesh=mesh, placement=placement)
     if "shared_gate" in params:
         act = ACTIVATION_FNS[config.activation]
         dtype = x.dtype

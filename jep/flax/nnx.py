@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from jep import balance
 from jep.balance import update_bias
 from jep.config import MoEConfig
 from jep.flax import layer
@@ -13,6 +16,11 @@ from jep.flax import layer
 class SelectionBias(nnx.Variable):
     """The aux-loss-free selection bias, f32[E]: the layer's state, not a trainable parameter
     (an optimizer over `nnx.Param` leaves it alone)."""
+
+
+class ExpertPlacement(nnx.Variable):
+    """Where the layer's logical experts sit on its physical slots: a `jep.balance.Placement`
+    of i32 arrays (state, not trainable)."""
 
 
 class MoE(nnx.Module):
@@ -37,10 +45,13 @@ class MoE(nnx.Module):
       mesh: the mesh; default the one set with `jax.set_mesh` / `jax.sharding.use_mesh`.
       param_dtype: dtype of the expert weights (the router stays float32).
       bias_rate: step of the selection-bias rule; 0 (default): no bias.
+      num_replicas: R, redundant expert copies; num_nodes: nodes the EP ranks span, for a
+        placement that keeps copies in nodes (`jep.balance.place_experts`).
     """
 
     def __init__(self, hidden: int, ffn: int, *, config: MoEConfig, rngs: nnx.Rngs,
-                 shared_ffn: int = 0, mesh=None, param_dtype=jnp.float32, bias_rate: float = 0.0):
+                 shared_ffn: int = 0, mesh=None, param_dtype=jnp.float32, bias_rate: float = 0.0,
+                 num_replicas: int = 0, num_nodes: int | None = None):
         if not bias_rate >= 0:
             raise ValueError(f"bias_rate must be >= 0, got {bias_rate!r}")
         self.config = config
@@ -49,18 +60,71 @@ class MoE(nnx.Module):
         self.deterministic = False
         if bias_rate > 0:
             self.bias = SelectionBias(jnp.zeros((config.num_experts,), jnp.float32))
+        self.num_replicas, self.num_nodes = num_replicas, num_nodes
+        slots = None
+        if num_replicas:
+            start = balance.place_experts(np.ones(config.num_experts), num_replicas=num_replicas,
+                                          num_ranks=self._ep_size(), num_nodes=num_nodes)
+            self.placement = ExpertPlacement(jax.tree.map(jnp.asarray, start))
+            slots = start.physical_to_logical
         self.params = nnx.Dict({
-            name: nnx.Param(layer.init_sharded(spec, rngs.params(), param_dtype),
-                            out_sharding=spec.sharding)
+            name: nnx.Param(layer.init_sharded(
+                spec, rngs.params(), param_dtype, slots if name in layer.EXPERT_PARAMS else None),
+                out_sharding=spec.sharding)
             for name, spec in layer.param_specs(hidden, ffn, shared_ffn, config).items()
         })
+
+    def _ep_size(self) -> int:
+        mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
+        if mesh.empty or self.config.axis_name not in mesh.axis_names:
+            raise ValueError("num_replicas needs the mesh (mesh= or jax.set_mesh) with the EP "
+                             f"axis {self.config.axis_name!r}")
+        return dict(zip(mesh.axis_names, mesh.axis_sizes))[self.config.axis_name]
 
     def __call__(self, x):
         params = {name: p[...] for name, p in self.params.items()}
         if self.bias_rate > 0:
             params["bias"] = self.bias[...]
-        y, aux = layer.apply(x, params, config=self.config, mesh=self.mesh)
+        placement = self.placement.get_value() if self.num_replicas else None
+        y, aux = layer.apply(x, params, config=self.config, mesh=self.mesh, placement=placement)
         if self.bias_rate > 0 and not self.deterministic:
             self.bias[...] = update_bias(self.bias[...], aux["tokens_per_expert"],
                                          rate=self.bias_rate)
         return y, aux
+
+
+def replace_experts(model, loads, optimizer=None) -> dict:
+    """Re-places the replicated experts of every `MoE` in `model` (num_replicas > 0), between
+    steps: a new placement from each layer's load history, and the expert weights and, when
+    given, the `nnx.Optimizer`'s state of them (moments) moved to their new slots.
+
+    Args:
+      model: an NNX module holding `MoE` layers.
+      loads: {path of the layer in `model` (a tuple, as `nnx.iter_graph` gives it): f[E] or
+        f[steps, E] token counts (`aux["tokens_per_expert"]`)}; layers not named are kept.
+      optimizer: an `nnx.Optimizer` over `model`, or None.
+
+    Returns: {path: (old placement, new placement)} of the layers moved.
+    """
+    moved = {}
+    for path, module in nnx.iter_graph(model):
+        if not isinstance(module, MoE) or not module.num_replicas or tuple(path) not in loads:
+            continue
+        old = jax.tree.map(np.asarray, module.placement.get_value())
+        new = balance.place_experts(loads[tuple(path)], num_replicas=module.num_replicas,
+                                    num_ranks=module._ep_size(), num_nodes=module.num_nodes)
+        for name in layer.EXPERT_PARAMS:
+            module.params[name][...] = balance.move_experts(module.params[name][...], old, new)
+        module.placement.set_value(jax.tree.map(jnp.asarray, new))
+        moved[tuple(path)] = (old, new)
+    if optimizer is not None and moved:
+        state = nnx.state(optimizer)
+        flat = dict(nnx.to_flat_state(state))
+        for key, variable in flat.items():
+            for path, (old, new) in moved.items():
+                n = len(path)
+                if (len(key) > n + 2 and tuple(key[-n - 2:-2]) == path and key[-2] == "params"
+                        and key[-1] in layer.EXPERT_PARAMS):
+                    variable[...] = balance.move_experts(variable[...], old, new)
+        nnx.update(optimizer, state)
+    return moved
