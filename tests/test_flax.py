@@ -185,3 +185,42 @@ def test_nnx_replicated_experts_train_and_move_to_a_new_placement(rng):
         assert np.abs(np.asarray(mu[...])).max() > 0
         aux = train_step(model, optimizer, x)  # trains on in the new placement
         assert_copies_equal(np.asarray(model.moe.params["w_up"][...]), new)
+
+
+def test_linen_replicated_experts_and_replace_experts(rng):
+    mesh = make_mesh((4,), ("ep",), explicit=False)
+    x = jnp.asarray(rng.normal(size=(32, HIDDEN)), jnp.float32)
+    module = jep.flax.MoE(config=CONFIG, ffn=FFN, num_replicas=4)
+    with jax.set_mesh(mesh):
+        variables = jax.jit(module.init)(jax.random.key(0), x)
+        placement = jax.tree.map(np.asarray, variables["balance"]["placement"])
+        params = nn.unbox(variables)["params"]
+        assert params["w_up"].shape == (12, HIDDEN, FFN)
+        np.testing.assert_array_equal(params["w_up"][placement.logical_to_physical[0, 0]],
+                                      params["w_up"][placement.logical_to_physical[0, 1]])
+        tx = optax.adam(1e-2)
+        opt_state = tx.init(params)
+
+        @jax.jit
+        def train_step(variables, opt_state):
+            grads = jax.grad(lambda p: jnp.sum(module.apply(
+                {**variables, "params": p}, x)[0] ** 2))(variables["params"])
+            updates, opt_state = tx.update(grads, opt_state, variables["params"])
+            return {**variables, "params": optax.apply_updates(variables["params"], updates)}, opt_state
+
+        variables = {**variables, "params": params}
+        variables, opt_state = train_step(variables, opt_state)
+        before = jax.jit(module.apply)(variables, x)[0]
+        load = np.ones(CONFIG.num_experts)
+        load[2] = 100.0
+        variables, opt_state = jep.flax.replace_experts(variables, {(): load}, num_ranks=4,
+                                                        opt_state=opt_state)
+        new = jax.tree.map(np.asarray, variables["balance"]["placement"])
+        assert new.replica_count[2] == 5
+        after = jax.jit(module.apply)(variables, x)[0]
+        np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+        for tree in (variables["params"]["w_up"], opt_state[0].mu["w_up"], opt_state[0].nu["w_up"]):
+            tree = np.asarray(tree)
+            slots = new.logical_to_physical[2]
+            for s in slots[1:]:
+                np.testing.assert_array_equal(tree[s], tree[slots[0]])
