@@ -226,6 +226,8 @@ def parse_args(argv=None):
                 f"--ep {args.ep} (and --replicas >= 0)")
     if args.replace_every < 1:
         p.error("--replace-every must be >= 1")
+    if args.replicas and args.overflow != "position":
+        p.error(f"--replicas works with --overflow position only, got --overflow {args.overflow}")
     if args.top_k > args.experts:
         p.error(f"--top-k {args.top_k} must be at most --experts {args.experts}")
     if args.batch % (args.dp * args.ep):

@@ -110,6 +110,7 @@ def test_expert_parameters_are_never_all_gathered_in_a_training_step(example):
     (["--backend", "pigeon"], "invalid choice"),
     (["--replicas", "3"], "--replicas 3 must be divisible by --ep 4"),
     (["--overflow", "spill"], "invalid choice"),
+    (["--replicas", "4", "--overflow", "reroute"], "--replicas works with --overflow position only"),
 ])
 def test_bad_flags_give_clear_messages(example, capsys, flags, message):
     with pytest.raises(SystemExit):
