@@ -47,16 +47,6 @@ def _check_params(params, hidden, config, num_slots):
         _checks.shape(params["bias"], (num_experts,), "params['bias']")
 
 
-def _weights_of(scores, expert_ids, renormalize: bool):
-    """f32[T, k]: the scores of the experts in expert_ids (0 for an empty slot), renormalized
-    over each token's slots if asked."""
-    valid = expert_ids >= 0
-    weights = jnp.where(valid, jnp.take_along_axis(scores, jnp.maximum(expert_ids, 0), axis=1), 0)
-    if renormalize:
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return weights
-
-
 def place(x, mesh, spec):
     """Reshards x to `spec` where the mesh has explicit axes (there a sharding is a type that
     shard_map checks, not a hint); elsewhere returns x as it is."""
@@ -159,7 +149,7 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
             expert_ids, num_rerouted, num_policy_dropped = balance.reroute(
                 expert_ids, choice, capacity=capacity, num_experts=config.num_experts,
                 axis_name=config.axis_name)
-            weights = _weights_of(scores, expert_ids, config.renormalize)
+            weights = routing.weights_of(scores, expert_ids, renormalize=config.renormalize)
         weights = weights * config.routed_scaling_factor
         first_token = lax.axis_index(token_axes) * local_tokens
         slot_ids = expert_ids

@@ -99,10 +99,18 @@ def route(
     scores = router_scores(logits, score)
     choice = selection_scores(scores, num_groups=num_groups, topk_groups=topk_groups, bias=bias)
     _, expert_ids = lax.top_k(choice, top_k)
-    weights = jnp.take_along_axis(scores, expert_ids, axis=1)
+    expert_ids = expert_ids.astype(jnp.int32)
+    return weights_of(scores, expert_ids, renormalize=renormalize), expert_ids
+
+
+def weights_of(scores: jax.Array, expert_ids: jax.Array, *, renormalize: bool) -> jax.Array:
+    """f32[T, k]: the scores of the experts in `expert_ids` (0 for an empty slot, id < 0),
+    divided by their sum over each token's slots if `renormalize`."""
+    valid = expert_ids >= 0
+    weights = jnp.where(valid, jnp.take_along_axis(scores, jnp.maximum(expert_ids, 0), axis=1), 0)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return weights, expert_ids.astype(jnp.int32)
+    return weights
 
 
 def expert_counts(expert_ids: jax.Array, num_experts: int) -> jax.Array:
