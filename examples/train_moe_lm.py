@@ -272,7 +272,9 @@ def plot(history: dict, path: str) -> None:
     imbalance = load.max(-1) / np.maximum(load.mean(-1), 1e-9)  # [steps, layers]
     for layer in range(imbalance.shape[1]):
         ax_imbalance.plot(history["step"], imbalance[:, layer], lw=0.8, label=f"block {layer}")
-    ax_imbalance.set(xlabel="step", ylabel="max / mean tokens per expert", title="imbalance")
+    ax_imbalance.plot(history["step"], history["rank_imbalance"], "k", lw=0.8,
+                      label="EP ranks (worst block)")
+    ax_imbalance.set(xlabel="step", ylabel="max / mean tokens", title="imbalance")
     ax_imbalance.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -286,7 +288,8 @@ def train(args) -> dict:
     train_data, held_out = load_corpus(int(args.corpus_mb * 2**20))
     model, optimizer, train_step, eval_step = build(args, mesh)
     manager = checkpoint_manager(os.path.join(args.out, "checkpoints"))
-    history = {"step": [], "loss": [], "load": [], "dropped": [], "tokens_per_s": [],
+    history = {"step": [], "loss": [], "load": [], "rank_imbalance": [], "dropped": [],
+               "tokens_per_s": [],
                "eval_step": [], "eval_loss": []}
     start = 0
     if args.resume and manager.latest_step() is not None:
@@ -310,11 +313,12 @@ def train(args) -> dict:
             history["step"].append(step)
             history["loss"].append(loss)
             history["load"].append(load.tolist())
+            history["rank_imbalance"].append(float(aux["rank_imbalance"].max()))  # worst block
             history["dropped"].append(int(aux["num_dropped"].sum()))
             history["tokens_per_s"].append(tokens_per_s)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                             imbalance=f"{(load.max(-1) / load.mean(-1)).max():.2f}",
-                            rank_imbalance=f"{float(aux['rank_imbalance'].max()):.2f}",
+                            rank_imbalance=f"{history['rank_imbalance'][-1]:.2f}",
                             dropped=history["dropped"][-1], refresh=False)
             done = step + 1
             if args.replicas and done % args.replace_every == 0:
