@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+import numpy as np
+
+from jep import balance
 from jep.config import MoEConfig
 from jep.experts import ACTIVATION_FNS
 from jep.moe import EXPERT_PARAMS, moe, place
@@ -59,6 +62,35 @@ def init_sharded(spec: ParamSpec, key, dtype, slots=None):
         value = value[jnp.asarray(slots)]
     mesh = jax.sharding.get_abstract_mesh()
     return value if mesh.empty else place(value, mesh, P(*spec.sharding))
+
+
+def check_bias_rate(rate: float) -> None:
+    if not rate >= 0:
+        raise ValueError(f"bias_rate must be >= 0, got {rate!r}")
+
+
+def ep_size(mesh, config: MoEConfig) -> int:
+    """The size of the EP axis of `mesh` (default: the mesh set with `jax.set_mesh`)."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh.empty or config.axis_name not in mesh.axis_names:
+        raise ValueError("num_replicas needs the mesh (mesh= or jax.set_mesh) with the EP axis "
+                         f"{config.axis_name!r}")
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))[config.axis_name]
+
+
+def first_placement(config: MoEConfig, num_replicas: int, num_nodes, mesh) -> balance.Placement:
+    """A layer's placement before any load is known: the copies spread over even loads."""
+    return balance.place_experts(np.ones(config.num_experts), num_replicas=num_replicas,
+                                 num_ranks=ep_size(mesh, config), num_nodes=num_nodes)
+
+
+def is_expert_weight(names: tuple, module: tuple) -> bool:
+    """Whether a state path (`names`, plain keys) is at an expert weight of the layer at path
+    `module`: the module's names, then the weight's (after "params" in NNX; a boxed value or an
+    optimizer moment may follow)."""
+    def holds(run):
+        return any(names[i:i + len(run)] == run for i in range(len(names) - len(run) + 1))
+    return any(holds(module + (w,)) or holds(module + ("params", w)) for w in EXPERT_PARAMS)
 
 
 def apply(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):

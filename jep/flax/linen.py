@@ -59,9 +59,8 @@ class MoE(nn.Module):
         placement = None
         if self.num_replicas:
             placement = self.variable("balance", "placement", lambda: jax.tree.map(
-                jnp.asarray, balance.place_experts(
-                    np.ones(self.config.num_experts), num_replicas=self.num_replicas,
-                    num_ranks=_ep_size(self.mesh, self.config), num_nodes=self.num_nodes)))
+                jnp.asarray, layer.first_placement(self.config, self.num_replicas,
+                                                   self.num_nodes, self.mesh)))
         slots = None if placement is None else placement.value.physical_to_logical
         params = {
             name: self.param(
@@ -72,8 +71,7 @@ class MoE(nn.Module):
                 spec.shape)
             for name, spec in specs.items()
         }
-        if not self.bias_rate >= 0:
-            raise ValueError(f"bias_rate must be >= 0, got {self.bias_rate!r}")
+        layer.check_bias_rate(self.bias_rate)
         if self.bias_rate > 0:
             bias = self.variable("balance", "bias", jnp.zeros, (self.config.num_experts,),
                                  jnp.float32)
@@ -86,22 +84,8 @@ class MoE(nn.Module):
         return y, aux
 
 
-def _ep_size(mesh, config) -> int:
-    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    if mesh.empty or config.axis_name not in mesh.axis_names:
-        raise ValueError("num_replicas needs the mesh (mesh= or jax.set_mesh) with the EP axis "
-                         f"{config.axis_name!r}")
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))[config.axis_name]
-
-
 def _names(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-
-
-def _under(names: tuple, module: tuple, leaf: str) -> bool:
-    """Whether `names` holds `module` followed by `leaf` (a layer's weight, boxed or not)."""
-    target = module + (leaf,)
-    return any(names[i:i + len(target)] == target for i in range(len(names) - len(target) + 1))
 
 
 def replace_experts(variables, loads, *, num_ranks: int, num_nodes: int | None = None,
@@ -128,9 +112,8 @@ def replace_experts(variables, loads, *, num_ranks: int, num_nodes: int | None =
                                                       num_ranks=num_ranks, num_nodes=num_nodes))
 
     def move(path, leaf):
-        names = _names(path)
         for module, (old, new) in moves.items():
-            if any(_under(names, module, w) for w in layer.EXPERT_PARAMS):
+            if layer.is_expert_weight(_names(path), module):
                 return balance.move_experts(leaf, old, new)
         return leaf
 

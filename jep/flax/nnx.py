@@ -52,8 +52,7 @@ class MoE(nnx.Module):
     def __init__(self, hidden: int, ffn: int, *, config: MoEConfig, rngs: nnx.Rngs,
                  shared_ffn: int = 0, mesh=None, param_dtype=jnp.float32, bias_rate: float = 0.0,
                  num_replicas: int = 0, num_nodes: int | None = None):
-        if not bias_rate >= 0:
-            raise ValueError(f"bias_rate must be >= 0, got {bias_rate!r}")
+        layer.check_bias_rate(bias_rate)
         self.config = config
         self.mesh = mesh
         self.bias_rate = bias_rate
@@ -63,8 +62,7 @@ class MoE(nnx.Module):
         self.num_replicas, self.num_nodes = num_replicas, num_nodes
         slots = None
         if num_replicas:
-            start = balance.place_experts(np.ones(config.num_experts), num_replicas=num_replicas,
-                                          num_ranks=self._ep_size(), num_nodes=num_nodes)
+            start = layer.first_placement(config, num_replicas, num_nodes, mesh)
             self.placement = ExpertPlacement(jax.tree.map(jnp.asarray, start))
             slots = start.physical_to_logical
         self.params = nnx.Dict({
@@ -73,13 +71,6 @@ class MoE(nnx.Module):
                 out_sharding=spec.sharding)
             for name, spec in layer.param_specs(hidden, ffn, shared_ffn, config).items()
         })
-
-    def _ep_size(self) -> int:
-        mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
-        if mesh.empty or self.config.axis_name not in mesh.axis_names:
-            raise ValueError("num_replicas needs the mesh (mesh= or jax.set_mesh) with the EP "
-                             f"axis {self.config.axis_name!r}")
-        return dict(zip(mesh.axis_names, mesh.axis_sizes))[self.config.axis_name]
 
     def __call__(self, x):
         params = {name: p[...] for name, p in self.params.items()}
@@ -112,7 +103,8 @@ def replace_experts(model, loads, optimizer=None) -> dict:
             continue
         old = jax.tree.map(np.asarray, module.placement.get_value())
         new = balance.place_experts(loads[tuple(path)], num_replicas=module.num_replicas,
-                                    num_ranks=module._ep_size(), num_nodes=module.num_nodes)
+                                    num_ranks=layer.ep_size(module.mesh, module.config),
+                                    num_nodes=module.num_nodes)
         for name in layer.EXPERT_PARAMS:
             module.params[name][...] = balance.move_experts(module.params[name][...], old, new)
         module.placement.set_value(jax.tree.map(jnp.asarray, new))
@@ -122,9 +114,7 @@ def replace_experts(model, loads, optimizer=None) -> dict:
         flat = dict(nnx.to_flat_state(state))
         for key, variable in flat.items():
             for path, (old, new) in moved.items():
-                n = len(path)
-                if (len(key) > n + 2 and tuple(key[-n - 2:-2]) == path and key[-2] == "params"
-                        and key[-1] in layer.EXPERT_PARAMS):
+                if layer.is_expert_weight(tuple(key), path):
                     variable[...] = balance.move_experts(variable[...], old, new)
         nnx.update(optimizer, state)
     return moved
