@@ -55,14 +55,20 @@ def interpret_params():
     return params(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
 
 
-def _persistent(body, out_type, interpret: bool):
-    """A kernel of one program per multiprocessor (axis "sm"; 2 programs when interpreted)."""
+def _persistent(body, out_type, interpret: bool, *, cluster: int = 1, warpgroups: int = 1):
+    """A kernel of one program per multiprocessor (axis "sm"; 2 programs when interpreted),
+    programs grouped in clusters of `cluster` (axis "cluster"), each with `warpgroups` threads
+    (axis "wg") when more than one."""
     programs = 2 if interpret else getattr(jax.devices()[0], "core_count", None) or 132
+    threads = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
+    clusters = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
     return plgpu.kernel(
         body,
         out_type=out_type,
-        grid=(programs,),
+        grid=(programs // cluster,),
         grid_names=("sm",),
+        **clusters,
+        **threads,
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None,
@@ -266,20 +272,8 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    programs = 2 if interpret else getattr(jax.devices()[0], "core_count", None) or 132
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((num_rows, width), dtype),
-        grid=(programs // cluster,),
-        grid_names=("sm",),
-        cluster=(cluster,),
-        cluster_names=("cluster",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret_params() if interpret else None,
-    )(items, x, w)
+    return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), dtype), interpret,
+                       cluster=cluster, warpgroups=3)(items, x, w)
 
 
 def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width, commit_group=True):
