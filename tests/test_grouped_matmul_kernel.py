@@ -18,6 +18,15 @@ CONFIG_WS = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=
 # interpret mode of jax 0.10 cannot run clusters (its run_scoped over the cluster fails): GPU only.
 CONFIG_WS_CLUSTER = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
                               warp_specialized=True, epilogue_m=64, epilogue_n=64, cluster_n=2)
+# The warpgroups split the tile by rows instead: 64 rows of all 128 columns each.
+CONFIG_WS_SPLIT_M = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                              warp_specialized=True, epilogue_m=64, epilogue_n=64, split="m")
+CONFIG_WS_SPLIT_M_CLUSTER = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                                      warp_specialized=True, epilogue_m=64, epilogue_n=64,
+                                      split="m", cluster_n=2)
+# Tiles taken in bands of two items, column by column (5 items here: the last band has one).
+CONFIG_WS_BAND = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                           warp_specialized=True, epilogue_m=64, epilogue_n=64, band=2)
 ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="clusters run on the GPU only")
 
 
@@ -45,13 +54,22 @@ def numpy_grouped(x, w, sizes):
     pytest.param(CONFIG_WS_CLUSTER, [33, 31, 1], marks=ON_GPU_ONLY),
     (CONFIG_WS, [0, 0, 0]),
     (CONFIG_WS, [150, 100, 90]),
-], ids=lambda v: {id(CONFIG): "plain", id(CONFIG_WS): "ws",
-                  id(CONFIG_WS_CLUSTER): "ws-cluster"}.get(id(v)))
+    (CONFIG_WS_SPLIT_M, [70, 0, 100]),
+    (CONFIG_WS_SPLIT_M, [33, 31, 1]),
+    (CONFIG_WS_SPLIT_M, [0, 200, 0]),
+    pytest.param(CONFIG_WS_SPLIT_M_CLUSTER, [33, 31, 1], marks=ON_GPU_ONLY),
+    (CONFIG_WS_BAND, [70, 0, 100]),
+    (CONFIG_WS_BAND, [33, 31, 1]),
+], ids=lambda v: {id(CONFIG): "plain", id(CONFIG_WS): "ws", id(CONFIG_WS_CLUSTER): "ws-cluster",
+                  id(CONFIG_WS_SPLIT_M): "ws-split-m",
+                  id(CONFIG_WS_SPLIT_M_CLUSTER): "ws-split-m-cluster",
+                  id(CONFIG_WS_BAND): "ws-band"}.get(id(v)))
 def test_forward_and_gradients_match_references(config, sizes):
     rng = np.random.default_rng(len(sizes) + sum(sizes))
     # The tile width of the warp-specialized kernel (2 block_n per cluster block) for N, and for
-    # K, which is dx's N.
-    m, k, n = 200, 128 * config.cluster_n, 64 * (2 * config.cluster_n if config.warp_specialized else 1)
+    # K, which is dx's N. Two column blocks with bands, so that their order shows.
+    m, k = 200, 128 * config.cluster_n
+    n = 64 * (2 * config.cluster_n if config.warp_specialized else 1) * (2 if config.band > 1 else 1)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(len(sizes), k, n)) / k**0.5, jnp.bfloat16)
     dy = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
@@ -99,6 +117,12 @@ def test_shapes_it_cannot_take_raise():
                           jnp.zeros(2, jnp.int32), config=gm.Config(block_n=64))
     with pytest.raises(ValueError, match="group_sizes"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match="split must be 'm' or 'n'"):
+        gm.grouped_matmul(x, jnp.zeros((2, 128, 256), jnp.bfloat16), jnp.zeros(2, jnp.int32),
+                          config=gm.Config(warp_specialized=True, split="k"))
+    with pytest.raises(ValueError, match="split='m' needs block_m a multiple of 128"):
+        gm.grouped_matmul(x, jnp.zeros((2, 128, 256), jnp.bfloat16), jnp.zeros(2, jnp.int32),
+                          config=gm.Config(block_m=64, warp_specialized=True, split="m"))
 
 
 def test_inside_shard_map_with_weights_replicated_over_dp():

@@ -22,7 +22,11 @@ from jep_kernels.grouped_matmul import mgpu, tuning
 def _describe(config) -> str:
     kind = "plain"
     if config.warp_specialized:
-        kind = "ws" if config.cluster_n == 1 else f"ws cluster {config.cluster_n}"
+        kind = f"ws split {config.split}"
+        if config.cluster_n > 1:
+            kind += f" cluster {config.cluster_n}"
+        if config.band > 1:
+            kind += f" band {config.band}"
     return (f"{kind} {config.block_m}x{config.block_n}x{config.block_k} "
             f"s{config.max_concurrent_steps}")
 

@@ -42,6 +42,14 @@ class Config:
     # Warp-specialized only: 2 runs pairs of blocks (a cluster) on neighbouring column tiles
     # of the same rows, each loading half of the x tile and multicasting it to both.
     cluster_n: int = 1
+    # Warp-specialized only: how the two compute warpgroups share the block_m x (2 block_n)
+    # tile. "n": each takes block_n columns of all rows; "m": each takes block_m / 2 rows of all
+    # 2 block_n columns (one wgmma of width 2 block_n reads its x rows from shared memory once).
+    split: str = "n"
+    # Warp-specialized only: the order of the tiles. Work items are taken `band` at a time; the
+    # tiles of a band go column by column, each column's `band` items in a row. 1: each item's
+    # columns in turn.
+    band: int = 1
 
 
 def interpret_params():
@@ -95,6 +103,15 @@ def check_shapes(x, w, group_sizes, *, transpose_w: bool, config: Config):
                                  "the warp-specialized kernel (its register and swizzle tiles)")
         if config.cluster_n not in (1, 2):
             raise ValueError(f"cluster_n must be 1 or 2, got {config.cluster_n}")
+        if isinstance(config.band, bool) or not isinstance(config.band, int) or config.band < 1:
+            raise ValueError(f"band must be an int >= 1, got {config.band!r}")
+        if config.split not in ("m", "n"):
+            raise ValueError(f"split must be 'm' or 'n', got {config.split!r}")
+        if config.split == "m" and (config.block_m % 128
+                                    or (config.block_m // 2) % min(config.epilogue_m, config.block_m)):
+            raise ValueError(f"split='m' needs block_m a multiple of 128 (64 rows a warpgroup) "
+                             f"and block_m / 2 a multiple of epilogue_m, got block_m="
+                             f"{config.block_m}, epilogue_m={config.epilogue_m}")
     if k_w % config.block_k or n % tile_n:
         raise ValueError(
             f"K={k_w} must be a multiple of block_k={config.block_k} and N={n} of the tile "
@@ -177,7 +194,9 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
     num_groups = w.shape[0]
     width = w.shape[1] if transpose_w else w.shape[2]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    em, en = min(config.epilogue_m, bm), min(config.epilogue_n, bn)
+    # Each compute warpgroup's part of the block_m x (2 block_n) tile: wm x wn.
+    wm, wn = (bm // 2, 2 * bn) if config.split == "m" else (bm, bn)
+    em, en = min(config.epilogue_m, wm), min(config.epilogue_n, wn)
     items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
     num_items = items.shape[0] // 4
     cluster = config.cluster_n
@@ -219,45 +238,55 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
         def _scope(allocations, out_smem):
             @plgpu.nd_loop((num_items * col_blocks,), collective_axes="sm")
             def _tile(info):
+                # Tile -> (item, column block): bands of `band` items, column-major inside.
                 tile = info.index[0]
-                item = tile // col_blocks
-                col = (tile % col_blocks) * cluster + (
+                first_item = tile // (config.band * col_blocks) * config.band
+                in_band = tile % (config.band * col_blocks)
+                band_items = jnp.minimum(config.band, num_items - first_item)
+                item = first_item + in_band % band_items
+                col = (in_band // band_items) * cluster + (
                     lax.axis_index("cluster") if cluster > 1 else 0)
                 group = items_gmem[4 * item]
                 block = items_gmem[4 * item + 1]
-                first_row = items_gmem[4 * item + 2] - block * bm
-                end_row = items_gmem[4 * item + 3] - block * bm
-                wg_col = col * 2 * bn + wg * bn
+                # This warpgroup's wm x wn part of the tile: its first row and column.
+                wg_row = block * bm + (wg * wm if config.split == "m" else 0)
+                wg_col = col * 2 * bn + (0 if config.split == "m" else wg * bn)
+                # The rows [first_row, end_row) of the item, relative to wg_row.
+                first_row = items_gmem[4 * item + 2] - wg_row
+                end_row = items_gmem[4 * item + 3] - wg_row
 
                 def epilogue(tile_values):
-                    """Stores rows [first_row, end_row) of this warpgroup's bm x bn tile."""
+                    """Stores rows [first_row, end_row) of this warpgroup's wm x wn tile."""
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for i in range(bm // em):
+                    for i in range(wm // em):
                         lo = jnp.clip(first_row - i * em, 0, em)
                         hi = jnp.clip(end_row - i * em, 0, em)
-                        for j in range(bn // en):
-                            slot = (i * (bn // en) + j) % 2
+                        for j in range(wn // en):
+                            slot = (i * (wn // en) + j) % 2
                             plgpu.wait_smem_to_gmem(1, wait_read_only=True)
                             out_smem[wg, slot] = tile_values(i, j)
                             plgpu.commit_smem()
-                            _store_rows(out_smem.at[wg, slot], out_gmem, block * bm + i * em, lo,
+                            _store_rows(out_smem.at[wg, slot], out_gmem, wg_row + i * em, lo,
                                         jnp.maximum(hi - lo, 0), wg_col + j * en,
                                         min(em, num_rows), en, commit_group=False)
                             plgpu.commit_smem_to_gmem_group()
 
                 def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn)))
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((wm, wn)))
                     def _(acc_ref):
                         eval_pipeline(acc_ref)
                         acc = acc_ref[...].astype(dtype)
                         epilogue(lambda i, j: acc[i * em:(i + 1) * em, j * en:(j + 1) * en])
 
                 def mma(_, x_smem, w_smem, acc_ref):
-                    if transpose_w:
-                        w_tile = plgpu.transpose_ref(w_smem.at[pl.ds(wg * bn, bn)], (1, 0))
+                    if config.split == "m":
+                        x_tile = x_smem.at[pl.ds(wg * wm, wm)]
+                        w_tile = plgpu.transpose_ref(w_smem, (1, 0)) if transpose_w else w_smem
                     else:
-                        w_tile = w_smem.at[:, pl.ds(wg * bn, bn)]
-                    plgpu.wgmma(acc_ref, x_smem, w_tile)
+                        x_tile = x_smem
+                        w_tile = (plgpu.transpose_ref(w_smem.at[pl.ds(wg * bn, bn)], (1, 0))
+                                  if transpose_w else w_smem.at[:, pl.ds(wg * bn, bn)])
+                    plgpu.wgmma(acc_ref, x_tile, w_tile)
                     plgpu.wgmma_wait(0)
                     return acc_ref
 

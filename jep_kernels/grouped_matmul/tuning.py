@@ -75,10 +75,14 @@ def candidates(op: str, k: int, n: int) -> list[Config]:
         return [c for c in found if k % c.block_m == 0 and n % c.block_n == 0]
     found = [Config(block_m=bm, block_n=128, block_k=64, max_concurrent_steps=steps)
              for bm, steps in ((128, 4), (128, 5), (192, 4))]
-    found += [Config(block_m=128, block_n=bn, block_k=64, max_concurrent_steps=steps,
-                     warp_specialized=True, cluster_n=cluster)
-              for bn, steps, cluster in ((128, 3, 1), (128, 4, 1), (64, 4, 1), (128, 3, 2),
-                                         (128, 4, 2))]
+    found += [Config(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=steps,
+                     warp_specialized=True, cluster_n=cluster, split=split, band=band)
+              for bm, bn, steps, cluster, split, band in (
+                  (128, 128, 3, 1, "n", 1), (128, 128, 4, 1, "n", 1), (128, 64, 4, 1, "n", 1),
+                  (128, 128, 3, 2, "n", 1), (128, 128, 4, 2, "n", 1), (128, 128, 4, 1, "m", 1),
+                  (256, 64, 4, 1, "m", 1),
+                  (128, 128, 3, 1, "n", 4), (128, 128, 3, 1, "n", 8), (128, 128, 4, 1, "n", 8),
+                  (128, 128, 3, 1, "n", 16), (128, 128, 4, 2, "n", 8), (128, 128, 4, 1, "m", 8))]
     tile_n = lambda c: c.block_n * (2 * c.cluster_n if c.warp_specialized else 1)  # noqa: E731
     return [c for c in found if k % c.block_k == 0 and n % tile_n(c) == 0]
 
