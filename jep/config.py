@@ -11,6 +11,7 @@ import math
 SCORES = ("softmax", "sigmoid")
 OVERFLOW = ("position", "probability", "reroute")
 ACTIVATIONS = ("silu", "gelu", "relu")
+PERMUTES = ("auto", "pallas", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +27,15 @@ class DispatchConfig:
         `jep.balance`): "position" drops the latest by position, "probability" drops those of
         lowest router weight, "reroute" moves them to their token's next-best expert with room.
       backend: the transport, `"auto"` or a name registered in `jep.transport`.
+      permute: the row mover of the local expansion and of combine's sums, "auto" (the Pallas
+        kernels on Hopper GPUs), "pallas" or "xla" (`jep.dispatch`).
     """
 
     capacity: int | None = None
     capacity_factor: float | None = None
     overflow: str = "position"
     backend: str = "auto"
+    permute: str = "auto"
 
     def __post_init__(self):
         if self.capacity is not None and self.capacity_factor is not None:
@@ -43,6 +47,8 @@ class DispatchConfig:
                 f"DispatchConfig.capacity_factor must be > 0 or None, got {self.capacity_factor!r}")
         if self.overflow not in OVERFLOW:
             raise ValueError(f"DispatchConfig.overflow must be one of {OVERFLOW}, got {self.overflow!r}")
+        if self.permute not in PERMUTES:
+            raise ValueError(f"DispatchConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
 
     def capacity_for(self, num_tokens: int, top_k: int, num_local_experts: int) -> int | None:
         """The per-local-expert capacity for `num_tokens` tokens per rank, or None (dropless)."""

@@ -26,14 +26,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from jep import _checks, transport
-from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, take_rows
+from jep.config import PERMUTES
+from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, sum_rows, take_rows
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["send_token", "send_sizes", "recv_sizes", "slot_send_row", "slot_is_first",
                  "recv_pair", "pair_row", "group_sizes", "num_dropped"],
-    meta_fields=["axis_name", "num_experts", "capacity", "backend"],
+    meta_fields=["axis_name", "num_experts", "capacity", "backend", "permute"],
 )
 @dataclasses.dataclass(frozen=True)
 class DispatchHandle:
@@ -50,6 +51,8 @@ class DispatchHandle:
       pair_row: i32[R, k], the expanded row of each pair (C for a pair not here, or dropped).
       group_sizes: i32[E_local], rows of each local expert in recv_x.
       num_dropped: i32[], pairs received here that did not fit the capacity (0 when dropless).
+    backend is the transport, permute the row mover of the expansion and the sums
+    (`jep.layout.take_rows`).
     """
 
     send_token: jax.Array
@@ -65,6 +68,7 @@ class DispatchHandle:
     num_experts: int
     capacity: int | None
     backend: str
+    permute: str
 
     @property
     def num_tokens(self) -> int:
@@ -92,17 +96,19 @@ def ep_size(axis_name, caller: str) -> int:
 # --- the four moves, shared by dispatch, combine and their gradients ------------------------
 
 def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens,
-              index=None):
+              index=None, permute="xla"):
     # A rank sends at most one row per token to a peer, so T bounds every peer's slice.
     return transport.exchange(backend, rows, send_sizes, recv_sizes, axis_name=axis_name,
-                              out_rows=out_rows, max_rows_per_peer=num_tokens, index=index)
+                              out_rows=out_rows, max_rows_per_peer=num_tokens, index=index,
+                              permute=permute)
 
 
-def _to_experts(h: DispatchHandle, home):
-    """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks."""
+def _to_experts(h: DispatchHandle, home, permute=None):
+    """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks (gathered into send
+    order by `permute`, the handle's by default)."""
     return _exchange(home, h.send_sizes, h.recv_sizes, h.num_ranks * h.num_tokens,
                      backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens,
-                     index=h.send_token)
+                     index=h.send_token, permute=permute or h.permute)
 
 
 def _to_home(h: DispatchHandle, received):
@@ -118,27 +124,23 @@ def _sum_home(h: DispatchHandle, received):
     return transport.exchange_sum(
         h.backend, received, h.recv_sizes, h.send_sizes, h.slot_send_row, h.slot_is_first,
         axis_name=h.axis_name, out_rows=max_send_rows(h.num_tokens, h.top_k, h.num_ranks),
-        max_rows_per_peer=h.num_tokens)
+        max_rows_per_peer=h.num_tokens, permute=h.permute)
 
 
 def _expand(h: DispatchHandle, received):
     """[R, H] received rows -> [C, H] rows grouped by local expert (zeros past the last)."""
-    return take_rows(received, h.recv_pair // h.top_k)
+    return take_rows(received, h.recv_pair // h.top_k, h.permute)
 
 
 def _reduce_pairs(h: DispatchHandle, expanded, pair_weights=None):
-    """[C, H] expert rows -> f32[R, H]: each received row's pairs summed (weighted if given)."""
-    total = jnp.zeros((h.pair_row.shape[0], expanded.shape[1]), jnp.float32)
-    for j in range(h.top_k):
-        rows = take_rows(expanded, h.pair_row[:, j])
-        rows = rows.astype(jnp.float32)
-        total = total + (rows if pair_weights is None else rows * pair_weights[:, j, None])
-    return total
+    """[C, H] expert rows -> [R, H] in their dtype: each received row's pairs summed in float32
+    (weighted if given)."""
+    return sum_rows(expanded, h.pair_row, pair_weights, h.permute)
 
 
 # --- planning ------------------------------------------------------------------------------
 
-def _plan(expert_ids, *, num_experts, axis_name, capacity, backend) -> DispatchHandle:
+def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> DispatchHandle:
     num_ranks = ep_size(axis_name, "jep.dispatch")
     num_tokens, top_k = expert_ids.shape
     experts_per_rank = num_experts // num_ranks
@@ -183,7 +185,7 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend) -> DispatchH
         slot_send_row=layout.slot_send_row, slot_is_first=layout.slot_is_first,
         recv_pair=recv_pair, pair_row=pair_row.reshape(-1, top_k), group_sizes=group_sizes,
         num_dropped=(counts - group_sizes).sum(), axis_name=axis_name, num_experts=num_experts,
-        capacity=capacity, backend=backend)
+        capacity=capacity, backend=backend, permute=permute)
 
 
 # --- the differentiable row movers ---------------------------------------------------------
@@ -199,15 +201,15 @@ def _dispatch_rows_fwd(x, h):
 
 def _dispatch_rows_bwd(h, g):
     # The transpose: an unweighted combine.
-    return _sum_home(h, _reduce_pairs(h, g).astype(g.dtype)), None
+    return _sum_home(h, _reduce_pairs(h, g)), None
 
 
 _dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
 def _combine(y, weights, h):
-    pair_weights = _to_experts(h, weights.astype(jnp.float32))  # f32[R, k]
-    partial_sums = _reduce_pairs(h, y, pair_weights).astype(y.dtype)
+    pair_weights = _to_experts(h, weights.astype(jnp.float32), "xla")  # f32[R, k]: k floats a row
+    partial_sums = _reduce_pairs(h, y, pair_weights)
     return _sum_home(h, partial_sums), pair_weights
 
 
@@ -244,7 +246,7 @@ _combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 # --- the public API ------------------------------------------------------------------------
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
-             backend: str = "auto"):
+             backend: str = "auto", permute: str = "auto"):
     """Sends each token to the ranks of its experts and groups the rows by local expert.
 
     Call inside `jax.shard_map` over `axis_name`; expert e lives on rank e // E_local.
@@ -258,6 +260,8 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
       capacity: `None` (dropless) or rows kept per local expert (>= 0). Rows beyond it are dropped,
         lowest source rank and token first kept, and counted in `handle.num_dropped`.
       backend: transport, "auto" or one of `jep.transport.names()`.
+      permute: the row mover of the local expansion and of combine's sums: "auto" (the Pallas
+        kernels of `jep_kernels.permute` on Hopper GPUs, else XLA's gathers), "pallas" or "xla".
 
     Returns:
       recv_x: [C, H], x.dtype: the rows of local expert 0, then 1, ...; within an expert by
@@ -287,8 +291,10 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
             f"num_experts={num_experts} must be divisible by the size {num_ranks} of "
             f"axis_name={axis_name!r}")
     backend = transport.resolve(backend)
+    if permute not in PERMUTES:
+        raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
     handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
-                   backend=backend)
+                   backend=backend, permute=permute)
     return _dispatch_rows(x, handle), handle.group_sizes, handle
 
 

@@ -12,7 +12,7 @@ from jax import lax
 import jep_kernels.grouped_matmul
 from jep import _checks
 from jep.config import ACTIVATIONS
-from jep.transport import current_platform
+from jep.platform import current_platform, on_hopper
 
 ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
@@ -48,11 +48,8 @@ def _grouped_matmul_pallas(x, w, group_sizes):
 def _pallas_takes(x, w) -> bool:
     """Whether the Pallas Mosaic GPU kernels run here and take these shapes: a Hopper GPU, bf16 or
     f16, K and N multiples of the kernel's 128-wide tiles."""
-    if current_platform() != "gpu":
-        return False
-    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
     tile = jep_kernels.grouped_matmul.SHAPE_MULTIPLE
-    return (capability.startswith("9.") and x.dtype in (jnp.bfloat16, jnp.float16)
+    return (on_hopper() and x.dtype in (jnp.bfloat16, jnp.float16)
             and w.dtype == x.dtype and w.shape[1] % tile == 0 and w.shape[2] % tile == 0)
 
 

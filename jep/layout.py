@@ -15,6 +15,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import jep_kernels.permute
+from jep.config import PERMUTES
+from jep.platform import current_platform, on_hopper
 from jep.routing import expert_counts
 
 
@@ -49,11 +52,52 @@ def exclusive_cumsum(x: jax.Array) -> jax.Array:
     return jnp.cumsum(x) - x
 
 
-def take_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
-    """rows[index] along axis 0, zero where index is out of range (also from an empty array)."""
-    if rows.shape[0] == 0:
-        return jnp.zeros(index.shape + rows.shape[1:], rows.dtype)
-    return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
+# Where "auto" takes the Pallas kernels, by the row bytes from which they were measured faster
+# than XLA's gathers on an H200 (`python -m jep.bench permute`, BENCHMARKS.md): gathers of 14 KiB
+# rows were 1.1-1.3x faster, of 2 KiB rows 0.8-0.9x; the sums were slower at both (None: never).
+_AUTO_MIN_ROW_BYTES = {"gather": 8192, "gather_sum": None}
+
+
+def resolve_permute(permute: str, rows: jax.Array, op: str = "gather") -> str:
+    """"pallas" or "xla": the row mover `permute` stands for, for `op` ("gather" or
+    "gather_sum", `jep_kernels.permute`) on these rows. "auto" takes the Pallas kernels on Hopper
+    GPUs where they take the rows and were measured faster."""
+    if permute not in PERMUTES:
+        raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
+    takes = (on_hopper() and jnp.issubdtype(rows.dtype, jnp.floating)
+             and jep_kernels.permute.kernel_takes(rows, op))
+    if permute == "pallas" and not takes:
+        raise ValueError(
+            f"permute='pallas' (jep_kernels.permute.{op}, Pallas Mosaic GPU) needs a Hopper GPU "
+            "and floating [N, H] rows of 2 or 4 bytes, H * itemsize a multiple of 16"
+            + (" and H of 128" if op == "gather_sum" else "")
+            + f"; got {rows.dtype}{list(rows.shape)} on {current_platform()!r}. Use 'xla' or "
+            "'auto'.")
+    if permute == "auto":
+        least = _AUTO_MIN_ROW_BYTES[op]
+        row_bytes = rows.shape[-1] * jnp.dtype(rows.dtype).itemsize
+        takes = takes and least is not None and row_bytes >= least
+    return "pallas" if takes else "xla"
+
+
+def take_rows(rows: jax.Array, index: jax.Array, permute: str = "xla") -> jax.Array:
+    """rows[index] along axis 0, zero where index is outside [0, N) (also from an empty array).
+
+    permute: "xla" (`jnp.take`), "pallas" (`jep_kernels.permute.gather`, 2-D rows) or "auto"."""
+    if resolve_permute(permute, rows) == "pallas":
+        return jep_kernels.permute.gather(rows, index)
+    return jep_kernels.permute.reference.gather(rows, index)
+
+
+def sum_rows(rows: jax.Array, index: jax.Array, weights: jax.Array | None = None,
+             permute: str = "xla") -> jax.Array:
+    """[M, H] in rows.dtype: sum over j of weights[i, j] * rows[index[i, j]] (weights all 1 when
+    None), added in float32 in the order of j, leaving out indices outside [0, N).
+
+    permute: as for `take_rows` (`jep_kernels.permute.gather_sum` for "pallas")."""
+    if resolve_permute(permute, rows, "gather_sum") == "pallas":
+        return jep_kernels.permute.gather_sum(rows, index, weights)
+    return jep_kernels.permute.reference.gather_sum(rows, index, weights)
 
 
 def max_send_rows(num_tokens: int, top_k: int, num_ranks: int) -> int:

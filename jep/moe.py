@@ -157,7 +157,8 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
             slot_ids = balance.replica_ids(expert_ids, placement, first_token * config.top_k)
         recv_x, group_sizes, handle = dispatch(
             x, slot_ids, num_experts=num_slots, axis_name=config.axis_name,
-            capacity=capacity, backend=config.dispatch.backend)
+            capacity=capacity, backend=config.dispatch.backend,
+            permute=config.dispatch.permute)
         if placement is not None:
             w_gate, w_up, w_down = (balance.tie_copies(w, placement, config.axis_name)
                                     for w in (w_gate, w_up, w_down))

@@ -5,4 +5,6 @@
                    `jep.transport` as backend "ffi".
   grouped_matmul/  the grouped GEMM in Pallas Mosaic GPU (Hopper): forward, dx and dw, behind
                    `jep.expert_ffn` as backend "pallas" ("auto" on Hopper).
+  permute/         token-row gathers and weighted sums in Pallas Mosaic GPU (Hopper), behind
+                   `jep.dispatch` / `jep.combine` as permute="pallas" ("auto" where faster).
 """

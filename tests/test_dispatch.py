@@ -19,13 +19,14 @@ HIDDEN = 5
 
 
 @functools.lru_cache(maxsize=None)
-def dispatch_fn(num_ranks, num_experts, capacity, backend):
+def dispatch_fn(num_ranks, num_experts, capacity, backend, permute="auto"):
     """jit(shard_map) of dispatch + combine and of their vjps, for global [n, T, ...] arrays."""
     mesh = make_mesh((num_ranks,), ("ep",))
 
     def local(x, ids, y, weights):
         recv_x, group_sizes, handle = jep.dispatch(
-            x[0], ids[0], num_experts=num_experts, axis_name="ep", capacity=capacity, backend=backend)
+            x[0], ids[0], num_experts=num_experts, axis_name="ep", capacity=capacity, backend=backend,
+            permute=permute)
         out = jep.combine(y[0], handle, weights[0])
         return recv_x[None], group_sizes[None], handle.num_dropped[None], out[None]
 
@@ -44,9 +45,10 @@ def dispatch_fn(num_ranks, num_experts, capacity, backend):
     return lambda *args: jitted(*(put(mesh, a, spec) for a in args))
 
 
-def check_against_reference(rng, ids, *, num_experts, capacity, backend):
+def check_against_reference(rng, ids, *, num_experts, capacity, backend, permute="auto",
+                            hidden=HIDDEN):
     num_ranks, num_tokens, top_k = ids.shape
-    x = rng.normal(size=(num_ranks, num_tokens, HIDDEN)).astype(np.float32)
+    x = rng.normal(size=(num_ranks, num_tokens, hidden)).astype(np.float32)
     weights = rng.random(ids.shape).astype(np.float32)
     want_x, want_sizes, owner, want_dropped = reference.dispatch(
         x, ids, num_experts=num_experts, capacity=capacity)
@@ -55,7 +57,7 @@ def check_against_reference(rng, ids, *, num_experts, capacity, backend):
     g_out = rng.normal(size=x.shape).astype(np.float32)
 
     recv_x, group_sizes, dropped, out, (dx, dy, dw) = dispatch_fn(
-        num_ranks, num_experts, capacity, backend)(x, ids, y, weights, g_recv, g_out)
+        num_ranks, num_experts, capacity, backend, permute)(x, ids, y, weights, g_recv, g_out)
 
     np.testing.assert_array_equal(recv_x, want_x)  # a permutation: exact
     np.testing.assert_array_equal(group_sizes, want_sizes)
@@ -92,6 +94,19 @@ def test_capacity_drops_are_counted_exactly(rng, backend, capacity, kind):
     num_ranks, num_experts = 4, 8
     ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=5, top_k=3, num_experts=num_experts)
     check_against_reference(rng, ids, num_experts=num_experts, capacity=capacity, backend=backend)
+
+
+@pytest.mark.skipif(not jep.platform.on_hopper(), reason="the Pallas permutes run on Hopper GPUs")
+@pytest.mark.parametrize("capacity", [None, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pallas_permutes_match_reference(rng, kind, capacity):
+    """The expansion and the sums of dispatch and combine by jep_kernels.permute (rows of 128
+    floats), on every GPU there is."""
+    num_ranks = len(jax.devices())
+    num_experts = 2 * num_ranks
+    ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=6, top_k=2, num_experts=num_experts)
+    check_against_reference(rng, ids, num_experts=num_experts, capacity=capacity,
+                            backend="auto", permute="pallas", hidden=128)
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 8])

@@ -23,23 +23,15 @@ both are composed here from plain JAX and their `exchange`.
 
 from __future__ import annotations
 
-import jax
-
 import jax.numpy as jnp
 
-from jep.layout import take_rows
+from jep.layout import sum_rows, take_rows
+from jep.platform import current_platform
 from jep.transport import ffi, reference, xla
 
 # Preferred first: `auto` takes the first one that runs on the platform. `ffi` comes after `xla`
 # until it has been measured faster across GPUs; on the CPU, where `xla` does not run, it is first.
 _BACKENDS = {"xla": xla, "ffi": ffi, "reference": reference}
-
-
-def current_platform() -> str:
-    """The platform of the mesh being traced over ("cpu", "gpu", "tpu"), else the default."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    platform = getattr(device, "platform", None) or jax.default_backend()
-    return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def names() -> tuple[str, ...]:
@@ -72,34 +64,32 @@ def get(name: str):
 
 
 def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows: int,
-             max_rows_per_peer: int, index=None):
+             max_rows_per_peer: int, index=None, permute: str = "xla"):
     """The transport's exchange of `rows[index]` (of `rows` when index is None; an index out of
-    range sends a zero row)."""
+    range sends a zero row). `permute` gathers the rows where the transport does not
+    (`jep.layout.take_rows`)."""
     module = _BACKENDS[backend]
     kwargs = dict(axis_name=axis_name, out_rows=out_rows, max_rows_per_peer=max_rows_per_peer)
     if index is not None:
         if getattr(module, "GATHERS", False):
             kwargs["index"] = index
         else:
-            rows = take_rows(rows, index)
+            rows = take_rows(rows, index, permute)
     return module.exchange(rows, send_sizes, recv_sizes, **kwargs)
 
 
 def exchange_sum(backend: str, rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name,
-                 out_rows: int, max_rows_per_peer: int):
+                 out_rows: int, max_rows_per_peer: int, permute: str = "xla"):
     """Exchanges `rows` and adds, for each token t, the received rows `slot_row[t, j]` with
     `slot_mask[t, j]`: [T, *F] in rows.dtype, added in float32 in slot order.
 
     slot_row: i32[T, k], rows of the exchange's result (`out_rows` of them).
     slot_mask: bool[T, k], the slots to add (a token's row from one rank is added once).
+    permute: adds the received rows where the transport does not (`jep.layout.sum_rows`).
     """
     module = _BACKENDS[backend]
     kwargs = dict(axis_name=axis_name, out_rows=out_rows, max_rows_per_peer=max_rows_per_peer)
     if hasattr(module, "exchange_sum"):
         return module.exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, **kwargs)
     received = module.exchange(rows, send_sizes, recv_sizes, **kwargs)
-    total = jnp.zeros((slot_row.shape[0], *rows.shape[1:]), jnp.float32)
-    for j in range(slot_row.shape[1]):
-        row = jnp.where(slot_mask[:, j], slot_row[:, j], out_rows)
-        total = total + take_rows(received, row).astype(jnp.float32)
-    return total.astype(rows.dtype)
+    return sum_rows(received, jnp.where(slot_mask, slot_row, out_rows), permute=permute)

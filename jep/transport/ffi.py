@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jep.platform import current_platform
 from jep_kernels import ragged_a2a
 from jep_kernels.ragged_a2a import build
 from jep_kernels.vma import vary_like
@@ -54,13 +55,8 @@ def _coords(axis_name):
 
 
 def _prepare(axis_name):
-    ragged_a2a.register(_platform())
+    ragged_a2a.register(current_platform())
     return _coords(axis_name), lax.axis_size(axis_name)
-
-
-def _platform() -> str:
-    from jep.transport import current_platform  # the registry imports this module
-    return current_platform()
 
 
 def exchange(rows, send_sizes, recv_sizes, *, axis_name, out_rows, max_rows_per_peer, index=None):
