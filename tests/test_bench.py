@@ -20,7 +20,8 @@ def test_cpu_smoke_run_of_every_suite_writes_json_table_and_plots(tmp_path, caps
                           "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["environment"]["jax"] == jax.__version__ and saved["results"]
-    assert {r["suite"] for r in results} == {"transport", "gemm", "layer", "routing"}
+    assert {r["suite"] for r in results} == {"transport", "gemm", "permute", "layer", "routing"}
+    assert {r["op"] for r in results if r["suite"] == "permute"} == {"expand", "combine", "elementwise"}
     assert {r["op"] for r in results if r["suite"] == "routing"} == {
         "route", "layout + stats", "route + layout", "reroute"}
     timed = [r for r in results if "seconds" in r]

@@ -1,4 +1,5 @@
-"""`python -m jep.bench transport|gemm|layer|all`: jep against its peers, side by side, in one run.
+"""`python -m jep.bench transport|gemm|permute|layer|routing|all`: jep against its peers, side by
+side, in one run.
 
 Each suite times its variants with loops inside one jit (inputs rotated, warm-up first, the median
 of several repeats), prints a table, and writes JSON (every figure, with device, versions and date)

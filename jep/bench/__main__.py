@@ -1,4 +1,4 @@
-"""python -m jep.bench transport|gemm|layer|routing|all|tune [flags]; see `--help`.
+"""python -m jep.bench transport|gemm|permute|layer|routing|all|tune [flags]; see `--help`.
 
 `tune` (GPU only, not part of `all`) times the Pallas grouped GEMM's candidate configurations on
 the --gemm-shapes and writes the tuning table the fastest make (OUT/table.json)."""
@@ -17,9 +17,10 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jep.bench import gemm, layer, report, routing, timing, transport, tune, workloads  # noqa: E402
+from jep.bench import (gemm, layer, permute, report, routing, timing, transport, tune,  # noqa: E402
+                       workloads)
 
-SUITES = ("transport", "gemm", "layer", "routing")
+SUITES = ("transport", "gemm", "permute", "layer", "routing")
 
 
 def _ints(text):
@@ -68,6 +69,8 @@ def main(argv=None):
         jobs += [("transport", t) for t in args.tokens]
     if "gemm" in suites:
         jobs.append(("gemm", None))
+    if "permute" in suites:
+        jobs.append(("permute", args.tokens[-1]))
     if "layer" in suites:
         jobs.append(("layer", args.tokens[-1]))
     if "routing" in suites:
@@ -82,6 +85,8 @@ def main(argv=None):
                                          top_k=args.topk, routing=args.routing, **common)
         elif suite == "gemm":
             results += gemm.measure(shapes=args.gemm_shapes, routing=args.routing, **common)
+        elif suite == "permute":
+            results += permute.measure(tokens=tokens, hidden=args.hidden, top_k=args.topk, **common)
         elif suite == "routing":
             results += routing.measure(tokens=tokens, experts_sweep=args.experts_sweep,
                                        top_k=args.topk, iters=args.iters, repeats=args.repeats)

@@ -4,7 +4,9 @@ of the same flops. Shapes M x K x N with G groups: y[M, N] = x[M, K] @ w[g][K, N
 On a GPU the Pallas Mosaic GPU kernels of `jep_kernels.grouped_matmul` are measured too
 ("jep/pallas": forward, dx and dw), beside the ones JAX ships as examples
 (`jax.experimental.pallas.ops.gpu`: `ragged_dot_mgpu` for the forward and dx,
-`transposed_ragged_dot_mgpu` for dw; the configuration of `../shared/GPU.md`'s 521-524 TFLOP/s)."""
+`transposed_ragged_dot_mgpu` for dw; the configuration of `../shared/GPU.md`'s 521-524 TFLOP/s),
+and tokamax's `ragged_dot` (its Mosaic GPU kernels, forward and both gradients) where tokamax is
+installed (`pip install tokamax`; not a dependency of jep)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,18 @@ def _jax_pallas_ops():
     }
 
 
+def _tokamax_ragged_dot():
+    """tokamax's `ragged_dot` on its Pallas Mosaic GPU kernels, where tokamax is installed."""
+    try:
+        import tokamax
+        from absl import flags
+    except ImportError:
+        return None
+    if not flags.FLAGS.is_parsed():  # tokamax reads absl flags; the command line is not theirs
+        flags.FLAGS.mark_as_parsed()
+    return lambda x, w, s: tokamax.ragged_dot(x, w, s, implementation="mosaic")
+
+
 def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     variants = {
@@ -55,6 +69,8 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
     }
     if jax.default_backend() == "gpu":
         variants["jep/pallas"] = jep_kernels.grouped_matmul.grouped_matmul
+        if (tokamax := _tokamax_ragged_dot()) is not None:
+            variants["tokamax"] = tokamax
     results = []
     for m, k, n, g in shapes:
         rotation = 2

@@ -45,6 +45,12 @@ def table(results: list[dict]) -> str:
                   f"{_time_cell(r, 1e3, '.3f')} | {r['vs_first_experts']:.2f} |" for r in routing]
         lines.append(f"(ranks: {routing[0]['ranks']})")
         lines.append("")
+    permute = [r for r in results if r["suite"] == "permute"]
+    if permute:
+        lines += ["| rows x H, k | variant | op | time (us) | GB/s |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['rows']} x {r['hidden']}, {r['top_k']} | {r['variant']} | {r['op']} | "
+                  f"{_time_cell(r, 1e6, '.1f')} | {_fmt(r['gb_per_s'], '.4g')} |" for r in permute]
+        lines.append("")
     tune = [r for r in results if r["suite"] == "tune"]
     if tune:
         lines += ["| M x K x N, G | op | configuration | time (ms) | TFLOP/s | picked |",
