@@ -27,6 +27,10 @@ CONFIG_WS_SPLIT_M_CLUSTER = gm.Config(block_m=128, block_n=64, block_k=64, max_c
 # Tiles taken in bands of two items, column by column (5 items here: the last band has one).
 CONFIG_WS_BAND = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
                            warp_specialized=True, epilogue_m=64, epilogue_n=64, band=2)
+# Full epilogue tiles through a swizzled shared-memory tile, partial ones row by row.
+CONFIG_WS_SWIZZLED = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                               warp_specialized=True, epilogue_m=64, epilogue_n=64,
+                               swizzled_epilogue=True)
 ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="clusters run on the GPU only")
 
 
@@ -60,10 +64,13 @@ def numpy_grouped(x, w, sizes):
     pytest.param(CONFIG_WS_SPLIT_M_CLUSTER, [33, 31, 1], marks=ON_GPU_ONLY),
     (CONFIG_WS_BAND, [70, 0, 100]),
     (CONFIG_WS_BAND, [33, 31, 1]),
+    (CONFIG_WS_SWIZZLED, [70, 0, 100]),
+    (CONFIG_WS_SWIZZLED, [64, 64, 72]),
 ], ids=lambda v: {id(CONFIG): "plain", id(CONFIG_WS): "ws", id(CONFIG_WS_CLUSTER): "ws-cluster",
                   id(CONFIG_WS_SPLIT_M): "ws-split-m",
                   id(CONFIG_WS_SPLIT_M_CLUSTER): "ws-split-m-cluster",
-                  id(CONFIG_WS_BAND): "ws-band"}.get(id(v)))
+                  id(CONFIG_WS_BAND): "ws-band",
+                  id(CONFIG_WS_SWIZZLED): "ws-swizzled"}.get(id(v)))
 def test_forward_and_gradients_match_references(config, sizes):
     rng = np.random.default_rng(len(sizes) + sum(sizes))
     # The tile width of the warp-specialized kernel (2 block_n per cluster block) for N, and for

@@ -27,6 +27,8 @@ def _describe(config) -> str:
             kind += f" cluster {config.cluster_n}"
         if config.band > 1:
             kind += f" band {config.band}"
+        if config.swizzled_epilogue:
+            kind += " swizzled epilogue"
     return (f"{kind} {config.block_m}x{config.block_n}x{config.block_k} "
             f"s{config.max_concurrent_steps}")
 

@@ -50,6 +50,10 @@ class Config:
     # tiles of a band go column by column, each column's `band` items in a row. 1: each item's
     # columns in turn.
     band: int = 1
+    # Warp-specialized only: epilogue tiles whose rows all belong to the item go out through a
+    # swizzled shared-memory tile (bank-conflict-free stores from registers); the others through
+    # a plain one, row by row as their group allows.
+    swizzled_epilogue: bool = False
 
 
 def interpret_params():
@@ -203,6 +207,7 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
     col_blocks = width // (2 * bn * cluster)
     dtype = x.dtype
     swizzle = plgpu.find_swizzle(bk * jnp.dtype(dtype).itemsize * 8)
+    out_swizzle = plgpu.find_swizzle(en * jnp.dtype(dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
                   plgpu.SwizzleTransform(swizzle))
 
@@ -233,9 +238,12 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
             pl.run_scoped,
             allocations=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem.at[0]),
             out_smem=plgpu.SMEM((2, 2, em, en), dtype),
+            full_smem=plgpu.SMEM((2, 2, em, en), dtype, transforms=(
+                plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
+                plgpu.SwizzleTransform(out_swizzle))) if config.swizzled_epilogue else None,
             collective_axes="wg",
         )
-        def _scope(allocations, out_smem):
+        def _scope(allocations, out_smem, full_smem):
             @plgpu.nd_loop((num_items * col_blocks,), collective_axes="sm")
             def _tile(info):
                 # Tile -> (item, column block): bands of `band` items, column-major inside.
@@ -264,11 +272,30 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
                         for j in range(wn // en):
                             slot = (i * (wn // en) + j) % 2
                             plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            out_smem[wg, slot] = tile_values(i, j)
-                            plgpu.commit_smem()
-                            _store_rows(out_smem.at[wg, slot], out_gmem, wg_row + i * em, lo,
-                                        jnp.maximum(hi - lo, 0), wg_col + j * en,
-                                        min(em, num_rows), en, commit_group=False)
+                            values = tile_values(i, j)
+
+                            def store_rows(values=values, i=i, j=j, slot=slot, lo=lo, hi=hi):
+                                out_smem[wg, slot] = values
+                                plgpu.commit_smem()
+                                _store_rows(out_smem.at[wg, slot], out_gmem, wg_row + i * em,
+                                            lo, jnp.maximum(hi - lo, 0), wg_col + j * en,
+                                            min(em, num_rows), en, commit_group=False)
+
+                            if full_smem is None:
+                                store_rows()
+                            else:
+                                full = (lo == 0) & (hi == em)
+                                pl.when(~full)(store_rows)
+
+                                @pl.when(full)
+                                def _(values=values, i=i, j=j, slot=slot):
+                                    full_smem[wg, slot] = values
+                                    plgpu.commit_smem()
+                                    plgpu.copy_smem_to_gmem(
+                                        full_smem.at[wg, slot],
+                                        out_gmem.at[pl.ds(wg_row + i * em, em),
+                                                    pl.ds(wg_col + j * en, en)],
+                                        commit_group=False)
                             plgpu.commit_smem_to_gmem_group()
 
                 def compute_context(eval_pipeline):

@@ -83,6 +83,8 @@ def candidates(op: str, k: int, n: int) -> list[Config]:
                   (256, 64, 4, 1, "m", 1),
                   (128, 128, 3, 1, "n", 4), (128, 128, 3, 1, "n", 8), (128, 128, 4, 1, "n", 8),
                   (128, 128, 3, 1, "n", 16), (128, 128, 4, 2, "n", 8), (128, 128, 4, 1, "m", 8))]
+    found += [dataclasses.replace(c, swizzled_epilogue=True) for c in found
+              if c.warp_specialized and c.max_concurrent_steps == 3 and c.cluster_n == 1]
     tile_n = lambda c: c.block_n * (2 * c.cluster_n if c.warp_specialized else 1)  # noqa: E731
     return [c for c in found if k % c.block_k == 0 and n % tile_n(c) == 0]
 
