@@ -12,6 +12,7 @@ SCORES = ("softmax", "sigmoid")
 OVERFLOW = ("position", "probability", "reroute")
 ACTIVATIONS = ("silu", "gelu", "relu")
 PERMUTES = ("auto", "pallas", "xla")
+MODES = ("flat", "hierarchical")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,8 @@ class DispatchConfig:
       backend: the transport, `"auto"` or a name registered in `jep.transport`.
       permute: the row mover of the local expansion and of combine's sums, "auto" (the Pallas
         kernels on Hopper GPUs), "pallas" or "xla" (`jep.dispatch`).
+      mode: "flat" or "hierarchical" (two EP axes, (node, local): each token crosses the node
+        axis once per node; `jep.hierarchical`).
     """
 
     capacity: int | None = None
@@ -36,6 +39,7 @@ class DispatchConfig:
     overflow: str = "position"
     backend: str = "auto"
     permute: str = "auto"
+    mode: str = "flat"
 
     def __post_init__(self):
         if self.capacity is not None and self.capacity_factor is not None:
@@ -49,6 +53,8 @@ class DispatchConfig:
             raise ValueError(f"DispatchConfig.overflow must be one of {OVERFLOW}, got {self.overflow!r}")
         if self.permute not in PERMUTES:
             raise ValueError(f"DispatchConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"DispatchConfig.mode must be one of {MODES}, got {self.mode!r}")
 
     def capacity_for(self, num_tokens: int, top_k: int, num_local_experts: int) -> int | None:
         """The per-local-expert capacity for `num_tokens` tokens per rank, or None (dropless)."""
@@ -69,7 +75,8 @@ class MoEConfig:
       renormalize: divide each token's k weights by their sum.
       routed_scaling_factor: multiplies the routing weights (DeepSeek-V3 uses 2.5).
       activation: gate activation of the SwiGLU experts ("silu", "gelu" or "relu").
-      axis_name: the mesh axis experts are sharded over (EP).
+      axis_name: the mesh axis experts are sharded over (EP), or a tuple of axes, e.g. ("node",
+        "local"), whose devices together are the EP ranks (numbered in the tuple's order).
       dispatch: capacity and transport, see `DispatchConfig`.
       expert_backend: the grouped-matmul backend of `jep.expert_ffn`.
     """
@@ -82,7 +89,7 @@ class MoEConfig:
     renormalize: bool = True
     routed_scaling_factor: float = 1.0
     activation: str = "silu"
-    axis_name: str = "ep"
+    axis_name: str | tuple[str, ...] = "ep"
     dispatch: DispatchConfig = DispatchConfig()
     expert_backend: str = "auto"
 
@@ -100,3 +107,24 @@ class MoEConfig:
                 f"MoEConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not isinstance(self.dispatch, DispatchConfig):
             raise TypeError(f"MoEConfig.dispatch must be a DispatchConfig, got {type(self.dispatch)}")
+        if not (isinstance(self.axis_name, str) or (
+                isinstance(self.axis_name, tuple) and self.axis_name
+                and all(isinstance(a, str) for a in self.axis_name))):
+            raise TypeError(f"MoEConfig.axis_name must be a mesh axis name or a tuple of them, "
+                            f"got {self.axis_name!r}")
+        if self.dispatch.mode == "hierarchical" and len(self.ep_axes) != 2:
+            raise ValueError("DispatchConfig(mode='hierarchical') needs MoEConfig.axis_name = "
+                             f"(node axis, local axis), got {self.axis_name!r}")
+
+    @property
+    def ep_axes(self) -> tuple[str, ...]:
+        """The EP mesh axes, as a tuple."""
+        return self.axis_name if isinstance(self.axis_name, tuple) else (self.axis_name,)
+
+    def ep_size(self, mesh) -> int:
+        """The number of EP ranks in `mesh`: the product of the sizes of `ep_axes`."""
+        sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+        if any(a not in sizes for a in self.ep_axes):
+            raise ValueError(
+                f"config.axis_name={self.axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+        return math.prod(sizes[a] for a in self.ep_axes)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jep import _checks, transport
-from jep.config import PERMUTES
+from jep.config import MODES, PERMUTES
 from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, sum_rows, take_rows
 
 
@@ -246,7 +246,7 @@ _combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 # --- the public API ------------------------------------------------------------------------
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
-             backend: str = "auto", permute: str = "auto"):
+             backend: str = "auto", permute: str = "auto", mode: str = "flat"):
     """Sends each token to the ranks of its experts and groups the rows by local expert.
 
     Call inside `jax.shard_map` over `axis_name`; expert e lives on rank e // E_local.
@@ -262,13 +262,18 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
       backend: transport, "auto" or one of `jep.transport.names()`.
       permute: the row mover of the local expansion and of combine's sums: "auto" (the Pallas
         kernels of `jep_kernels.permute` on Hopper GPUs, else XLA's gathers), "pallas" or "xla".
+      mode: with two EP axes, axis_name=(node axis, local axis): "flat" (one exchange over both)
+        or "hierarchical" (each token once to each node over the node axis, then to its experts
+        inside the node over the local axis; `jep.hierarchical`). Ranks are numbered node-major
+        either way, so expert e lives on the same device in both.
 
     Returns:
       recv_x: [C, H], x.dtype: the rows of local expert 0, then 1, ...; within an expert by
         source rank, then source token. Rows past `sum(group_sizes)` are zero.
         C = n * T * min(k, E_local) when dropless, E_local * capacity otherwise.
       group_sizes: i32[E_local], rows per local expert.
-      handle: `DispatchHandle` for `combine`.
+      handle: `DispatchHandle` for `combine` (a `jep.hierarchical.HierarchicalHandle` in
+        hierarchical mode).
     """
     _checks.rank(x, 2, "x")
     _checks.floating(x, "x")
@@ -293,6 +298,16 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
     backend = transport.resolve(backend)
     if permute not in PERMUTES:
         raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "hierarchical":
+        if not (isinstance(axis_name, (tuple, list)) and len(axis_name) == 2):
+            raise ValueError("mode='hierarchical' needs axis_name=(node axis, local axis), got "
+                             f"axis_name={axis_name!r}")
+        from jep import hierarchical  # it builds on this module
+        return hierarchical.dispatch(x, expert_ids, num_experts=num_experts,
+                                     axis_name=tuple(axis_name), capacity=capacity,
+                                     backend=backend, permute=permute)
     handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
                    backend=backend, permute=permute)
     return _dispatch_rows(x, handle), handle.group_sizes, handle
@@ -310,6 +325,9 @@ def combine(y, handle: DispatchHandle, weights):
       [T, H] in y.dtype: `sum_j weights[t, j] * y[row of (t, j)]`, summed in float32; a slot that
       was dropped or empty adds nothing.
     """
+    from jep import hierarchical  # it builds on this module
+    if isinstance(handle, hierarchical.HierarchicalHandle):
+        return hierarchical.combine(y, handle, weights)
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle must be the DispatchHandle returned by jep.dispatch, got {type(handle)}")
     _checks.rank(y, 2, "y")

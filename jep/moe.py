@@ -95,10 +95,7 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             raise ValueError("moe needs a mesh: pass mesh= or set one with jax.set_mesh")
-    if config.axis_name not in mesh.axis_names:
-        raise ValueError(
-            f"config.axis_name={config.axis_name!r} is not an axis of the mesh {mesh.axis_names}")
-    ep = dict(zip(mesh.axis_names, mesh.axis_sizes))[config.axis_name]
+    ep = config.ep_size(mesh)
     if config.num_experts % ep:
         raise ValueError(
             f"num_experts={config.num_experts} must be divisible by the size {ep} of "
@@ -158,7 +155,7 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
         recv_x, group_sizes, handle = dispatch(
             x, slot_ids, num_experts=num_slots, axis_name=config.axis_name,
             capacity=capacity, backend=config.dispatch.backend,
-            permute=config.dispatch.permute)
+            permute=config.dispatch.permute, mode=config.dispatch.mode)
         if placement is not None:
             w_gate, w_up, w_down = (balance.tie_copies(w, placement, config.axis_name)
                                     for w in (w_gate, w_up, w_down))

@@ -72,10 +72,10 @@ def check_bias_rate(rate: float) -> None:
 def ep_size(mesh, config: MoEConfig) -> int:
     """The size of the EP axis of `mesh` (default: the mesh set with `jax.set_mesh`)."""
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    if mesh.empty or config.axis_name not in mesh.axis_names:
+    if mesh.empty or any(a not in mesh.axis_names for a in config.ep_axes):
         raise ValueError("num_replicas needs the mesh (mesh= or jax.set_mesh) with the EP axis "
                          f"{config.axis_name!r}")
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))[config.axis_name]
+    return config.ep_size(mesh)
 
 
 def first_placement(config: MoEConfig, num_replicas: int, num_nodes, mesh) -> balance.Placement:

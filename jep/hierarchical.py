@@ -1,0 +1,110 @@
+"""Two-level dispatch and combine over a (node, local) pair of mesh axes, DeepEP's way.
+
+Past one machine the link between nodes is the slow one, so a token crosses it at most once per
+destination node: first to the rank with its own local index on each node that holds one of its
+experts (an exchange over the `node` axis only), then, inside that node, to the ranks of its
+experts there (an exchange over the `local` axis). Combine mirrors it: each rank adds a token's
+expert outputs with their weights, the node's intermediate rank adds its ranks' rows, and one
+row per (token, node) crosses back home, where the rows are added.
+
+Both hops are plain `jep.dispatch` / `jep.combine`, so gradients come from theirs:
+  hop 1 (node):  dispatch over `node` with one "expert" per node, each token's slots reduced to
+                 its distinct nodes; the token's expert ids and weights travel with it as rows.
+  hop 2 (local): dispatch over `local` of the rows that arrived, with the experts of this node.
+Shapes (per rank): T tokens, k = top_k, N nodes, L ranks a node, E experts, E_node = E / N,
+C1 = N * T rows after hop 1, C = L * C1 * min(k, E_local) rows after hop 2 (the flat mode's C).
+
+Rows are summed in float32 at each stage and rounded to the row dtype between the stages (one
+rounding more than the flat mode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jep import dispatch as flat
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["node", "local"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class HierarchicalHandle:
+    """What `combine` needs to walk a hierarchical dispatch back: the handles of the two hops.
+
+    node: the `DispatchHandle` of hop 1 (over the node axis, one slot per destination node).
+    local: the `DispatchHandle` of hop 2 (over the local axis, this node's experts).
+    """
+
+    node: flat.DispatchHandle
+    local: flat.DispatchHandle
+
+    @property
+    def num_dropped(self):
+        return self.local.num_dropped
+
+    @property
+    def group_sizes(self):
+        return self.local.group_sizes
+
+
+def node_slots(expert_ids, *, experts_per_node: int, num_nodes: int):
+    """i32[T, k]: the node of each slot's expert, -1 for a slot whose node an earlier slot of
+    the token already names (and for an empty slot): each token goes to each node once."""
+    valid = (expert_ids >= 0) & (expert_ids < experts_per_node * num_nodes)
+    node = jnp.where(valid, expert_ids // experts_per_node, -1)
+    top_k = expert_ids.shape[1]
+    earlier = jnp.tril(jnp.ones((top_k, top_k), bool), k=-1)
+    repeated = jnp.any((node[:, :, None] == node[:, None, :]) & earlier[None], axis=-1)
+    return jnp.where(repeated, -1, node).astype(jnp.int32)
+
+
+def _rows_as_data(values, handle):
+    """[T, k] per-token values sent along hop 1 as float32 rows: [C1, k]."""
+    return flat._dispatch_rows(values.astype(jnp.float32), handle)
+
+
+def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity, backend: str,
+             permute: str):
+    """`jep.dispatch` with `mode="hierarchical"`; axis_name = (node axis, local axis)."""
+    node_axis, local_axis = axis_name
+    num_nodes = flat.ep_size(node_axis, "jep.dispatch")
+    experts_per_node = num_experts // num_nodes
+    # Hop 1: each token once to each node holding one of its experts.
+    to_nodes = node_slots(expert_ids, experts_per_node=experts_per_node, num_nodes=num_nodes)
+    arrived, _, node_handle = flat.dispatch(
+        x, to_nodes, num_experts=num_nodes, axis_name=node_axis, backend=backend,
+        permute=permute)
+    # The tokens' expert ids travel as float32 rows (exact below 2^24), shifted by one so that
+    # the zero rows past the last arrival read as "no expert".
+    ids = _rows_as_data(lax.stop_gradient(expert_ids + 1), node_handle)
+    ids = jnp.round(ids).astype(jnp.int32) - 1
+    # Hop 2: inside this node, to the ranks of the token's experts here.
+    first = lax.axis_index(node_axis).astype(jnp.int32) * experts_per_node
+    here = (ids >= first) & (ids < first + experts_per_node)
+    recv_x, group_sizes, local_handle = flat.dispatch(
+        arrived, jnp.where(here, ids - first, -1), num_experts=experts_per_node,
+        axis_name=local_axis, capacity=capacity, backend=backend, permute=permute)
+    return recv_x, group_sizes, HierarchicalHandle(node_handle, local_handle)
+
+
+def combine(y, handle: HierarchicalHandle, weights):
+    """`jep.combine` for a `HierarchicalHandle`: [T, H] in y.dtype."""
+    arrived_weights = _rows_as_data(weights, handle.node)  # [C1, k], the slots of hop 2's ids
+    partial = flat.combine(y, handle.local, arrived_weights.astype(weights.dtype))
+    # Weight 1 for the one slot a token has per node (ones_like: typed like `weights` under
+    # shard_map, as combine's gradient for them will be).
+    return flat.combine(partial, handle.node, jnp.ones_like(weights))
+
+
+def node_rows(handle: HierarchicalHandle):
+    """i32[]: the rows this rank sends over the node axis to other nodes (hop 1, from its
+    layout): one per (token, other node it has an expert on)."""
+    node_axis = handle.node.axis_name
+    me = lax.axis_index(node_axis)
+    sizes = handle.node.send_sizes
+    return jnp.sum(jnp.where(jnp.arange(sizes.shape[0]) == me, 0, sizes))
