@@ -2,13 +2,20 @@
 
 The corpus is the Python standard library's own `.py` sources, read as bytes (every machine with
 Python has it), with the last 5% held out. The model runs over a `(dp, ep)` mesh: tokens split
-over both axes, experts over `ep`, the rest replicated. It trains with optax AdamW (warm-up then
+over both axes, experts over `ep`, the rest replicated (with `--nodes N`, `ep` is split into
+`(node, local)`, and `--dispatch-mode hierarchical` sends each token once to each node). With
+`--coordinator`, `--num-processes` and `--process-id` it runs as one of several processes joined
+by `jax.distributed` (one per host or per GPU; on CPUs through gloo). It trains with optax AdamW (warm-up then
 cosine decay, gradient clipping) in one jitted step, shows a progress bar, evaluates the held-out
 loss, checkpoints with orbax (`--resume` continues from the last one) and writes a PNG of the loss
 and of the expert load over time. Without accelerators it runs on 8 simulated CPU devices.
 
     python examples/train_moe_lm.py                   # a few minutes on a 2-core CPU
     python examples/train_moe_lm.py --steps 600 --resume
+    # two processes of 4 CPU devices on one machine (start both):
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/train_moe_lm.py \
+        --coordinator localhost:12355 --num-processes 2 --process-id 0 --nodes 2 \
+        --dispatch-mode hierarchical
 """
 
 from __future__ import annotations
@@ -114,9 +121,9 @@ def loss_fn(model, batch, args):
 def build(args, mesh):
     """Model, optimizer and jitted steps, created sharded on `mesh`."""
     config = jep.MoEConfig(
-        num_experts=args.experts, top_k=args.top_k, axis_name="ep",
+        num_experts=args.experts, top_k=args.top_k, axis_name=ep_axes(args),
         dispatch=jep.DispatchConfig(capacity_factor=args.capacity_factor, overflow=args.overflow,
-                                    backend=args.backend))
+                                    backend=args.backend, mode=args.dispatch_mode))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, warmup_steps=args.warmup, decay_steps=max(args.steps, args.warmup + 1),
         end_value=args.lr / 10)
@@ -186,6 +193,15 @@ def parse_args(argv=None):
     a("--shared-ffn", type=int, default=0, help="hidden width of a shared (always-on) expert; 0: none")
     a("--dp", type=int, default=2, help="data-parallel mesh axis size")
     a("--ep", type=int, default=4, help="expert-parallel mesh axis size")
+    a("--nodes", type=int, default=1,
+      help="split the EP axis into (node, local) axes of --nodes x --ep / --nodes")
+    a("--dispatch-mode", default="flat", choices=jep.config.MODES,
+      help="with --nodes > 1: one exchange over both EP axes (flat) or each token once per node, "
+           "then inside the node (hierarchical)")
+    a("--coordinator", default=None,
+      help="HOST:PORT of process 0, for a run of several processes (jax.distributed)")
+    a("--num-processes", type=int, default=1, help="processes of the run (with --coordinator)")
+    a("--process-id", type=int, default=0, help="this process's index (with --coordinator)")
     a("--capacity-factor", type=float, default=None, help="per-expert capacity factor; default dropless")
     a("--overflow", default="position", choices=jep.balance.OVERFLOW,
       help="with a capacity: drop by position, drop the lowest router probability, or reroute")
@@ -212,6 +228,19 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="random seed (initialization and batches)")
     a("--no-progress", action="store_true", help="no progress bar (for logs)")
     args = p.parse_args(argv)
+    if args.coordinator is not None:
+        if not 0 <= args.process_id < args.num_processes:
+            p.error(f"--process-id {args.process_id} must be in [0, --num-processes "
+                    f"{args.num_processes})")
+        if args.replicas:
+            p.error("--replicas re-places experts from the host: one process only")
+        # CPU collectives across processes (GPUs use NCCL whatever this says). Nothing may ask
+        # for the devices before initialize.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.num_processes != 1:
+        p.error("--num-processes needs --coordinator")
 
     devices = len(jax.devices())
     if min(args.steps, args.batch, args.seq_len, args.d_model, args.layers, args.heads, args.experts,
@@ -234,19 +263,40 @@ def parse_args(argv=None):
         p.error(f"--batch {args.batch} must be divisible by --dp x --ep = {args.dp * args.ep}")
     if args.d_model % args.heads:
         p.error(f"--d-model {args.d_model} must be divisible by --heads {args.heads}")
+    if args.nodes < 1 or args.ep % args.nodes:
+        p.error(f"--ep {args.ep} must be divisible by --nodes {args.nodes}")
+    if args.dispatch_mode == "hierarchical" and args.nodes == 1:
+        p.error("--dispatch-mode hierarchical needs --nodes > 1")
     return args
 
 
+def ep_axes(args):
+    """The EP axis, or its (node, local) pair with --nodes > 1."""
+    return ("node", "local") if args.nodes > 1 else "ep"
+
+
 def make_mesh(args):
-    return jax.make_mesh((args.dp, args.ep), ("dp", "ep"), axis_types=(AxisType.Auto,) * 2,
+    names = ("dp", "node", "local") if args.nodes > 1 else ("dp", "ep")
+    shape = (args.dp, args.nodes, args.ep // args.nodes) if args.nodes > 1 else (args.dp, args.ep)
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names),
                          devices=jax.devices()[: args.dp * args.ep])
+
+
+def place_batch(batch: np.ndarray, sharding):
+    """A global array of `batch` (the same in every process) split by `sharding`: each process
+    puts the rows of its own devices."""
+    return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
 
 
 def evaluate(eval_step, model, held_out, args, sharding) -> float:
     key = jax.random.key(args.seed + 1)  # the same held-out batches every time
     model.eval()  # the selection bias (--balance bias) is used, not updated
-    losses = [eval_step(model, jax.device_put(sample_batch(held_out, jax.random.fold_in(key, i),
-                                                           args.batch, args.seq_len), sharding))
+    losses = [eval_step(model, place_batch(sample_batch(held_out, jax.random.fold_in(key, i),
+                                                        args.batch, args.seq_len), sharding))
               for i in range(args.eval_batches)]
     model.train()
     return float(np.mean(losses))
@@ -294,17 +344,17 @@ def train(args) -> dict:
     start = 0
     if args.resume and manager.latest_step() is not None:
         start, history = restore(manager, model, optimizer)
-    batch_sharding = NamedSharding(mesh, P(("dp", "ep"), None))
+    batch_sharding = NamedSharding(mesh, P(mesh.axis_names, None))
     data_key = jax.random.key(args.seed)
     tokens_per_step = args.batch * args.seq_len
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.no_progress,
-               dynamic_ncols=True)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps,
+               disable=args.no_progress or not is_main_process(), dynamic_ncols=True)
     tick = time.perf_counter()
     with jax.set_mesh(mesh):
         for step in bar:
-            batch = jax.device_put(sample_batch(train_data, jax.random.fold_in(data_key, step),
-                                                args.batch, args.seq_len), batch_sharding)
+            batch = place_batch(sample_batch(train_data, jax.random.fold_in(data_key, step),
+                                             args.batch, args.seq_len), batch_sharding)
             task, aux = train_step(model, optimizer, batch)
             loss = float(task)  # waits for the step
             load = np.asarray(aux["tokens_per_expert"])  # [layers, experts]
@@ -329,13 +379,14 @@ def train(args) -> dict:
             if done % args.eval_every == 0 or done == args.steps:
                 history["eval_step"].append(done)
                 history["eval_loss"].append(evaluate(eval_step, model, held_out, args, batch_sharding))
-                bar.write(f"step {done}: train loss {loss:.4f}, "
-                          f"held-out loss {history['eval_loss'][-1]:.4f}")
+                if is_main_process():
+                    bar.write(f"step {done}: train loss {loss:.4f}, "
+                              f"held-out loss {history['eval_loss'][-1]:.4f}")
             if done % args.ckpt_every == 0 or done == args.steps:
                 save(manager, done, model, optimizer, history)
     bar.close()
     manager.close()
-    if history["step"]:
+    if history["step"] and is_main_process():
         plot(history, os.path.join(args.out, "training.png"))
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump({k: v for k, v in history.items() if k != "load"}, f)
@@ -344,10 +395,13 @@ def train(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"jax {jax.__version__}, {len(jax.devices())} x {jax.devices()[0].device_kind}; "
-          f"mesh dp={args.dp} x ep={args.ep}; {args.layers} blocks, E={args.experts} top-{args.top_k}")
+    if is_main_process():
+        print(f"jax {jax.__version__}, {len(jax.devices())} x {jax.devices()[0].device_kind} in "
+              f"{jax.process_count()} process(es); mesh dp={args.dp} x ep={args.ep}"
+              + (f" as {args.nodes} nodes, {args.dispatch_mode} dispatch" if args.nodes > 1 else "")
+              + f"; {args.layers} blocks, E={args.experts} top-{args.top_k}")
     history = train(args)
-    if history["loss"]:
+    if history["loss"] and is_main_process():
         # The median of the second half: the first steps include compilation.
         rates = history["tokens_per_s"]
         rate = np.median(rates[len(rates) // 2:])

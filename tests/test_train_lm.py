@@ -2,9 +2,14 @@
 resumes exactly, and expert parameters stay on their EP shard."""
 
 import importlib.util
+import json
+import os
 import pathlib
 import re
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -26,12 +31,12 @@ def example():
     return module
 
 
-def losses_on_mesh(example, dp, ep, steps):
-    args = example.parse_args(TINY + ["--dp", str(dp), "--ep", str(ep), "--steps", "10"])
+def losses_on_mesh(example, dp, ep, steps, flags=()):
+    args = example.parse_args(TINY + ["--dp", str(dp), "--ep", str(ep), "--steps", "10", *flags])
     mesh = example.make_mesh(args)
     train_data, _ = example.load_corpus(int(args.corpus_mb * 2**20))
     model, optimizer, train_step, _ = example.build(args, mesh)
-    sharding = NamedSharding(mesh, P(("dp", "ep"), None))
+    sharding = NamedSharding(mesh, P(mesh.axis_names, None))
     losses = []
     with jax.set_mesh(mesh):
         for step in range(steps):
@@ -46,6 +51,42 @@ def test_same_loss_on_every_mesh_at_step_0_and_after_3_steps(example):
     for dp, ep in [(2, 4), (4, 2), (8, 1)]:
         np.testing.assert_allclose(losses_on_mesh(example, dp, ep, steps=4), want, rtol=2e-5,
                                    err_msg=f"mesh dp={dp} ep={ep}")
+    # The EP axis as (node, local) axes, each token once per node, then inside the node.
+    for mode in ("flat", "hierarchical"):
+        np.testing.assert_allclose(
+            losses_on_mesh(example, 2, 4, steps=4, flags=["--nodes", "2", "--dispatch-mode", mode]),
+            want, rtol=2e-5, err_msg=f"--nodes 2 --dispatch-mode {mode}")
+
+
+def test_two_processes_train_like_one(example, tmp_path):
+    """The example as two processes of 4 CPU devices (jax.distributed on localhost) gives the
+    losses it gives in one process of 8."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU processes on localhost")
+    flags = TINY + ["--steps", "3", "--eval-every", "3", "--eval-batches", "1", "--ckpt-every", "3",
+                    "--nodes", "2", "--dispatch-mode", "hierarchical"]
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([str(EXAMPLE.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen(
+        [sys.executable, str(EXAMPLE), *flags, "--out", str(tmp_path / "two"),
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail("the two processes did not finish within 300 s")
+    for i, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
+    assert "plot in" in logs[0] and "plot in" not in logs[1]  # process 0 reports and writes
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one = example.train(example.parse_args(flags + ["--out", str(tmp_path / "one")]))
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=2e-5)
+    np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=2e-5)
 
 
 def test_loss_decreases_and_plot_and_metrics_are_written(example, tmp_path):
@@ -111,6 +152,9 @@ def test_expert_parameters_are_never_all_gathered_in_a_training_step(example):
     (["--replicas", "3"], "--replicas 3 must be divisible by --ep 4"),
     (["--overflow", "spill"], "invalid choice"),
     (["--replicas", "4", "--overflow", "reroute"], "--replicas works with --overflow position only"),
+    (["--nodes", "3"], "--ep 4 must be divisible by --nodes 3"),
+    (["--dispatch-mode", "hierarchical"], "--dispatch-mode hierarchical needs --nodes > 1"),
+    (["--num-processes", "2"], "--num-processes needs --coordinator"),
 ])
 def test_bad_flags_give_clear_messages(example, capsys, flags, message):
     with pytest.raises(SystemExit):
