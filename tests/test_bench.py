@@ -83,3 +83,16 @@ def test_ragged_baseline_equals_the_reference():
         *(put(mesh, params[k], P("ep")) for k in ("w_gate", "w_up", "w_down")))
     want, _ = jep.reference.moe(x, params, config=config)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_two_level_transport_measures_both_modes_and_counts_the_node_bytes(tmp_path):
+    results = bench.main(["transport", "--nodes", "2", "--tokens", "8", "--hidden", "16",
+                          "--experts", "16", "--topk", "4", "--iters", "1", "--repeats", "1",
+                          "--out", str(tmp_path)])
+    modes = {r["variant"].split()[-1] for r in results}
+    assert modes == {"flat", "hierarchical"} and {r["op"] for r in results} == {"dispatch", "combine"}
+    crossing = {r["variant"]: r["node_bytes_per_rank"] for r in results}
+    for variant, node_bytes in crossing.items():
+        if variant.endswith("hierarchical"):
+            # Once per (token, other node) is never more than once per (token, other rank).
+            assert 0 < node_bytes <= crossing[variant.replace("hierarchical", "flat")]

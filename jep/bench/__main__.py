@@ -46,6 +46,9 @@ def parse_args(argv=None):
       help="grouped GEMM shapes MxKxNxG, comma-separated")
     a("--experts-sweep", type=_ints, default=[64, 4096],
       help="numbers of experts the routing suite compares, comma-separated")
+    a("--nodes", type=int, default=1,
+      help="transport: the devices as (node, local) axes of this many nodes; measures the flat "
+           "and the hierarchical modes, with the bytes that cross the node axis")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")
     a("--repeats", type=int, default=5, help="timed loops; the median is reported")
     a("--out", default="out/bench", help="folder for results.json and the plots")
@@ -80,7 +83,11 @@ def main(argv=None):
     print(f"{environment['device']}, jax {environment['jax']}, {environment['date']}")
     for suite, tokens in tqdm(jobs, desc="jep.bench"):
         common = dict(dtype=dtype, iters=args.iters, repeats=args.repeats)
-        if suite == "transport":
+        if suite == "transport" and args.nodes > 1:
+            results += transport.measure_two_level(
+                tokens=tokens, hidden=args.hidden, experts=args.experts, top_k=args.topk,
+                routing=args.routing, nodes=args.nodes, **common)
+        elif suite == "transport":
             results += transport.measure(tokens=tokens, hidden=args.hidden, experts=args.experts,
                                          top_k=args.topk, routing=args.routing, **common)
         elif suite == "gemm":

@@ -27,6 +27,11 @@ def table(results: list[dict]) -> str:
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['tokens_per_rank']} | {r['routing']} | {r['variant']} | {r['op']} | "
                   f"{_time_cell(r, 1e6, '.1f')} | {r['gb_per_s']:.4g} |" for r in transport]
+        crossing = {r["variant"]: r["node_bytes_per_rank"] for r in transport
+                    if "node_bytes_per_rank" in r}
+        lines += [f"(across the node axis, {transport[0]['nodes']} nodes: "
+                  + ", ".join(f"{v} {b / 2**20:.3g} MiB per rank" for v, b in crossing.items())
+                  + ")"] if crossing else []
         lines += [f"(NVLink 4 one-way limit: {NVLINK_GBPS:.0f} GB/s; ranks: {transport[0]['ranks']})", ""]
     gemm = [r for r in results if r["suite"] == "gemm"]
     if gemm:

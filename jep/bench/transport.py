@@ -7,6 +7,11 @@ Variants, all moving the same token rows over the EP axis (every device of the m
   ragged_all_to_all:  lax.ragged_all_to_all with one slice per peer (GPU/TPU only)
 GB/s per rank = bf16 bytes of the token rows a rank receives / time (DeepEP's count), the mean
 rank's rows.
+
+With --nodes N the devices form a (node, local) mesh of N nodes, and jep's dispatch and combine
+run in both modes over it, flat and hierarchical (`jep.hierarchical`), each with the bytes a
+rank sends across the node axis counted from the layout: flat sends a token once to each rank
+of its experts on another node, hierarchical once to each other node.
 """
 
 from __future__ import annotations
@@ -103,4 +108,67 @@ def measure(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routin
             return timing.repeat_in_loop(body, (wire, send, recv), iters)[None]
 
         record("ragged_all_to_all", ["dispatch", "combine"], per_rank(ragged_loop), (put(wire), put(send), put(recv)))
+    return results
+
+
+def _node_rows(ids: np.ndarray, num_experts: int, nodes: int) -> dict[str, float]:
+    """Rows the mean rank sends to other nodes, flat and hierarchical: ids i[n, T, k]."""
+    n = ids.shape[0]
+    experts_per_rank, ranks_per_node = num_experts // n, n // nodes
+    flat = hierarchical = 0
+    for rank in range(n):
+        node = rank // ranks_per_node
+        for token in ids[rank]:
+            ranks = {int(e) // experts_per_rank for e in token if 0 <= e < num_experts}
+            flat += sum(r // ranks_per_node != node for r in ranks)
+            hierarchical += len({r // ranks_per_node for r in ranks} - {node})
+    return {"flat": flat / n, "hierarchical": hierarchical / n}
+
+
+def measure_two_level(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routing: str,
+                      nodes: int, iters: int, repeats: int, seed: int = 0) -> list[dict]:
+    """jep's dispatch and combine, flat against hierarchical, over a (node, local) mesh."""
+    n = len(jax.devices())
+    if nodes < 2 or n % nodes or experts % n:
+        raise SystemExit(f"transport --nodes {nodes}: needs 2 or more nodes dividing the {n} "
+                         f"devices, and --experts {experts} divisible by {n}")
+    axes = ("node", "local")
+    mesh = jax.make_mesh((nodes, n // nodes), axes, axis_types=(AxisType.Auto,) * 2)
+    rng = np.random.default_rng(seed)
+    rotation = 2
+    ids = np.stack([workloads.expert_ids(routing, rng, (n, tokens), experts, top_k)
+                    for _ in range(rotation)])
+    row_bytes = hidden * jnp.dtype(dtype).itemsize
+    received_bytes = _rows_per_peer(ids[0], experts).sum(0).mean() * row_bytes
+    node_bytes = {mode: rows * row_bytes for mode, rows in _node_rows(ids[0], experts, nodes).items()}
+    x = jnp.asarray(rng.normal(size=(rotation, n, tokens, hidden)), dtype)
+    weights = jnp.asarray(rng.random((rotation, n, tokens, top_k)), jnp.float32)
+    spec = P(None, axes)
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    per_rank = lambda fn: jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=P(axes)))  # noqa: E731
+    results = []
+    for backend in jep.transport.available():
+        for mode in ("flat", "hierarchical"):
+            def dispatch_loop(x, ids, backend=backend, mode=mode):
+                body = lambda x, ids: jep.dispatch(  # noqa: E731
+                    x[0], ids[0], num_experts=experts, axis_name=axes, backend=backend, mode=mode)[0]
+                return timing.repeat_in_loop(body, (x, ids), iters)[None]
+
+            def combine_loop(x, ids, weights, backend=backend, mode=mode):
+                recv_x, _, handle = jep.dispatch(x[0, 0], ids[0, 0], num_experts=experts,
+                                                 axis_name=axes, backend=backend, mode=mode)
+                ys = jnp.stack([recv_x, recv_x * 2])
+                body = lambda y, w: jep.combine(y, handle, w[0])  # noqa: E731
+                return timing.repeat_in_loop(body, (ys, weights), iters)[None]
+
+            for op, fn, args in (("dispatch", dispatch_loop, (put(x), put(ids))),
+                                 ("combine", combine_loop, (put(x), put(ids), put(weights)))):
+                seconds = timing.seconds_per_iteration(per_rank(fn), args, iters=iters,
+                                                       repeats=repeats)
+                results.append({"suite": "transport", "variant": f"jep/{backend} {mode}", "op": op,
+                                "tokens_per_rank": tokens, "hidden": hidden, "experts": experts,
+                                "top_k": top_k, "routing": routing, "ranks": n, "nodes": nodes,
+                                "seconds": seconds, "bytes_per_rank": float(received_bytes),
+                                "gb_per_s": received_bytes / seconds / 1e9,
+                                "node_bytes_per_rank": float(node_bytes[mode])})
     return results
