@@ -259,7 +259,9 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
       axis_name: the EP mesh axis.
       capacity: `None` (dropless) or rows kept per local expert (>= 0). Rows beyond it are dropped,
         lowest source rank and token first kept, and counted in `handle.num_dropped`.
-      backend: transport, "auto" or one of `jep.transport.names()`.
+      backend: transport, "auto" or one of `jep.transport.names()`. "auto" takes `ffi` only
+        where every device of the axis is in this process (`jep.transport.resolve`); in
+        hierarchical mode each hop chooses for its own axis.
       permute: the row mover of the local expansion and of combine's sums: "auto" (the Pallas
         kernels of `jep_kernels.permute` on Hopper GPUs, else XLA's gathers), "pallas" or "xla".
       mode: with two EP axes, axis_name=(node axis, local axis): "flat" (one exchange over both)
@@ -295,12 +297,11 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
         raise ValueError(
             f"num_experts={num_experts} must be divisible by the size {num_ranks} of "
             f"axis_name={axis_name!r}")
-    backend = transport.resolve(backend)
     if permute not in PERMUTES:
         raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "hierarchical":
+    if mode == "hierarchical":  # each hop picks its own transport
         if not (isinstance(axis_name, (tuple, list)) and len(axis_name) == 2):
             raise ValueError("mode='hierarchical' needs axis_name=(node axis, local axis), got "
                              f"axis_name={axis_name!r}")
@@ -308,6 +309,7 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
         return hierarchical.dispatch(x, expert_ids, num_experts=num_experts,
                                      axis_name=tuple(axis_name), capacity=capacity,
                                      backend=backend, permute=permute)
+    backend = transport.resolve(backend, axis_name=axis_name)
     handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
                    backend=backend, permute=permute)
     return _dispatch_rows(x, handle), handle.group_sizes, handle

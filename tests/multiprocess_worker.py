@@ -18,7 +18,15 @@ DEVICES_PER_PROCESS = 4
 
 def compute(mesh) -> dict:
     """Dispatch and combine (flat and hierarchical) and jep.moe over `mesh`'s (node, local)
-    axes on fixed inputs: outputs and gradients as numpy arrays, the same in any process."""
+    axes on fixed inputs: outputs and gradients as numpy arrays, the same in any process, and
+    under "transports" the transports the hierarchical hops took (node, local)."""
+    import jax
+
+    with jax.set_mesh(mesh):  # lets `auto` see which devices each axis spans
+        return _compute(mesh)
+
+
+def _compute(mesh) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -47,10 +55,13 @@ def compute(mesh) -> dict:
     ranks = P(AXES)
     args = [global_array(a, ranks) for a in (x, ids, weights, g)]
     results = {}
+    transports = []
     for mode in ("flat", "hierarchical"):
         def local(x, ids, weights, mode=mode):
             recv_x, group_sizes, handle = jep.dispatch(
                 x[0], ids[0], num_experts=num_experts, axis_name=AXES, mode=mode)
+            if mode == "hierarchical":
+                transports[:] = [handle.node.backend, handle.local.backend]
             kept = jnp.arange(recv_x.shape[0]) < group_sizes.sum()
             y = jnp.where(kept[:, None], 2 * recv_x + 1, 0)
             return jep.combine(y, handle, weights[0])[None]
@@ -80,7 +91,8 @@ def compute(mesh) -> dict:
 
     (_, y), (dparams, dtokens) = jax.jit(jax.value_and_grad(moe_loss, argnums=(0, 1),
                                                             has_aux=True))(params, tokens, cotangent)
-    results |= {"moe/y": gathered(y), "moe/dx": gathered(dtokens)}
+    results |= {"moe/y": gathered(y), "moe/dx": gathered(dtokens),
+                "transports": np.array(transports)}
     results |= {f"moe/d{name}": value for name, value in gathered(dparams).items()}
     return results
 

@@ -191,9 +191,25 @@ def test_without_a_compiler_it_is_unavailable_and_names_the_fallback(monkeypatch
         jep.transport.resolve("ffi", "cpu")
 
 
-def test_across_processes_it_is_unavailable(monkeypatch):
+def test_across_processes_it_runs_only_over_axes_within_one_process(monkeypatch):
+    """Two processes of 4 devices as a (node, local) mesh, process = node: ffi runs over
+    `local` (each group in one process), not over `node` or both, nor where no mesh is set."""
+    from types import SimpleNamespace
+
+    from jax._src import mesh as mesh_lib
+
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert not ffi.runs_on("cpu")
+    assert not ffi.runs_on("cpu", "local")  # no mesh set: cannot tell
+    devices = np.array([[SimpleNamespace(process_index=p) for _ in range(4)] for p in range(2)])
+    mesh = SimpleNamespace(empty=False, axis_names=("node", "local"), devices=devices,
+                           shape={"node": 2, "local": 4})
+    monkeypatch.setattr(mesh_lib, "get_concrete_mesh", lambda: mesh)
+    assert ffi.runs_on("cpu", "local")
+    assert not ffi.runs_on("cpu", "node")
+    assert not ffi.runs_on("cpu", ("node", "local"))
+    assert jep.transport.resolve("auto", "cpu", "local") == "ffi"
+    assert jep.transport.resolve("auto", "cpu", "node") == "reference"
 
 
 def test_build_is_cached_by_source_and_jax_version(tmp_path, monkeypatch):

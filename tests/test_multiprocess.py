@@ -48,6 +48,10 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
 
     want = worker.compute(make_mesh((2, 4), worker.AXES))
     assert set(got) == set(want)
+    # Across processes the node hop takes XLA's collectives (the dense reference exchange on the
+    # CPU) and the local hop, inside each process, the ffi transport; in one process both ffi.
+    assert list(got.pop("transports")) == ["reference", "ffi"]
+    assert list(want.pop("transports")) == ["ffi", "ffi"]
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
     # Hierarchical and flat agree across processes too.

@@ -70,7 +70,7 @@ def test_xla_transport_traces_through_dispatch_combine_and_their_gradients(monke
     # Traced only (XLA:CPU cannot compile ragged_all_to_all). Under shard_map's check_vma the
     # exchanged rows must be typed as varying over the mesh axis, or the custom_vjp rules reject
     # their cotangents.
-    monkeypatch.setattr(xla, "runs_on", lambda platform: True)
+    monkeypatch.setattr(xla, "runs_on", lambda platform, axis_name=None: True)
     mesh = make_mesh((num_ranks,), ("ep",))
 
     def local(x, weights):

@@ -38,22 +38,25 @@ def names() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def available(platform: str | None = None) -> tuple[str, ...]:
-    """The transports that run on `platform` (default: the current one), fastest first."""
+def available(platform: str | None = None, axis_name=None) -> tuple[str, ...]:
+    """The transports that run on `platform` (default: the current one) over `axis_name`,
+    fastest first."""
     platform = platform or current_platform()
-    return tuple(name for name, m in _BACKENDS.items() if m.runs_on(platform))
+    return tuple(name for name, m in _BACKENDS.items() if m.runs_on(platform, axis_name))
 
 
-def resolve(backend: str, platform: str | None = None) -> str:
-    """The registered name `backend` stands for ("auto": the fastest that runs on `platform`)."""
+def resolve(backend: str, platform: str | None = None, axis_name=None) -> str:
+    """The registered name `backend` stands for ("auto": the fastest that runs on `platform`
+    over `axis_name`; `ffi` only where the axis's devices are in this process)."""
     platform = platform or current_platform()
     if backend == "auto":
-        return available(platform)[0]
+        return available(platform, axis_name)[0]
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {names()}, got {backend!r}")
-    if not _BACKENDS[backend].runs_on(platform):
+    if not _BACKENDS[backend].runs_on(platform, axis_name):
         raise ValueError(
-            f"transport backend={backend!r} does not run on {platform!r}: "
+            f"transport backend={backend!r} does not run on {platform!r}"
+            + (f" over axis {axis_name!r}" if axis_name is not None else "") + ": "
             f"{_BACKENDS[backend].UNAVAILABLE} Use backend='reference' or 'auto' there.")
     return backend
 

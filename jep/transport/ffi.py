@@ -11,8 +11,11 @@ The handlers are built on first use with the compiler present (g++ on the CPU, n
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jep.platform import current_platform
@@ -21,14 +24,36 @@ from jep_kernels.ragged_a2a import build
 from jep_kernels.vma import vary_like
 
 GATHERS = True
-UNAVAILABLE = ("it needs every device of the EP axis in this process, the CPU or an NVIDIA GPU, "
-               "and a compiler (g++ on the CPU, nvcc for CUDA) on PATH.")
+UNAVAILABLE = ("it needs every device of the EP axis in this process (with several processes: "
+               "the mesh set with jax.set_mesh, so that this can be checked), the CPU or an "
+               "NVIDIA GPU, and a compiler (g++ on the CPU, nvcc for CUDA) on PATH.")
 
 
-def runs_on(platform: str) -> bool:
-    if platform not in ("cpu", "gpu") or jax.process_count() > 1:
+def runs_on(platform: str, axis_name=None) -> bool:
+    """Whether the handlers run here: the CPU or an NVIDIA GPU, a compiler, and every device of
+    each group along `axis_name` in this process (with several processes this is known only
+    when the mesh is set with `jax.set_mesh`; without, the answer is no)."""
+    if platform not in ("cpu", "gpu"):
+        return False
+    if jax.process_count() > 1 and not _within_process(axis_name):
         return False
     return build.compiler(platform) is not None
+
+
+def _within_process(axis_name) -> bool:
+    """Whether the devices of every group along `axis_name` of the set mesh share a process."""
+    from jax._src import mesh as mesh_lib  # the concrete mesh of jax.set_mesh
+
+    mesh = mesh_lib.get_concrete_mesh() if hasattr(mesh_lib, "get_concrete_mesh") else None
+    if axis_name is None or mesh is None or mesh.empty:
+        return False
+    axes = _axes(axis_name)
+    if any(a not in mesh.axis_names for a in axes):
+        return False
+    order = [mesh.axis_names.index(a) for a in mesh.axis_names if a not in axes]
+    order += [mesh.axis_names.index(a) for a in axes]
+    groups = np.transpose(mesh.devices, order).reshape(-1, math.prod(mesh.shape[a] for a in axes))
+    return all(len({d.process_index for d in group}) == 1 for group in groups)
 
 
 def _axes(axis_name) -> tuple:
