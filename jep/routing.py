@@ -96,6 +96,11 @@ def route(
         _checks.shape(bias, (num_experts,), "bias")
         _checks.floating(bias, "bias")
 
+    if score == "softmax" and renormalize and bias is None and num_groups is None:
+        # Softmax is monotone, and its renormalized top-k is the softmax of the top-k logits:
+        # the same choice and weights without exponentiating all E logits.
+        top_logits, expert_ids = lax.top_k(logits.astype(jnp.float32), top_k)
+        return jax.nn.softmax(top_logits, axis=-1), expert_ids.astype(jnp.int32)
     scores = router_scores(logits, score)
     choice = selection_scores(scores, num_groups=num_groups, topk_groups=topk_groups, bias=bias)
     _, expert_ids = lax.top_k(choice, top_k)

@@ -97,3 +97,22 @@ def test_route_bad_input_raises(kwargs, error, match):
     args = dict(logits=jnp.zeros((4, 8)), top_k=2) | kwargs
     with pytest.raises(error, match=match):
         jep.route(args.pop("logits"), **args)
+
+
+def test_softmax_top_k_from_logits_equals_the_scores_path_with_gradients(rng):
+    """Without bias or groups, renormalized softmax routing picks and weighs from the top-k
+    logits alone; a zero bias takes the general path (all E scores): the same ids, weights and
+    gradients."""
+    logits = jnp.asarray(rng.normal(size=(64, 48)) * 3, jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(64, 5)), jnp.float32)
+
+    def weighted(logits, bias):
+        weights, ids = jep.route(logits, top_k=5, bias=bias)
+        return jnp.sum(weights * cotangent), ids
+
+    (fast, fast_ids), fast_grad = jax.value_and_grad(weighted, has_aux=True)(logits, None)
+    (slow, slow_ids), slow_grad = jax.value_and_grad(weighted, has_aux=True)(
+        logits, jnp.zeros(48, jnp.float32))
+    np.testing.assert_array_equal(fast_ids, slow_ids)
+    np.testing.assert_allclose(fast, slow, rtol=1e-6)
+    np.testing.assert_allclose(fast_grad, slow_grad, rtol=1e-5, atol=1e-7)
