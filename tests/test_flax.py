@@ -224,3 +224,26 @@ def test_linen_replicated_experts_and_replace_experts(rng):
             slots = new.logical_to_physical[2]
             for s in slots[1:]:
                 np.testing.assert_array_equal(tree[s], tree[slots[0]])
+
+
+@pytest.mark.parametrize("mode", ["flat", "hierarchical"])
+def test_modules_over_node_and_local_axes_equal_jep_moe(rng, mode):
+    """Both modules with config.axis_name=("node", "local"): experts sharded over the pair."""
+    mesh = make_mesh((2, 4), ("node", "local"))
+    config = jep.MoEConfig(num_experts=8, top_k=2, axis_name=("node", "local"),
+                           dispatch=jep.DispatchConfig(mode=mode))
+    x = jnp.asarray(rng.normal(size=(64, HIDDEN)), jnp.float32)
+    module = jep.flax.MoE(config=config, ffn=FFN)
+    with jax.set_mesh(mesh):
+        variables = jax.jit(module.init)(jax.random.key(0), x)
+        y, _ = jax.jit(module.apply)(variables, x)
+        layer = jep.nnx.MoE(HIDDEN, FFN, config=config, rngs=nnx.Rngs(0))
+        y_nnx, _ = nnx.jit(lambda layer, x: layer(x))(layer, x)
+    params = nn.unbox(variables)["params"]
+    assert nn.get_partition_spec(variables)["params"]["w_gate"] == P(("node", "local"), None, None)
+    want, _ = jax.jit(lambda x, p: jep.moe(x, p, config=config, mesh=mesh))(x, params)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    nnx_params = {k: v[...] for k, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
+    want_nnx, _ = jax.jit(lambda x, p: jep.moe(x, p, config=config, mesh=mesh))(
+        x, {path[-1]: value for path, value in nnx_params.items()})
+    np.testing.assert_allclose(y_nnx, want_nnx, rtol=1e-5, atol=1e-6)
