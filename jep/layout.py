@@ -53,8 +53,9 @@ def exclusive_cumsum(x: jax.Array) -> jax.Array:
 
 
 # Where "auto" takes the Pallas kernels, by the row bytes from which they were measured faster
-# than XLA's gathers on an H200 (`python -m jep.bench permute`, BENCHMARKS.md): gathers of 14 KiB
-# rows were 1.1-1.3x faster, of 2 KiB rows 0.8-0.9x; the sums were slower at both (None: never).
+# than XLA's gathers on an H200 (`python -m jep.bench permute`, BENCHMARKS.md): gathers of 8 and
+# 14 KiB rows ran at 1.1-1.3x XLA's, of 2 KiB rows at 0.7-0.9x; the sums at 0.4-0.7x everywhere
+# (None: never).
 _AUTO_MIN_ROW_BYTES = {"gather": 8192, "gather_sum": None}
 
 
