@@ -3,7 +3,7 @@
 Both are persistent kernels, one program per multiprocessor, that walk a list of *units*: one
 output row, or one `width`-wide piece of it when rows are wide. Each unit is read from global
 memory into shared memory by bulk asynchronous copies (one per source row, of the whole piece:
-a row piece is contiguous) and written out by one more; `stages` units are in flight per
+a row piece is contiguous) and written out by one more, with several copies in flight per
 program, so the copies of later units overlap the stores of earlier ones.
 
 - `gather`: out[i] = rows[index[i]], a zero row where index[i] < 0.
@@ -15,8 +15,6 @@ Indices must be in [-1, N): the callers in `jep_kernels.permute` map everything 
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +45,9 @@ def _copy_in(src, dst, barrier):
 
 def _walk(num_units: int, stages: int, load, store):
     """Runs this program's share of `num_units` units (units sm, sm + P, ...) through `stages`
-    shared-memory slots: load(u, slot) starts the copies of unit u, store(u, slot, j) waits for
-    them and writes the unit out (one commit group); j counts this program's units. A slot is refilled one step after its store
-    was issued, once that store has read it."""
+    shared-memory slots: load(u, slot) starts the copy of unit u, store(u, slot) waits for it
+    and writes the unit out (one commit group). A slot is refilled one step after its store was
+    issued, once that store has read it."""
     sm, programs = lax.axis_index("sm"), lax.axis_size("sm")
     count = (num_units - sm + programs - 1) // programs
 
@@ -62,7 +60,7 @@ def _walk(num_units: int, stages: int, load, store):
             load(unit(s), s)
 
     def step(j, carry):
-        store(unit(j), j % stages, j)
+        store(unit(j), j % stages)
         refill = j - 1 + stages
 
         @pl.when((j >= 1) & (refill < count))
@@ -96,7 +94,7 @@ def gather(rows, index, *, width: int, stages: int, interpret: bool = False):
             def _():
                 _copy_in(zeros_gmem, buffers.at[slot], barriers.at[slot])
 
-        def store(u, slot, _):
+        def store(u, slot):
             i, piece = u // pieces, u % pieces
             plgpu.barrier_wait(barriers.at[slot])
             plgpu.copy_smem_to_gmem(buffers.at[slot],
