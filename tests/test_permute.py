@@ -81,18 +81,14 @@ def test_rows_wider_than_a_piece_go_in_pieces(rng):
     """A row of 512 floats in pieces of 128: each output row is stitched from four copies."""
     rows = jnp.asarray(rng.normal(size=(9, 512)), jnp.float32)
     index = jnp.asarray(rng.integers(-1, 9, size=(11,)), jnp.int32)
-    got = mgpu.gather(rows, layout_valid(index, 9), width=128, stages=3, interpret=INTERPRET)
+    got = mgpu.gather(rows, permute._valid(index, 9), width=128, stages=3, interpret=INTERPRET)
     np.testing.assert_array_equal(got, permute.reference.gather(rows, index))
     index2 = jnp.asarray(rng.integers(-1, 9, size=(11, 2)), jnp.int32)
     weights = jnp.asarray(rng.random((11, 2)), jnp.float32)
-    got = mgpu.gather_sum(rows, layout_valid(index2, 9), weights, width=128, ring=3,
+    got = mgpu.gather_sum(rows, permute._valid(index2, 9), weights, width=128, ring=3,
                           interpret=INTERPRET)
     np.testing.assert_allclose(got, permute.reference.gather_sum(rows, index2, weights),
                                rtol=1e-6, atol=1e-6)
-
-
-def layout_valid(index, num_rows):
-    return jnp.where((index >= 0) & (index < num_rows), index, -1)
 
 
 def test_piece_width_divides_the_row_in_whole_16_byte_units():

@@ -42,6 +42,24 @@ def _rows_per_peer(ids: np.ndarray, num_experts: int) -> np.ndarray:
                      for s in range(num_ranks)]).astype(np.int64)
 
 
+def _jep_loops(*, experts: int, axis_name, backend: str, mode: str, iters: int):
+    """Per-rank bodies (for shard_map) that run `iters` of jep.dispatch, and of jep.combine after
+    one dispatch, on inputs rotated along their leading axis."""
+    def dispatch_loop(x, ids):
+        body = lambda x, ids: jep.dispatch(  # noqa: E731
+            x[0], ids[0], num_experts=experts, axis_name=axis_name, backend=backend, mode=mode)[0]
+        return timing.repeat_in_loop(body, (x, ids), iters)[None]
+
+    def combine_loop(x, ids, weights):
+        recv_x, _, handle = jep.dispatch(x[0, 0], ids[0, 0], num_experts=experts,
+                                         axis_name=axis_name, backend=backend, mode=mode)
+        ys = jnp.stack([recv_x, recv_x * 2])  # rotated expert outputs
+        body = lambda y, w: jep.combine(y, handle, w[0])  # noqa: E731
+        return timing.repeat_in_loop(body, (ys, weights), iters)[None]
+
+    return dispatch_loop, combine_loop
+
+
 def measure(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routing: str,
             iters: int, repeats: int, seed: int = 0) -> list[dict]:
     mesh = _mesh()
@@ -71,18 +89,8 @@ def measure(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routin
         return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=P("ep")))
 
     for backend in jep.transport.available():
-        def dispatch_loop(x, ids, backend=backend):
-            body = lambda x, ids: jep.dispatch(x[0], ids[0], num_experts=experts, axis_name="ep",  # noqa: E731
-                                               backend=backend)[0]
-            return timing.repeat_in_loop(body, (x, ids), iters)[None]
-
-        def combine_loop(x, ids, weights, backend=backend):
-            recv_x, _, handle = jep.dispatch(x[0, 0], ids[0, 0], num_experts=experts,
-                                             axis_name="ep", backend=backend)
-            ys = jnp.stack([recv_x, recv_x * 2])  # rotated expert outputs
-            body = lambda y, w: jep.combine(y, handle, w[0])  # noqa: E731
-            return timing.repeat_in_loop(body, (ys, weights), iters)[None]
-
+        dispatch_loop, combine_loop = _jep_loops(experts=experts, axis_name="ep", backend=backend,
+                                                 mode="flat", iters=iters)
         record(f"jep/{backend}", ["dispatch"], per_rank(dispatch_loop), (put(x), put(ids)))
         record(f"jep/{backend}", ["combine"], per_rank(combine_loop), (put(x), put(ids), put(weights)))
 
@@ -149,18 +157,8 @@ def measure_two_level(*, tokens: int, hidden: int, experts: int, top_k: int, dty
     results = []
     for backend in jep.transport.available():
         for mode in ("flat", "hierarchical"):
-            def dispatch_loop(x, ids, backend=backend, mode=mode):
-                body = lambda x, ids: jep.dispatch(  # noqa: E731
-                    x[0], ids[0], num_experts=experts, axis_name=axes, backend=backend, mode=mode)[0]
-                return timing.repeat_in_loop(body, (x, ids), iters)[None]
-
-            def combine_loop(x, ids, weights, backend=backend, mode=mode):
-                recv_x, _, handle = jep.dispatch(x[0, 0], ids[0, 0], num_experts=experts,
-                                                 axis_name=axes, backend=backend, mode=mode)
-                ys = jnp.stack([recv_x, recv_x * 2])
-                body = lambda y, w: jep.combine(y, handle, w[0])  # noqa: E731
-                return timing.repeat_in_loop(body, (ys, weights), iters)[None]
-
+            dispatch_loop, combine_loop = _jep_loops(experts=experts, axis_name=axes,
+                                                     backend=backend, mode=mode, iters=iters)
             for op, fn, args in (("dispatch", dispatch_loop, (put(x), put(ids))),
                                  ("combine", combine_loop, (put(x), put(ids), put(weights)))):
                 seconds = timing.seconds_per_iteration(per_rank(fn), args, iters=iters,
