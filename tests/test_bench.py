@@ -24,8 +24,10 @@ def test_cpu_smoke_run_of_every_suite_writes_json_table_and_plots(tmp_path, caps
     assert {r["op"] for r in results if r["suite"] == "permute"} == {"expand", "combine", "elementwise"}
     assert {r["op"] for r in results if r["suite"] == "routing"} == {
         "route", "layout + stats", "route + layout", "reroute"}
-    timed = [r for r in results if "seconds" in r]
-    assert all(r["seconds"] > 0 for r in timed)
+    timed = [r for r in results if "seconds" in r and "error" not in r]
+    assert timed and all(r["seconds"] > 0 for r in timed)
+    # A variant may refuse a shape (the Pallas kernels on a GPU, these tiny ones): it says why.
+    assert all(r["seconds"] is None and r["error"] for r in results if "error" in r)
     variants = {r["variant"] for r in results if r["suite"] == "transport"}
     assert {"jep/reference", "all_to_all padded"} <= variants
     assert {"jep", "capacity 1.25"} <= {r["variant"] for r in results if r["suite"] == "layer"}
@@ -86,6 +88,8 @@ def test_ragged_baseline_equals_the_reference():
 
 
 def test_two_level_transport_measures_both_modes_and_counts_the_node_bytes(tmp_path):
+    if len(jax.devices()) % 2:
+        pytest.skip("two nodes need an even number of devices")
     results = bench.main(["transport", "--nodes", "2", "--tokens", "8", "--hidden", "16",
                           "--experts", "16", "--topk", "4", "--iters", "1", "--repeats", "1",
                           "--out", str(tmp_path)])
