@@ -8,6 +8,7 @@ The path of a token:
   home rank:   x[T, H] --gather by send order--> send rows [S, H]   (one row per (rank, token))
   the wire:    transport exchange                -> received rows [R, H] (by source rank, token)
   expert rank: expand each received row to its local experts -> recv_x[C, H], grouped by expert
+               (a transport with EXPANDS, `ffi`, writes the received rows there on arrival)
 and combine walks it back: each expert rank first adds up a token's local expert outputs with
 their weights (one row per (token, rank)), sends that row home, where the rows are added.
 
@@ -95,20 +96,21 @@ def ep_size(axis_name, caller: str) -> int:
 
 # --- the four moves, shared by dispatch, combine and their gradients ------------------------
 
-def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens,
-              index=None, permute="xla"):
+def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens):
     # A rank sends at most one row per token to a peer, so T bounds every peer's slice.
     return transport.exchange(backend, rows, send_sizes, recv_sizes, axis_name=axis_name,
-                              out_rows=out_rows, max_rows_per_peer=num_tokens, index=index,
-                              permute=permute)
+                              out_rows=out_rows, max_rows_per_peer=num_tokens)
 
 
-def _to_experts(h: DispatchHandle, home, permute=None):
+def _to_experts(h: DispatchHandle, home, permute=None, expand=False):
     """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks (gathered into send
-    order by `permute`, the handle's by default)."""
-    return _exchange(home, h.send_sizes, h.recv_sizes, h.num_ranks * h.num_tokens,
-                     backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens,
-                     index=h.send_token, permute=permute or h.permute)
+    order by `permute`, the handle's by default), or with `expand` [C, *F] rows grouped by local
+    expert (each received row copied to its pairs' rows: `recv_x`)."""
+    expansion = (h.pair_row, h.recv_pair // h.top_k) if expand else None
+    return transport.exchange(
+        h.backend, home, h.send_sizes, h.recv_sizes, axis_name=h.axis_name,
+        out_rows=h.num_ranks * h.num_tokens, max_rows_per_peer=h.num_tokens, index=h.send_token,
+        expansion=expansion, permute=permute or h.permute)
 
 
 def _to_home(h: DispatchHandle, received):
@@ -192,7 +194,7 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> 
 
 @jax.custom_vjp
 def _dispatch_rows(x, h):
-    return _expand(h, _to_experts(h, x))
+    return _to_experts(h, x, expand=True)
 
 
 def _dispatch_rows_fwd(x, h):

@@ -51,11 +51,27 @@ def test_xla_split_covers_each_range_in_order(rng, num_slices):
     np.testing.assert_array_equal(piece_offsets[:, 1:], (piece_offsets + piece_sizes)[:, :-1])
 
 
-def test_auto_picks_xla_on_gpu_and_ffi_or_reference_on_cpu():
+def test_auto_picks_xla_on_gpu_and_ffi_or_reference_on_cpu(monkeypatch):
+    from jep_kernels.ragged_a2a import build
+
     on_cpu = "ffi" if jep.transport.ffi.runs_on("cpu") else "reference"
     assert jep.transport.resolve("auto", "cpu") == on_cpu
     assert jep.transport.resolve("auto", "gpu") == "xla"
     assert jep.transport.resolve("auto", "tpu") == "xla"
+    monkeypatch.setattr(build, "compiler", lambda platform: None)
+    assert jep.transport.resolve("auto", "cpu") == "reference"
+
+
+def test_ffi_runs_on_gpus_only_where_they_reach_each_other(monkeypatch):
+    from jep_kernels import ragged_a2a
+    from jep_kernels.ragged_a2a import build
+
+    monkeypatch.setattr(build, "compiler", lambda platform: "/usr/bin/" + platform)
+    for reachable in (True, False):  # GPUs with and without peer access
+        monkeypatch.setattr(ragged_a2a, "gpus_reach_each_other", lambda r=reachable: r)
+        assert jep.transport.ffi.runs_on("gpu") is reachable
+    with pytest.raises(ValueError, match="peer access"):
+        jep.transport.resolve("ffi", "gpu")
 
 
 def test_unknown_or_unavailable_backend_raises():

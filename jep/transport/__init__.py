@@ -15,10 +15,12 @@ It moves bytes only: `dispatch` and `combine` own the layout, the expansion and 
 new transport is one module here plus one line in `_BACKENDS`.
 
 `dispatch` and `combine` call the two moves below, which a transport may fuse: `exchange` with an
-`index` (send `rows[index]`, gathered on the way out) and `exchange_sum` (the way home of
-combine, where each token's received rows are added). A module that defines `GATHERS = True`
-takes `index=` in its `exchange`, one that defines `exchange_sum` fuses the sum; for the others
-both are composed here from plain JAX and their `exchange`.
+`index` (send `rows[index]`, gathered on the way out) and an `expansion` (each received row
+written to its expert rows on arrival), and `exchange_sum` (the way home of combine, where each
+token's received rows are added). A module that defines `GATHERS = True` takes `index=` in its
+`exchange`, one with `EXPANDS = True` takes `expand=` and `expanded_rows=`, one that defines
+`exchange_sum` fuses the sum; for the others they are composed here from plain JAX and their
+`exchange`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from jep.layout import sum_rows, take_rows
 from jep.platform import current_platform
 from jep.transport import ffi, reference, xla
 
-# Preferred first: `auto` takes the first one that runs on the platform. `ffi` comes after `xla`
-# until it has been measured faster across GPUs; on the CPU, where `xla` does not run, it is first.
+# Preferred first: `auto` takes the first one that runs on the platform. On the CPU, where `xla`
+# does not run, that is `ffi`. On GPUs `ffi` was measured faster than `xla` across 2 H200s
+# (BENCHMARKS.md), but one run there crashed (a segfault while XLA compiled a program with it,
+# called outside jit) and it has not been run since: `xla` stays first until that is understood.
 _BACKENDS = {"xla": xla, "ffi": ffi, "reference": reference}
 
 
@@ -67,10 +71,16 @@ def get(name: str):
 
 
 def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows: int,
-             max_rows_per_peer: int, index=None, permute: str = "xla"):
+             max_rows_per_peer: int, index=None, expansion=None, permute: str = "xla"):
     """The transport's exchange of `rows[index]` (of `rows` when index is None; an index out of
-    range sends a zero row). `permute` gathers the rows where the transport does not
-    (`jep.layout.take_rows`)."""
+    range sends a zero row), [out_rows, *F].
+
+    expansion: None, or (dest i32[out_rows, k], source i32[C]): the received rows expanded, and
+      the result is [C, *F] with row q = received row source[q] (zero where source[q] is out of
+      range); dest is its inverse, received row r lands in the rows dest[r, j] (out of range:
+      nowhere), which must fill a prefix of the C rows.
+    permute: gathers the rows where the transport does not (`jep.layout.take_rows`).
+    """
     module = _BACKENDS[backend]
     kwargs = dict(axis_name=axis_name, out_rows=out_rows, max_rows_per_peer=max_rows_per_peer)
     if index is not None:
@@ -78,7 +88,13 @@ def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows:
             kwargs["index"] = index
         else:
             rows = take_rows(rows, index, permute)
-    return module.exchange(rows, send_sizes, recv_sizes, **kwargs)
+    if expansion is None:
+        return module.exchange(rows, send_sizes, recv_sizes, **kwargs)
+    dest, source = expansion
+    if getattr(module, "EXPANDS", False):
+        return module.exchange(rows, send_sizes, recv_sizes, expand=dest,
+                               expanded_rows=source.shape[0], **kwargs)
+    return take_rows(module.exchange(rows, send_sizes, recv_sizes, **kwargs), source, permute)
 
 
 def exchange_sum(backend: str, rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name,

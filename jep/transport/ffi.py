@@ -1,7 +1,8 @@
 """The `ffi` transport: jep's own ragged all-to-all, an XLA FFI custom call (`jep_kernels.ragged_a2a`).
 
 Each device reads the rows sent to it straight out of its peers' buffers: dispatch reads token
-rows from the unsorted input by the send order's index (no gather pass first), the way home of
+rows from the unsorted input by the send order's index (no gather pass first) and writes each
+straight to its expert rows (no expansion pass after), the way home of
 combine adds each token's rows from the ranks it reached in float32 as it reads them. Exact sizes,
 no padding. It runs where all devices of the EP axis live in this process (CPU, and NVIDIA GPUs
 with peer access); across processes it is not available and `auto` moves on.
@@ -24,20 +25,25 @@ from jep_kernels.ragged_a2a import build
 from jep_kernels.vma import vary_like
 
 GATHERS = True
+EXPANDS = True
 UNAVAILABLE = ("it needs every device of the EP axis in this process (with several processes: "
                "the mesh set with jax.set_mesh, so that this can be checked), the CPU or an "
-               "NVIDIA GPU, and a compiler (g++ on the CPU, nvcc for CUDA) on PATH.")
+               "NVIDIA GPU (with peer access between the GPUs), and a compiler (g++ on the CPU, "
+               "nvcc for CUDA) on PATH.")
 
 
 def runs_on(platform: str, axis_name=None) -> bool:
-    """Whether the handlers run here: the CPU or an NVIDIA GPU, a compiler, and every device of
-    each group along `axis_name` in this process (with several processes this is known only
-    when the mesh is set with `jax.set_mesh`; without, the answer is no)."""
+    """Whether the handlers run here: the CPU or NVIDIA GPUs that reach each other's memory, a
+    compiler, and every device of each group along `axis_name` in this process (with several
+    processes this is known only when the mesh is set with `jax.set_mesh`; without, the answer
+    is no)."""
     if platform not in ("cpu", "gpu"):
         return False
     if jax.process_count() > 1 and not _within_process(axis_name):
         return False
-    return build.compiler(platform) is not None
+    if build.compiler(platform) is None:
+        return False
+    return platform == "cpu" or ragged_a2a.gpus_reach_each_other()
 
 
 def _within_process(axis_name) -> bool:
@@ -84,12 +90,14 @@ def _prepare(axis_name):
     return _coords(axis_name), lax.axis_size(axis_name)
 
 
-def exchange(rows, send_sizes, recv_sizes, *, axis_name, out_rows, max_rows_per_peer, index=None):
+def exchange(rows, send_sizes, recv_sizes, *, axis_name, out_rows, max_rows_per_peer, index=None,
+             expand=None, expanded_rows=None):
     del recv_sizes, max_rows_per_peer  # each receiver reads its sizes from its senders
     coords, num_ranks = _prepare(axis_name)
-    out = ragged_a2a.exchange(rows, send_sizes, coords, num_ranks=num_ranks, out_rows=out_rows,
-                              index=index, what=f"exchange over axis {axis_name!r}")
-    return vary_like(out, rows, send_sizes, *([] if index is None else [index]))
+    out = ragged_a2a.exchange(rows, send_sizes, coords, num_ranks=num_ranks,
+                              out_rows=out_rows if expand is None else expanded_rows,
+                              index=index, expand=expand, what=f"exchange over axis {axis_name!r}")
+    return vary_like(out, rows, send_sizes, *[a for a in (index, expand) if a is not None])
 
 
 def exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name, out_rows,

@@ -8,10 +8,15 @@ a device reads exactly the rows sent to it.
 Two calls, both used inside `shard_map` (the caller passes `coords` = (group, rank): which EP group
 of the mesh this device belongs to and its rank on the EP axis):
 
-  exchange(rows, send_sizes, coords, *, num_ranks, out_rows, index=None) -> [out_rows, *F]
+  exchange(rows, send_sizes, coords, *, num_ranks, out_rows, index=None, expand=None)
+      -> [out_rows, *F]
     Rank p sends `send_sizes[q]` rows to rank q, peer 0's first; the rows it sends, in order, are
     `rows[index]` (or `rows` when index is None; an index outside [0, len(rows)) sends zeros).
     The result holds peer 0's rows for this rank, then peer 1's, ..., zeros past the last.
+    With `expand` (i32[R, k], R received rows at most) the received rows are expanded on
+    arrival instead: received row r is written to the rows expand[r, j] of the result that lie
+    in [0, out_rows), and every other row is zero. The targets must be distinct and fill a
+    prefix of the result (as `jep.dispatch`'s plan makes them: the rows of its kept pairs).
   exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks) -> [T, *F]
     Receives like `exchange` (no index) and returns, for each token t, the received rows
     slot_row[t, j] for the j with slot_mask[t, j] added in float32 in slot order, rounded once
@@ -24,6 +29,7 @@ then fails with the ranks that never came, instead of hanging.
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import os
 import threading
@@ -74,6 +80,18 @@ def register(platform: str) -> None:
         _registered.add(platform)
 
 
+@functools.lru_cache(maxsize=None)
+def gpus_reach_each_other() -> bool:
+    """Whether every pair of this process's GPUs has peer access (NVLink or PCIe), which the
+    CUDA handler needs to read its peers' buffers. Builds the handler."""
+    try:
+        gpus = jax.local_devices(backend="gpu")
+    except RuntimeError:  # no GPU backend in this process
+        return False
+    lib = ctypes.cdll.LoadLibrary(str(build.library("gpu")))
+    return bool(lib.JepPeersReachable(ctypes.c_int(len(gpus))))
+
+
 def _check_ranks(num_ranks: int) -> None:
     if not 1 <= num_ranks <= MAX_RANKS:
         raise ValueError(f"the ffi transport exchanges among 1 to {MAX_RANKS} ranks, got {num_ranks}")
@@ -85,15 +103,23 @@ def _attrs(num_ranks: int, what: str) -> dict:
 
 
 def exchange(rows, send_sizes, coords, *, num_ranks: int, out_rows: int, index=None,
-             what: str = "exchange"):
+             expand=None, what: str = "exchange"):
     _check_ranks(num_ranks)
-    has_index = index is not None
+    has_index, has_expand = index is not None, expand is not None
     if index is None:
         index = jnp.zeros((0,), jnp.int32)
+    if expand is None:
+        expand, filled = jnp.zeros((0, 1), jnp.int32), jnp.zeros((1,), jnp.int32)
+    else:
+        if expand.ndim != 2 or not jnp.issubdtype(expand.dtype, jnp.integer):
+            raise ValueError(f"expand must be an integer array [received rows, k], got "
+                             f"{expand.dtype}{list(expand.shape)}")
+        expand = expand.astype(jnp.int32)
+        filled = jnp.sum((expand >= 0) & (expand < out_rows), dtype=jnp.int32).reshape(1)
     out = jax.ShapeDtypeStruct((out_rows, *rows.shape[1:]), rows.dtype)
     return jax.ffi.ffi_call("jep_ragged_exchange", out)(
         rows, index.astype(jnp.int32), send_sizes.astype(jnp.int32), coords.astype(jnp.int32),
-        has_index=has_index, **_attrs(num_ranks, what))
+        expand, filled, has_index=has_index, has_expand=has_expand, **_attrs(num_ranks, what))
 
 
 def exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks: int,

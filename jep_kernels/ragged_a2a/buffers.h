@@ -33,14 +33,30 @@ inline bool Summable(ffi::DataType dtype) {
          dtype == ffi::DataType::BF16 || dtype == ffi::DataType::F16;
 }
 
+// An exchange's expansion (has_expand): received row r goes to the rows dest[r * k + j] of
+// `out` that lie in [0, out_rows), for j < k; rows of `out` from `filled` on are zero.
+struct Expansion {
+  const int32_t* dest;  // [received, k]
+  int64_t received;
+  int64_t k;
+  const int32_t* filled;  // [1]
+};
+
+inline Expansion ExpansionOf(const ffi::Buffer<ffi::S32>& expand,
+                             const ffi::Buffer<ffi::S32>& filled) {
+  auto dims = expand.dimensions();
+  return Expansion{expand.typed_data(), dims.size() > 0 ? dims[0] : 0,
+                   dims.size() > 1 ? dims[1] : 1, filled.typed_data()};
+}
+
 inline ffi::Error Invalid(const std::string& message) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jep ffi transport: " + message);
 }
 
 // The rest of a binding that starts with a platform's own contexts: the run id, then
-//   exchange:     rows, index, send_sizes, coords (group, rank) -> out
+//   exchange:     rows, index, send_sizes, coords (group, rank), expand, filled -> out
 //   exchange_sum: rows, send_sizes, slot_row, slot_mask, coords -> out
-// with the attributes op, num_ranks, [has_index,] timeout_ms, what.
+// with the attributes op, num_ranks, [has_index, has_expand,] timeout_ms, what.
 template <typename Binding>
 auto BindExchange(Binding binding) {
   return std::move(binding).template Ctx<ffi::RunId>()
@@ -48,10 +64,13 @@ auto BindExchange(Binding binding) {
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
       .template Ret<ffi::AnyBuffer>()
       .template Attr<int64_t>("op")
       .template Attr<int64_t>("num_ranks")
       .template Attr<bool>("has_index")
+      .template Attr<bool>("has_expand")
       .template Attr<int64_t>("timeout_ms")
       .template Attr<std::string_view>("what");
 }

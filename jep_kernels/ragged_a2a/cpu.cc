@@ -6,9 +6,12 @@
 // independent calls of one program in different orders on different devices).
 //
 // Two handlers, both pulls (see routes.h):
-//   JepRaggedExchange:    out[r] = received row r (peer p's rows[index[s]]), zeros past the last.
+//   JepRaggedExchange:    out[r] = received row r (peer p's rows[index[s]]), zeros past the last;
+//                         with an expansion, received row r goes to out[dest[r, j]] instead,
+//                         and the rows from `filled` on are zero (buffers.h).
 //   JepRaggedExchangeSum: out[t] = sum over j with mask[t, j] of received row slot_row[t, j],
 //                         added in float32 in slot order and rounded once to the rows' dtype.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -141,8 +144,9 @@ CallSite Site(int64_t run, const ffi::Buffer<ffi::S32>& coords, int64_t op, int6
 
 ffi::Future Exchange(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> index,
                      ffi::Buffer<ffi::S32> send_sizes, ffi::Buffer<ffi::S32> coords,
+                     ffi::Buffer<ffi::S32> expand, ffi::Buffer<ffi::S32> filled,
                      ffi::Result<ffi::AnyBuffer> out, int64_t op, int64_t num_ranks,
-                     bool has_index, int64_t timeout_ms, std::string_view what) {
+                     bool has_index, bool has_expand, int64_t timeout_ms, std::string_view what) {
   if (static_cast<int64_t>(send_sizes.element_count()) != num_ranks) {
     return Ready(Invalid("send_sizes must have one entry per rank"));
   }
@@ -153,6 +157,28 @@ ffi::Future Exchange(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> 
             RowBytes(rows), 0};
   char* dst = static_cast<char*>(out->untyped_data());
   int64_t out_rows = NumRows(*out), row_bytes = RowBytes(*out);
+  if (has_expand) {
+    Expansion expansion = ExpansionOf(expand, filled);
+    return Meet(site, self, [=](const std::vector<Peer>& peers, const Routes& routes) {
+      int64_t first = std::min<int64_t>(std::max<int64_t>(*expansion.filled, 0), out_rows);
+      std::memset(dst + first * row_bytes, 0, (out_rows - first) * row_bytes);
+      for (int64_t r = 0; r < expansion.received; ++r) {
+        int p;
+        int64_t s;
+        bool found = Locate(peers.data(), routes, static_cast<int>(peers.size()), r, &p, &s);
+        for (int64_t j = 0; j < expansion.k; ++j) {
+          int64_t d = expansion.dest[r * expansion.k + j];
+          if (d < 0 || d >= out_rows) continue;
+          if (found) {
+            std::memcpy(dst + d * row_bytes, peers[p].rows + s * row_bytes, row_bytes);
+          } else {
+            std::memset(dst + d * row_bytes, 0, row_bytes);
+          }
+        }
+      }
+      return ffi::Error::Success();
+    });
+  }
   return Meet(site, self, [=](const std::vector<Peer>& peers, const Routes& routes) {
     for (int64_t r = 0; r < out_rows; ++r) {
       int p;

@@ -2,18 +2,21 @@
 // of its peers' memory over NVLink (peer access between the GPUs of this process).
 //
 // The same two handlers as cpu.cc, with the same routes (routes.h) and rendezvous (rendezvous.h):
-//   JepRaggedExchange:    out[r] = received row r, zeros past the last.
+//   JepRaggedExchange:    out[r] = received row r, zeros past the last; with an expansion,
+//                         received row r goes to out[dest[r, j]], zeros from `filled` on.
 //   JepRaggedExchangeSum: out[t] = sum over j with mask[t, j] of received row slot_row[t, j],
 //                         added in float32 in slot order, rounded once (to nearest even).
 //
 // One call: copy this rank's send sizes and coordinates to the host and wait for the stream (so
 // this rank's inputs are complete), meet the peers (exchanging pointers and sizes), launch the
-// pull kernel, wait for it, and leave once every peer is done reading this rank's buffers.
+// pull kernel, and meet the peers once more to make each stream wait for the others' kernels
+// (events: the host does not wait for them), so no buffer is reused while a peer reads it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <set>
 #include <string>
@@ -135,19 +138,45 @@ ffi::Error Begin(cudaStream_t stream, int32_t device, int64_t run, const ffi::An
   return ffi::Error::Success();
 }
 
-// Waits for this rank's kernel, then for every peer's, before XLA may reuse the buffers. Runs
-// also when the call failed after meeting its peers: they may be reading this rank's buffers.
+// The event each device records after its kernel, one per device for the process: a call
+// records it only once every peer has queued its wait on the previous record (End).
+cudaEvent_t DoneEvent(int device) {
+  static std::mutex mutex;
+  static std::vector<cudaEvent_t> events;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<int>(events.size()) <= device) events.resize(device + 1, nullptr);
+  if (events[device] == nullptr) cudaEventCreateWithFlags(&events[device], cudaEventDisableTiming);
+  return events[device];
+}
+
+// Makes this rank's stream, and so whatever XLA runs next on it, wait for every peer's kernel:
+// until then they may read this rank's buffers. The host does not wait for the GPU. Runs also
+// when the call failed after meeting its peers.
 ffi::Error End(cudaStream_t stream, Call* call, ffi::Error result) {
   if (result.success()) {
     cudaError_t status = cudaGetLastError();
-    if (status == cudaSuccess) status = cudaStreamSynchronize(stream);
-    if (status != cudaSuccess) result = CudaError(status, "running the kernel");
+    if (status != cudaSuccess) result = CudaError(status, "launching the kernel");
   }
-  if (call->met) {
-    if (auto failure = Meetings().JoinAndWait(call->site, 1, Peer{}, nullptr)) {
-      return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, *failure);
+  if (!call->met) return result;
+  Peer self{};
+  self.done = DoneEvent(call->peers[call->site.rank].device);
+  cudaError_t recorded = cudaEventRecord(static_cast<cudaEvent_t>(self.done), stream);
+  if (recorded != cudaSuccess) {  // peers wait on the event's last record then: no harm
+    if (result.success()) result = CudaError(recorded, "recording the kernel's end");
+  }
+  // Every joiner's waits are queued before any of them returns, so before any re-records.
+  cudaError_t waited = cudaSuccess;
+  auto wait_for_peers = [&](const std::vector<Peer>& peers) {
+    for (int p = 0; p < static_cast<int>(peers.size()); ++p) {
+      if (p == call->site.rank) continue;
+      cudaError_t status = cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(peers[p].done), 0);
+      if (status != cudaSuccess) waited = status;
     }
+  };
+  if (auto failure = Meetings().JoinAndWait(call->site, 1, self, nullptr, wait_for_peers)) {
+    return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, *failure);
   }
+  if (waited != cudaSuccess && result.success()) result = CudaError(waited, "waiting for peers");
   return result;
 }
 
@@ -158,12 +187,25 @@ int Blocks(int64_t work, int64_t per_block) {
 
 // --- exchange: one warp per received row, 16-byte words where the rows allow ---------------
 
+constexpr int kUnroll = 4;  // words a lane has in flight: remote reads are slow to answer
+
+// Reads a chunk of up to kUnroll words a lane (zeros for a null source) ...
 template <typename Word>
-__device__ void CopyRow(char* dst, const char* src, int64_t row_bytes, int lane) {
-  Word* d = reinterpret_cast<Word*>(dst);
-  const Word* s = reinterpret_cast<const Word*>(src);
-  for (int64_t i = lane; i < row_bytes / static_cast<int64_t>(sizeof(Word)); i += 32) {
-    d[i] = src == nullptr ? Word{} : s[i];
+__device__ void LoadChunk(const char* src, int64_t base, int64_t words, Word (&chunk)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    int64_t i = base + u * 32;
+    chunk[u] = (src != nullptr && i < words) ? reinterpret_cast<const Word*>(src)[i] : Word{};
+  }
+}
+
+// ... and writes it to one row.
+template <typename Word>
+__device__ void StoreChunk(char* dst, int64_t base, int64_t words, const Word (&chunk)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    int64_t i = base + u * 32;
+    if (i < words) reinterpret_cast<Word*>(dst)[i] = chunk[u];
   }
 }
 
@@ -171,6 +213,7 @@ template <typename Word>
 __global__ void ExchangeKernel(PeerTable table, char* out, int64_t out_rows, int64_t row_bytes) {
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  int64_t words = row_bytes / static_cast<int64_t>(sizeof(Word));
   for (int64_t r = blockIdx.x * (blockDim.x / 32) + warp; r < out_rows; r += warps) {
     int p;
     int64_t s;
@@ -178,14 +221,79 @@ __global__ void ExchangeKernel(PeerTable table, char* out, int64_t out_rows, int
     if (Locate(table.peers, table.routes, table.n, r, &p, &s)) {
       src = table.peers[p].rows + s * row_bytes;
     }
-    CopyRow<Word>(out + r * row_bytes, src, row_bytes, lane);
+    for (int64_t base = lane; base < words; base += 32 * kUnroll) {
+      Word chunk[kUnroll];
+      LoadChunk<Word>(src, base, words, chunk);
+      StoreChunk<Word>(out + r * row_bytes, base, words, chunk);
+    }
   }
+}
+
+// The expansion: received row r, read once, written to each of its rows dest[r, j] of `out`.
+template <typename Word>
+__global__ void ExpandKernel(PeerTable table, Expansion expansion, char* out, int64_t out_rows,
+                             int64_t row_bytes) {
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  int64_t words = row_bytes / static_cast<int64_t>(sizeof(Word));
+  for (int64_t r = blockIdx.x * (blockDim.x / 32) + warp; r < expansion.received; r += warps) {
+    const int32_t* dest = expansion.dest + r * expansion.k;
+    bool any = false;
+    for (int64_t j = 0; j < expansion.k; ++j) any |= dest[j] >= 0 && dest[j] < out_rows;
+    if (!any) continue;
+    int p;
+    int64_t s;
+    const char* src = nullptr;
+    if (Locate(table.peers, table.routes, table.n, r, &p, &s)) {
+      src = table.peers[p].rows + s * row_bytes;
+    }
+    for (int64_t base = lane; base < words; base += 32 * kUnroll) {
+      Word chunk[kUnroll];
+      LoadChunk<Word>(src, base, words, chunk);
+      for (int64_t j = 0; j < expansion.k; ++j) {
+        if (dest[j] >= 0 && dest[j] < out_rows) {
+          StoreChunk<Word>(out + dest[j] * row_bytes, base, words, chunk);
+        }
+      }
+    }
+  }
+}
+
+// Zeros the rows of `out` from *filled on (the expansion fills the rows before).
+template <typename Word>
+__global__ void ZeroTailKernel(char* out, int64_t out_rows, int64_t row_bytes,
+                               const int32_t* filled) {
+  int64_t first = *filled < 0 ? 0 : (*filled > out_rows ? out_rows : *filled);
+  int64_t words = (out_rows - first) * row_bytes / static_cast<int64_t>(sizeof(Word));
+  Word* tail = reinterpret_cast<Word*>(out + first * row_bytes);
+  int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < words;
+       i += threads) {
+    tail[i] = Word{};
+  }
+}
+
+template <typename Word>
+void LaunchExchange(cudaStream_t stream, const PeerTable& table, const Expansion* expansion,
+                    char* out, int64_t out_rows, int64_t row_bytes) {
+  if (expansion == nullptr) {
+    ExchangeKernel<Word><<<Blocks(out_rows, kThreads / 32), kThreads, 0, stream>>>(
+        table, out, out_rows, row_bytes);
+    return;
+  }
+  int64_t tail_words = out_rows * row_bytes / static_cast<int64_t>(sizeof(Word));
+  ZeroTailKernel<Word><<<Blocks(tail_words, kThreads * 4), kThreads, 0, stream>>>(
+      out, out_rows, row_bytes, expansion->filled);
+  ExpandKernel<Word><<<Blocks(expansion->received, kThreads / 32), kThreads, 0, stream>>>(
+      table, *expansion, out, out_rows, row_bytes);
 }
 
 ffi::Error Exchange(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer rows,
                     ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::S32> send_sizes,
-                    ffi::Buffer<ffi::S32> coords, ffi::Result<ffi::AnyBuffer> out, int64_t op,
-                    int64_t num_ranks, bool has_index, int64_t timeout_ms, std::string_view what) {
+                    ffi::Buffer<ffi::S32> coords, ffi::Buffer<ffi::S32> expand,
+                    ffi::Buffer<ffi::S32> filled, ffi::Result<ffi::AnyBuffer> out, int64_t op,
+                    int64_t num_ranks, bool has_index, bool has_expand, int64_t timeout_ms,
+                    std::string_view what) {
   Call call;
   ffi::Error begun = Begin(stream, device, run.run_id, rows,
                            has_index ? index.typed_data() : nullptr,
@@ -194,13 +302,14 @@ ffi::Error Exchange(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::An
   if (begun.failure()) return End(stream, &call, std::move(begun));
   int64_t out_rows = NumRows(*out), row_bytes = RowBytes(*out);
   char* dst = static_cast<char*>(out->untyped_data());
-  int blocks = Blocks(out_rows, kThreads / 32);
+  Expansion expansion = ExpansionOf(expand, filled);
+  const Expansion* expanding = has_expand ? &expansion : nullptr;
   if (row_bytes % 16 == 0) {
-    ExchangeKernel<int4><<<blocks, kThreads, 0, stream>>>(call.table, dst, out_rows, row_bytes);
+    LaunchExchange<int4>(stream, call.table, expanding, dst, out_rows, row_bytes);
   } else if (row_bytes % 4 == 0) {
-    ExchangeKernel<int32_t><<<blocks, kThreads, 0, stream>>>(call.table, dst, out_rows, row_bytes);
+    LaunchExchange<int32_t>(stream, call.table, expanding, dst, out_rows, row_bytes);
   } else {
-    ExchangeKernel<char><<<blocks, kThreads, 0, stream>>>(call.table, dst, out_rows, row_bytes);
+    LaunchExchange<char>(stream, call.table, expanding, dst, out_rows, row_bytes);
   }
   return End(stream, &call, ffi::Error::Success());
 }
@@ -302,6 +411,17 @@ ffi::Error ExchangeSum(cudaStream_t stream, int32_t device, ffi::RunId run, ffi:
 
 }  // namespace
 }  // namespace jep
+
+// 1 when every pair of this process's first `n` GPUs has peer access, else 0 (for `auto`).
+extern "C" int JepPeersReachable(int n) {
+  for (int a = 0; a < n; ++a) {
+    for (int b = 0; b < n; ++b) {
+      int can = 0;
+      if (a != b && (cudaDeviceCanAccessPeer(&can, a, b) != cudaSuccess || !can)) return 0;
+    }
+  }
+  return 1;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JepRaggedExchange, jep::Exchange,

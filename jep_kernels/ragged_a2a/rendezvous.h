@@ -89,9 +89,11 @@ class Rendezvous {
     for (Joiner& j : joiners) Finish(j, nullptr);
   }
 
-  // Joins and waits for the meeting: nullopt with `values` filled, or the error.
-  std::optional<std::string> JoinAndWait(const CallSite& site, int phase, const Value& value,
-                                         std::vector<Value>* values) {
+  // Joins and waits for the meeting: nullopt with `values` filled, or the error. `with_all`, if
+  // given, runs with all values before any joiner of the meeting returns.
+  std::optional<std::string> JoinAndWait(
+      const CallSite& site, int phase, const Value& value, std::vector<Value>* values,
+      const std::function<void(const std::vector<Value>&)>& with_all = nullptr) {
     std::mutex mutex;
     std::condition_variable finished;
     bool ready = false;
@@ -99,6 +101,7 @@ class Rendezvous {
     Joiner joiner;
     joiner.use = [&](const std::vector<Value>& all) {
       if (values != nullptr) *values = all;
+      if (with_all) with_all(all);
     };
     joiner.finish = [&](const std::string* error) {
       std::lock_guard<std::mutex> lock(mutex);

@@ -29,6 +29,7 @@ struct Peer {
   const int32_t* send_sizes; // [n] in host memory: send rows for each rank
   int64_t row_bytes;
   int32_t device;            // the device ordinal that published it (for peer access, errors)
+  void* done = nullptr;      // GPU: the event after which this rank no longer reads its peers
 };
 
 // A receiver's view of its n senders: how many rows each sends it, where they land, where they
