@@ -100,3 +100,15 @@ def test_two_level_transport_measures_both_modes_and_counts_the_node_bytes(tmp_p
         if variant.endswith("hierarchical"):
             # Once per (token, other node) is never more than once per (token, other rank).
             assert 0 < node_bytes <= crossing[variant.replace("hierarchical", "flat")]
+
+
+def test_rotated_loop_calls_each_rotation_in_turn():
+    from jep.bench import timing
+
+    a, b = jnp.arange(4.0), jnp.full((4,), 10.0)
+    total = jax.jit(lambda v: timing.repeat_rotated(lambda x: x * 2, v, 5))([(a,), (b,)])
+    assert float(total) == 2 * (3 * a.sum() + 2 * b.sum())  # a, b, a, b, a
+    seconds = timing.seconds_interleaved(
+        {"ok": (jax.jit(lambda x: x + 1), (a,)), "bad": (lambda x: 1 / "x", (a,))},
+        iters=2, repeats=3)
+    assert seconds["ok"] > 0 and isinstance(seconds["bad"], TypeError)

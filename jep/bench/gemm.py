@@ -80,17 +80,13 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
         sizes = jnp.asarray(np.stack([workloads.group_sizes(routing, rng, m, g) for _ in range(rotation)]))
         flops = 2.0 * m * k * n
 
+        runs = {}
+
         def record(variant, op, body, args):
-            run = jax.jit(lambda *a: timing.repeat_in_loop(body, a, iters))
-            entry = {"suite": "gemm", "variant": variant, "op": op, "m": m, "k": k, "n": n,
-                     "groups": g, "routing": routing}
-            try:
-                seconds = timing.seconds_per_iteration(run, args, iters=iters, repeats=repeats)
-                entry |= {"seconds": seconds, "tflop_per_s": flops / seconds / 1e12}
-            except Exception as error:  # noqa: BLE001 - an out-of-memory peer is a result
-                entry |= {"seconds": None, "tflop_per_s": None,
-                          "error": str(error).splitlines()[0][:200]}
-            results.append(entry)
+            # Each rotation in buffers of its own: the kernels are custom calls (repeat_rotated).
+            variants = [tuple(a[r] for a in args) for r in range(rotation)]
+            run = jax.jit(lambda variants: timing.repeat_rotated(body, variants, iters))
+            runs[variant, op] = (run, (variants,))
 
         for variant, matmul in variants.items():
             for op, body in _ops(matmul).items():
@@ -103,6 +99,17 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
                  "dw": lambda x, w, dy: x.T @ dy}
         for op, body in dense.items():
             record("dense matmul", op, body, (x, w, dy))
+        # Every variant of the shape timed in turn, round by round (seconds_interleaved).
+        for (variant, op), seconds in timing.seconds_interleaved(
+                runs, iters=iters, repeats=repeats).items():
+            entry = {"suite": "gemm", "variant": variant, "op": op, "m": m, "k": k, "n": n,
+                     "groups": g, "routing": routing}
+            if isinstance(seconds, Exception):  # an out-of-memory peer is a result
+                entry |= {"seconds": None, "tflop_per_s": None,
+                          "error": str(seconds).splitlines()[0][:200]}
+            else:
+                entry |= {"seconds": seconds, "tflop_per_s": flops / seconds / 1e12}
+            results.append(entry)
     for r in results:
         dense = next(d for d in results if d["variant"] == "dense matmul" and d["op"] == r["op"]
                      and (d["m"], d["k"], d["n"], d["groups"]) == (r["m"], r["k"], r["n"], r["groups"]))

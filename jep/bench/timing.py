@@ -15,16 +15,33 @@ def repeat_in_loop(body, stacked, iters: int):
     """Calls `body(*args)` `iters` times in a `fori_loop`, args taken in turn from the leading
     axis of each array of `stacked` (rotated inputs, so nothing is loop-invariant). Returns an
     f32 scalar that depends on every output, so nothing is dead code. Traceable, also inside
-    `shard_map`."""
+    `shard_map`.
+
+    The rotations are sliced apart once, before the loop (`repeat_rotated`): a slice taken
+    inside the loop would be copied on every iteration for a custom call (a Pallas kernel, the
+    ffi transport) and timed as its cost. The copy before the loop adds 1 / iters of it."""
     rotation = jax.tree.leaves(stacked)[0].shape[0]
+    return repeat_rotated(body, [jax.tree.map(lambda a, r=r: a[r], stacked)
+                                 for r in range(rotation)], iters)
+
+
+def repeat_rotated(body, variants, iters: int):
+    """Calls `body(*variants[i % R])` `iters` times in a `fori_loop` (R = len(variants)) and
+    returns an f32 scalar that depends on every output, as `repeat_in_loop` does, but with each
+    rotation's arguments in buffers of their own (a `lax.switch` picks one per iteration)
+    instead of slices of a stacked array: a dynamic slice of a stacked array feeding a custom
+    call (a Pallas kernel) is copied out first on every iteration, where XLA's own ops read it
+    in place, and the copy would be timed as the kernel's."""
+    def total_of(args):
+        out = body(*args)
+        return sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(out))
+
+    branches = [lambda args=args: total_of(args) for args in variants]
 
     def step(i, total):
-        args = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i % rotation, keepdims=False), stacked)
-        out = body(*args)
-        return total + sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(out))
+        return total + lax.switch(i % len(variants), branches)
 
-    # zeros_like: under shard_map the carry varies over the mesh axes the inputs vary over.
-    start = jnp.zeros_like(jax.tree.leaves(stacked)[0], shape=(), dtype=jnp.float32)
+    start = jnp.zeros_like(jax.tree.leaves(variants)[0], shape=(), dtype=jnp.float32)
     return lax.fori_loop(0, iters, step, start)
 
 
@@ -38,6 +55,29 @@ def seconds_per_iteration(run, args, *, iters: int, repeats: int) -> float:
         jax.block_until_ready(run(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times) / iters
+
+
+def seconds_interleaved(runs: dict, *, iters: int, repeats: int) -> dict:
+    """Like `seconds_per_iteration` for several jitted runs ({name: (run, args)}), timed in
+    turn, one call of each per round, so that each sees the same share of the GPU's power and
+    clock states (under a power cap an H200's clock follows its recent load: a run timed alone
+    right after idle time runs faster than one timed after heavy work). Each is called once
+    first (compiled, warmed up); one that raises gets its exception instead of a time."""
+    seconds, ready = {}, {}
+    for name, (run, args) in runs.items():
+        try:
+            jax.block_until_ready(run(*args))
+            ready[name] = (run, args)
+        except Exception as error:  # noqa: BLE001 - the caller reports it
+            seconds[name] = error
+    times = {name: [] for name in ready}
+    for _ in range(repeats):
+        for name, (run, args) in ready.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run(*args))
+            times[name].append(time.perf_counter() - start)
+    seconds |= {name: statistics.median(t) / iters for name, t in times.items()}
+    return seconds
 
 
 def compiled_bytes(compiled) -> int | None:
