@@ -38,6 +38,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     --iters 10 --repeats 5 --out "$out/transport" 2>&1 | tee "$out/bench.txt"
   python3 -m jep.bench transport --routing zipf --tokens 4096 --hidden 7168 --experts 256 --topk 8 \
     --iters 10 --repeats 5 --out "$out/transport_zipf" 2>&1 | tee -a "$out/bench.txt"
+  # Two-level dispatch (issue 9): the GPUs as 2 nodes, flat against hierarchical.
+  if [ "$n" -ge 4 ] && [ $((n % 2)) -eq 0 ]; then
+    python3 -m jep.bench transport --nodes 2 --tokens 4096 --hidden 7168 --experts 256 --topk 8 \
+      --iters 10 --repeats 5 --out "$out/transport_nodes" 2>&1 | tee -a "$out/bench.txt"
+  fi
   python3 -m jep.bench gemm --iters 10 --repeats 5 --out "$out/gemm" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench gemm --routing zipf --gemm-shapes 32768x7168x2048x8 --iters 10 --repeats 5 \
     --out "$out/gemm_zipf" 2>&1 | tee -a "$out/bench.txt"
