@@ -112,3 +112,16 @@ def test_rotated_loop_calls_each_rotation_in_turn():
         {"ok": (jax.jit(lambda x: x + 1), (a,)), "bad": (lambda x: 1 / "x", (a,))},
         iters=2, repeats=3)
     assert seconds["ok"] > 0 and isinstance(seconds["bad"], TypeError)
+
+
+def test_dispatch_pieces_script_times_every_piece():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts" / "dispatch_pieces.py"
+    spec = importlib.util.spec_from_file_location("dispatch_pieces", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    times = script.main(["--tokens", "8", "--hidden", "16", "--experts", "16", "--topk", "2",
+                         "--iters", "2", "--repeats", "1", "--backends", "reference"])
+    assert len(times) == 9 and all(seconds > 0 for seconds in times.values())
