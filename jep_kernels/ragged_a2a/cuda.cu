@@ -209,18 +209,21 @@ __device__ void StoreChunk(char* dst, int64_t base, int64_t words, const Word (&
   }
 }
 
+// Where received row r lies in its sender's memory, or null (a zero row).
+__device__ const char* SourceRow(const PeerTable& table, int64_t r, int64_t row_bytes) {
+  int p;
+  int64_t s;
+  return Locate(table.peers, table.routes, table.n, r, &p, &s) ? table.peers[p].rows + s * row_bytes
+                                                               : nullptr;
+}
+
 template <typename Word>
 __global__ void ExchangeKernel(PeerTable table, char* out, int64_t out_rows, int64_t row_bytes) {
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   int64_t words = row_bytes / static_cast<int64_t>(sizeof(Word));
   for (int64_t r = blockIdx.x * (blockDim.x / 32) + warp; r < out_rows; r += warps) {
-    int p;
-    int64_t s;
-    const char* src = nullptr;
-    if (Locate(table.peers, table.routes, table.n, r, &p, &s)) {
-      src = table.peers[p].rows + s * row_bytes;
-    }
+    const char* src = SourceRow(table, r, row_bytes);
     for (int64_t base = lane; base < words; base += 32 * kUnroll) {
       Word chunk[kUnroll];
       LoadChunk<Word>(src, base, words, chunk);
@@ -241,12 +244,7 @@ __global__ void ExpandKernel(PeerTable table, Expansion expansion, char* out, in
     bool any = false;
     for (int64_t j = 0; j < expansion.k; ++j) any |= dest[j] >= 0 && dest[j] < out_rows;
     if (!any) continue;
-    int p;
-    int64_t s;
-    const char* src = nullptr;
-    if (Locate(table.peers, table.routes, table.n, r, &p, &s)) {
-      src = table.peers[p].rows + s * row_bytes;
-    }
+    const char* src = SourceRow(table, r, row_bytes);
     for (int64_t base = lane; base < words; base += 32 * kUnroll) {
       Word chunk[kUnroll];
       LoadChunk<Word>(src, base, words, chunk);
