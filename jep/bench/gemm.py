@@ -84,9 +84,9 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
 
         def record(variant, op, body, args):
             # Each rotation in buffers of its own: the kernels are custom calls (repeat_rotated).
-            variants = [tuple(a[r] for a in args) for r in range(rotation)]
-            run = jax.jit(lambda variants: timing.repeat_rotated(body, variants, iters))
-            runs[variant, op] = (run, (variants,))
+            rotations = [tuple(a[r] for a in args) for r in range(rotation)]
+            run = jax.jit(lambda rotations: timing.repeat_rotated(body, rotations, iters))
+            runs[variant, op] = (run, (rotations,))
 
         for variant, matmul in variants.items():
             for op, body in _ops(matmul).items():

@@ -47,14 +47,11 @@ def repeat_rotated(body, variants, iters: int):
 
 def seconds_per_iteration(run, args, *, iters: int, repeats: int) -> float:
     """Median over `repeats` timed calls of the jitted `run(*args)` (which loops `iters` times),
-    after one warm-up call; seconds per iteration."""
-    jax.block_until_ready(run(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / iters
+    after one warm-up call; seconds per iteration. Raises what the run raises."""
+    seconds = seconds_interleaved({"run": (run, args)}, iters=iters, repeats=repeats)["run"]
+    if isinstance(seconds, Exception):
+        raise seconds
+    return seconds
 
 
 def seconds_interleaved(runs: dict, *, iters: int, repeats: int) -> dict:
