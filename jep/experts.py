@@ -68,8 +68,15 @@ def grouped_matmul(x, w, group_sizes, *, backend: str = "auto"):
       backend: "auto" (the Pallas kernels where they run and take the shapes, else XLA's
         `lax.ragged_dot`), "pallas", "xla" or "reference".
     """
+    return _BACKENDS[grouped_matmul_backend(x, w, backend)](x, w, group_sizes)
+
+
+def grouped_matmul_backend(x, w, backend: str = "auto") -> str:
+    """The backend `grouped_matmul(x, w, ..., backend=backend)` runs: `backend` itself, or for
+    "auto" "pallas" where the kernels run and take the shapes, else "xla". Raises ValueError for
+    an unknown backend, or "pallas" where it cannot run."""
     if backend == "auto":
-        backend = "pallas" if _pallas_takes(x, w) else "xla"
+        return "pallas" if _pallas_takes(x, w) else "xla"
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {tuple(_BACKENDS)}, got {backend!r}")
     if backend == "pallas" and not _pallas_takes(x, w):
@@ -77,7 +84,7 @@ def grouped_matmul(x, w, group_sizes, *, backend: str = "auto"):
             "backend='pallas' (jep_kernels.grouped_matmul, Pallas Mosaic GPU) needs a Hopper GPU, "
             f"bf16 or f16 x and w, and K and N multiples of 128; got x {x.dtype}{list(x.shape)}, "
             f"w {w.dtype}{list(w.shape)} on {current_platform()!r}. Use 'xla' or 'auto'.")
-    return _BACKENDS[backend](x, w, group_sizes)
+    return backend
 
 
 def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",

@@ -114,6 +114,31 @@ def test_rotated_loop_calls_each_rotation_in_turn():
     assert seconds["ok"] > 0 and isinstance(seconds["bad"], TypeError)
 
 
+def test_interleaved_rounds_take_every_run_once_in_varying_order():
+    from jep.bench import timing
+
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name), ()) for name in "abcd"}
+    timing.seconds_interleaved(runs, iters=1, repeats=12)
+    assert calls[:4] == list("abcd")  # the warm-up calls
+    rounds = [tuple(calls[i:i + 4]) for i in range(4, len(calls), 4)]
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len(set(rounds)) > 1  # not always the same order (12 draws of 24 orders)
+
+
+def test_min_seconds_repeats_each_sample_until_it_lasts_that_long():
+    import time
+
+    from jep.bench import timing
+
+    calls = []
+    seconds = timing.seconds_interleaved(
+        {"nap": (lambda: calls.append(time.sleep(0.002)), ())}, iters=1, repeats=2,
+        min_seconds=0.02)
+    assert len(calls) >= 2 + 2 * 10  # warm-up, the estimate, then >= 10 per sample
+    assert 0.002 <= seconds["nap"] < 0.02
+
+
 def test_dispatch_pieces_script_times_every_piece():
     import importlib.util
     import pathlib

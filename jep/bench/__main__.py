@@ -51,8 +51,13 @@ def parse_args(argv=None):
            "and the hierarchical modes, with the bytes that cross the node axis")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")
     a("--repeats", type=int, default=5, help="timed loops; the median is reported")
+    a("--min-seconds", type=float, default=0.0,
+      help="gemm and tune: each timed sample repeats its loop back to back for at least this "
+           "long (about 1 s puts every kernel in the GPU's steady power state; 0: one loop)")
     a("--out", default="out/bench", help="folder for results.json and the plots")
     args = p.parse_args(argv)
+    if args.min_seconds < 0:
+        p.error("--min-seconds must be >= 0")
     if min(min(args.tokens), args.hidden, args.ffn, args.experts, args.topk, args.iters, args.repeats) < 1:
         p.error("sizes and counts must be >= 1")
     if args.topk > args.experts:
@@ -91,7 +96,8 @@ def main(argv=None):
             results += transport.measure(tokens=tokens, hidden=args.hidden, experts=args.experts,
                                          top_k=args.topk, routing=args.routing, **common)
         elif suite == "gemm":
-            results += gemm.measure(shapes=args.gemm_shapes, routing=args.routing, **common)
+            results += gemm.measure(shapes=args.gemm_shapes, routing=args.routing,
+                                    min_seconds=args.min_seconds, **common)
         elif suite == "permute":
             results += permute.measure(tokens=tokens, hidden=args.hidden, top_k=args.topk, **common)
         elif suite == "routing":
@@ -110,7 +116,8 @@ def _tune(args, dtype, command):
     environment = timing.environment()
     print(f"{environment['device']}, jax {environment['jax']}, {environment['date']}")
     results, picks = tune.measure(shapes=args.gemm_shapes, dtype=dtype, routing=args.routing,
-                                  iters=args.iters, repeats=args.repeats)
+                                  iters=args.iters, repeats=args.repeats,
+                                  min_seconds=args.min_seconds)
     report.write(results, environment, args.out, command)
     path = tune.write_table(picks, environment, args.out, command)
     print(report.table(results))

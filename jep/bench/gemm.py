@@ -1,8 +1,9 @@
 """Grouped GEMM: jep's grouped matmul (forward, dx, dw) against lax.ragged_dot and a dense matmul
 of the same flops. Shapes M x K x N with G groups: y[M, N] = x[M, K] @ w[g][K, N] per group.
 
-On a GPU the Pallas Mosaic GPU kernels of `jep_kernels.grouped_matmul` are measured too
-("jep/pallas": forward, dx and dw), beside the ones JAX ships as examples
+"jep" is `jep.grouped_matmul` with backend "auto" (each result names the backend it took: the
+Pallas Mosaic GPU kernels of `jep_kernels.grouped_matmul` on a Hopper GPU). On a GPU it is
+measured beside the grouped GEMMs JAX ships as examples
 (`jax.experimental.pallas.ops.gpu`: `ragged_dot_mgpu` for the forward and dx,
 `transposed_ragged_dot_mgpu` for dw; the configuration of `../shared/GPU.md`'s 521-524 TFLOP/s),
 and tokamax's `ragged_dot` (its Mosaic GPU kernels, forward and both gradients) where tokamax is
@@ -16,7 +17,7 @@ import numpy as np
 from jax import lax
 
 import jep
-import jep_kernels.grouped_matmul
+from jep import experts
 from jep.bench import timing, workloads
 
 
@@ -61,16 +62,15 @@ def _tokamax_ragged_dot():
     return lambda x, w, s: tokamax.ragged_dot(x, w, s, implementation="mosaic")
 
 
-def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int = 0) -> list[dict]:
+def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
+            min_seconds: float = 0.0, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     variants = {
         "jep": jep.grouped_matmul,
         "lax.ragged_dot": lambda x, w, s: lax.ragged_dot(x, w, s),
     }
-    if jax.default_backend() == "gpu":
-        variants["jep/pallas"] = jep_kernels.grouped_matmul.grouped_matmul
-        if (tokamax := _tokamax_ragged_dot()) is not None:
-            variants["tokamax"] = tokamax
+    if jax.default_backend() == "gpu" and (tokamax := _tokamax_ragged_dot()) is not None:
+        variants["tokamax"] = tokamax
     results = []
     for m, k, n, g in shapes:
         rotation = 2
@@ -79,6 +79,7 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
         dy = jnp.asarray(rng.normal(size=(rotation, m, n)), dtype)
         sizes = jnp.asarray(np.stack([workloads.group_sizes(routing, rng, m, g) for _ in range(rotation)]))
         flops = 2.0 * m * k * n
+        jep_backend = experts.grouped_matmul_backend(x[0], w[0])
 
         runs = {}
 
@@ -101,9 +102,11 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
             record("dense matmul", op, body, (x, w, dy))
         # Every variant of the shape timed in turn, round by round (seconds_interleaved).
         for (variant, op), seconds in timing.seconds_interleaved(
-                runs, iters=iters, repeats=repeats).items():
+                runs, iters=iters, repeats=repeats, min_seconds=min_seconds).items():
             entry = {"suite": "gemm", "variant": variant, "op": op, "m": m, "k": k, "n": n,
                      "groups": g, "routing": routing}
+            if variant == "jep":
+                entry["backend"] = jep_backend
             if isinstance(seconds, Exception):  # an out-of-memory peer is a result
                 entry |= {"seconds": None, "tflop_per_s": None,
                           "error": str(seconds).splitlines()[0][:200]}

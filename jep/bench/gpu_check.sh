@@ -43,8 +43,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     python3 -m jep.bench transport --nodes 2 --tokens 4096 --hidden 7168 --experts 256 --topk 8 \
       --iters 10 --repeats 5 --out "$out/transport_nodes" 2>&1 | tee -a "$out/bench.txt"
   fi
-  python3 -m jep.bench gemm --iters 10 --repeats 5 --out "$out/gemm" 2>&1 | tee -a "$out/bench.txt"
-  python3 -m jep.bench gemm --routing zipf --gemm-shapes 32768x7168x2048x8 --iters 10 --repeats 5 \
+  python3 -m jep.bench gemm --iters 10 --repeats 5 --min-seconds 1 --out "$out/gemm" 2>&1 | tee -a "$out/bench.txt"
+  python3 -m jep.bench gemm --routing zipf --gemm-shapes 32768x7168x2048x8 --iters 10 --repeats 5 --min-seconds 1 \
     --out "$out/gemm_zipf" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench layer --tokens 4096 --hidden 2048 --ffn 1024 --experts 64 --topk 4 --iters 5 \
     --repeats 5 --out "$out/layer_small" 2>&1 | tee -a "$out/bench.txt"

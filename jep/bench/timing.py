@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import math
+import random
 import statistics
 import time
 
@@ -54,25 +56,43 @@ def seconds_per_iteration(run, args, *, iters: int, repeats: int) -> float:
     return seconds
 
 
-def seconds_interleaved(runs: dict, *, iters: int, repeats: int) -> dict:
+def seconds_interleaved(runs: dict, *, iters: int, repeats: int, min_seconds: float = 0.0,
+                        seed: int = 0) -> dict:
     """Like `seconds_per_iteration` for several jitted runs ({name: (run, args)}), timed in
-    turn, one call of each per round, so that each sees the same share of the GPU's power and
+    turn, one sample of each per round, so that each sees the same share of the GPU's power and
     clock states (under a power cap an H200's clock follows its recent load: a run timed alone
-    right after idle time runs faster than one timed after heavy work). Each is called once
-    first (compiled, warmed up); one that raises gets its exception instead of a time."""
+    right after idle time runs faster than one timed after heavy work). Each round takes the
+    runs in a fresh random order (seeded): in a fixed order each run would always follow the
+    same one, and an H200 ran one kernel, timed twice per round, 10% slower in one place than
+    in the other.
+
+    A sample is one call, or with `min_seconds` as many calls back to back as take that long
+    (counted from the time of one call after the warm-up): long enough, about a second on an H200, and every
+    run is timed in the steady state its own power draw leads to, the state of a long training
+    step, instead of in whatever state the run before left. Each is called once first
+    (compiled, warmed up); one that raises gets its exception instead of a time."""
+    order = random.Random(seed)
     seconds, ready = {}, {}
     for name, (run, args) in runs.items():
         try:
-            jax.block_until_ready(run(*args))
-            ready[name] = (run, args)
+            jax.block_until_ready(run(*args))  # compiles
+            calls = 1
+            if min_seconds > 0:
+                start = time.perf_counter()
+                jax.block_until_ready(run(*args))
+                calls = max(1, math.ceil(min_seconds / (time.perf_counter() - start)))
+            ready[name] = (run, args, calls)
         except Exception as error:  # noqa: BLE001 - the caller reports it
             seconds[name] = error
     times = {name: [] for name in ready}
     for _ in range(repeats):
-        for name, (run, args) in ready.items():
+        for name in order.sample(list(ready), len(ready)):
+            run, args, calls = ready[name]
             start = time.perf_counter()
-            jax.block_until_ready(run(*args))
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                out = run(*args)
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - start) / calls)
     seconds |= {name: statistics.median(t) / iters for name, t in times.items()}
     return seconds
 

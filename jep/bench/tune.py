@@ -42,7 +42,8 @@ def _product(op, config):
     return lambda x, w, dy, sizes: mgpu.grouped_matmul_dw(x, dy, sizes, config=config)
 
 
-def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int = 0):
+def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
+            min_seconds: float = 0.0, seed: int = 0):
     """(results, picks): one result per (shape, op, candidate), and the fastest candidate per
     tuning-table key."""
     if jax.default_backend() != "gpu":
@@ -58,24 +59,33 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int, seed: int 
         sizes = jnp.asarray(np.stack([workloads.group_sizes(routing, rng, m, g)
                                       for _ in range(rotation)]))
         flops = 2.0 * m * k * n
+        # Each rotation in buffers of its own: the kernels are custom calls (repeat_rotated).
+        rotations = [(x[r], w[r], dy[r], sizes[r]) for r in range(rotation)]
         for op in tuning.OPS:
             pk, pn = tuning.product_shape(op, k, n)
-            best = None
+            runs, configs = {}, {}
             for config in tuning.candidates(op, pk, pn):
+                name = _describe(config)
                 body = _product(op, config)
-                run = jax.jit(lambda *a, body=body: timing.repeat_in_loop(body, a, iters))
-                entry = {"suite": "tune", "variant": _describe(config), "op": op, "m": m, "k": k,
-                         "n": n, "groups": g, "routing": routing,
-                         "config": dataclasses.asdict(config)}
-                try:
-                    seconds = timing.seconds_per_iteration(run, (x, w, dy, sizes), iters=iters,
-                                                           repeats=repeats)
+                runs[name] = (jax.jit(lambda rotations, body=body:
+                                      timing.repeat_rotated(body, rotations, iters)), (rotations,))
+                configs[name] = config
+            # The candidates of one product timed in turn, round by round, so that each sees
+            # the same power and clock states (seconds_interleaved).
+            timed = timing.seconds_interleaved(runs, iters=iters, repeats=repeats,
+                                               min_seconds=min_seconds)
+            best = None
+            for name, seconds in timed.items():
+                entry = {"suite": "tune", "variant": name, "op": op, "m": m, "k": k, "n": n,
+                         "groups": g, "routing": routing,
+                         "config": dataclasses.asdict(configs[name])}
+                if isinstance(seconds, Exception):  # e.g. more shared memory than there is
+                    entry |= {"seconds": None, "tflop_per_s": None,
+                              "error": str(seconds).splitlines()[0][:200]}
+                else:
                     entry |= {"seconds": seconds, "tflop_per_s": flops / seconds / 1e12}
                     if best is None or seconds < best[0]:
-                        best = (seconds, config)
-                except Exception as error:  # noqa: BLE001 - e.g. more shared memory than there is
-                    entry |= {"seconds": None, "tflop_per_s": None,
-                              "error": str(error).splitlines()[0][:200]}
+                        best = (seconds, configs[name])
                 results.append(entry)
             if best is not None:
                 picks[tuning.key(op, pk, pn, g)] = best[1]
