@@ -23,7 +23,7 @@ def test_cpu_smoke_run_of_every_suite_writes_json_table_and_plots(tmp_path, caps
     assert {r["suite"] for r in results} == {"transport", "gemm", "permute", "layer", "routing"}
     assert {r["op"] for r in results if r["suite"] == "permute"} == {"expand", "combine", "elementwise"}
     assert {r["op"] for r in results if r["suite"] == "routing"} == {
-        "route", "layout + stats", "route + layout", "reroute"}
+        "read logits", "route", "layout + stats", "route + layout", "reroute"}
     timed = [r for r in results if "seconds" in r and "error" not in r]
     assert timed and all(r["seconds"] > 0 for r in timed)
     # A variant may refuse a shape (the Pallas kernels on a GPU, these tiny ones): it says why.

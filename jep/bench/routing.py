@@ -2,6 +2,8 @@
 
 Per rank, over the EP axis (every device of the machine), for each E of the sweep at the same
 tokens per rank:
+  read logits:        one pass over the router logits f32[T, E] (each row's maximum), the
+                      least any routing from them costs
   route:              jep.route from router logits f32[T, E] (scores, top-k, weights)
   layout + stats:     from expert_ids: jep.layout.get_dispatch_layout, the per-expert counts
                       over the EP group and the imbalance statistics (everything after routing
@@ -55,6 +57,8 @@ def measure(*, tokens: int, experts_sweep, top_k: int, iters: int, repeats: int,
                                    capacity=capacity, num_experts=experts, axis_name="ep")
 
         ops = {
+            # The floor under any routing: one pass over the logits (each row's maximum).
+            "read logits": lambda logits: logits.max(axis=-1),
             "route": route,
             "layout + stats": lambda logits: layout(route(logits)[1]),
             "route + layout": lambda logits: (route(logits), layout(route(logits)[1])),
