@@ -67,10 +67,10 @@ def seconds_interleaved(runs: dict, *, iters: int, repeats: int, min_seconds: fl
     in the other.
 
     A sample is one call, or with `min_seconds` as many calls back to back as take that long
-    (counted from the time of one call after the warm-up): long enough, about a second on an H200, and every
-    run is timed in the steady state its own power draw leads to, the state of a long training
-    step, instead of in whatever state the run before left. Each is called once first
-    (compiled, warmed up); one that raises gets its exception instead of a time."""
+    (counted from the time of one call after the warm-up). Long enough, about a second on an
+    H200, and every run is timed in the steady state its own power draw leads to, the state of
+    a long training step, instead of in whatever state the run before left. Each is called
+    once first (compiled, warmed up); one that raises gets its exception instead of a time."""
     order = random.Random(seed)
     seconds, ready = {}, {}
     for name, (run, args) in runs.items():
