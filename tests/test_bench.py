@@ -150,3 +150,23 @@ def test_dispatch_pieces_script_times_every_piece():
     times = script.main(["--tokens", "8", "--hidden", "16", "--experts", "16", "--topk", "2",
                          "--iters", "2", "--repeats", "1", "--backends", "reference"])
     assert len(times) == 9 and all(seconds > 0 for seconds in times.values())
+
+
+def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest(monkeypatch):
+    """The tune suite on the CPU, its kernels in Pallas's GPU interpret mode, dw only, two
+    candidates: each is timed, the dense matmul is timed beside them and never picked, and the
+    pick is the faster candidate."""
+    from jep.bench import tune
+    from jep_kernels.grouped_matmul import mgpu, tuning
+
+    configs = [mgpu.Config(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2),
+               mgpu.Config(block_m=128, block_n=128, block_k=64, max_concurrent_steps=2)]
+    monkeypatch.setattr(tuning, "candidates", lambda op, k, n: configs)
+    results, picks = tune.measure(shapes=[(96, 128, 128, 3)], dtype=jnp.bfloat16,
+                                  routing="zipf", iters=1, repeats=1, ops=("dw",),
+                                  interpret=True)
+    assert [r["variant"] for r in results] == [tune._describe(c) for c in configs] + ["dense matmul"]
+    assert all(r["seconds"] > 0 and r["op"] == "dw" for r in results)
+    fastest = min(results[:2], key=lambda r: r["seconds"])
+    assert list(picks) == [tuning.key("dw", 128, 128, 3)]
+    assert [r["picked"] for r in results] == [r is fastest for r in results[:2]] + [False]

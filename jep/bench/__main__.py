@@ -19,12 +19,20 @@ from tqdm import tqdm  # noqa: E402
 
 from jep.bench import (gemm, layer, permute, report, routing, timing, transport, tune,  # noqa: E402
                        workloads)
+from jep_kernels.grouped_matmul import tuning  # noqa: E402
 
 SUITES = ("transport", "gemm", "permute", "layer", "routing")
 
 
 def _ints(text):
     return [int(v) for v in text.split(",")]
+
+
+def _ops(text):
+    names = text.split(",")
+    if unknown := [name for name in names if name not in tuning.OPS]:
+        raise argparse.ArgumentTypeError(f"{unknown} not among {tuning.OPS}")
+    return names
 
 
 def _shapes(text):
@@ -49,6 +57,8 @@ def parse_args(argv=None):
     a("--nodes", type=int, default=1,
       help="transport: the devices as (node, local) axes of this many nodes; measures the flat "
            "and the hierarchical modes, with the bytes that cross the node axis")
+    a("--tune-ops", type=_ops, default=list(tuning.OPS),
+      help=f"tune: the products to tune, comma-separated, of {','.join(tuning.OPS)}")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")
     a("--repeats", type=int, default=5, help="timed loops; the median is reported")
     a("--min-seconds", type=float, default=0.0,
@@ -117,7 +127,7 @@ def _tune(args, dtype, command):
     print(f"{environment['device']}, jax {environment['jax']}, {environment['date']}")
     results, picks = tune.measure(shapes=args.gemm_shapes, dtype=dtype, routing=args.routing,
                                   iters=args.iters, repeats=args.repeats,
-                                  min_seconds=args.min_seconds)
+                                  min_seconds=args.min_seconds, ops=args.tune_ops)
     report.write(results, environment, args.out, command)
     path = tune.write_table(picks, environment, args.out, command)
     print(report.table(results))

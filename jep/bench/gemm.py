@@ -12,7 +12,6 @@ installed (`pip install tokamax`; not a dependency of jep)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -62,6 +61,12 @@ def _tokamax_ragged_dot():
     return lambda x, w, s: tokamax.ragged_dot(x, w, s, implementation="mosaic")
 
 
+# The dense peer: one [M, K] @ [K, N] (the same flops as the grouped product), and the two
+# backward products, with the grouped products' arguments (x, w, dy, group sizes).
+DENSE = {"forward": lambda x, w, dy, sizes: x @ w[0], "dx": lambda x, w, dy, sizes: dy @ w[0].T,
+         "dw": lambda x, w, dy, sizes: x.T @ dy}
+
+
 def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
             min_seconds: float = 0.0, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
@@ -73,33 +78,24 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
         variants["tokamax"] = tokamax
     results = []
     for m, k, n, g in shapes:
-        rotation = 2
-        x = jnp.asarray(rng.normal(size=(rotation, m, k)), dtype)
-        w = jnp.asarray(rng.normal(size=(rotation, g, k, n)) / k**0.5, dtype)
-        dy = jnp.asarray(rng.normal(size=(rotation, m, n)), dtype)
-        sizes = jnp.asarray(np.stack([workloads.group_sizes(routing, rng, m, g) for _ in range(rotation)]))
+        rotations = workloads.gemm_operands(routing, rng, (m, k, n, g), dtype)
         flops = 2.0 * m * k * n
-        jep_backend = experts.grouped_matmul_backend(x[0], w[0])
+        jep_backend = experts.grouped_matmul_backend(*rotations[0][:2])
 
         runs = {}
 
-        def record(variant, op, body, args):
-            # Each rotation in buffers of its own: the kernels are custom calls (repeat_rotated).
-            rotations = [tuple(a[r] for a in args) for r in range(rotation)]
+        def record(variant, op, body):
             run = jax.jit(lambda rotations: timing.repeat_rotated(body, rotations, iters))
             runs[variant, op] = (run, (rotations,))
 
         for variant, matmul in variants.items():
             for op, body in _ops(matmul).items():
-                record(variant, op, body, (x, w, dy, sizes))
+                record(variant, op, body)
         if jax.default_backend() == "gpu":
             for op, body in _jax_pallas_ops().items():
-                record("jax.experimental.pallas.ops", op, body, (x, w, dy, sizes))
-        # The dense peer: one [M, K] @ [K, N] (same flops), and its two backward products.
-        dense = {"forward": lambda x, w, dy: x @ w[0], "dx": lambda x, w, dy: dy @ w[0].T,
-                 "dw": lambda x, w, dy: x.T @ dy}
-        for op, body in dense.items():
-            record("dense matmul", op, body, (x, w, dy))
+                record("jax.experimental.pallas.ops", op, body)
+        for op, body in DENSE.items():
+            record("dense matmul", op, body)
         # Every variant of the shape timed in turn, round by round (seconds_interleaved).
         for (variant, op), seconds in timing.seconds_interleaved(
                 runs, iters=iters, repeats=repeats, min_seconds=min_seconds).items():

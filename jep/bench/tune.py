@@ -12,10 +12,9 @@ import dataclasses
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jep.bench import timing, workloads
+from jep.bench import gemm, timing, workloads
 from jep_kernels.grouped_matmul import mgpu, tuning
 
 
@@ -33,59 +32,57 @@ def _describe(config) -> str:
             f"s{config.max_concurrent_steps}")
 
 
-def _product(op, config):
+def _product(op, config, interpret: bool = False):
     if op == "forward":
-        return lambda x, w, dy, sizes: mgpu.grouped_matmul(x, w, sizes, config=config)
+        return lambda x, w, dy, sizes: mgpu.grouped_matmul(x, w, sizes, config=config,
+                                                           interpret=interpret)
     if op == "dx":
         return lambda x, w, dy, sizes: mgpu.grouped_matmul(dy, w, sizes, transpose_w=True,
-                                                           config=config)
-    return lambda x, w, dy, sizes: mgpu.grouped_matmul_dw(x, dy, sizes, config=config)
+                                                           config=config, interpret=interpret)
+    return lambda x, w, dy, sizes: mgpu.grouped_matmul_dw(x, dy, sizes, config=config,
+                                                          interpret=interpret)
 
 
 def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
-            min_seconds: float = 0.0, seed: int = 0):
-    """(results, picks): one result per (shape, op, candidate), and the fastest candidate per
-    tuning-table key."""
-    if jax.default_backend() != "gpu":
+            min_seconds: float = 0.0, ops=tuning.OPS, interpret: bool = False, seed: int = 0):
+    """(results, picks): one result per (shape, op, candidate), with the dense matmul of the
+    same flops timed among each product's candidates (`gemm.DENSE`; never picked), and the
+    fastest candidate per tuning-table key. `ops`: which of the products to tune. `interpret`
+    runs the kernels in Pallas's GPU interpret mode, on any platform (what it times says
+    nothing of a GPU: for tests)."""
+    if jax.default_backend() != "gpu" and not interpret:
         raise SystemExit("python -m jep.bench tune runs the Pallas Mosaic GPU kernels: it needs a "
                          "Hopper GPU")
     rng = np.random.default_rng(seed)
     results, picks = [], {}
     for m, k, n, g in shapes:
-        rotation = 2
-        x = jnp.asarray(rng.normal(size=(rotation, m, k)), dtype)
-        w = jnp.asarray(rng.normal(size=(rotation, g, k, n)) / k**0.5, dtype)
-        dy = jnp.asarray(rng.normal(size=(rotation, m, n)), dtype)
-        sizes = jnp.asarray(np.stack([workloads.group_sizes(routing, rng, m, g)
-                                      for _ in range(rotation)]))
+        rotations = workloads.gemm_operands(routing, rng, (m, k, n, g), dtype)
         flops = 2.0 * m * k * n
-        # Each rotation in buffers of its own: the kernels are custom calls (repeat_rotated).
-        rotations = [(x[r], w[r], dy[r], sizes[r]) for r in range(rotation)]
-        for op in tuning.OPS:
+        for op in ops:
             pk, pn = tuning.product_shape(op, k, n)
-            runs, configs = {}, {}
-            for config in tuning.candidates(op, pk, pn):
-                name = _describe(config)
-                body = _product(op, config)
-                runs[name] = (jax.jit(lambda rotations, body=body:
-                                      timing.repeat_rotated(body, rotations, iters)), (rotations,))
-                configs[name] = config
+            bodies = {_describe(c): (_product(op, c, interpret), c)
+                      for c in tuning.candidates(op, pk, pn)}
+            bodies["dense matmul"] = (gemm.DENSE[op], None)
+            runs = {name: (jax.jit(lambda rotations, body=body:
+                                   timing.repeat_rotated(body, rotations, iters)), (rotations,))
+                    for name, (body, _) in bodies.items()}
             # The candidates of one product timed in turn, round by round, so that each sees
             # the same power and clock states (seconds_interleaved).
             timed = timing.seconds_interleaved(runs, iters=iters, repeats=repeats,
                                                min_seconds=min_seconds)
             best = None
             for name, seconds in timed.items():
+                config = bodies[name][1]
                 entry = {"suite": "tune", "variant": name, "op": op, "m": m, "k": k, "n": n,
                          "groups": g, "routing": routing,
-                         "config": dataclasses.asdict(configs[name])}
+                         "config": None if config is None else dataclasses.asdict(config)}
                 if isinstance(seconds, Exception):  # e.g. more shared memory than there is
                     entry |= {"seconds": None, "tflop_per_s": None,
                               "error": str(seconds).splitlines()[0][:200]}
                 else:
                     entry |= {"seconds": seconds, "tflop_per_s": flops / seconds / 1e12}
-                    if best is None or seconds < best[0]:
-                        best = (seconds, configs[name])
+                    if config is not None and (best is None or seconds < best[0]):
+                        best = (seconds, config)
                 results.append(entry)
             if best is not None:
                 picks[tuning.key(op, pk, pn, g)] = best[1]

@@ -1,7 +1,9 @@
-"""Routings and group sizes for the benchmarks: uniform, Zipf-skewed, or all to one expert."""
+"""Routings and group sizes for the benchmarks: uniform, Zipf-skewed, or all to one expert; and
+the operands of a grouped GEMM."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 ROUTINGS = ("uniform", "zipf", "one-hot")
@@ -34,3 +36,16 @@ def group_sizes(routing: str, rng: np.random.Generator, rows: int, groups: int) 
     sizes = np.floor(rows * weights / weights.sum()).astype(np.int64)
     sizes[np.argmax(weights)] += rows - sizes.sum()
     return sizes.astype(np.int32)
+
+
+def gemm_operands(routing: str, rng: np.random.Generator, shape: tuple[int, int, int, int],
+                  dtype, rotation: int = 2) -> list[tuple]:
+    """`rotation` sets of grouped-GEMM operands for shape (M, K, N, G): x [M, K], w [G, K, N]
+    (scaled by 1/sqrt(K)), dy [M, N] in `dtype`, and group sizes i32[G] after `routing`. Each
+    set lives in buffers of its own, as `timing.repeat_rotated` takes them."""
+    m, k, n, g = shape
+    x = jnp.asarray(rng.normal(size=(rotation, m, k)), dtype)
+    w = jnp.asarray(rng.normal(size=(rotation, g, k, n)) / k**0.5, dtype)
+    dy = jnp.asarray(rng.normal(size=(rotation, m, n)), dtype)
+    sizes = jnp.asarray(np.stack([group_sizes(routing, rng, m, g) for _ in range(rotation)]))
+    return [(x[r], w[r], dy[r], sizes[r]) for r in range(rotation)]
