@@ -185,3 +185,42 @@ def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_1
             c = configs[op]
             tile_n = c.block_n * (2 * c.cluster_n if c.warp_specialized and op != "dw" else 1)
             assert pn % tile_n == 0 and pk % (c.block_m if op == "dw" else c.block_k) == 0
+
+
+def _work_items_by_hand(sizes, num_rows, block_m):
+    """The work list written out group by group: every row block a group touches, then the
+    pseudo-group of the rows past the groups, padded with (-1, 0, 0, 0)."""
+    ends = np.minimum(np.cumsum(np.maximum(sizes, 0)), num_rows).tolist() + [num_rows]
+    items, start = [], 0
+    for group, end in enumerate(ends):
+        for block in range(start // block_m, -(-end // block_m)) if end > start else ():
+            items.append((group, block, max(start, block * block_m), min(end, (block + 1) * block_m)))
+        start = end
+    total = -(-num_rows // block_m) + len(sizes)
+    return np.array(items + [(-1, 0, 0, 0)] * (total - len(items)), np.int32)
+
+
+@pytest.mark.parametrize("sizes, num_rows", [
+    ([5, 0, 130, 64, 0], 300),  # empty groups, a group over several blocks, a tail of zero rows
+    ([0, 0, 0], 70),  # no rows in any group: only the zero pseudo-group
+    ([200, 100], 256),  # more rows than there are: clipped
+    ([64, 64, 64], 192),  # every boundary on a block boundary
+])
+def test_work_items_cover_each_group_block_by_block(sizes, num_rows):
+    from jep_kernels.grouped_matmul import schedule
+
+    got = jax.jit(schedule.work_items, static_argnums=(1, 2))(jnp.asarray(sizes, jnp.int32),
+                                                                num_rows, 64)
+    np.testing.assert_array_equal(got, _work_items_by_hand(np.asarray(sizes), num_rows, 64))
+
+
+def test_work_items_on_random_sizes(rng):
+    from jep_kernels.grouped_matmul import schedule
+
+    work_items = jax.jit(schedule.work_items, static_argnums=(1, 2))
+    for groups, num_rows in [(1, 63), (7, 500), (33, 901)]:
+        for _ in range(6):
+            sizes = rng.integers(0, 2 * num_rows // groups + 2, size=groups)
+            sizes[rng.random(groups) < 0.3] = 0
+            got = work_items(jnp.asarray(sizes, jnp.int32), num_rows, 64)
+            np.testing.assert_array_equal(got, _work_items_by_hand(sizes, num_rows, 64))
