@@ -33,7 +33,11 @@ def work_items(group_sizes, num_rows: int, block_m: int):
 
     total = num_items(num_rows, num_groups, block_m)
     item = jnp.arange(total, dtype=jnp.int32)
-    group = jnp.searchsorted(jnp.cumsum(blocks), item, side="right").astype(jnp.int32)
+    # Compared against every group's end at once (a [num_items, G + 1] comparison, one fused
+    # op): the default binary search is a while loop, several small kernels on a GPU in front
+    # of every product.
+    group = jnp.searchsorted(jnp.cumsum(blocks), item, side="right",
+                             method="compare_all").astype(jnp.int32)
     valid = group <= num_groups
     g = jnp.minimum(group, num_groups)
     block = first_block[g] + item - offsets[g]
