@@ -106,7 +106,7 @@ def _to_experts(h: DispatchHandle, home, permute=None, expand=False):
     """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks (gathered into send
     order by `permute`, the handle's by default), or with `expand` [C, *F] rows grouped by local
     expert (each received row copied to its pairs' rows: `recv_x`)."""
-    expansion = (h.pair_row, h.recv_pair // h.top_k) if expand else None
+    expansion = (h.pair_row, _source_rows(h)) if expand else None
     return transport.exchange(
         h.backend, home, h.send_sizes, h.recv_sizes, axis_name=h.axis_name,
         out_rows=h.num_ranks * h.num_tokens, max_rows_per_peer=h.num_tokens, index=h.send_token,
@@ -129,9 +129,14 @@ def _sum_home(h: DispatchHandle, received):
         max_rows_per_peer=h.num_tokens, permute=h.permute)
 
 
+def _source_rows(h: DispatchHandle):
+    """i32[C]: the received row each row of recv_x copies (out of range past the last)."""
+    return h.recv_pair // h.top_k
+
+
 def _expand(h: DispatchHandle, received):
     """[R, H] received rows -> [C, H] rows grouped by local expert (zeros past the last)."""
-    return take_rows(received, h.recv_pair // h.top_k, h.permute)
+    return take_rows(received, _source_rows(h), h.permute)
 
 
 def _reduce_pairs(h: DispatchHandle, expanded, pair_weights=None):

@@ -142,6 +142,15 @@ CallSite Site(int64_t run, const ffi::Buffer<ffi::S32>& coords, int64_t op, int6
                   std::string(what)};
 }
 
+// A received row copied to `to`, or zeros where there is none (`src` null).
+void CopyRow(const char* src, char* to, int64_t row_bytes) {
+  if (src != nullptr) {
+    std::memcpy(to, src, row_bytes);
+  } else {
+    std::memset(to, 0, row_bytes);
+  }
+}
+
 ffi::Future Exchange(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> index,
                      ffi::Buffer<ffi::S32> send_sizes, ffi::Buffer<ffi::S32> coords,
                      ffi::Buffer<ffi::S32> expand, ffi::Buffer<ffi::S32> filled,
@@ -163,17 +172,11 @@ ffi::Future Exchange(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> 
       int64_t first = std::min<int64_t>(std::max<int64_t>(*expansion.filled, 0), out_rows);
       std::memset(dst + first * row_bytes, 0, (out_rows - first) * row_bytes);
       for (int64_t r = 0; r < expansion.received; ++r) {
-        int p;
-        int64_t s;
-        bool found = Locate(peers.data(), routes, static_cast<int>(peers.size()), r, &p, &s);
+        const char* src = SourceRow(peers.data(), routes, static_cast<int>(peers.size()), r,
+                                    row_bytes);
         for (int64_t j = 0; j < expansion.k; ++j) {
           int64_t d = expansion.dest[r * expansion.k + j];
-          if (d < 0 || d >= out_rows) continue;
-          if (found) {
-            std::memcpy(dst + d * row_bytes, peers[p].rows + s * row_bytes, row_bytes);
-          } else {
-            std::memset(dst + d * row_bytes, 0, row_bytes);
-          }
+          if (d >= 0 && d < out_rows) CopyRow(src, dst + d * row_bytes, row_bytes);
         }
       }
       return ffi::Error::Success();
@@ -181,13 +184,8 @@ ffi::Future Exchange(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> 
   }
   return Meet(site, self, [=](const std::vector<Peer>& peers, const Routes& routes) {
     for (int64_t r = 0; r < out_rows; ++r) {
-      int p;
-      int64_t s;
-      if (Locate(peers.data(), routes, static_cast<int>(peers.size()), r, &p, &s)) {
-        std::memcpy(dst + r * row_bytes, peers[p].rows + s * row_bytes, row_bytes);
-      } else {
-        std::memset(dst + r * row_bytes, 0, row_bytes);
-      }
+      CopyRow(SourceRow(peers.data(), routes, static_cast<int>(peers.size()), r, row_bytes),
+              dst + r * row_bytes, row_bytes);
     }
     return ffi::Error::Success();
   });
@@ -219,14 +217,10 @@ ffi::Future ExchangeSum(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S3
     for (int64_t t = 0; t < num_tokens; ++t) {
       std::fill(total.begin(), total.end(), 0.0f);
       for (int64_t j = 0; j < top_k; ++j) {
-        int p;
-        int64_t s;
         if (!mask[t * top_k + j]) continue;
-        if (!Locate(peers.data(), routes, static_cast<int>(peers.size()), slot[t * top_k + j], &p,
-                    &s)) {
-          continue;
-        }
-        const char* src = peers[p].rows + s * row_bytes;
+        const char* src = SourceRow(peers.data(), routes, static_cast<int>(peers.size()),
+                                    slot[t * top_k + j], row_bytes);
+        if (src == nullptr) continue;
         for (int64_t i = 0; i < width; ++i) total[i] += Load(dtype, src, i);
       }
       for (int64_t i = 0; i < width; ++i) Store(dtype, dst + t * row_bytes, i, total[i]);

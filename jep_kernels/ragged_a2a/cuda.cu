@@ -209,12 +209,9 @@ __device__ void StoreChunk(char* dst, int64_t base, int64_t words, const Word (&
   }
 }
 
-// Where received row r lies in its sender's memory, or null (a zero row).
+// Where received row r lies in its sender's memory, or null (a zero row): routes.h's SourceRow.
 __device__ const char* SourceRow(const PeerTable& table, int64_t r, int64_t row_bytes) {
-  int p;
-  int64_t s;
-  return Locate(table.peers, table.routes, table.n, r, &p, &s) ? table.peers[p].rows + s * row_bytes
-                                                               : nullptr;
+  return SourceRow(table.peers, table.routes, table.n, r, row_bytes);
 }
 
 template <typename Word>
@@ -334,14 +331,11 @@ __global__ void ExchangeSumKernel(PeerTable table, const int32_t* slot_row, cons
   for (int64_t t = blockIdx.x; t < num_tokens; t += gridDim.x) {
     __syncthreads();  // the previous token's sources are no longer read
     if (threadIdx.x < top_k) {
-      int j = threadIdx.x, p;
-      int64_t s;
-      const T* src = nullptr;
-      if (slot_mask[t * top_k + j] &&
-          Locate(table.peers, table.routes, table.n, slot_row[t * top_k + j], &p, &s)) {
-        src = reinterpret_cast<const T*>(table.peers[p].rows) + s * width;
-      }
-      sources[j] = src;
+      int j = threadIdx.x;
+      sources[j] = slot_mask[t * top_k + j]
+                       ? reinterpret_cast<const T*>(SourceRow(table, slot_row[t * top_k + j],
+                                                              width * sizeof(T)))
+                       : nullptr;
     }
     __syncthreads();
     T* dst = out + t * width;

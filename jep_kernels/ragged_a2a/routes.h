@@ -76,6 +76,15 @@ JEP_HD inline bool Locate(const Peer* peers, const Routes& routes, int n, int64_
   return true;
 }
 
+// Where received row r lies in its sender's memory (rows of `row_bytes`), or null where `Locate`
+// finds none (the row reads as zero).
+JEP_HD inline const char* SourceRow(const Peer* peers, const Routes& routes, int n, int64_t r,
+                                    int64_t row_bytes) {
+  int p;
+  int64_t s;
+  return Locate(peers, routes, n, r, &p, &s) ? peers[p].rows + s * row_bytes : nullptr;
+}
+
 }  // namespace jep
 
 #endif  // JEP_KERNELS_RAGGED_A2A_ROUTES_H_
