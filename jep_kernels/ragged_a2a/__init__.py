@@ -22,6 +22,21 @@ of the mesh this device belongs to and its rank on the EP axis):
     slot_row[t, j] for the j with slot_mask[t, j] added in float32 in slot order, rounded once
     to rows.dtype: the fused way home of `jep.combine`.
 
+And two low-latency calls for decoding (a few tokens per rank), one each for dispatch and
+combine, that need no host synchronisation on GPUs (`low_latency.h`, `jep.low_latency`):
+
+  low_latency_dispatch(x, send_index, pair_local, pair_index, pair_weight, counts, rows_to, coords,
+                       *, num_ranks, out_rows, capacity, device_coords)
+      -> (recv_x, group_sizes, pair_row, recv_weight, recv_count, num_dropped)
+  low_latency_combine(y, pair_row, recv_weight, recv_count, home_slot, coords, *, num_ranks,
+                      device_coords) -> [T, *F]
+
+  On GPUs each rank *pushes* its rows into buffers of its peers that are allocated, and whose
+  addresses are exchanged, on the call's first run; later runs only launch kernels, which signal
+  arrival and reuse through flags in those buffers. So the calls run without the host waiting,
+  and XLA may capture them into command buffers (CUDA graphs). A kernel that waits for a peer
+  longer than the timeout stops the program with an error naming the ranks.
+
 The rendezvous waits `timeout()` seconds (default 60, `JEP_FFI_TIMEOUT_S`, `set_timeout`) and
 then fails with the ranks that never came, instead of hanging.
 """
@@ -43,7 +58,9 @@ from jep_kernels.ragged_a2a import build
 MAX_RANKS = 32  # kMaxPeers in routes.h
 MAX_SLOTS = 64  # kMaxSlots in cuda.cu
 _TARGETS = {"jep_ragged_exchange": "JepRaggedExchange",
-            "jep_ragged_exchange_sum": "JepRaggedExchangeSum"}
+            "jep_ragged_exchange_sum": "JepRaggedExchangeSum",
+            "jep_low_latency_dispatch": "JepLowLatencyDispatch",
+            "jep_low_latency_combine": "JepLowLatencyCombine"}
 _FFI_PLATFORMS = {"cpu": "cpu", "gpu": "CUDA"}
 _registered: set[str] = set()
 _lock = threading.Lock()
@@ -133,3 +150,67 @@ def exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks: in
     return jax.ffi.ffi_call("jep_ragged_exchange_sum", out)(
         rows, send_sizes.astype(jnp.int32), slot_row.astype(jnp.int32), slot_mask.astype(bool),
         coords.astype(jnp.int32), **_attrs(num_ranks, what))
+
+
+def _low_latency_attrs(num_ranks: int, device_coords, what: str) -> dict:
+    groups, ranks = device_coords
+    return dict(_attrs(num_ranks, what), device_groups=np.asarray(groups, np.int64),
+                device_ranks=np.asarray(ranks, np.int64))
+
+
+def low_latency_dispatch(x, send_index, pair_local, pair_index, pair_weight, counts, rows_to,
+                         coords, *, num_ranks: int, out_rows: int, capacity: int | None,
+                         device_coords, what: str = "low-latency dispatch"):
+    """One call: every rank's rows to the ranks of their experts, laid out by local expert.
+
+    Args (this rank; n ranks, T tokens, k slots, E local experts per rank):
+      x: [T, *F] rows.
+      send_index: i32[n, T], the token of row j sent to rank p (rows past the count: any).
+      pair_local, pair_index: i32[n, T, k], for row j to rank p and slot s, the local expert of
+        rank p (-1: none) and the pair's index among this rank's pairs to that expert (in row,
+        then slot order).
+      pair_weight: f32[n, T, k], the routing weight of each pair.
+      counts: i32[n, E], pairs to each local expert of each rank; rows_to: i32[n], rows to each.
+      coords: i32[2], (group, rank) of this device.
+      out_rows: C, rows of recv_x; capacity: kept pairs per local expert, None: all.
+      device_coords: (groups, ranks), each a sequence over this process's device ordinals.
+
+    Returns recv_x [C, *F] (by local expert, then sender, then the sender's order; zeros past the
+    kept rows), group_sizes i32[E], pair_row i32[n * T, k] (the row of recv_x of slot s of the
+    j-th row from rank p at p * T + j; C for none or dropped), recv_weight f32[n * T, k],
+    recv_count i32[n] (rows from each rank), num_dropped i32[1].
+    """
+    _check_ranks(num_ranks)
+    num_experts = counts.shape[1]
+    pairs = (num_ranks * send_index.shape[1], pair_local.shape[2])
+    i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    results = (jax.ShapeDtypeStruct((out_rows, *x.shape[1:]), x.dtype), i32((num_experts,)),
+               i32(pairs), jax.ShapeDtypeStruct(pairs, jnp.float32), i32((num_ranks,)), i32((1,)))
+    return jax.ffi.ffi_call("jep_low_latency_dispatch", results, has_side_effect=True)(
+        x, send_index.astype(jnp.int32), pair_local.astype(jnp.int32),
+        pair_index.astype(jnp.int32), pair_weight.astype(jnp.float32), counts.astype(jnp.int32),
+        rows_to.astype(jnp.int32), coords.astype(jnp.int32),
+        capacity=np.int64(-1 if capacity is None else capacity),
+        **_low_latency_attrs(num_ranks, device_coords, what))
+
+
+def low_latency_combine(y, pair_row, recv_weight, recv_count, home_slot, coords, *,
+                        num_ranks: int, device_coords, what: str = "low-latency combine"):
+    """One call: expert outputs home, each token's pairs added with their weights.
+
+    Args: y [C, *F], the expert outputs in recv_x's rows; pair_row, recv_weight, recv_count as
+    `low_latency_dispatch` returned them; home_slot i32[T, k]: p * T + j for the first slot of
+    token t on rank p (its j-th row sent there), -1 for the other slots.
+
+    Returns [T, *F] in y.dtype: each expert rank adds a row's pairs times their weights in float32
+    in slot order (one fused multiply-add each) and rounds once to y.dtype; home adds the ranks'
+    rows in float32 in slot order.
+    """
+    _check_ranks(num_ranks)
+    if y.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
+        raise TypeError(f"combine adds f16, bf16, f32 or f64 rows, got {y.dtype}")
+    out = jax.ShapeDtypeStruct((home_slot.shape[0], *y.shape[1:]), y.dtype)
+    return jax.ffi.ffi_call("jep_low_latency_combine", out, has_side_effect=True)(
+        y, pair_row.astype(jnp.int32), recv_weight.astype(jnp.float32),
+        recv_count.astype(jnp.int32), home_slot.astype(jnp.int32), coords.astype(jnp.int32),
+        **_low_latency_attrs(num_ranks, device_coords, what))

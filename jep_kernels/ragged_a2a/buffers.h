@@ -90,6 +90,67 @@ auto BindExchangeSum(Binding binding) {
       .template Attr<std::string_view>("what");
 }
 
+// The low-latency calls (low_latency.h), after a platform's own contexts and the run id:
+//   dispatch: x, send_index [n, T], pair_local [n, T, k], pair_index [n, T, k],
+//             pair_weight f32[n, T, k], counts [n, E], rows_to [n], coords (group, rank)
+//             -> recv_x [C, ...], group_sizes [E], pair_row [n * T, k], recv_weight f32[n * T, k],
+//                recv_count [n], num_dropped [1]
+//   combine:  y [C, ...], pair_row [n * T, k], recv_weight f32[n * T, k], recv_count [n],
+//             home_slot [T, k], coords -> out [T, ...]
+// with the attributes op, num_ranks, [capacity,] timeout_ms, what, and the (group, rank) of each
+// device ordinal of the process (the GPU handler must know them without reading `coords`).
+template <typename Binding>
+auto BindLowLatencyAttrs(Binding binding) {
+  return std::move(binding).template Attr<int64_t>("op")
+      .template Attr<int64_t>("num_ranks")
+      .template Attr<int64_t>("timeout_ms")
+      .template Attr<std::string_view>("what")
+      .template Attr<ffi::Span<const int64_t>>("device_groups")
+      .template Attr<ffi::Span<const int64_t>>("device_ranks");
+}
+
+template <typename Binding>
+auto BindLowLatencyDispatch(Binding binding) {
+  return BindLowLatencyAttrs(std::move(binding).template Ctx<ffi::RunId>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Ret<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::Buffer<ffi::S32>>()
+      .template Attr<int64_t>("capacity"));
+}
+
+template <typename Binding>
+auto BindLowLatencyCombine(Binding binding) {
+  return BindLowLatencyAttrs(std::move(binding).template Ctx<ffi::RunId>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::AnyBuffer>());
+}
+
+// The shapes of a low-latency call, read off its operands.
+struct LowLatencyShape {
+  int64_t n;          // ranks
+  int64_t tokens;     // T, rows a rank sends one peer at most
+  int64_t k;          // slots per row
+  int64_t experts;    // E, local experts per rank (0 for combine)
+  int64_t out_rows;   // C, rows of recv_x (dispatch) or of y (combine)
+  int64_t row_bytes;
+};
+
 }  // namespace jep
 
 #endif  // JEP_KERNELS_RAGGED_A2A_BUFFERS_H_

@@ -12,6 +12,7 @@
 //   JepRaggedExchangeSum: out[t] = sum over j with mask[t, j] of received row slot_row[t, j],
 //                         added in float32 in slot order and rounded once to the rows' dtype.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "buffers.h"
+#include "low_latency.h"
 #include "rendezvous.h"
 #include "routes.h"
 #include "xla/ffi/api/ffi.h"
@@ -30,8 +32,10 @@ namespace ffi = xla::ffi;
 namespace jep {
 namespace {
 
-Rendezvous<Peer>& Meetings() {
-  static auto* meetings = new Rendezvous<Peer>();
+// One meeting point per kind of value the ranks publish.
+template <typename Value>
+Rendezvous<Value>& Meetings() {
+  static auto* meetings = new Rendezvous<Value>();
   return *meetings;
 }
 
@@ -83,12 +87,12 @@ ffi::Future Ready(ffi::Error error) {
   return future;
 }
 
-// What a rank does with its peers once all have arrived: fill its `out`.
-using Receive = std::function<ffi::Error(const std::vector<Peer>& peers, const Routes& routes)>;
-
 // Publishes `self` and returns at once; when the last rank arrives, every rank's `receive` runs
-// (on that thread), then every rank's future completes. XLA keeps a rank's buffers until then.
-ffi::Future Meet(CallSite site, const Peer& self, Receive receive) {
+// (on that thread) with all ranks' values, then every rank's future completes. XLA keeps a
+// rank's buffers until then.
+template <typename Value>
+ffi::Future MeetAll(CallSite site, const Value& self,
+                    std::function<ffi::Error(const std::vector<Value>&)> receive) {
   if (site.num_ranks < 1 || site.num_ranks > kMaxPeers) {
     return Ready(Invalid("1 to " + std::to_string(kMaxPeers) + " ranks, got " +
                          std::to_string(site.num_ranks)));
@@ -99,21 +103,10 @@ ffi::Future Meet(CallSite site, const Peer& self, Receive receive) {
   }
   ffi::Promise promise;
   ffi::Future future(promise);
-  int me = site.rank;
-  std::string what = site.what;
   auto result = std::make_shared<ffi::Error>(ffi::Error::Success());
-  Rendezvous<Peer>::Joiner joiner;
-  joiner.use = [receive = std::move(receive), result, me, what](const std::vector<Peer>& peers) {
-    for (const Peer& peer : peers) {
-      if (peer.row_bytes != peers[me].row_bytes) {
-        *result = Invalid(what + ": ranks disagree on the row size: every rank must run the "
-                                 "same program");
-        return;
-      }
-    }
-    Routes routes;
-    ComputeRoutes(peers.data(), static_cast<int>(peers.size()), me, &routes);
-    *result = receive(peers, routes);
+  typename Rendezvous<Value>::Joiner joiner;
+  joiner.use = [receive = std::move(receive), result](const std::vector<Value>& values) {
+    *result = receive(values);
   };
   joiner.finish = [promise, result](const std::string* error) mutable {
     if (error != nullptr) {
@@ -129,10 +122,29 @@ ffi::Future Meet(CallSite site, const Peer& self, Receive receive) {
     joiner.use({self});
     joiner.finish(nullptr);
   } else {
-    Meetings().Number(site);
-    Meetings().Join(site, 0, self, std::move(joiner));
+    Meetings<Value>().Number(site);
+    Meetings<Value>().Join(site, 0, self, std::move(joiner));
   }
   return future;
+}
+
+// What a rank of an exchange does with its peers once all have arrived: fill its `out`.
+using Receive = std::function<ffi::Error(const std::vector<Peer>& peers, const Routes& routes)>;
+
+ffi::Future Meet(CallSite site, const Peer& self, Receive receive) {
+  int me = site.rank;
+  std::string what = site.what;
+  return MeetAll<Peer>(site, self, [=](const std::vector<Peer>& peers) {
+    for (const Peer& peer : peers) {
+      if (peer.row_bytes != peers[me].row_bytes) {
+        return Invalid(what + ": ranks disagree on the row size: every rank must run the "
+                              "same program");
+      }
+    }
+    Routes routes;
+    ComputeRoutes(peers.data(), static_cast<int>(peers.size()), me, &routes);
+    return receive(peers, routes);
+  });
 }
 
 CallSite Site(int64_t run, const ffi::Buffer<ffi::S32>& coords, int64_t op, int64_t num_ranks,
@@ -229,6 +241,153 @@ ffi::Future ExchangeSum(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S3
   });
 }
 
+// --- the low-latency calls (low_latency.h): dispatch to expert rows, combine with weights -----
+//
+// On the CPU they pull, like the exchange: each rank reads what its peers send it out of their
+// operands once all have arrived. (The CUDA handler pushes into buffers kept between calls.)
+
+// What a rank publishes to the ranks of a low-latency call: its operands.
+struct LowLatencyPeer {
+  const char* rows;           // dispatch: x [rows, row_bytes]; combine: y
+  int64_t num_rows;
+  int64_t row_bytes;
+  const int32_t* send_index;  // dispatch: [n, T]
+  const int32_t* pair_local;  // dispatch: [n, T, k]
+  const int32_t* pair_index;  // dispatch: [n, T, k]
+  const float* pair_weight;   // dispatch: [n, T, k]; combine: recv_weight [n * T, k]
+  const int32_t* counts;      // dispatch: [n, E]
+  const int32_t* rows_to;     // dispatch: [n]
+  const int32_t* pair_row;    // combine: [n * T, k]
+};
+
+ffi::Error CheckRowBytes(const std::vector<LowLatencyPeer>& peers, int me, const std::string& what) {
+  for (const LowLatencyPeer& peer : peers) {
+    if (peer.row_bytes != peers[me].row_bytes) {
+      return Invalid(what + ": ranks disagree on the row size: every rank must run the same "
+                            "program");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Future LowLatencyDispatch(
+    ffi::RunId run, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> send_index,
+    ffi::Buffer<ffi::S32> pair_local, ffi::Buffer<ffi::S32> pair_index,
+    ffi::Buffer<ffi::F32> pair_weight, ffi::Buffer<ffi::S32> counts,
+    ffi::Buffer<ffi::S32> rows_to, ffi::Buffer<ffi::S32> coords,
+    ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::Buffer<ffi::S32>> group_sizes,
+    ffi::Result<ffi::Buffer<ffi::S32>> pair_row, ffi::Result<ffi::Buffer<ffi::F32>> recv_weight,
+    ffi::Result<ffi::Buffer<ffi::S32>> recv_count, ffi::Result<ffi::Buffer<ffi::S32>> num_dropped,
+    int64_t capacity, int64_t op, int64_t num_ranks, int64_t timeout_ms, std::string_view what,
+    ffi::Span<const int64_t>, ffi::Span<const int64_t>) {
+  auto dims = pair_local.dimensions();
+  if (dims.size() != 3 || dims[0] != num_ranks) return Ready(Invalid("pair_local must be [n, T, k]"));
+  LowLatencyShape shape{num_ranks, dims[1], dims[2], counts.dimensions()[1], NumRows(*recv_x),
+                        RowBytes(*recv_x)};
+  CallSite site = Site(run.run_id, coords, op, num_ranks, timeout_ms, what);
+  LowLatencyPeer self{static_cast<const char*>(x.untyped_data()), NumRows(x), RowBytes(x),
+                      send_index.typed_data(), pair_local.typed_data(), pair_index.typed_data(),
+                      pair_weight.typed_data(), counts.typed_data(), rows_to.typed_data(), nullptr};
+  char* dst = static_cast<char*>(recv_x->untyped_data());
+  int32_t* sizes = group_sizes->typed_data();
+  int32_t* rows_of_pairs = pair_row->typed_data();
+  float* weights = recv_weight->typed_data();
+  int32_t* received = recv_count->typed_data();
+  int32_t* dropped = num_dropped->typed_data();
+  int me = site.rank;
+  std::string name = site.what;
+  return MeetAll<LowLatencyPeer>(site, self, [=](const std::vector<LowLatencyPeer>& peers) {
+    if (ffi::Error error = CheckRowBytes(peers, me, name); error.failure()) return error;
+    const int n = static_cast<int>(shape.n), experts = static_cast<int>(shape.experts);
+    const int64_t T = shape.tokens, k = shape.k, C = shape.out_rows, row_bytes = shape.row_bytes;
+    std::vector<int32_t> counts_from(n * experts), within(experts * n), start(experts);
+    for (int src = 0; src < n; ++src) {
+      for (int e = 0; e < experts; ++e) {
+        counts_from[src * experts + e] = peers[src].counts[me * experts + e];
+      }
+    }
+    int32_t kept;
+    PlanGroups(counts_from.data(), n, experts, capacity, within.data(), start.data(), sizes, &kept,
+               dropped);
+    std::memset(dst, 0, C * row_bytes);
+    for (int src = 0; src < n; ++src) {
+      const LowLatencyPeer& from = peers[src];
+      received[src] = from.rows_to[me];
+      for (int64_t j = 0; j < T; ++j) {
+        int64_t r = src * T + j, sent = (me * T + j) * k;
+        int64_t token = j < received[src] ? from.send_index[me * T + j] : -1;
+        const char* row = token >= 0 && token < from.num_rows ? from.rows + token * row_bytes : nullptr;
+        for (int64_t s = 0; s < k; ++s) {
+          int32_t q = static_cast<int32_t>(C);
+          float weight = 0.0f;
+          if (row != nullptr) {
+            q = PairRow(within.data(), start.data(), sizes, n, experts, src,
+                        from.pair_local[sent + s], from.pair_index[sent + s],
+                        static_cast<int32_t>(C));
+            weight = from.pair_weight[sent + s];
+          }
+          rows_of_pairs[r * k + s] = q;
+          weights[r * k + s] = weight;
+          if (q < C) std::memcpy(dst + q * row_bytes, row, row_bytes);
+        }
+      }
+    }
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Future LowLatencyCombine(
+    ffi::RunId run, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> pair_row,
+    ffi::Buffer<ffi::F32> recv_weight, ffi::Buffer<ffi::S32> recv_count,
+    ffi::Buffer<ffi::S32> home_slot, ffi::Buffer<ffi::S32> coords, ffi::Result<ffi::AnyBuffer> out,
+    int64_t op, int64_t num_ranks, int64_t timeout_ms, std::string_view what,
+    ffi::Span<const int64_t>, ffi::Span<const int64_t>) {
+  ffi::DataType dtype = y.element_type();
+  if (!Summable(dtype)) return Ready(Invalid("combine adds f16, bf16, f32 or f64 rows only"));
+  auto slots = home_slot.dimensions();
+  LowLatencyShape shape{num_ranks, slots[0], slots[1], 0, NumRows(y), RowBytes(y)};
+  CallSite site = Site(run.run_id, coords, op, num_ranks, timeout_ms, what);
+  LowLatencyPeer self{static_cast<const char*>(y.untyped_data()), NumRows(y), RowBytes(y),
+                      nullptr, nullptr, nullptr, recv_weight.typed_data(), nullptr,
+                      recv_count.typed_data(), pair_row.typed_data()};
+  const int32_t* home = home_slot.typed_data();
+  char* dst = static_cast<char*>(out->untyped_data());
+  int me = site.rank;
+  std::string name = site.what;
+  return MeetAll<LowLatencyPeer>(site, self, [=](const std::vector<LowLatencyPeer>& peers) {
+    if (ffi::Error error = CheckRowBytes(peers, me, name); error.failure()) return error;
+    const int64_t T = shape.tokens, k = shape.k, row_bytes = shape.row_bytes;
+    const int64_t width = row_bytes / static_cast<int64_t>(ffi::ByteWidth(dtype));
+    std::vector<float> total(width), partial(width);
+    std::vector<char> rounded(row_bytes);
+    for (int64_t t = 0; t < T; ++t) {
+      std::fill(total.begin(), total.end(), 0.0f);
+      for (int64_t s = 0; s < k; ++s) {
+        int32_t slot = home[t * k + s];
+        if (slot < 0 || slot >= shape.n * T) continue;
+        // The partial sum expert rank p made of this token's row: its pairs, weighted, in
+        // float32 in slot order, rounded to the rows' dtype before it travels.
+        const LowLatencyPeer& expert = peers[slot / T];
+        int64_t r = me * T + slot % T;
+        std::fill(partial.begin(), partial.end(), 0.0f);
+        for (int64_t s2 = 0; s2 < k; ++s2) {
+          int32_t q = expert.pair_row[r * k + s2];
+          if (q < 0 || q >= expert.num_rows) continue;
+          float weight = expert.pair_weight[r * k + s2];
+          const char* src = expert.rows + q * row_bytes;
+          for (int64_t i = 0; i < width; ++i) partial[i] = std::fma(Load(dtype, src, i), weight, partial[i]);
+        }
+        for (int64_t i = 0; i < width; ++i) {
+          Store(dtype, rounded.data(), i, partial[i]);
+          total[i] += Load(dtype, rounded.data(), i);
+        }
+      }
+      for (int64_t i = 0; i < width; ++i) Store(dtype, dst + t * row_bytes, i, total[i]);
+    }
+    return ffi::Error::Success();
+  });
+}
+
 }  // namespace
 }  // namespace jep
 
@@ -237,3 +396,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JepRaggedExchange, jep::Exchange,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JepRaggedExchangeSum, jep::ExchangeSum,
                               jep::BindExchangeSum(ffi::Ffi::Bind()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JepLowLatencyDispatch, jep::LowLatencyDispatch,
+                              jep::BindLowLatencyDispatch(ffi::Ffi::Bind()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JepLowLatencyCombine, jep::LowLatencyCombine,
+                              jep::BindLowLatencyCombine(ffi::Ffi::Bind()));

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <set>
 #include <string>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "buffers.h"
+#include "low_latency.h"
 #include "rendezvous.h"
 #include "routes.h"
 #include "xla/ffi/api/ffi.h"
@@ -401,6 +403,542 @@ ffi::Error ExchangeSum(cudaStream_t stream, int32_t device, ffi::RunId run, ffi:
   return End(stream, &call, ffi::Error::Success());
 }
 
+// --- the low-latency calls (low_latency.h): pushes into buffers kept between calls ----------
+//
+// Each op (a call site of the traced program) gets, on each device, one allocation laid out by
+// `LowLatencyLayout`, made and zeroed on the op's first run, when the devices exchange their
+// addresses on the host (and enable peer access). Every later run only launches kernels:
+//   dispatch: send (a block a row and peer: each rank writes its rows and their slots into
+//             every peer's buffers, then adds one to the peer's `arrived` counter), plan (waits
+//             for every sender's blocks of this call, then the group sizes, low_latency.h),
+//             place (a block a received row: to its expert rows; more blocks zero the tail),
+//             finish (tell every sender its rows were read: `ack`, and count the call: `seq`);
+//   combine:  return (a block a row and peer: each expert rank adds a row's pairs with their
+//             weights and writes the sum into its home's buffers), home (waits, then a block a
+//             token adds its rows), finish.
+// A sender waits for `ack` from the previous call before it overwrites a peer's buffers. The
+// counters only grow, so no kernel resets them. Nothing waits on the host, so XLA may capture
+// the calls into command buffers.
+
+struct LowLatencyLayout {
+  int64_t n, tokens, k, experts, row_bytes;
+  // Byte offsets in a device's allocation.
+  int64_t arrived, ack, seq, within, start, kept, counts, rows_from, local, index, weight, rows;
+  int64_t total;
+};
+
+LowLatencyLayout MakeLayout(const LowLatencyShape& shape) {
+  LowLatencyLayout l{shape.n, shape.tokens, shape.k, shape.experts, shape.row_bytes};
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) {
+    int64_t here = at;
+    at += (bytes + 255) / 256 * 256;
+    return here;
+  };
+  int64_t n = l.n, pairs = l.n * l.tokens * l.k;
+  l.arrived = take(n * 8);
+  l.ack = take(n * 8);
+  l.seq = take(8);
+  l.within = take(l.experts * n * 4);
+  l.start = take(l.experts * 4);
+  l.kept = take(4);
+  l.counts = take(n * l.experts * 4);
+  l.rows_from = take(n * 4);
+  l.local = take(pairs * 4);
+  l.index = take(pairs * 4);
+  l.weight = take(pairs * 4);
+  l.rows = take(n * l.tokens * l.row_bytes);
+  l.total = at;
+  return l;
+}
+
+struct LowLatencyArgs {
+  LowLatencyLayout layout;
+  char* self;              // this device's allocation
+  char* peers[kMaxPeers];  // every rank's, by rank (this one's among them)
+  int me;
+  int blocks;              // sending blocks per peer: each adds one to the peer's `arrived`
+  uint64_t timeout_ns;
+};
+
+template <typename T>
+__host__ __device__ T* At(char* base, int64_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+__device__ uint64_t GlobalTimer() {
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
+}
+
+// Spins until *word >= target. Past the timeout it says which rank never came and stops the
+// program (the error surfaces in the host's next wait on the device).
+__device__ void WaitFor(char* base, int64_t offset, int slot, uint64_t target,
+                        const LowLatencyArgs& a, int peer, const char* what) {
+  const volatile uint64_t* word = At<uint64_t>(base, offset) + slot;
+  uint64_t start = GlobalTimer();
+  while (*word < target) {
+    if (GlobalTimer() - start > a.timeout_ns) {
+      printf("jep ffi transport: low-latency %s: rank %d waited %.1f s for rank %d, which never "
+             "arrived. Every device of the EP axis must run the same program; the timeout is "
+             "jep_kernels.ragged_a2a.set_timeout(seconds) (or JEP_FFI_TIMEOUT_S).\n",
+             what, a.me, a.timeout_ns * 1e-9, peer);
+      __trap();
+    }
+  }
+  __threadfence_system();
+}
+
+__device__ uint64_t Sequence(const LowLatencyArgs& a) {
+  return *At<volatile uint64_t>(a.self, a.layout.seq) + 1;
+}
+
+// After this block's writes into `to`: one more arrival there.
+__device__ void Arrive(const LowLatencyArgs& a, char* to) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd_system(reinterpret_cast<unsigned long long*>(At<uint64_t>(to, a.layout.arrived)) +
+                         a.me, 1ull);
+  }
+}
+
+// dispatch, on the sender: block (j, p) writes row j for rank p (the j-th of its send order)
+// and its slots into p's buffers; block (0, p) also the counts.
+template <typename Word>
+__global__ void LowLatencySendKernel(LowLatencyArgs a, const char* x, int64_t x_rows,
+                                     const int32_t* send_index, const int32_t* pair_local,
+                                     const int32_t* pair_index, const float* pair_weight,
+                                     const int32_t* counts, const int32_t* rows_to) {
+  const LowLatencyLayout& l = a.layout;
+  int64_t j = blockIdx.x;
+  int p = blockIdx.y;
+  if (threadIdx.x == 0) WaitFor(a.self, l.ack, p, Sequence(a) - 1, a, p, "dispatch");
+  __syncthreads();
+  char* to = a.peers[p];
+  int64_t T = l.tokens, k = l.k;
+  if (j < rows_to[p]) {
+    int64_t token = send_index[p * T + j];
+    const char* src = token >= 0 && token < x_rows ? x + token * l.row_bytes : nullptr;
+    char* dst = to + l.rows + (a.me * T + j) * l.row_bytes;
+    int64_t words = l.row_bytes / static_cast<int64_t>(sizeof(Word));
+    for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
+      reinterpret_cast<Word*>(dst)[i] = src != nullptr ? reinterpret_cast<const Word*>(src)[i] : Word{};
+    }
+    if (threadIdx.x < k) {
+      int64_t from = (p * T + j) * k + threadIdx.x, at = (a.me * T + j) * k + threadIdx.x;
+      At<int32_t>(to, l.local)[at] = pair_local[from];
+      At<int32_t>(to, l.index)[at] = pair_index[from];
+      At<float>(to, l.weight)[at] = pair_weight[from];
+    }
+  }
+  if (j == 0) {
+    for (int64_t e = threadIdx.x; e < l.experts; e += blockDim.x) {
+      At<int32_t>(to, l.counts)[a.me * l.experts + e] = counts[p * l.experts + e];
+    }
+    if (threadIdx.x == 0) At<int32_t>(to, l.rows_from)[a.me] = rows_to[p];
+  }
+  Arrive(a, to);
+}
+
+// Waits until every sender's blocks of this call have arrived (thread s for sender s).
+__device__ void WaitForSenders(const LowLatencyArgs& a, const char* what) {
+  uint64_t target = Sequence(a) * static_cast<uint64_t>(a.blocks);
+  for (int src = threadIdx.x; src < a.layout.n; src += blockDim.x) {
+    WaitFor(a.self, a.layout.arrived, src, target, a, src, what);
+  }
+  __syncthreads();
+}
+
+// dispatch, on the receiver (one block): wait for the senders, then plan the expert rows
+// (low_latency.h), in shared memory when the counts fit there.
+__global__ void LowLatencyPlanKernel(LowLatencyArgs a, int64_t capacity, bool in_shared,
+                                     int32_t* group_sizes, int32_t* recv_count, int32_t* dropped) {
+  extern __shared__ int32_t plan[];
+  const LowLatencyLayout& l = a.layout;
+  WaitForSenders(a, "dispatch");
+  int n = static_cast<int>(l.n), experts = static_cast<int>(l.experts);
+  int32_t* within = At<int32_t>(a.self, l.within);
+  int32_t* start = At<int32_t>(a.self, l.start);
+  int32_t* kept = At<int32_t>(a.self, l.kept);
+  const int32_t* counts = At<int32_t>(a.self, l.counts);
+  for (int src = threadIdx.x; src < n; src += blockDim.x) {
+    recv_count[src] = At<int32_t>(a.self, l.rows_from)[src];
+  }
+  if (!in_shared) {
+    if (threadIdx.x == 0) PlanGroups(counts, n, experts, capacity, within, start, group_sizes, kept, dropped);
+    return;
+  }
+  int32_t *s_counts = plan, *s_within = plan + n * experts, *s_start = s_within + n * experts;
+  int32_t *s_sizes = s_start + experts, *s_totals = s_sizes + experts;
+  for (int i = threadIdx.x; i < n * experts; i += blockDim.x) s_counts[i] = counts[i];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    PlanGroups(s_counts, n, experts, capacity, s_within, s_start, s_sizes, s_totals, s_totals + 1);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n * experts; i += blockDim.x) within[i] = s_within[i];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    start[e] = s_start[e];
+    group_sizes[e] = s_sizes[e];
+  }
+  if (threadIdx.x == 0) {
+    *kept = s_totals[0];
+    *dropped = s_totals[1];
+  }
+}
+
+// Bytes of shared memory the plan takes (0: it plans in global memory).
+size_t PlanSharedBytes(const LowLatencyLayout& l) {
+  size_t bytes = (2 * l.n * l.experts + 2 * l.experts + 2) * sizeof(int32_t);
+  return bytes <= 48 * 1024 ? bytes : 0;
+}
+
+// dispatch, on the receiver: block r < n * T places received row r (from rank r / T) at its
+// slots' expert rows; the blocks after it zero the rows of recv_x past the kept ones.
+template <typename Word>
+__global__ void LowLatencyPlaceKernel(LowLatencyArgs a, const int32_t* group_sizes, char* recv_x,
+                                      int64_t out_rows, int32_t* pair_row, float* recv_weight) {
+  __shared__ int32_t dest[32];
+  const LowLatencyLayout& l = a.layout;
+  int64_t T = l.tokens, k = l.k, words = l.row_bytes / static_cast<int64_t>(sizeof(Word));
+  int64_t received = l.n * T;
+  if (blockIdx.x >= received) {  // the tail
+    int64_t first = *At<int32_t>(a.self, l.kept);
+    Word* tail = reinterpret_cast<Word*>(recv_x + first * l.row_bytes);
+    int64_t tail_words = (out_rows - first) * words;
+    int64_t threads = (gridDim.x - received) * static_cast<int64_t>(blockDim.x);
+    for (int64_t i = (blockIdx.x - received) * blockDim.x + threadIdx.x; i < tail_words;
+         i += threads) {
+      tail[i] = Word{};
+    }
+    return;
+  }
+  int64_t r = blockIdx.x;
+  int src = static_cast<int>(r / T);
+  bool here = r % T < At<int32_t>(a.self, l.rows_from)[src];
+  int32_t none = static_cast<int32_t>(out_rows);
+  if (threadIdx.x < k) {
+    int32_t q = none;
+    float weight = 0.0f;
+    if (here) {
+      q = PairRow(At<int32_t>(a.self, l.within), At<int32_t>(a.self, l.start), group_sizes,
+                  static_cast<int>(l.n), static_cast<int>(l.experts), src,
+                  At<int32_t>(a.self, l.local)[r * k + threadIdx.x],
+                  At<int32_t>(a.self, l.index)[r * k + threadIdx.x], none);
+      weight = At<float>(a.self, l.weight)[r * k + threadIdx.x];
+    }
+    dest[threadIdx.x] = q;
+    pair_row[r * k + threadIdx.x] = q;
+    recv_weight[r * k + threadIdx.x] = weight;
+  }
+  __syncthreads();
+  if (!here) return;
+  const Word* row = reinterpret_cast<const Word*>(a.self + l.rows + r * l.row_bytes);
+  for (int64_t i = threadIdx.x; i < words; i += blockDim.x) {
+    Word word = row[i];
+    for (int s = 0; s < k; ++s) {
+      if (dest[s] < out_rows) reinterpret_cast<Word*>(recv_x + dest[s] * l.row_bytes)[i] = word;
+    }
+  }
+}
+
+// The call is done with this rank's buffers: tell every sender, and count the call.
+__global__ void LowLatencyFinishKernel(LowLatencyArgs a) {
+  uint64_t seq = Sequence(a);
+  __syncthreads();
+  __threadfence_system();
+  for (int p = threadIdx.x; p < a.layout.n; p += blockDim.x) {
+    *(At<volatile uint64_t>(a.peers[p], a.layout.ack) + a.me) = seq;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) *At<volatile uint64_t>(a.self, a.layout.seq) = seq;
+}
+
+// Elements of T in 16 bytes: what a thread of the combine kernels reads at a time.
+template <typename T>
+constexpr int kVectorOf = sizeof(T) < 16 ? 16 / sizeof(T) : 1;
+
+// Piece c (kVector elements, or one where the row is not made of whole vectors) of
+// sum_s weight[s] * source[s] in float32, in slot order: fused multiply-adds with weights,
+// plain adds without.
+template <typename T>
+__device__ void AddPiece(const T* const* sources, const float* weights, int k, int64_t c,
+                         bool vectors, float* total) {
+  constexpr int kVector = kVectorOf<T>;
+  int step = vectors ? kVector : 1;
+  for (int i = 0; i < step; ++i) total[i] = 0.0f;
+  for (int s = 0; s < k; ++s) {
+    if (sources[s] == nullptr) continue;
+    T value[kVector];
+    if (vectors) {
+      *reinterpret_cast<int4*>(value) = reinterpret_cast<const int4*>(sources[s])[c];
+    } else {
+      value[0] = sources[s][c];
+    }
+    for (int i = 0; i < step; ++i) {
+      total[i] = weights != nullptr ? __fmaf_rn(ToF32(value[i]), weights[s], total[i])
+                                    : total[i] + ToF32(value[i]);
+    }
+  }
+}
+
+template <typename T>
+__device__ void StorePiece(T* row, int64_t c, bool vectors, const float* total) {
+  constexpr int kVector = kVectorOf<T>;
+  T out[kVector];
+  int step = vectors ? kVector : 1;
+  for (int i = 0; i < step; ++i) out[i] = FromF32<T>(total[i]);
+  if (vectors) {
+    reinterpret_cast<int4*>(row)[c] = *reinterpret_cast<int4*>(out);
+  } else {
+    row[c] = out[0];
+  }
+}
+
+// combine, on the expert rank: block (j, p) adds row j from rank p's pairs times their weights
+// (float32, in slot order), rounds once and writes the sum into p's buffers.
+template <typename T>
+__global__ void LowLatencyReturnKernel(LowLatencyArgs a, const T* y, int64_t y_rows,
+                                       const int32_t* pair_row, const float* recv_weight,
+                                       const int32_t* recv_count, int64_t width) {
+  __shared__ const T* sources[32];
+  __shared__ float weights[32];
+  const LowLatencyLayout& l = a.layout;
+  int64_t j = blockIdx.x;
+  int p = blockIdx.y;
+  if (threadIdx.x == 0) WaitFor(a.self, l.ack, p, Sequence(a) - 1, a, p, "combine");
+  int64_t T_rows = l.tokens, k = l.k, r = p * T_rows + j;
+  if (threadIdx.x < k && j < T_rows) {
+    int32_t q = pair_row[r * k + threadIdx.x];
+    sources[threadIdx.x] = q >= 0 && q < y_rows ? y + q * width : nullptr;
+    weights[threadIdx.x] = recv_weight[r * k + threadIdx.x];
+  }
+  __syncthreads();
+  char* to = a.peers[p];
+  if (j < recv_count[p]) {
+    T* dst = reinterpret_cast<T*>(to + l.rows + (a.me * T_rows + j) * l.row_bytes);
+    bool vectors = width % kVectorOf<T> == 0;
+    int64_t pieces = vectors ? width / kVectorOf<T> : width;
+    for (int64_t c = threadIdx.x; c < pieces; c += blockDim.x) {
+      float total[kVectorOf<T>];
+      AddPiece<T>(sources, weights, static_cast<int>(k), c, vectors, total);
+      StorePiece<T>(dst, c, vectors, total);
+    }
+  }
+  Arrive(a, to);
+}
+
+// combine, at home: block t waits for the expert ranks, then adds token t's rows from the ranks
+// it reached, in float32 in slot order.
+template <typename T>
+__global__ void LowLatencyHomeKernel(LowLatencyArgs a, const int32_t* home_slot, T* out,
+                                     int64_t width) {
+  __shared__ const T* sources[32];
+  const LowLatencyLayout& l = a.layout;
+  WaitForSenders(a, "combine");
+  int64_t T_rows = l.tokens, k = l.k, t = blockIdx.x;
+  if (t >= T_rows) return;
+  if (threadIdx.x < k) {
+    int32_t slot = home_slot[t * k + threadIdx.x];
+    sources[threadIdx.x] = slot >= 0 && slot < l.n * T_rows
+        ? reinterpret_cast<const T*>(a.self + l.rows + slot * l.row_bytes) : nullptr;
+  }
+  __syncthreads();
+  bool vectors = width % kVectorOf<T> == 0;
+  int64_t pieces = vectors ? width / kVectorOf<T> : width;
+  for (int64_t c = threadIdx.x; c < pieces; c += blockDim.x) {
+    float total[kVectorOf<T>];
+    AddPiece<T>(sources, nullptr, static_cast<int>(k), c, vectors, total);
+    StorePiece<T>(out + t * width, c, vectors, total);
+  }
+}
+
+// What a device publishes when an op first runs: its allocation.
+struct LowLatencyBuffers {
+  char* base = nullptr;
+  int32_t device = -1;
+};
+
+Rendezvous<LowLatencyBuffers>& BufferMeetings() {
+  static auto* meetings = new Rendezvous<LowLatencyBuffers>();
+  return *meetings;
+}
+
+// This device's buffers of `op` with every peer's, made on the op's first run.
+ffi::Error LowLatencyPrepare(int32_t device, int64_t run, int64_t op, int64_t num_ranks,
+                             int64_t timeout_ms, std::string_view what,
+                             ffi::Span<const int64_t> groups, ffi::Span<const int64_t> ranks,
+                             const LowLatencyShape& shape, LowLatencyArgs* args) {
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, int32_t>, std::vector<LowLatencyBuffers>> made;
+  if (num_ranks < 1 || num_ranks > kMaxPeers) {
+    return Invalid("1 to " + std::to_string(kMaxPeers) + " ranks, got " + std::to_string(num_ranks));
+  }
+  if (device < 0 || device >= static_cast<int64_t>(ranks.size()) || ranks[device] < 0 ||
+      ranks[device] >= num_ranks) {
+    return Invalid(std::string(what) + ": GPU " + std::to_string(device) +
+                   " is not a device of the mesh the call was traced for");
+  }
+  LowLatencyLayout layout = MakeLayout(shape);
+  int me = static_cast<int>(ranks[device]);
+  *args = LowLatencyArgs{};
+  args->layout = layout;
+  args->me = me;
+  args->timeout_ns = static_cast<uint64_t>(timeout_ms) * 1000000ull;
+  std::vector<LowLatencyBuffers> peers;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto found = made.find({op, device});
+    if (found != made.end()) peers = found->second;
+  }
+  if (peers.empty()) {
+    // XLA may be capturing this stream into a command buffer: allocate and zero outside it.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    LowLatencyBuffers self{nullptr, device};
+    cudaStream_t side = nullptr;
+    cudaError_t status = cudaSetDevice(device);
+    if (status == cudaSuccess) status = cudaMalloc(&self.base, layout.total);
+    if (status == cudaSuccess) status = cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
+    if (status == cudaSuccess) status = cudaMemsetAsync(self.base, 0, layout.total, side);
+    if (status == cudaSuccess) status = cudaStreamSynchronize(side);
+    if (side != nullptr) cudaStreamDestroy(side);
+    ffi::Error result = status == cudaSuccess
+                            ? ffi::Error::Success()
+                            : CudaError(status, "allocating the low-latency buffers");
+    if (result.success() && num_ranks > 1) {
+      CallSite site{run, op, groups[device], me, static_cast<int32_t>(num_ranks), timeout_ms,
+                    std::string(what)};
+      BufferMeetings().Number(site);
+      if (auto failure = BufferMeetings().JoinAndWait(site, 0, self, &peers)) {
+        result = ffi::Error(ffi::ErrorCode::kDeadlineExceeded, *failure);
+      } else {
+        std::vector<Peer> devices(peers.size());
+        for (size_t p = 0; p < peers.size(); ++p) devices[p].device = peers[p].device;
+        result = EnablePeerAccess(device, devices);
+      }
+    } else if (result.success()) {
+      peers = {self};
+    }
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    if (result.failure()) return result;
+    std::lock_guard<std::mutex> lock(mutex);
+    made[{op, device}] = peers;
+  }
+  args->self = peers[me].base;
+  for (int p = 0; p < num_ranks; ++p) args->peers[p] = peers[p].base;
+  return ffi::Error::Success();
+}
+
+template <typename Word>
+void LaunchLowLatencyDispatch(cudaStream_t stream, const LowLatencyArgs& a, const char* x,
+                              int64_t x_rows, const int32_t* send_index, const int32_t* local,
+                              const int32_t* index, const float* weight, const int32_t* counts,
+                              const int32_t* rows_to, int64_t capacity, int32_t* group_sizes,
+                              int32_t* recv_count, int32_t* dropped, char* recv_x,
+                              int64_t out_rows, int32_t* pair_row, float* recv_weight) {
+  const LowLatencyLayout& l = a.layout;
+  LowLatencySendKernel<Word><<<dim3(a.blocks, l.n), kThreads, 0, stream>>>(
+      a, x, x_rows, send_index, local, index, weight, counts, rows_to);
+  size_t shared = PlanSharedBytes(l);
+  LowLatencyPlanKernel<<<1, kThreads, shared, stream>>>(a, capacity, shared > 0, group_sizes,
+                                                        recv_count, dropped);
+  int64_t tail_blocks = Blocks(out_rows * l.row_bytes / static_cast<int64_t>(sizeof(Word)),
+                               kThreads * 4);
+  LowLatencyPlaceKernel<Word><<<l.n * l.tokens + tail_blocks, kThreads, 0, stream>>>(
+      a, group_sizes, recv_x, out_rows, pair_row, recv_weight);
+  LowLatencyFinishKernel<<<1, 32, 0, stream>>>(a);
+}
+
+ffi::Error LowLatencyDispatch(
+    cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer x,
+    ffi::Buffer<ffi::S32> send_index, ffi::Buffer<ffi::S32> pair_local,
+    ffi::Buffer<ffi::S32> pair_index, ffi::Buffer<ffi::F32> pair_weight,
+    ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> rows_to, ffi::Buffer<ffi::S32>,
+    ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::Buffer<ffi::S32>> group_sizes,
+    ffi::Result<ffi::Buffer<ffi::S32>> pair_row, ffi::Result<ffi::Buffer<ffi::F32>> recv_weight,
+    ffi::Result<ffi::Buffer<ffi::S32>> recv_count, ffi::Result<ffi::Buffer<ffi::S32>> num_dropped,
+    int64_t capacity, int64_t op, int64_t num_ranks, int64_t timeout_ms, std::string_view what,
+    ffi::Span<const int64_t> groups, ffi::Span<const int64_t> ranks) {
+  auto dims = pair_local.dimensions();
+  if (dims.size() != 3 || dims[0] != num_ranks) return Invalid("pair_local must be [n, T, k]");
+  if (dims[2] > 32) return Invalid("at most 32 slots per token");
+  LowLatencyShape shape{num_ranks, dims[1], dims[2], counts.dimensions()[1], NumRows(*recv_x),
+                        RowBytes(*recv_x)};
+  LowLatencyArgs a;
+  ffi::Error prepared = LowLatencyPrepare(device, run.run_id, op, num_ranks, timeout_ms, what,
+                                          groups, ranks, shape, &a);
+  if (prepared.failure()) return prepared;
+  a.blocks = static_cast<int>(shape.tokens > 1 ? shape.tokens : 1);  // sending blocks per peer: one a row
+  auto launch = [&](auto word) {
+    using Word = decltype(word);
+    LaunchLowLatencyDispatch<Word>(
+        stream, a, static_cast<const char*>(x.untyped_data()), NumRows(x), send_index.typed_data(),
+        pair_local.typed_data(), pair_index.typed_data(), pair_weight.typed_data(),
+        counts.typed_data(), rows_to.typed_data(), capacity, group_sizes->typed_data(),
+        recv_count->typed_data(), num_dropped->typed_data(),
+        static_cast<char*>(recv_x->untyped_data()), shape.out_rows, pair_row->typed_data(),
+        recv_weight->typed_data());
+  };
+  if (shape.row_bytes % 16 == 0) {
+    launch(int4{});
+  } else if (shape.row_bytes % 4 == 0) {
+    launch(int32_t{});
+  } else {
+    launch(char{});
+  }
+  cudaError_t status = cudaGetLastError();
+  return status == cudaSuccess ? ffi::Error::Success() : CudaError(status, "launching dispatch");
+}
+
+template <typename T>
+void LaunchLowLatencyCombine(cudaStream_t stream, const LowLatencyArgs& a, const void* y,
+                             int64_t y_rows, const int32_t* pair_row, const float* recv_weight,
+                             const int32_t* recv_count, const int32_t* home_slot, void* out) {
+  const LowLatencyLayout& l = a.layout;
+  int64_t width = l.row_bytes / static_cast<int64_t>(sizeof(T));
+  LowLatencyReturnKernel<T><<<dim3(a.blocks, l.n), kThreads, 0, stream>>>(
+      a, static_cast<const T*>(y), y_rows, pair_row, recv_weight, recv_count, width);
+  LowLatencyHomeKernel<T><<<a.blocks, kThreads, 0, stream>>>(a, home_slot, static_cast<T*>(out),
+                                                             width);
+  LowLatencyFinishKernel<<<1, 32, 0, stream>>>(a);
+}
+
+ffi::Error LowLatencyCombine(
+    cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer y,
+    ffi::Buffer<ffi::S32> pair_row, ffi::Buffer<ffi::F32> recv_weight,
+    ffi::Buffer<ffi::S32> recv_count, ffi::Buffer<ffi::S32> home_slot, ffi::Buffer<ffi::S32>,
+    ffi::Result<ffi::AnyBuffer> out, int64_t op, int64_t num_ranks, int64_t timeout_ms,
+    std::string_view what, ffi::Span<const int64_t> groups, ffi::Span<const int64_t> ranks) {
+  ffi::DataType dtype = y.element_type();
+  if (!Summable(dtype)) return Invalid("combine adds f16, bf16, f32 or f64 rows only");
+  auto slots = home_slot.dimensions();
+  if (slots.size() != 2 || slots[1] > 32) return Invalid("home_slot must be [T, k], k <= 32");
+  LowLatencyShape shape{num_ranks, slots[0], slots[1], 0, NumRows(y), RowBytes(y)};
+  LowLatencyArgs a;
+  ffi::Error prepared = LowLatencyPrepare(device, run.run_id, op, num_ranks, timeout_ms, what,
+                                          groups, ranks, shape, &a);
+  if (prepared.failure()) return prepared;
+  a.blocks = static_cast<int>(shape.tokens > 1 ? shape.tokens : 1);  // returning blocks per peer: one a row
+  const int32_t* rows = pair_row.typed_data();
+  const float* weights = recv_weight.typed_data();
+  const int32_t* counts = recv_count.typed_data();
+  const int32_t* home = home_slot.typed_data();
+  const void* src = y.untyped_data();
+  void* dst = out->untyped_data();
+  int64_t y_rows = NumRows(y);
+  switch (dtype) {
+    case ffi::DataType::F32: LaunchLowLatencyCombine<float>(stream, a, src, y_rows, rows, weights, counts, home, dst); break;
+    case ffi::DataType::F64: LaunchLowLatencyCombine<double>(stream, a, src, y_rows, rows, weights, counts, home, dst); break;
+    case ffi::DataType::BF16: LaunchLowLatencyCombine<__nv_bfloat16>(stream, a, src, y_rows, rows, weights, counts, home, dst); break;
+    default: LaunchLowLatencyCombine<__half>(stream, a, src, y_rows, rows, weights, counts, home, dst); break;
+  }
+  cudaError_t status = cudaGetLastError();
+  return status == cudaSuccess ? ffi::Error::Success() : CudaError(status, "launching combine");
+}
+
 }  // namespace
 }  // namespace jep
 
@@ -424,3 +962,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JepRaggedExchangeSum, jep::ExchangeSum,
     jep::BindExchangeSum(
         ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JepLowLatencyDispatch, jep::LowLatencyDispatch,
+    jep::BindLowLatencyDispatch(
+        ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>()),
+    {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JepLowLatencyCombine, jep::LowLatencyCombine,
+    jep::BindLowLatencyCombine(
+        ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>()),
+    {ffi::Traits::kCmdBufferCompatible});
