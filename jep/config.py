@@ -12,7 +12,7 @@ SCORES = ("softmax", "sigmoid")
 OVERFLOW = ("position", "probability", "reroute")
 ACTIVATIONS = ("silu", "gelu", "relu")
 PERMUTES = ("auto", "pallas", "xla")
-MODES = ("flat", "hierarchical")
+MODES = ("flat", "hierarchical", "low_latency")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +30,14 @@ class DispatchConfig:
       backend: the transport, `"auto"` or a name registered in `jep.transport`.
       permute: the row mover of the local expansion and of combine's sums, "auto" (the Pallas
         kernels on Hopper GPUs), "pallas" or "xla" (`jep.dispatch`).
-      mode: "flat" or "hierarchical" (two EP axes, (node, local): each token crosses the node
-        axis once per node; `jep.hierarchical`).
+      mode: "flat", "hierarchical" (two EP axes, (node, local): each token crosses the node
+        axis once per node; `jep.hierarchical`) or "low_latency" (decoding: one custom call each
+        way, no host waiting, forward only; `jep.low_latency`; the transport is its own).
+      num_chunks: split each rank's tokens into this many chunks and run route -> dispatch ->
+        experts -> combine for each: the chunks do not depend on each other, so XLA's scheduler
+        can run one chunk's dispatch or combine (asynchronous collectives) while another
+        chunk's experts compute. Results equal one chunk's, dropless; a capacity (and the
+        overflow policy) applies to each chunk, `capacity_factor` to its tokens.
     """
 
     capacity: int | None = None
@@ -40,6 +46,7 @@ class DispatchConfig:
     backend: str = "auto"
     permute: str = "auto"
     mode: str = "flat"
+    num_chunks: int = 1
 
     def __post_init__(self):
         if self.capacity is not None and self.capacity_factor is not None:
@@ -55,6 +62,8 @@ class DispatchConfig:
             raise ValueError(f"DispatchConfig.permute must be one of {PERMUTES}, got {self.permute!r}")
         if self.mode not in MODES:
             raise ValueError(f"DispatchConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or self.num_chunks < 1:
+            raise ValueError(f"DispatchConfig.num_chunks must be an int >= 1, got {self.num_chunks!r}")
 
     def capacity_for(self, num_tokens: int, top_k: int, num_local_experts: int) -> int | None:
         """The per-local-expert capacity for `num_tokens` tokens per rank, or None (dropless)."""

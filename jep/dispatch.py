@@ -308,6 +308,9 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
         raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "low_latency":
+        raise ValueError("mode='low_latency' is jep.low_latency.dispatch, which takes the routing "
+                         "weights with the tokens (and jep.low_latency.combine its handle)")
     if mode == "hierarchical":  # each hop picks its own transport
         if not (isinstance(axis_name, (tuple, list)) and len(axis_name) == 2):
             raise ValueError("mode='hierarchical' needs axis_name=(node axis, local axis), got "

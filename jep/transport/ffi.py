@@ -85,7 +85,8 @@ def _coords(axis_name):
     return jnp.stack([group, rank])
 
 
-def _prepare(axis_name):
+def prepare(axis_name):
+    """(coords, EP size) of this device, with the handlers registered for this platform."""
     ragged_a2a.register(current_platform())
     return _coords(axis_name), lax.axis_size(axis_name)
 
@@ -93,7 +94,7 @@ def _prepare(axis_name):
 def exchange(rows, send_sizes, recv_sizes, *, axis_name, out_rows, max_rows_per_peer, index=None,
              expand=None, expanded_rows=None):
     del recv_sizes, max_rows_per_peer  # each receiver reads its sizes from its senders
-    coords, num_ranks = _prepare(axis_name)
+    coords, num_ranks = prepare(axis_name)
     out = ragged_a2a.exchange(rows, send_sizes, coords, num_ranks=num_ranks,
                               out_rows=out_rows if expand is None else expanded_rows,
                               index=index, expand=expand, what=f"exchange over axis {axis_name!r}")
@@ -103,7 +104,7 @@ def exchange(rows, send_sizes, recv_sizes, *, axis_name, out_rows, max_rows_per_
 def exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name, out_rows,
                  max_rows_per_peer):
     del recv_sizes, out_rows, max_rows_per_peer
-    coords, num_ranks = _prepare(axis_name)
+    coords, num_ranks = prepare(axis_name)
     out = ragged_a2a.exchange_sum(rows, send_sizes, coords, slot_row, slot_mask,
                                   num_ranks=num_ranks, what=f"combine over axis {axis_name!r}")
     return vary_like(out, rows, send_sizes, slot_row, slot_mask)
