@@ -10,12 +10,22 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jep import _checks, balance, routing
+from jep import _checks, balance, low_latency, routing
 from jep.config import MoEConfig
 from jep.dispatch import combine, dispatch
-from jep.experts import expert_ffn
+from jep.experts import ACTIVATION_FNS, expert_ffn
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
+SHARED_PARAMS = ("shared_gate", "shared_up", "shared_down")
+
+
+def shared_expert(x, shared: dict, activation: str):
+    """The DeepSeek-style shared expert, on every token: `(act(x @ gate) * (x @ up)) @ down`,
+    in x.dtype."""
+    act = ACTIVATION_FNS[activation]
+    dtype = x.dtype
+    hidden = act(x @ shared["shared_gate"].astype(dtype)) * (x @ shared["shared_up"].astype(dtype))
+    return hidden @ shared["shared_down"].astype(dtype)
 
 
 def init_params(key, *, hidden: int, ffn: int, config: MoEConfig, dtype=jnp.float32) -> dict:
@@ -45,6 +55,15 @@ def _check_params(params, hidden, config, num_slots):
     _checks.shape(params["w_down"], (num_slots, ffn, hidden), "params['w_down']")
     if params.get("bias") is not None:
         _checks.shape(params["bias"], (num_experts,), "params['bias']")
+    if any(name in params for name in SHARED_PARAMS):
+        if not all(name in params for name in SHARED_PARAMS):
+            raise ValueError(f"params must hold all of {SHARED_PARAMS} or none; got keys "
+                             f"{sorted(params)}")
+        _checks.rank(params["shared_gate"], 2, "params['shared_gate']")
+        shared_ffn = params["shared_gate"].shape[1]
+        _checks.shape(params["shared_gate"], (hidden, shared_ffn), "params['shared_gate']")
+        _checks.shape(params["shared_up"], (hidden, shared_ffn), "params['shared_up']")
+        _checks.shape(params["shared_down"], (shared_ffn, hidden), "params['shared_down']")
 
 
 def place(x, mesh, spec):
@@ -64,7 +83,9 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
     Args:
       x: f[..., H] tokens; their count T must be divisible by the number of devices of the mesh.
       params: {"router": f32[H, E], "w_gate": [E, H, F], "w_up": [E, H, F], "w_down": [E, F, H],
-        optional "bias": f32[E] (selection-only routing bias)}.
+        optional "bias": f32[E] (selection-only routing bias), optional "shared_gate",
+        "shared_up" [H, F_s] and "shared_down" [F_s, H]: a DeepSeek-style shared expert on every
+        token, replicated, computed beside the routed experts (while their tokens travel)}.
       config: `MoEConfig`.
       mesh: a `jax.sharding.Mesh` holding `config.axis_name`; default: the mesh set with
         `jax.set_mesh`/`jax.sharding.use_mesh`.
@@ -117,9 +138,6 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
         raise ValueError(
             f"x has {tokens.shape[0]} tokens, which the {num_devices} devices of the mesh "
             f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} cannot split evenly")
-    capacity = config.dispatch.capacity_for(
-        tokens.shape[0] // num_devices, config.top_k, num_slots // ep)
-    overflow = config.dispatch.overflow if capacity is not None else "position"
     local_tokens = tokens.shape[0] // num_devices
     sequence_length = x.shape[-2] if jnp.ndim(x) >= 3 else tokens.shape[0]
 
@@ -128,13 +146,17 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
     expert_spec = P(config.axis_name, None, None)
     bias = params.get("bias")
 
-    def layer(x, router, w_gate, w_up, w_down, bias, placement):
-        logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
-        weights, expert_ids = routing.route(
-            logits, top_k=config.top_k, score=config.score, num_groups=config.num_groups,
-            topk_groups=config.topk_groups, bias=bias, renormalize=config.renormalize)
-        scores = routing.router_scores(logits, config.score)
-        routed_ids = expert_ids
+    num_chunks = config.dispatch.num_chunks
+    if local_tokens % num_chunks:
+        raise ValueError(f"DispatchConfig.num_chunks={num_chunks} must divide the {local_tokens} "
+                         "tokens of each device")
+    chunk_tokens = local_tokens // num_chunks
+    capacity = config.dispatch.capacity_for(chunk_tokens, config.top_k, num_slots // ep)
+    overflow = config.dispatch.overflow if capacity is not None else "position"
+    low_latency_mesh = mesh if config.dispatch.mode == "low_latency" else None
+
+    def experts_of_chunk(x, expert_ids, weights, scores, bias, placement, experts, first_token):
+        """One chunk's tokens through the capacity policy, dispatch, experts and combine."""
         num_rerouted = num_policy_dropped = jnp.int32(0)
         if overflow == "probability":
             expert_ids, num_policy_dropped = balance.keep_by_probability(
@@ -148,20 +170,49 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
                 axis_name=config.axis_name)
             weights = routing.weights_of(scores, expert_ids, renormalize=config.renormalize)
         weights = weights * config.routed_scaling_factor
-        first_token = lax.axis_index(token_axes) * local_tokens
         slot_ids = expert_ids
         if placement is not None:
             slot_ids = balance.replica_ids(expert_ids, placement, first_token * config.top_k)
-        recv_x, group_sizes, handle = dispatch(
-            x, slot_ids, num_experts=num_slots, axis_name=config.axis_name,
-            capacity=capacity, backend=config.dispatch.backend,
-            permute=config.dispatch.permute, mode=config.dispatch.mode)
+        decoding = config.dispatch.mode == "low_latency"
+        if decoding:  # the weights travel with the tokens
+            recv_x, group_sizes, handle = low_latency.dispatch(
+                x, slot_ids, weights, num_experts=num_slots, axis_name=config.axis_name,
+                capacity=capacity, mesh=low_latency_mesh)
+        else:
+            recv_x, group_sizes, handle = dispatch(
+                x, slot_ids, num_experts=num_slots, axis_name=config.axis_name,
+                capacity=capacity, backend=config.dispatch.backend,
+                permute=config.dispatch.permute, mode=config.dispatch.mode)
+        expert_out = expert_ffn(recv_x, group_sizes, *experts, activation=config.activation,
+                                backend=config.expert_backend)
+        y = (low_latency.combine(expert_out, handle) if decoding
+             else combine(expert_out, handle, weights))
+        return y, slot_ids, handle.num_dropped + num_policy_dropped, num_rerouted
+
+    def layer(x, router, w_gate, w_up, w_down, bias, placement, shared):
+        logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
+        weights, expert_ids = routing.route(
+            logits, top_k=config.top_k, score=config.score, num_groups=config.num_groups,
+            topk_groups=config.topk_groups, bias=bias, renormalize=config.renormalize)
+        scores = routing.router_scores(logits, config.score)
+        routed_ids = expert_ids
+        experts = (w_gate, w_up, w_down)
         if placement is not None:
-            w_gate, w_up, w_down = (balance.tie_copies(w, placement, config.axis_name)
-                                    for w in (w_gate, w_up, w_down))
-        expert_out = expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down,
-                                activation=config.activation, backend=config.expert_backend)
-        y = combine(expert_out, handle, weights)
+            experts = tuple(balance.tie_copies(w, placement, config.axis_name) for w in experts)
+        first_token = lax.axis_index(token_axes) * local_tokens
+        # Chunk by chunk, independent of each other: XLA may overlap one's exchanges with
+        # another's experts, and the shared expert with all of them.
+        chunks = []
+        for c in range(num_chunks):
+            part = slice(c * chunk_tokens, (c + 1) * chunk_tokens)
+            chunks.append(experts_of_chunk(x[part], expert_ids[part], weights[part], scores[part],
+                                           bias, placement, experts,
+                                           first_token + c * chunk_tokens))
+        y, slot_ids = (jnp.concatenate([c[i] for c in chunks]) for i in range(2))
+        num_dropped = sum(c[2] for c in chunks)
+        num_rerouted = sum(c[3] for c in chunks)
+        if shared is not None:
+            y = y + shared_expert(x, shared, config.activation)
         counts = lax.psum(routing.expert_counts(routed_ids, config.num_experts), token_axes)
         slot_counts = counts if placement is None else lax.psum(
             routing.expert_counts(slot_ids, num_slots), token_axes)
@@ -175,16 +226,19 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
             "tokens_per_expert": counts,
             "expert_imbalance": balance.imbalance(counts),
             "rank_imbalance": balance.imbalance(balance.rank_loads(slot_counts, ep)),
-            "num_dropped": lax.psum(handle.num_dropped + num_policy_dropped, token_axes),
+            "num_dropped": lax.psum(num_dropped, token_axes),
             "num_rerouted": lax.psum(num_rerouted, token_axes),
         }
         return y, aux
 
+    shared = ({name: params[name] for name in SHARED_PARAMS} if "shared_gate" in params
+              else None)
     args = (tokens, params["router"], params["w_gate"], params["w_up"], params["w_down"], bias,
-            placement)
+            placement, shared)
     specs = (token_spec, P(None, None), expert_spec, expert_spec, expert_spec,
              None if bias is None else P(None),
-             None if placement is None else P())  # a spec for every leaf of the placement
+             None if placement is None else P(),  # a spec for every leaf of the placement
+             None if shared is None else P())
     args = tuple(a if a is None else jax.tree.map(lambda leaf, s=s: place(jnp.asarray(leaf), mesh, s), a)
                  for a, s in zip(args, specs))
     # jit: called eagerly, the layer still runs as one program rather than op by op.

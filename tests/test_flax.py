@@ -31,8 +31,9 @@ def test_linen_module_equals_jep_moe_for_its_parameters(rng, explicit, shared_ff
         variables = jax.jit(module.init)(jax.random.key(0), x)
         y, aux = jax.jit(module.apply)(variables, x)
     params = nn.unbox(variables)["params"]
-    want, want_aux = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(x, params)
-    if shared_ffn:
+    routed = {name: p for name, p in params.items() if not name.startswith("shared_")}
+    want, want_aux = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(x, routed)
+    if shared_ffn:  # the shared expert, added beside the routed experts
         want = want + shared_expert(x, params)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(aux["tokens_per_expert"], want_aux["tokens_per_expert"])
@@ -52,8 +53,9 @@ def test_nnx_module_equals_jep_moe_and_creates_sharded_parameters(rng, explicit,
     params = {name: p[...] for name, p in module.params.items()}
     assert params["w_gate"].sharding.is_equivalent_to(NamedSharding(mesh, P("ep", None, None)), 3)
     assert params["w_gate"].addressable_shards[0].data.shape == (2, HIDDEN, FFN)
-    want, want_aux = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(x, params)
-    if shared_ffn:
+    routed = {name: p for name, p in params.items() if not name.startswith("shared_")}
+    want, want_aux = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(x, routed)
+    if shared_ffn:  # the shared expert, added beside the routed experts
         want = want + shared_expert(x, params)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(aux["load_balancing_loss"], want_aux["load_balancing_loss"], rtol=1e-6)

@@ -1,5 +1,8 @@
 """The whole layer, `jep.moe`, against the per-token float64 `jep.reference.moe`."""
 
+import dataclasses
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +204,81 @@ def test_sequences_spanning_ranks_and_overflow_policies_match_reference(rng, ove
     assert_matches_reference(got, want, 1e-5)
     assert got[0][1][1]["num_dropped"] > 0  # the capacity bites
     assert (got[0][1][1]["num_rerouted"] > 0) == (overflow == "reroute")
+
+
+@pytest.mark.parametrize("num_chunks", [2, 4])
+@pytest.mark.parametrize("config_name", ["softmax_top2", "deepseek_v3_like", "capacity_reroute"])
+def test_chunked_layer_matches_reference_forward_and_gradients(rng, config_name, num_chunks):
+    """Chunks of a rank's tokens, each routed, dispatched and combined on its own; dropless
+    results equal the reference (with a capacity it applies to each chunk's tokens)."""
+    base = CONFIGS[config_name]
+    config = dataclasses.replace(base, dispatch=dataclasses.replace(base.dispatch,
+                                                                    num_chunks=num_chunks))
+    mesh = make_mesh((2, 4), ("dp", "ep"))
+    x, params, cotangent = make_problem(rng, config)
+    got = run_jep(mesh, config, x, params, cotangent)
+    if base.dispatch.capacity_factor is None:
+        assert_matches_reference(got, run_reference((2, 4), config, x, params, cotangent), 1e-5)
+    plain = run_jep(mesh, base, x, params, cotangent)
+    (_, (y, aux)), (dx, _) = got
+    (_, (want_y, want_aux)), (want_dx, _) = plain
+    if base.dispatch.capacity_factor is None:
+        assert rel_err(y, want_y) < 1e-6 and rel_err(dx, want_dx) < 1e-6
+    else:  # each chunk has its share of the capacity: at most as many pairs fit
+        assert aux["num_dropped"] >= want_aux["num_dropped"]
+
+
+def test_shared_expert_runs_inside_the_layer(rng):
+    config = CONFIGS["softmax_top2"]
+    mesh = make_mesh((2, 4), ("dp", "ep"))
+    x, params, cotangent = make_problem(rng, config)
+    shared = {"shared_gate": rng.normal(size=(HIDDEN, 6)).astype(np.float32) / 3,
+              "shared_up": rng.normal(size=(HIDDEN, 6)).astype(np.float32) / 3,
+              "shared_down": rng.normal(size=(6, HIDDEN)).astype(np.float32) / 3}
+
+    def with_shared(x, shared):
+        y, _ = jep.moe(x, params | shared, config=config, mesh=mesh)
+        return jnp.sum(y * cotangent)
+
+    def beside(x, shared):
+        y, _ = jep.moe(x, params, config=config, mesh=mesh)
+        y = y + importlib.import_module("jep.moe").shared_expert(x, shared, "silu")
+        return jnp.sum(y * cotangent)
+
+    got = jax.jit(jax.value_and_grad(with_shared, argnums=(0, 1)))(x, shared)
+    want = jax.jit(jax.value_and_grad(beside, argnums=(0, 1)))(x, shared)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="shared"):
+        jep.moe(x, params | {"shared_gate": shared["shared_gate"]}, config=config, mesh=mesh)
+
+
+@pytest.mark.skipif("ffi" not in jep.transport.available(),
+                    reason="the low-latency calls run where the ffi transport runs")
+@pytest.mark.parametrize("config_name", ["softmax_top2", "deepseek_v3_like", "capacity"])
+def test_low_latency_mode_matches_reference_forward(rng, config_name):
+    base = CONFIGS[config_name]
+    config = dataclasses.replace(base, dispatch=dataclasses.replace(base.dispatch,
+                                                                    mode="low_latency"))
+    mesh = make_mesh((2, 4), ("dp", "ep"))
+    x, params, _ = make_problem(rng, config)
+    y, aux = jax.jit(lambda x, p: jep.moe(x, p, config=config, mesh=mesh))(x, params)
+    want_y, want_aux = jax.jit(lambda x, p: jep.moe(x, p, config=base, mesh=mesh))(x, params)
+    assert rel_err(y, want_y) < 1e-6
+    np.testing.assert_array_equal(aux["num_dropped"], want_aux["num_dropped"])
+    if base.dispatch.capacity_factor is None:
+        with jax.enable_x64(True):
+            want = jep.reference.moe(np.asarray(x, np.float64),
+                                     jax.tree.map(lambda a: np.asarray(a, np.float64), params),
+                                     config=config, ep_size=4, dp_size=2)
+        assert rel_err(y, want[0]) < 1e-5
+
+
+def test_num_chunks_must_divide_the_tokens_of_a_device(rng):
+    config = jep.MoEConfig(num_experts=8, top_k=2, dispatch=jep.DispatchConfig(num_chunks=3))
+    mesh = make_mesh((4,), ("ep",))
+    x, params, _ = make_problem(rng, config)
+    with pytest.raises(ValueError, match="num_chunks"):
+        jax.eval_shape(lambda x, p: jep.moe(x, p, config=config, mesh=mesh), x, params)
+    with pytest.raises(ValueError, match="num_chunks"):
+        jep.DispatchConfig(num_chunks=0)

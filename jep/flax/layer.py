@@ -13,7 +13,6 @@ import numpy as np
 
 from jep import balance
 from jep.config import MoEConfig
-from jep.experts import ACTIVATION_FNS
 from jep.moe import EXPERT_PARAMS, moe, place
 
 
@@ -94,16 +93,10 @@ def is_expert_weight(names: tuple, module: tuple) -> bool:
 
 
 def apply(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
-    """The layer: `jep.moe` over the routed experts, plus the shared expert if there is one."""
+    """The layer: `jep.moe` (the routed experts, and the shared expert if there is one)."""
     built_for = params["router"].shape[0]
     if jnp.ndim(x) < 1 or x.shape[-1] != built_for:
         raise ValueError(
             f"x must have shape [..., {built_for}] (the hidden size the layer was built for), "
             f"got {jnp.shape(x)}")
-    y, aux = moe(x, params, config=config, mesh=mesh, placement=placement)
-    if "shared_gate" in params:
-        act = ACTIVATION_FNS[config.activation]
-        dtype = x.dtype
-        hidden = act(x @ params["shared_gate"].astype(dtype)) * (x @ params["shared_up"].astype(dtype))
-        y = y + hidden @ params["shared_down"].astype(dtype)
-    return y, aux
+    return moe(x, params, config=config, mesh=mesh, placement=placement)
