@@ -20,7 +20,8 @@ def test_cpu_smoke_run_of_every_suite_writes_json_table_and_plots(tmp_path, caps
                           "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["environment"]["jax"] == jax.__version__ and saved["results"]
-    assert {r["suite"] for r in results} == {"transport", "gemm", "permute", "layer", "routing"}
+    assert {r["suite"] for r in results} == {"transport", "decode", "gemm", "permute", "layer",
+                                             "routing"}
     assert {r["op"] for r in results if r["suite"] == "permute"} == {"expand", "combine", "elementwise"}
     assert {r["op"] for r in results if r["suite"] == "routing"} == {
         "read logits", "route", "layout + stats", "route + layout", "reroute"}
@@ -30,7 +31,10 @@ def test_cpu_smoke_run_of_every_suite_writes_json_table_and_plots(tmp_path, caps
     assert all(r["seconds"] is None and r["error"] for r in results if "error" in r)
     variants = {r["variant"] for r in results if r["suite"] == "transport"}
     assert {"jep/reference", "all_to_all padded"} <= variants
-    assert {"jep", "capacity 1.25"} <= {r["variant"] for r in results if r["suite"] == "layer"}
+    assert {"jep", "jep, 2 chunks", "jep, 4 chunks", "jep exchanges only", "jep experts only",
+            "capacity 1.25"} <= {r["variant"] for r in results if r["suite"] == "layer"}
+    assert {"jep low-latency", "jep/reference", "all_to_all"} <= {
+        r["variant"] for r in results if r["suite"] == "decode"}
     assert (tmp_path / "transport.png").exists() and (tmp_path / "gemm.png").exists()
     assert "GB/s per rank" in capsys.readouterr().out
 
@@ -170,3 +174,25 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
     fastest = min(results[:2], key=lambda r: r["seconds"])
     assert list(picks) == [tuning.key("dw", 128, 128, 3)]
     assert [r["picked"] for r in results] == [r is fastest for r in results[:2]] + [False]
+
+
+def test_unrolled_calls_take_each_rotation_in_turn():
+    from jep.bench import timing
+
+    a, b = jnp.arange(1.0, 5.0), jnp.full((4,), 10.0)
+    total = jax.jit(lambda v: timing.repeat_unrolled(lambda x: x * 2, v, 5))([(a,), (b,)])
+    assert float(total) == 2 * (3 * a[0] + 2 * b[0])  # one element of each call's output
+
+
+def test_profile_summary_counts_busy_time_and_overlap_per_device():
+    from jep.bench import profile
+
+    events = [  # stream 1 busy 0-10 and 20-30, stream 2 busy 5-25: overlap 5 + 5
+        {"device": "/device:GPU:0", "stream": "1", "name": "gemm", "start": 0.0, "duration": 10.0},
+        {"device": "/device:GPU:0", "stream": "1", "name": "gemm", "start": 20.0, "duration": 10.0},
+        {"device": "/device:GPU:0", "stream": "2", "name": "all-to-all", "start": 5.0,
+         "duration": 20.0},
+    ]
+    text = profile.summary(events)
+    assert "30.0 us from first to last kernel, busy 30.0 us, overlapped 10.0 us" in text
+    assert "stream 1: busy 20.0 us, 2 kernels" in text and "x2" in text

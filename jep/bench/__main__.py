@@ -1,4 +1,4 @@
-"""python -m jep.bench transport|gemm|permute|layer|routing|all|tune [flags]; see `--help`.
+"""python -m jep.bench transport|decode|gemm|permute|layer|routing|all|tune [flags]; see `--help`.
 
 `tune` (GPU only, not part of `all`) times the Pallas grouped GEMM's candidate configurations on
 the --gemm-shapes and writes the tuning table the fastest make (OUT/table.json)."""
@@ -17,11 +17,11 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jep.bench import (gemm, layer, permute, report, routing, timing, transport, tune,  # noqa: E402
-                       workloads)
+from jep.bench import (decode, gemm, layer, permute, report, routing, timing,  # noqa: E402
+                       transport, tune, workloads)
 from jep_kernels.grouped_matmul import tuning  # noqa: E402
 
-SUITES = ("transport", "gemm", "permute", "layer", "routing")
+SUITES = ("transport", "decode", "gemm", "permute", "layer", "routing")
 
 
 def _ints(text):
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jep.bench", description=__doc__)
     a = p.add_argument
     a("suite", choices=SUITES + ("all", "tune"), help="what to measure")
-    a("--tokens", type=_ints, default=[4096], help="tokens per rank, comma-separated (transport sweeps them)")
+    a("--tokens", type=_ints, default=[4096], help="tokens per rank, comma-separated (transport and decode sweep them)")
     a("--hidden", type=int, default=7168, help="H")
     a("--ffn", type=int, default=2048, help="F, hidden width of an expert (layer)")
     a("--experts", type=int, default=256, help="E")
@@ -64,6 +64,12 @@ def parse_args(argv=None):
     a("--min-seconds", type=float, default=0.0,
       help="gemm and tune: each timed sample repeats its loop back to back for at least this "
            "long (about 1 s puts every kernel in the GPU's steady power state; 0: one loop)")
+    a("--transports", type=lambda t: [] if t == "none" else t.split(","), default=None,
+      help="decode: the transports jep.dispatch is timed with, comma-separated, or none "
+           "(default: all that run here)")
+    a("--profile", action="store_true",
+      help="decode and layer: also print each variant's GPU kernels and the streams' overlap, "
+           "from one profiled run")
     a("--out", default="out/bench", help="folder for results.json and the plots")
     args = p.parse_args(argv)
     if args.min_seconds < 0:
@@ -85,6 +91,8 @@ def main(argv=None):
     jobs = []
     if "transport" in suites:
         jobs += [("transport", t) for t in args.tokens]
+    if "decode" in suites:
+        jobs += [("decode", t) for t in args.tokens]
     if "gemm" in suites:
         jobs.append(("gemm", None))
     if "permute" in suites:
@@ -105,6 +113,10 @@ def main(argv=None):
         elif suite == "transport":
             results += transport.measure(tokens=tokens, hidden=args.hidden, experts=args.experts,
                                          top_k=args.topk, routing=args.routing, **common)
+        elif suite == "decode":
+            results += decode.measure(tokens=tokens, hidden=args.hidden, experts=args.experts,
+                                      top_k=args.topk, routing=args.routing,
+                                      profile=args.profile, transports=args.transports, **common)
         elif suite == "gemm":
             results += gemm.measure(shapes=args.gemm_shapes, routing=args.routing,
                                     min_seconds=args.min_seconds, **common)
@@ -115,7 +127,8 @@ def main(argv=None):
                                        top_k=args.topk, iters=args.iters, repeats=args.repeats)
         else:
             results += layer.measure(tokens=tokens, hidden=args.hidden, ffn=args.ffn,
-                                     experts=args.experts, top_k=args.topk, **common)
+                                     experts=args.experts, top_k=args.topk,
+                                     profile=args.profile, **common)
     report.write(results, environment, args.out, command)
     print(report.table(results))
     print(f"results and plots in {args.out}")

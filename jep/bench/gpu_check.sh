@@ -30,6 +30,10 @@ if [ "${SKIP_TRAIN:-0}" != 1 ]; then
     --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 --eval-every 100 \
     --ckpt-every 300 --out /tmp/train_moe_lm --no-progress --resume 2>&1 | tee -a "$out/train.txt"
   cp /tmp/train_moe_lm/training.png /tmp/train_moe_lm/metrics.json "$out/" 2>/dev/null
+  # Greedy decoding from that checkpoint, the MoE layers in low-latency mode and in flat mode.
+  for mode in low_latency flat; do
+    python3 examples/generate.py --run /tmp/train_moe_lm --mode "$mode" --new-tokens 64 2>&1 | tee -a "$out/generate.txt"
+  done
 fi
 # Benchmarks: the transports over all GPUs of the machine (at EP=1 local costs only), the grouped
 # GEMM, and the layer.
@@ -43,12 +47,19 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     python3 -m jep.bench transport --nodes 2 --tokens 4096 --hidden 7168 --experts 256 --topk 8 \
       --iters 10 --repeats 5 --out "$out/transport_nodes" 2>&1 | tee -a "$out/bench.txt"
   fi
+  # Decoding (issue 10): the low-latency calls at 1, 32 and 128 tokens per rank, one token count
+  # a run (each compiles its calls written out one after another).
+  for t in 1 32 128; do
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
+      python3 -m jep.bench decode --tokens "$t" --iters 10 --repeats 5 --transports xla \
+      --out "$out/decode_$t" 2>&1 | tee -a "$out/bench.txt"
+  done
   python3 -m jep.bench gemm --iters 10 --repeats 5 --min-seconds 1 --out "$out/gemm" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench gemm --routing zipf --gemm-shapes 32768x7168x2048x8 --iters 10 --repeats 5 --min-seconds 1 \
     --out "$out/gemm_zipf" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench layer --tokens 4096 --hidden 2048 --ffn 1024 --experts 64 --topk 4 --iters 5 \
     --repeats 5 --out "$out/layer_small" 2>&1 | tee -a "$out/bench.txt"
-  python3 -m jep.bench layer --tokens 4096 --iters 3 --repeats 3 --out "$out/layer_dsv3" 2>&1 \
+  python3 -m jep.bench layer --tokens 4096 --iters 3 --repeats 3 --profile --out "$out/layer_dsv3" 2>&1 \
     | tee -a "$out/bench.txt"
 fi
 echo "tests exit code: $tests_rc"

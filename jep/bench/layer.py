@@ -1,6 +1,11 @@
 """One MoE layer, forward + backward: jep against the two ways JAX users write it today.
 
   jep:       jep.moe (dropless, the platform's best transport and grouped matmul)
+  jep, N chunks: the same with DispatchConfig(num_chunks=N): each rank's tokens in N chunks that
+             XLA may overlap, one chunk's exchanges with another's experts
+  jep exchanges only / jep experts only: the layer's two halves apart, for how much overlap
+             could gain: dispatch then combine (no experts), and the grouped experts on as
+             many rows as a rank receives, laid out as dispatch lays them (no exchange)
   capacity:  GShard/Switch style: one-hot dispatch and combine einsums with capacity factor 1.25,
              experts sharded over `ep`, dense lax.all_to_all (what generic frameworks do)
   ragged:    dropless, from lax.ragged_all_to_all (one slice per peer, a row per (token, slot))
@@ -11,6 +16,7 @@ axis (every device).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -20,6 +26,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jep
+import jep.bench.profile
 from jep.bench import timing
 from jep.transport import xla
 
@@ -90,7 +97,9 @@ def receive_buffer_rows(*, tokens, experts, top_k, ep) -> dict:
 
 
 def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dtype, iters: int,
-            repeats: int, seed: int = 0) -> list[dict]:
+            repeats: int, seed: int = 0, profile: bool = False) -> list[dict]:
+    """Each variant's forward + backward step; with `profile` also the GPU kernels and the
+    streams' overlap of jep's layer with and without chunks (`jep.bench.profile`)."""
     n = len(jax.devices())
     mesh = jax.make_mesh((n,), ("ep",), axis_types=(AxisType.Auto,))
     config = jep.MoEConfig(num_experts=experts, top_k=top_k, axis_name="ep")
@@ -110,7 +119,32 @@ def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dty
             return fn(x, p["router"], p["w_gate"], p["w_up"], p["w_down"])
         return apply
 
+    def chunked(num_chunks):
+        chunks = dataclasses.replace(config, dispatch=jep.DispatchConfig(num_chunks=num_chunks))
+        return lambda x, p: jep.moe(x, p, config=chunks, mesh=mesh)[0]
+
+    def halves(part):
+        def local(x, router, w_gate, w_up, w_down):
+            weights, ids = jep.route(x.astype(jnp.float32) @ router, top_k=top_k)
+            if part == "experts":  # this rank's own pairs, as many as it receives on average
+                local_ids = (ids % w_gate.shape[0]).reshape(-1)
+                sizes = jnp.zeros((w_gate.shape[0],), jnp.int32).at[local_ids].add(1)
+                rows = x[jnp.argsort(local_ids) // top_k]
+                recv_x = jnp.zeros((n * x.shape[0] * min(top_k, w_gate.shape[0]), x.shape[1]),
+                                   x.dtype).at[:rows.shape[0]].set(rows)
+                return jep.expert_ffn(recv_x, sizes, w_gate, w_up, w_down)[:x.shape[0]]
+            recv_x, _, handle = jep.dispatch(x, ids, num_experts=experts, axis_name="ep")
+            return jep.combine(recv_x, handle, weights.astype(x.dtype))
+
+        def apply(x, p):
+            specs = (P("ep"), P(), P("ep"), P("ep"), P("ep"))
+            return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P("ep"))(
+                x, p["router"], p["w_gate"], p["w_up"], p["w_down"])
+        return apply
+
     variants = {"jep": lambda x, p: jep.moe(x, p, config=config, mesh=mesh)[0],
+                "jep, 2 chunks": chunked(2), "jep, 4 chunks": chunked(4),
+                "jep exchanges only": halves("exchanges"), "jep experts only": halves("experts"),
                 "capacity 1.25": baseline(capacity_moe)}
     if xla.runs_on(jep.transport.current_platform()):
         variants["ragged_all_to_all + ragged_dot"] = baseline(ragged_moe)
@@ -132,6 +166,8 @@ def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dty
             entry["memory_bytes"] = timing.compiled_bytes(compiled)
             seconds = timing.seconds_per_iteration(compiled, (xs, params), iters=iters, repeats=repeats)
             entry |= {"seconds": seconds, "tokens_per_s": n * tokens / seconds}
+            if profile and name.startswith("jep"):
+                jep.bench.profile.report(compiled, (xs, params), f"layer: {name}, {iters} steps")
         except Exception as error:  # noqa: BLE001 - an out-of-memory peer is a result, not a crash
             entry |= {"seconds": None, "tokens_per_s": None, "error": str(error).splitlines()[0][:200]}
         results.append(entry)

@@ -33,6 +33,14 @@ def table(results: list[dict]) -> str:
                   + ", ".join(f"{v} {b / 2**20:.3g} MiB per rank" for v, b in crossing.items())
                   + ")"] if crossing else []
         lines += [f"(NVLink 4 one-way limit: {NVLINK_GBPS:.0f} GB/s; ranks: {transport[0]['ranks']})", ""]
+    decode = [r for r in results if r["suite"] == "decode"]
+    if decode:
+        lines += ["| tokens/rank | routing | variant | op | latency (us) | GB/s per rank |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['tokens_per_rank']} | {r['routing']} | {r['variant']} | {r['op']} | "
+                  f"{_time_cell(r, 1e6, '.1f')} | {_fmt(r['gb_per_s'], '.4g')} |" for r in decode]
+        lines += [f"(ranks: {decode[0]['ranks']}, hidden {decode[0]['hidden']}, "
+                  f"top-{decode[0]['top_k']} of {decode[0]['experts']})", ""]
     gemm = [r for r in results if r["suite"] == "gemm"]
     if gemm:
         lines += ["| M x K x N, G | routing | variant | op | time (ms) | TFLOP/s | vs dense |",

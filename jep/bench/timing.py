@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import random
 import statistics
 import time
@@ -45,6 +46,19 @@ def repeat_rotated(body, variants, iters: int):
 
     start = jnp.zeros_like(jax.tree.leaves(variants)[0], shape=(), dtype=jnp.float32)
     return lax.fori_loop(0, iters, step, start)
+
+
+def repeat_unrolled(body, variants, iters: int):
+    """`body(*variants[i % R])` `iters` times written out one after another (no loop), each
+    output read at one element into the f32 scalar returned. For ops of a few microseconds:
+    on a GPU every step of a `fori_loop` (and every `lax.switch`) waits for a predicate on the
+    host, which costs more than such an op."""
+    total = jnp.zeros((), jnp.float32)
+    for i in range(iters):
+        for leaf in jax.tree.leaves(body(*variants[i % len(variants)])):
+            if leaf.size:
+                total = total + leaf.reshape(-1)[0].astype(jnp.float32)
+    return total
 
 
 def seconds_per_iteration(run, args, *, iters: int, repeats: int) -> float:
@@ -120,4 +134,5 @@ def environment() -> dict:
         "platform": device.platform,
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
