@@ -83,8 +83,8 @@ class Block(nnx.Module):
                                bias_rate=args.bias_rate if args.balance == "bias" else 0.0,
                                num_replicas=args.replicas)
 
-    def __call__(self, x, mask):
-        x = x + self.attn(self.attn_norm(x), mask=mask)
+    def __call__(self, x, mask, decode=False):
+        x = x + self.attn(self.attn_norm(x), mask=mask, decode=decode)
         y, aux = self.moe(self.moe_norm(x))
         return x + y, aux
 
@@ -107,6 +107,19 @@ class LM(nnx.Module):
             auxes.append(aux)
         aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)  # a leading [layers] axis
         return self.embed.attend(self.norm(x)), aux
+
+    def init_cache(self, batch: int, dtype=jnp.float32):
+        """Key/value caches for `decode_step`, for sequences up to the trained length."""
+        for block in self.blocks:
+            block.attn.init_cache((batch, self.position.shape[0], self.embed.features), dtype)
+
+    def decode_step(self, tokens, position):
+        """tokens i32[B, 1] at `position` (after `init_cache` and the tokens before it) ->
+        logits f32[B, 256] of the next token."""
+        x = self.embed(tokens) + jax.lax.dynamic_slice_in_dim(self.position[...], position, 1)
+        for block in self.blocks:
+            x, _ = block(x, None, decode=True)
+        return self.embed.attend(self.norm(x))[:, 0]
 
 
 def loss_fn(model, batch, args):
@@ -178,6 +191,9 @@ def restore(manager, model, optimizer) -> tuple[int, dict]:
 
 # --- the run --------------------------------------------------------------------------------
 
+# Flags of one run that do not describe the model.
+RUN_ONLY = ("coordinator", "num_processes", "process_id", "resume", "no_progress")
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -195,7 +211,7 @@ def parse_args(argv=None):
     a("--ep", type=int, default=4, help="expert-parallel mesh axis size")
     a("--nodes", type=int, default=1,
       help="split the EP axis into (node, local) axes of --nodes x --ep / --nodes")
-    a("--dispatch-mode", default="flat", choices=jep.config.MODES,
+    a("--dispatch-mode", default="flat", choices=("flat", "hierarchical"),
       help="with --nodes > 1: one exchange over both EP axes (flat) or each token once per node, "
            "then inside the node (hierarchical)")
     a("--coordinator", default=None,
@@ -334,6 +350,9 @@ def plot(history: dict, path: str) -> None:
 def train(args) -> dict:
     """Runs (or resumes) training; returns the history (loss per step, held-out losses, loads)."""
     os.makedirs(args.out, exist_ok=True)
+    if is_main_process():  # for examples/generate.py, which rebuilds the model from them
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump({k: v for k, v in vars(args).items() if k not in RUN_ONLY}, f, indent=1)
     mesh = make_mesh(args)
     train_data, held_out = load_corpus(int(args.corpus_mb * 2**20))
     model, optimizer, train_step, eval_step = build(args, mesh)

@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_moe_lm.py"
@@ -169,3 +170,28 @@ def test_help_documents_every_flag(example, capsys):
     flags = set(re.findall(r'a\("(--[\w-]+)"', EXAMPLE.read_text()))
     assert flags and all(flag in text for flag in flags)
     assert all(f"{flag}" in text for flag in ("--resume", "--ckpt-every", "--capacity-factor"))
+
+
+def test_generate_decodes_a_checkpoint_as_the_full_forward_does(example, tmp_path):
+    """examples/generate.py: the low-latency MoE layers give the tokens the flat ones give, and a
+    step through the key/value caches gives the full forward's logits."""
+    run = tmp_path / "run"
+    example.main(TINY + ["--steps", "3", "--ckpt-every", "3", "--eval-every", "3",
+                         "--eval-batches", "1", "--out", str(run)])
+    spec = importlib.util.spec_from_file_location("generate", EXAMPLE.parent / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    flags = ["--run", str(run), "--prompt-len", "6", "--new-tokens", "8"]
+    low_latency = generate.main(flags)
+    np.testing.assert_array_equal(low_latency, generate.main(flags + ["--mode", "flat"]))
+    assert low_latency.shape == (8, 8)
+
+    decoder, _, mesh, _ = generate.load(str(run), "low_latency")
+    tokens = np.random.default_rng(0).integers(0, 256, (8, 10)).astype(np.int32)
+    step = nnx.jit(lambda model, t, position: model.decode_step(t, position))
+    with jax.set_mesh(mesh):
+        full = np.asarray(nnx.jit(lambda model, t: model(t)[0])(decoder, tokens))
+        decoder.init_cache(8)
+        stepped = np.stack([np.asarray(step(decoder, tokens[:, p:p + 1], p)) for p in range(10)],
+                           axis=1)
+    np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=1e-4)
