@@ -94,6 +94,32 @@ def ep_size(axis_name, caller: str) -> int:
             f"axis_name={axis_name!r}, which is not bound here") from None
 
 
+def check_dispatch_inputs(x, expert_ids, *, num_experts, capacity, axis_name, caller: str) -> int:
+    """The trace-time checks of a dispatch's arguments (x f[T, H], expert_ids i[T, k], E
+    divisible by the size n of `axis_name`, capacity None or >= 0); returns n."""
+    _checks.rank(x, 2, "x")
+    _checks.floating(x, "x")
+    _checks.rank(expert_ids, 2, "expert_ids")
+    _checks.integer(expert_ids, "expert_ids")
+    if expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"expert_ids must have one row per token of x: x has {x.shape[0]} tokens, "
+            f"expert_ids has shape {expert_ids.shape}")
+    if expert_ids.shape[1] < 1:
+        raise ValueError(f"expert_ids must have at least one slot, got shape {expert_ids.shape}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                 or capacity < 0):
+        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
+    num_ranks = ep_size(axis_name, caller)
+    if num_experts % num_ranks:
+        raise ValueError(
+            f"num_experts={num_experts} must be divisible by the size {num_ranks} of "
+            f"axis_name={axis_name!r}")
+    return num_ranks
+
+
 # --- the four moves, shared by dispatch, combine and their gradients ------------------------
 
 def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens):
@@ -284,26 +310,8 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
       handle: `DispatchHandle` for `combine` (a `jep.hierarchical.HierarchicalHandle` in
         hierarchical mode).
     """
-    _checks.rank(x, 2, "x")
-    _checks.floating(x, "x")
-    _checks.rank(expert_ids, 2, "expert_ids")
-    _checks.integer(expert_ids, "expert_ids")
-    if expert_ids.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"expert_ids must have one row per token of x: x has {x.shape[0]} tokens, "
-            f"expert_ids has shape {expert_ids.shape}")
-    if expert_ids.shape[1] < 1:
-        raise ValueError(f"expert_ids must have at least one slot, got shape {expert_ids.shape}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
-                                 or capacity < 0):
-        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
-    num_ranks = ep_size(axis_name, "jep.dispatch")
-    if num_experts % num_ranks:
-        raise ValueError(
-            f"num_experts={num_experts} must be divisible by the size {num_ranks} of "
-            f"axis_name={axis_name!r}")
+    check_dispatch_inputs(x, expert_ids, num_experts=num_experts, capacity=capacity,
+                          axis_name=axis_name, caller="jep.dispatch")
     if permute not in PERMUTES:
         raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
     if mode not in MODES:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jep import _checks
-from jep.dispatch import ep_size
+from jep.dispatch import check_dispatch_inputs, ep_size
 from jep.layout import get_dispatch_layout
 from jep.platform import current_platform
 from jep.transport import ffi as ffi_transport
@@ -177,24 +177,10 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
       handle: `LowLatencyHandle` for `combine`; `handle.num_dropped` counts the pairs past the
         capacity here.
     """
-    _checks.rank(x, 2, "x")
-    _checks.floating(x, "x")
-    _checks.rank(expert_ids, 2, "expert_ids")
-    _checks.integer(expert_ids, "expert_ids")
+    n = check_dispatch_inputs(x, expert_ids, num_experts=num_experts, capacity=capacity,
+                              axis_name=axis_name, caller="jep.low_latency.dispatch")
     _checks.floating(weights, "weights")
     _checks.shape(weights, expert_ids.shape, "weights")
-    if expert_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"expert_ids must have one row per token of x: x has {x.shape[0]} "
-                         f"tokens, expert_ids has shape {expert_ids.shape}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
-                                 or capacity < 0):
-        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
-    n = ep_size(axis_name, "jep.low_latency.dispatch")
-    if num_experts % n:
-        raise ValueError(f"num_experts={num_experts} must be divisible by the size {n} of "
-                         f"axis_name={axis_name!r}")
     num_tokens, top_k = expert_ids.shape
     if top_k > 32:
         raise ValueError(f"the low-latency calls take at most 32 slots per token, got {top_k}")

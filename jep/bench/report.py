@@ -19,14 +19,19 @@ def _time_cell(result, scale, spec):
     return format(result["seconds"] * scale, spec)
 
 
+def _exchange_rows(results: list[dict], time_header: str) -> list[str]:
+    """Table lines of dispatch/combine measurements: time and GB/s per rank."""
+    return ([f"| tokens/rank | routing | variant | op | {time_header} | GB/s per rank |",
+             "| --- | --- | --- | --- | --- | --- |"]
+            + [f"| {r['tokens_per_rank']} | {r['routing']} | {r['variant']} | {r['op']} | "
+               f"{_time_cell(r, 1e6, '.1f')} | {_fmt(r['gb_per_s'], '.4g')} |" for r in results])
+
+
 def table(results: list[dict]) -> str:
     lines = []
     transport = [r for r in results if r["suite"] == "transport"]
     if transport:
-        lines += ["| tokens/rank | routing | variant | op | time (us) | GB/s per rank |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['tokens_per_rank']} | {r['routing']} | {r['variant']} | {r['op']} | "
-                  f"{_time_cell(r, 1e6, '.1f')} | {r['gb_per_s']:.4g} |" for r in transport]
+        lines += _exchange_rows(transport, "time (us)")
         crossing = {r["variant"]: r["node_bytes_per_rank"] for r in transport
                     if "node_bytes_per_rank" in r}
         lines += [f"(across the node axis, {transport[0]['nodes']} nodes: "
@@ -35,10 +40,7 @@ def table(results: list[dict]) -> str:
         lines += [f"(NVLink 4 one-way limit: {NVLINK_GBPS:.0f} GB/s; ranks: {transport[0]['ranks']})", ""]
     decode = [r for r in results if r["suite"] == "decode"]
     if decode:
-        lines += ["| tokens/rank | routing | variant | op | latency (us) | GB/s per rank |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['tokens_per_rank']} | {r['routing']} | {r['variant']} | {r['op']} | "
-                  f"{_time_cell(r, 1e6, '.1f')} | {_fmt(r['gb_per_s'], '.4g')} |" for r in decode]
+        lines += _exchange_rows(decode, "latency (us)")
         lines += [f"(ranks: {decode[0]['ranks']}, hidden {decode[0]['hidden']}, "
                   f"top-{decode[0]['top_k']} of {decode[0]['experts']})", ""]
     gemm = [r for r in results if r["suite"] == "gemm"]
