@@ -11,6 +11,9 @@
 //                         and the rows from `filled` on are zero (buffers.h).
 //   JepRaggedExchangeSum: out[t] = sum over j with mask[t, j] of received row slot_row[t, j],
 //                         added in float32 in slot order and rounded once to the rows' dtype.
+// and the two low-latency calls (low_latency.h), pulls here too:
+//   JepLowLatencyDispatch: the rows each peer sends this rank, laid out by local expert;
+//   JepLowLatencyCombine:  each token's rows from the ranks it reached, weighted and added.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

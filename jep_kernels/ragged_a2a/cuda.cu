@@ -11,6 +11,9 @@
 // this rank's inputs are complete), meet the peers (exchanging pointers and sizes), launch the
 // pull kernel, and meet the peers once more to make each stream wait for the others' kernels
 // (events: the host does not wait for them), so no buffer is reused while a peer reads it.
+//
+// The two low-latency calls (JepLowLatencyDispatch, JepLowLatencyCombine) work the other way:
+// they push into buffers kept between calls and never wait on the host (their section below).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
