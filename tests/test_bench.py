@@ -130,17 +130,22 @@ def test_interleaved_rounds_take_every_run_once_in_varying_order():
     assert len(set(rounds)) > 1  # not always the same order (12 draws of 24 orders)
 
 
-def test_min_seconds_repeats_each_sample_until_it_lasts_that_long():
-    import time
-
+def test_min_seconds_repeats_each_sample_until_it_lasts_that_long(monkeypatch):
     from jep.bench import timing
 
-    calls = []
-    seconds = timing.seconds_interleaved(
-        {"nap": (lambda: calls.append(time.sleep(0.002)), ())}, iters=1, repeats=2,
-        min_seconds=0.02)
-    assert len(calls) >= 2 + 2 * 10  # warm-up, the estimate, then >= 10 per sample
-    assert 0.002 <= seconds["nap"] < 0.02
+    # A clock that only the timed call moves, by a step exact in binary: a loaded machine's
+    # sleeps run long and would make the number of calls vary.
+    step, clock, calls = 2.0**-9, [0.0], []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def nap():
+        calls.append(None)
+        clock[0] += step
+
+    seconds = timing.seconds_interleaved({"nap": (nap, ())}, iters=1, repeats=2,
+                                         min_seconds=10 * step)
+    assert len(calls) == 2 + 2 * 10  # warm-up, the estimate, then 10 per sample
+    assert seconds["nap"] == step
 
 
 def test_dispatch_pieces_script_times_every_piece():
