@@ -6,8 +6,8 @@ Variants, over the EP axis of every device of the machine, T tokens per rank:
   jep/<backend>:    jep.dispatch / jep.combine
   all_to_all:       lax.all_to_all of [n, T, H] per rank, the static buffers a low-latency mode
                     fills, sent dense (every token's row to every rank)
-Latency is the time of one call, of `iters` written out in one jitted program; GB/s per rank = bf16 bytes of the token rows a
-rank receives / time (DeepEP's count, the mean rank's rows).
+Latency is the time of one call, of `iters` written out in one jitted program; GB/s per rank =
+bf16 bytes of the token rows a rank receives / time (DeepEP's count, the mean rank's rows).
 """
 
 from __future__ import annotations
