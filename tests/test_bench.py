@@ -174,7 +174,8 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
     results, picks = tune.measure(shapes=[(96, 128, 128, 3)], dtype=jnp.bfloat16,
                                   routing="zipf", iters=1, repeats=1, ops=("dw",),
                                   interpret=True)
-    assert [r["variant"] for r in results] == [tune._describe(c) for c in configs] + ["dense matmul"]
+    assert [r["variant"] for r in results] == [tune._describe("dw", c)
+                                               for c in configs] + ["dense matmul"]
     assert all(r["seconds"] > 0 and r["op"] == "dw" for r in results)
     fastest = min(results[:2], key=lambda r: r["seconds"])
     assert list(picks) == [tuning.key("dw", 128, 128, 3)]

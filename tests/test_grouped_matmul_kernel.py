@@ -8,6 +8,7 @@ import pytest
 from jax import lax
 
 import jep_kernels.grouped_matmul as gm
+from jep_kernels.grouped_matmul import mgpu
 
 ON_GPU = jax.default_backend() == "gpu"
 CONFIG = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
@@ -106,6 +107,64 @@ def test_forward_and_gradients_match_references(config, sizes):
                                    rtol=1e-2, atol=1e-1)
 
 
+# The weight gradient's kernels on their own: one warpgroup (rows in aligned blocks, x masked)
+# and warp-specialized (one pipeline over all tiles, each group's rows loaded from its first
+# row, dy masked past its end). Tiles of 128 x 128 (K x N) in both; 64-row steps.
+DW_PLAIN = gm.Config(block_m=128, block_n=128, block_k=64, max_concurrent_steps=2)
+DW_WS = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                  warp_specialized=True, epilogue_m=64, epilogue_n=64)
+# Three stages, one piece per epilogue (the stores alternate buffers across tiles), and two
+# tiles along K: the ring of stages runs on across tiles with an odd number of steps.
+DW_WS_THREE_STAGES = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=3,
+                               warp_specialized=True, epilogue_m=64, epilogue_n=64)
+# The whole tile stored from one buffer, waited for only before the next tile's store.
+DW_WS_ONE_BUFFER = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                             warp_specialized=True, epilogue_m=128, epilogue_n=64)
+
+
+@pytest.mark.parametrize("config", [DW_PLAIN, DW_WS, DW_WS_THREE_STAGES, DW_WS_ONE_BUFFER],
+                         ids=["plain", "ws", "ws-3-stages", "ws-one-buffer"])
+@pytest.mark.parametrize("sizes", [
+    [70, 0, 100, 30],      # an empty group; a zero tail past the last group
+    [0, 200, 0, 0],        # every row in one group
+    [1, 1, 1, 197],        # one-row groups
+    [64, 64, 64, 8],       # sizes on the 64-row steps, then one short
+    [0, 0, 0, 0],          # nothing: all zeros
+    [150, 100, 90, 5],     # sums past M: cut at M; the last groups get nothing
+    [65, 63, 2, 70],       # sizes one off the steps
+])
+def test_weight_gradient_matches_float64(config, sizes):
+    rng = np.random.default_rng(sum(sizes) + len(sizes))
+    m, k, n = 200, 128, 128
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
+    got = mgpu.grouped_matmul_dw(x, dy, jnp.asarray(sizes, jnp.int32), config=config,
+                                 out_dtype=jnp.float32, interpret=not ON_GPU)
+    assert got.shape == (len(sizes), k, n) and got.dtype == jnp.float32
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    want, start = np.zeros(got.shape), 0
+    for g, size in enumerate(sizes):
+        end = min(start + size, m)
+        want[g] = x64[start:end].T @ dy64[start:end]
+        start = end
+    # float32 sums of exact bf16 products: float32 rounding only.
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-4)
+
+
+def test_weight_gradient_in_the_weights_dtype_rounds_once():
+    # dw comes out of the kernel in the dtype asked for: in bf16 it is the float32 result
+    # rounded once.
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(96, 128)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(96, 128)), jnp.bfloat16)
+    sizes = jnp.asarray([40, 56], jnp.int32)
+    run = lambda dtype: mgpu.grouped_matmul_dw(x, dy, sizes, config=DW_WS, out_dtype=dtype,  # noqa: E731
+                                               interpret=not ON_GPU)
+    wide, narrow = run(jnp.float32), run(jnp.bfloat16)
+    assert narrow.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(narrow), np.asarray(wide.astype(jnp.bfloat16)))
+
+
 def test_shapes_it_cannot_take_raise():
     x = jnp.zeros((8, 128), jnp.bfloat16)
     with pytest.raises(TypeError, match="bf16"):
@@ -171,7 +230,7 @@ def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_1
         k, n, groups = (int(d.split("=")[1]) for d in dims)
         assert tuning.config_for(op, k, n, groups) == config
         if op == "dw":
-            assert k % config.block_m == 0 and n % config.block_n == 0
+            assert k % config.block_m == 0 and n % mgpu.dw_tile_n(config) == 0
         else:
             check = jax.ShapeDtypeStruct((8, k), jnp.bfloat16)
             gm.check_shapes(check, jax.ShapeDtypeStruct((groups, k, n), jnp.bfloat16),
@@ -183,7 +242,8 @@ def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_1
         for op in tuning.OPS:
             pk, pn = tuning.product_shape(op, k, n)
             c = configs[op]
-            tile_n = c.block_n * (2 * c.cluster_n if c.warp_specialized and op != "dw" else 1)
+            tile_n = (mgpu.dw_tile_n(c) if op == "dw"
+                      else c.block_n * (2 * c.cluster_n if c.warp_specialized else 1))
             assert pn % tile_n == 0 and pk % (c.block_m if op == "dw" else c.block_k) == 0
 
 

@@ -18,9 +18,11 @@ from jep.bench import gemm, timing, workloads
 from jep_kernels.grouped_matmul import mgpu, tuning
 
 
-def _describe(config) -> str:
+def _describe(op, config) -> str:
     kind = "plain"
-    if config.warp_specialized:
+    if config.warp_specialized and op == "dw":
+        kind = "ws"
+    elif config.warp_specialized:
         kind = f"ws split {config.split}"
         if config.cluster_n > 1:
             kind += f" cluster {config.cluster_n}"
@@ -28,8 +30,10 @@ def _describe(config) -> str:
             kind += f" band {config.band}"
         if config.swizzled_epilogue:
             kind += " swizzled epilogue"
+    epilogue = (f" e{config.epilogue_m}x{config.epilogue_n}"
+                if config.warp_specialized and op == "dw" else "")
     return (f"{kind} {config.block_m}x{config.block_n}x{config.block_k} "
-            f"s{config.max_concurrent_steps}")
+            f"s{config.max_concurrent_steps}{epilogue}")
 
 
 def _product(op, config, interpret: bool = False):
@@ -60,7 +64,7 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
         flops = 2.0 * m * k * n
         for op in ops:
             pk, pn = tuning.product_shape(op, k, n)
-            bodies = {_describe(c): (_product(op, c, interpret), c)
+            bodies = {_describe(op, c): (_product(op, c, interpret), c)
                       for c in tuning.candidates(op, pk, pn)}
             bodies["dense matmul"] = (gemm.DENSE[op], None)
             runs = {name: (jax.jit(lambda rotations, body=body:

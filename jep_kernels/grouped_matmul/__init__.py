@@ -20,7 +20,7 @@ from jep_kernels.grouped_matmul import mgpu, tuning
 from jep_kernels.grouped_matmul.mgpu import Config, check_shapes
 from jep_kernels.vma import vary_like
 
-__all__ = ["Config", "SHAPE_MULTIPLE", "check_shapes", "configs_for", "grouped_matmul"]
+__all__ = ["Config", "SCOPES", "SHAPE_MULTIPLE", "check_shapes", "configs_for", "grouped_matmul"]
 
 
 ROW_TILE = 8  # TMA wants the row count of an array a multiple of this
@@ -32,19 +32,26 @@ def _pad_rows(a):
     return jnp.pad(a, ((0, extra), (0, 0))) if extra else a
 
 
+# Each product runs under a name scope of its own: a profile of a step tells the three apart
+# by these names in the ops' metadata (`jep.bench.profile.KINDS`).
+SCOPES = {"forward": "jep_grouped_forward", "dx": "jep_grouped_dx", "dw": "jep_grouped_dw"}
+
+
 def _product(x, w, group_sizes, *, transpose_w, config, interpret):
-    if transpose_w and interpret:
-        # The interpreter has no transposed shared-memory views: transpose in memory instead.
-        w, transpose_w = jnp.swapaxes(w, 1, 2), False
-    y = mgpu.grouped_matmul(_pad_rows(x), w, group_sizes, transpose_w=transpose_w,
-                            config=config, interpret=interpret)
-    return vary_like(y[:x.shape[0]], x, w, group_sizes)
+    with jax.named_scope(SCOPES["dx" if transpose_w else "forward"]):
+        if transpose_w and interpret:
+            # The interpreter has no transposed shared-memory views: transpose in memory instead.
+            w, transpose_w = jnp.swapaxes(w, 1, 2), False
+        y = mgpu.grouped_matmul(_pad_rows(x), w, group_sizes, transpose_w=transpose_w,
+                                config=config, interpret=interpret)
+        return vary_like(y[:x.shape[0]], x, w, group_sizes)
 
 
-def _weight_gradient(x, dy, group_sizes, *, config, interpret):
-    dw = mgpu.grouped_matmul_dw(_pad_rows(x), _pad_rows(dy), group_sizes, config=config,
-                                interpret=interpret)
-    return vary_like(dw, x, dy, group_sizes)
+def _weight_gradient(x, dy, group_sizes, *, config, out_dtype, interpret):
+    with jax.named_scope(SCOPES["dw"]):
+        dw = mgpu.grouped_matmul_dw(_pad_rows(x), _pad_rows(dy), group_sizes, config=config,
+                                    out_dtype=out_dtype, interpret=interpret)
+        return vary_like(dw, x, dy, group_sizes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -64,8 +71,9 @@ def _bwd(configs, interpret, residuals, dy):
     dy = dy.astype(x.dtype)
     dx = _product(dy, w, group_sizes, transpose_w=True, config=configs["dx"],
                   interpret=interpret)
-    dw = _weight_gradient(x, dy, group_sizes, config=configs["dw"], interpret=interpret)
-    return dx, vary_like(dw.astype(w.dtype), w), None
+    dw = _weight_gradient(x, dy, group_sizes, config=configs["dw"], out_dtype=w.dtype,
+                          interpret=interpret)
+    return dx, vary_like(dw, w), None
 
 
 _grouped_matmul.defvjp(_fwd, _bwd)
@@ -105,9 +113,9 @@ def grouped_matmul(x, w, group_sizes, *, config: Config | None = None, interpret
     if n % dx.block_k or k % dx_tile_n:
         raise ValueError(f"N={n} must be a multiple of block_k={dx.block_k} and K={k} of the tile "
                          f"width {dx_tile_n} (the tiles of dx = dy @ w^T)")
-    if k % dw.block_m or n % dw.block_n:
-        raise ValueError(f"K={k} must be a multiple of block_m={dw.block_m} and N={n} of "
-                         f"block_n={dw.block_n} (the tiles of the weight gradient)")
+    if k % dw.block_m or n % mgpu.dw_tile_n(dw):
+        raise ValueError(f"K={k} must be a multiple of block_m={dw.block_m} and N={n} of the "
+                         f"tile width {mgpu.dw_tile_n(dw)} (the tiles of the weight gradient)")
     # Inside shard_map: give the three the same mesh-axis type, so that each result and cotangent
     # has one type; where w is replicated over an axis x varies over, the cast's transpose sums
     # dw over that axis.

@@ -361,25 +361,53 @@ def _group_table(group_sizes, num_rows: int, block_rows: int):
     return jnp.stack([starts, ends, first_block, blocks], axis=1).reshape(-1)
 
 
-def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), interpret: bool = False):
-    """dw[G, K, N]: dw[g] = x[rows of g]^T @ dy[rows of g] (zero for an empty group).
+def dw_tile_n(config: Config) -> int:
+    """The N width of one output tile of the weight gradient: 2 block_n warp-specialized."""
+    return config.block_n * (2 if config.warp_specialized else 1)
 
-    The rows of a group are the contraction: each output tile streams its group's row blocks
-    (`block_k` rows a step) and, in the first and last block, zeroes the rows of the neighbouring
-    groups in shared memory before the product. Output tiles are `block_m` x `block_n`; K must be
-    a multiple of block_m and N of block_n.
-    """
+
+def check_dw_shapes(x, dy, group_sizes, *, config: Config):
+    """Raises a ValueError/TypeError naming what the weight-gradient kernel cannot take."""
     if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
         raise ValueError(f"x must be [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
     if x.dtype != dy.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
         raise TypeError(f"x and dy must both be bf16 or both f16, got {x.dtype} and {dy.dtype}")
+    if group_sizes.ndim != 1:
+        raise ValueError(f"group_sizes must be [G], got {group_sizes.shape}")
+    depth, width = x.shape[1], dy.shape[1]
+    if depth % config.block_m or width % dw_tile_n(config):
+        raise ValueError(f"K={depth} must be a multiple of block_m={config.block_m} and N={width} "
+                         f"of the tile width {dw_tile_n(config)} (the weight gradient's tiles)")
+    if config.warp_specialized:
+        if config.block_k % 64 or config.block_n % 64:
+            raise ValueError(f"block_k={config.block_k} and block_n={config.block_n} must be "
+                             "multiples of 64 for the warp-specialized weight gradient")
+        if config.max_concurrent_steps < 2:
+            raise ValueError("the warp-specialized weight gradient needs max_concurrent_steps >= "
+                             f"2, got {config.max_concurrent_steps}")
+
+
+def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), out_dtype=None,
+                      interpret: bool = False):
+    """dw[G, K, N]: dw[g] = x[rows of g]^T @ dy[rows of g] (zero for an empty group).
+
+    The rows of a group are the contraction, accumulated in float32 and rounded once to
+    `out_dtype` (x's dtype by default). Output tiles are `block_m` x `dw_tile_n(config)`; K must
+    be a multiple of block_m and N of the tile width.
+
+    Where a group's row blocks reach into its neighbours, one operand's rows outside the group
+    are zeroed in shared memory (x's in the one-warpgroup kernel, dy's in the warp-specialized
+    one), so the other's rows outside every group must be finite (zero times inf is a NaN).
+    """
+    check_dw_shapes(x, dy, group_sizes, config=config)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if config.warp_specialized:
+        return _grouped_matmul_dw_ws(x, dy, group_sizes, config=config, out_dtype=out_dtype,
+                                     interpret=interpret)
     num_rows, depth = x.shape
     width = dy.shape[1]
     num_groups = group_sizes.shape[0]
     br, bk, bn = config.block_k, config.block_m, config.block_n
-    if depth % bk or width % bn:
-        raise ValueError(f"K={depth} must be a multiple of block_m={bk} and N={width} of "
-                         f"block_n={bn}")
     table = _group_table(group_sizes, num_rows, br)
     k_blocks, n_blocks = depth // bk, width // bn
     # The interpreter has no transposed shared-memory views: there x is transposed in memory
@@ -450,5 +478,188 @@ def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), interpre
                     out_smem, out_gmem.at[group, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    return _persistent(body, jax.ShapeDtypeStruct((num_groups, depth, width), x.dtype),
+    return _persistent(body, jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype),
                        interpret)(table, x_in, dy)
+
+
+def _group_bounds(group_sizes, num_rows: int):
+    """i32[2 G]: (first row, end row) of each group, clipped to the rows there are."""
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    return jnp.stack([starts, ends], axis=1).reshape(-1)
+
+
+def _smem_transforms(minor: int, dtype):
+    """The tiling and swizzle of a shared-memory tile whose rows are `minor` elements long."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _grouped_matmul_dw_ws(x, dy, group_sizes, *, config, out_dtype, interpret):
+    """`grouped_matmul_dw` for many small groups: one pipeline across all of a program's tiles.
+
+    A tile is (group, K block of block_m, N block of 2 block_n); two compute warpgroups take
+    block_n columns each. A third warpgroup only issues TMA loads: for each of the program's
+    tiles in turn, the group's rows in steps of block_k from the group's first row rounded
+    down to a multiple of 8 (the tiling of the shared-memory tiles wants row offsets in
+    multiples of 8), into a ring of `max_concurrent_steps` stages that runs on from one tile
+    into the next. With 128 rows a group a tile is two or three steps, and the loads of the
+    next tiles are in flight while this one multiplies and while its result is stored.
+
+    The compute warpgroups zero the rows of other groups (at most 7 before the group, and those
+    past its end) in their own half of dy's first and last steps, multiply (wgmma, float32
+    accumulators), and store their block_m x block_n result through a swizzled shared-memory
+    tile in pieces of epilogue_m x epilogue_n without waiting for the stores: two buffers of a
+    piece each, or with one piece the whole tile in one buffer, whose store is waited for only
+    before the next tile's result goes there (after the next tile's products). An empty group's
+    tiles are stored as zeros.
+    """
+    num_rows, depth = x.shape
+    width = dy.shape[1]
+    num_groups = group_sizes.shape[0]
+    bm, bn, br = config.block_m, config.block_n, config.block_k
+    stages = config.max_concurrent_steps
+    em, en = min(config.epilogue_m, bm), min(config.epilogue_n, bn)
+    pieces = (bm // em) * (bn // en)
+    buffers = 1 if pieces == 1 else 2
+    k_blocks, n_blocks = depth // bm, width // (2 * bn)
+    num_tiles = num_groups * k_blocks * n_blocks
+    dtype = x.dtype
+    bounds = _group_bounds(group_sizes, num_rows)
+    # The interpreter has no transposed shared-memory views: there x is transposed in memory
+    # ([K, M]) and its tiles are read as they are.
+    x_in = jnp.swapaxes(x, 0, 1) if interpret else x
+    x_tile = (bm, br) if interpret else (br, bm)
+
+    def body(bounds_gmem, x_gmem, dy_gmem, out_gmem):
+        wg = lax.axis_index("wg")
+
+        def tile_of(info):
+            """(group, K block, N block, first row loaded, the group's rows [start, end), steps)."""
+            tile = info.index[0]
+            group = tile // (k_blocks * n_blocks)
+            ki = tile // n_blocks % k_blocks
+            ni = tile % n_blocks
+            start, end = bounds_gmem[2 * group], bounds_gmem[2 * group + 1]
+            first_row = pl.multiple_of(start - start % 8, 8)
+            steps = jnp.where(end > start, (end - first_row + br - 1) // br, 0)
+            return group, ki, ni, first_row, start, end, steps
+
+        @functools.partial(
+            pl.run_scoped,
+            x_smem=plgpu.SMEM((stages, *x_tile), dtype, transforms=_smem_transforms(x_tile[1], dtype)),
+            dy_smem=plgpu.SMEM((stages, 2, br, bn), dtype, transforms=_smem_transforms(bn, dtype)),
+            out_smem=plgpu.SMEM((2, buffers, em, en), out_dtype,
+                                transforms=_smem_transforms(en, out_dtype)),
+            loaded=plgpu.Barrier(num_arrivals=3, num_barriers=stages),
+            consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            collective_axes="wg",
+        )
+        def _scope(x_smem, dy_smem, out_smem, loaded, consumed):
+            @pl.when(wg == 2)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+
+                def tile_loads(info, carry):
+                    _, ki, ni, first_row, _, _, steps = tile_of(info)
+                    cols = pl.ds(pl.multiple_of(ki * bm, bm), bm)
+
+                    def step_loads(b, step):
+                        slot = step % stages
+
+                        @pl.when(step >= stages)
+                        def _():
+                            plgpu.barrier_wait(consumed.at[slot])
+
+                        rows = pl.ds(pl.multiple_of(first_row + b * br, 8), br)
+                        x_src = x_gmem.at[cols, rows] if interpret else x_gmem.at[rows, cols]
+                        plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], loaded.at[slot])
+                        for half in range(2):
+                            half_cols = pl.multiple_of((2 * ni + half) * bn, bn)
+                            plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(half_cols, bn)],
+                                                    dy_smem.at[slot, half], loaded.at[slot])
+                        return step + 1
+
+                    return lax.fori_loop(0, steps, step_loads, carry)
+
+                total = plgpu.nd_loop((num_tiles,), collective_axes="sm",
+                                      init_carry=jnp.int32(0))(tile_loads)
+
+                # The last stages' releases: no barrier is left with a phase unobserved.
+                @pl.loop(jnp.maximum(total - stages, 0), total)
+                def _(step):
+                    plgpu.barrier_wait(consumed.at[step % stages])
+
+            @pl.when(wg < 2)
+            def _compute():
+                plgpu.set_max_registers(232, action="increase")
+
+                def tile_product(info, carry):
+                    group, ki, ni, first_row, start, end, steps = tile_of(info)
+
+                    def multiply(acc_ref):
+                        def step_product(b, step):
+                            slot = step % stages
+                            plgpu.barrier_wait(loaded.at[slot])
+                            dy_part = dy_smem.at[slot, wg]
+                            # The group's rows in this step: [lo, hi).
+                            lo = start - first_row - b * br
+                            hi = end - first_row - b * br
+
+                            @pl.when((lo > 0) | (hi < br))
+                            def _mask():
+                                row = lax.broadcasted_iota(jnp.int32, (br, bn), 0)
+                                if not interpret:
+                                    row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
+                                keep = (row >= lo) & (row < hi)
+                                dy_part[...] = dy_part[...] * keep.astype(dtype)
+                                plgpu.commit_smem()
+
+                            lhs = (x_smem.at[slot] if interpret
+                                   else plgpu.transpose_ref(x_smem.at[slot], (1, 0)))
+                            plgpu.wgmma(acc_ref, lhs, dy_part)
+                            # The product before this one has finished: its stage can be reloaded.
+                            plgpu.wgmma_wait(1)
+
+                            @pl.when(b > 0)
+                            def _():
+                                plgpu.barrier_arrive(consumed.at[(step - 1) % stages])
+
+                            return step + 1
+
+                        step = lax.fori_loop(0, steps, step_product, carry)
+                        plgpu.wgmma_wait(0)
+
+                        @pl.when(steps > 0)
+                        def _():
+                            plgpu.barrier_arrive(consumed.at[(step - 1) % stages])
+
+                        return acc_ref[...], step
+
+                    # Zero where the group is empty (no steps): the accumulator starts at zero.
+                    acc, step = pl.run_scoped(multiply, plgpu.ACC((bm, bn)))
+                    acc = acc.astype(out_dtype)
+                    for i in range(bm // em):
+                        for j in range(bn // en):
+                            piece = i * (bn // en) + j
+                            slot = piece % buffers
+                            # The buffer's last store has read it. (With two buffers and an odd
+                            # number of pieces, the first piece's buffer was the last one used.)
+                            alone = buffers == 1 or (piece == 0 and pieces % 2)
+                            plgpu.wait_smem_to_gmem(0 if alone else 1, wait_read_only=True)
+                            out_smem[wg, slot] = acc[i * em:(i + 1) * em, j * en:(j + 1) * en]
+                            plgpu.commit_smem()
+                            row = pl.multiple_of(ki * bm + i * em, 8)
+                            col = pl.multiple_of((2 * ni + wg) * bn + j * en, en)
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, slot],
+                                out_gmem.at[group, pl.ds(row, em), pl.ds(col, en)])
+                    return step
+
+                plgpu.nd_loop((num_tiles,), collective_axes="sm",
+                              init_carry=jnp.int32(0))(tile_product)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return _persistent(body, jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype),
+                       interpret, warpgroups=3)(bounds, x_in, dy)

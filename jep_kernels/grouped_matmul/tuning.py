@@ -20,6 +20,7 @@ import json
 import math
 import pathlib
 
+from jep_kernels.grouped_matmul import mgpu
 from jep_kernels.grouped_matmul.mgpu import Config
 
 OPS = ("forward", "dx", "dw")
@@ -72,7 +73,16 @@ def candidates(op: str, k: int, n: int) -> list[Config]:
         found = [Config(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps)
                  for bm, bn, bk, steps in ((128, 128, 64, 4), (128, 128, 64, 5), (128, 128, 128, 3),
                                            (64, 128, 64, 4), (128, 64, 64, 4))]
-        return [c for c in found if k % c.block_m == 0 and n % c.block_n == 0]
+        # Warp-specialized: block_n is each compute warpgroup's width (tiles of 2 block_n).
+        # epilogue_m/n = block_m/n: the whole tile stored from one buffer.
+        found += [Config(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps,
+                         warp_specialized=True, epilogue_m=em, epilogue_n=en)
+                  for bm, bn, bk, steps, em, en in (
+                      (128, 128, 64, 3, 64, 64), (128, 128, 64, 4, 64, 64),
+                      (128, 64, 64, 6, 64, 64), (128, 128, 64, 3, 128, 128),
+                      (128, 128, 64, 2, 128, 128), (128, 64, 64, 4, 128, 64),
+                      (128, 64, 64, 6, 128, 64), (64, 128, 64, 4, 64, 128))]
+        return [c for c in found if k % c.block_m == 0 and n % mgpu.dw_tile_n(c) == 0]
     found = [Config(block_m=bm, block_n=128, block_k=64, max_concurrent_steps=steps)
              for bm, steps in ((128, 4), (128, 5), (192, 4))]
     found += [Config(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=steps,
