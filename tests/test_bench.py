@@ -202,3 +202,26 @@ def test_profile_summary_counts_busy_time_and_overlap_per_device():
     text = profile.summary(events)
     assert "30.0 us from first to last kernel, busy 30.0 us, overlapped 10.0 us" in text
     assert "stream 1: busy 20.0 us, 2 kernels" in text and "x2" in text
+
+
+def test_rooflines_take_the_larger_ceiling_and_sum_the_backward():
+    from jep.bench import gemm
+
+    shape = dict(m=1000, k=200, n=100, groups=4, routing="uniform", itemsize=2)
+    results = [dict(shape, suite="gemm", variant=variant, op=op, seconds=seconds)
+               for variant, op, seconds in [
+                   ("dense matmul", "forward", 1e-3), ("dense matmul", "dx", 1e-3),
+                   ("dense matmul", "dw", 1e-6),
+                   ("jep", "forward", 2e-3), ("jep", "dx", 4e-3), ("jep", "dw", 1e-3)]]
+    moved = (1000 * 200 + 4 * 200 * 100 + 1000 * 100) * 2  # x, w and y once: 760 kB
+    backward = gemm.add_rooflines(results, bytes_per_second=moved / 5e-4)  # 0.5 ms of bytes
+    jep = {r["op"]: r for r in results + backward if r["variant"] == "jep"}
+    # forward and dx: the dense matmul's 1 ms is the larger; dw: the bytes' 0.5 ms.
+    assert jep["forward"]["roofline_seconds"] == pytest.approx(1e-3)
+    assert jep["forward"]["vs_roofline"] == pytest.approx(0.5)
+    assert jep["dw"]["roofline_seconds"] == pytest.approx(5e-4)
+    assert jep["dx + dw"]["seconds"] == pytest.approx(5e-3)
+    assert jep["dx + dw"]["roofline_seconds"] == pytest.approx(1.5e-3)
+    assert jep["dx + dw"]["vs_roofline"] == pytest.approx(0.3)
+    assert all(r["roofline_seconds"] is None for r in results if r["variant"] == "dense matmul")
+

@@ -7,11 +7,22 @@ measured beside the grouped GEMMs JAX ships as examples
 (`jax.experimental.pallas.ops.gpu`: `ragged_dot_mgpu` for the forward and dx,
 `transposed_ragged_dot_mgpu` for dw; the configuration of `../shared/GPU.md`'s 521-524 TFLOP/s),
 and tokamax's `ragged_dot` (its Mosaic GPU kernels, forward and both gradients) where tokamax is
-installed (`pip install tokamax`; not a dependency of jep)."""
+installed (`pip install tokamax`; not a dependency of jep).
+
+Every product also gets its roofline, from two ceilings measured in the same run: the time of the
+dense matmul of the same flops, and the time its bytes take at the device's copy rate (the
+faster of XLA's copy of a 1 GiB array and a loop of `a * c + 1` over it, bytes read + written). A grouped product must read its two
+operands and write its result once, (M K + G K N + M N) elements whichever product it is, so
+
+    roofline = max(dense matmul time, (M K + G K N + M N) * itemsize / copy rate)
+
+and `vs_roofline` = roofline / measured time (1.0: at the roofline). Each variant also gets a
+"dx + dw" row: the backward, the two products' times and rooflines summed."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -67,9 +78,78 @@ DENSE = {"forward": lambda x, w, dy, sizes: x @ w[0], "dx": lambda x, w, dy, siz
          "dw": lambda x, w, dy, sizes: x.T @ dy}
 
 
+COPY_BYTES = 2**30
+RAGGED_DOT_MAX_GROUPS = 32
+
+
+def copy_rates(*, iters: int, repeats: int, size: int = COPY_BYTES, min_seconds: float = 0.0,
+               seed: int = 0) -> dict[str, float]:
+    """Bytes per second the device reads + writes over `size` bytes of random bf16, two ways:
+    "copy" (XLA's copy of an array into a new one, one call a sample) and "a * c + 1" (a loop
+    of `iters` element-wise updates in place). The larger is the memory ceiling of the
+    rooflines: XLA's element-wise kernels stay well under the copy on an H200."""
+    a = jax.random.normal(jax.random.key(seed), (size // 2,), jnp.bfloat16)
+
+    def update(a):
+        return lax.fori_loop(0, iters, lambda i, a: a * jnp.bfloat16(0.5) + 1, a)[0]
+
+    runs = {"copy": (jax.jit(lambda a: jnp.copy(a)), (a,)), "a * c + 1": (jax.jit(update), (a,))}
+    seconds = timing.seconds_interleaved(runs, iters=iters, repeats=repeats,
+                                         min_seconds=min_seconds)
+    seconds["copy"] *= iters  # one copy a call, not `iters`
+    for value in seconds.values():
+        if isinstance(value, Exception):
+            raise value
+    return {name: 2 * size / value for name, value in seconds.items()}
+
+
+def product_bytes(m: int, k: int, n: int, g: int, itemsize: int) -> int:
+    """The bytes any product of a grouped matmul must move: x, w and y (or dy, w and dx; or x,
+    dy and dw) once each."""
+    return (m * k + g * k * n + m * n) * itemsize
+
+
+def add_rooflines(results: list[dict], bytes_per_second: float) -> list[dict]:
+    """Sets `roofline_seconds` and `vs_roofline` on each grouped product of `results` (from the
+    dense matmul of its shape and op, and the copy rate), and returns the "dx + dw" rows: each
+    variant's backward, times and rooflines summed."""
+    def key(r):
+        return (r["m"], r["k"], r["n"], r["groups"], r["routing"])
+
+    dense = {(key(r), r["op"]): r["seconds"] for r in results if r["variant"] == "dense matmul"}
+    for r in results:
+        r["roofline_seconds"] = r["vs_roofline"] = None
+        if r["variant"] == "dense matmul" or dense.get((key(r), r["op"])) is None:
+            continue
+        moved = product_bytes(r["m"], r["k"], r["n"], r["groups"], r["itemsize"])
+        r["roofline_seconds"] = max(dense[key(r), r["op"]], moved / bytes_per_second)
+        if r["seconds"] is not None:
+            r["vs_roofline"] = r["roofline_seconds"] / r["seconds"]
+    backward = []
+    for r in results:
+        if r["op"] != "dx":
+            continue
+        dw = next(d for d in results if d["op"] == "dw" and d["variant"] == r["variant"]
+                  and key(d) == key(r))
+        entry = {k: v for k, v in r.items() if k not in ("error", "backend")} | {
+            "op": "dx + dw", "roofline_seconds": None, "vs_roofline": None}
+        timed = r["seconds"] is not None and dw["seconds"] is not None
+        entry["seconds"] = r["seconds"] + dw["seconds"] if timed else None
+        entry["tflop_per_s"] = 4.0 * r["m"] * r["k"] * r["n"] / entry["seconds"] / 1e12 if timed else None
+        if r["roofline_seconds"] is not None and dw["roofline_seconds"] is not None:
+            entry["roofline_seconds"] = r["roofline_seconds"] + dw["roofline_seconds"]
+            entry["vs_roofline"] = entry["roofline_seconds"] / entry["seconds"] if timed else None
+        backward.append(entry)
+    return backward
+
+
 def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
             min_seconds: float = 0.0, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
+    # 1 GiB, well past the caches, on a GPU; a small array elsewhere (a CPU smoke run).
+    copy_bytes = COPY_BYTES if jax.default_backend() == "gpu" else 2**22
+    rates = copy_rates(iters=iters, repeats=repeats, size=copy_bytes, min_seconds=min_seconds)
+    bytes_per_second = max(rates.values())
     variants = {
         "jep": jep.grouped_matmul,
         "lax.ragged_dot": lambda x, w, s: lax.ragged_dot(x, w, s),
@@ -82,7 +162,7 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
         flops = 2.0 * m * k * n
         jep_backend = experts.grouped_matmul_backend(*rotations[0][:2])
 
-        runs = {}
+        runs, skipped = {}, {}
 
         def record(variant, op, body):
             run = jax.jit(lambda rotations: timing.repeat_rotated(body, rotations, iters))
@@ -90,17 +170,23 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
 
         for variant, matmul in variants.items():
             for op, body in _ops(matmul).items():
-                record(variant, op, body)
+                if variant == "lax.ragged_dot" and g > RAGGED_DOT_MAX_GROUPS:
+                    skipped[variant, op] = ValueError(
+                        f"not run past {RAGGED_DOT_MAX_GROUPS} groups: XLA's backward "
+                        "materializes a product per group (56 GiB asked at 64)")
+                else:
+                    record(variant, op, body)
         if jax.default_backend() == "gpu":
             for op, body in _jax_pallas_ops().items():
                 record("jax.experimental.pallas.ops", op, body)
         for op, body in DENSE.items():
             record("dense matmul", op, body)
         # Every variant of the shape timed in turn, round by round (seconds_interleaved).
-        for (variant, op), seconds in timing.seconds_interleaved(
-                runs, iters=iters, repeats=repeats, min_seconds=min_seconds).items():
+        timed = timing.seconds_interleaved(runs, iters=iters, repeats=repeats,
+                                           min_seconds=min_seconds)
+        for (variant, op), seconds in (timed | skipped).items():
             entry = {"suite": "gemm", "variant": variant, "op": op, "m": m, "k": k, "n": n,
-                     "groups": g, "routing": routing}
+                     "groups": g, "routing": routing, "itemsize": jnp.dtype(dtype).itemsize}
             if variant == "jep":
                 entry["backend"] = jep_backend
             if isinstance(seconds, Exception):  # an out-of-memory peer is a result
@@ -109,9 +195,12 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
             else:
                 entry |= {"seconds": seconds, "tflop_per_s": flops / seconds / 1e12}
             results.append(entry)
+    results += add_rooflines(results, bytes_per_second)
     for r in results:
         dense = next(d for d in results if d["variant"] == "dense matmul" and d["op"] == r["op"]
                      and (d["m"], d["k"], d["n"], d["groups"]) == (r["m"], r["k"], r["n"], r["groups"]))
         r["vs_dense"] = (None if r["tflop_per_s"] is None or dense["tflop_per_s"] is None
                          else r["tflop_per_s"] / dense["tflop_per_s"])
+    results += [{"suite": "gemm", "variant": "copy", "op": name, "bytes": copy_bytes,
+                 "gb_per_s": rate / 1e9} for name, rate in rates.items()]
     return results

@@ -43,14 +43,20 @@ def table(results: list[dict]) -> str:
         lines += _exchange_rows(decode, "latency (us)")
         lines += [f"(ranks: {decode[0]['ranks']}, hidden {decode[0]['hidden']}, "
                   f"top-{decode[0]['top_k']} of {decode[0]['experts']})", ""]
-    gemm = [r for r in results if r["suite"] == "gemm"]
+    gemm = [r for r in results if r["suite"] == "gemm" and r["variant"] != "copy"]
     if gemm:
-        lines += ["| M x K x N, G | routing | variant | op | time (ms) | TFLOP/s | vs dense |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| M x K x N, G | routing | variant | op | time (ms) | TFLOP/s | vs dense | "
+                  "roofline (ms) | vs roofline |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in gemm:
+            roofline = r.get("roofline_seconds")
             lines.append(f"| {r['m']} x {r['k']} x {r['n']}, {r['groups']} | {r['routing']} | "
                          f"{r['variant']} | {r['op']} | {_time_cell(r, 1e3, '.3f')} | "
-                         f"{_fmt(r['tflop_per_s'], '.4g')} | {_fmt(r['vs_dense'], '.2f')} |")
+                         f"{_fmt(r['tflop_per_s'], '.4g')} | {_fmt(r['vs_dense'], '.2f')} | "
+                         f"{_fmt(None if roofline is None else roofline * 1e3, '.3f')} | "
+                         f"{_fmt(r.get('vs_roofline'), '.2f')} |")
+        lines += [f"(memory, read + write, {r['op']}: {r['gb_per_s']:.4g} GB/s)" for r in results
+                  if r["suite"] == "gemm" and r["variant"] == "copy"]
         lines.append("")
     routing = [r for r in results if r["suite"] == "routing"]
     if routing:
@@ -120,7 +126,7 @@ def plot(results: list[dict], out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, "transport.png"), dpi=120)
         plt.close(fig)
-    gemm = [r for r in results if r["suite"] == "gemm"]
+    gemm = [r for r in results if r["suite"] == "gemm" and r["variant"] != "copy"]
     if gemm:
         shapes = list(dict.fromkeys(f"{r['m']}x{r['k']}x{r['n']}\nG={r['groups']} {r['op']}" for r in gemm))
         variants = list(dict.fromkeys(r["variant"] for r in gemm))
