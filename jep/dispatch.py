@@ -121,6 +121,11 @@ def check_dispatch_inputs(x, expert_ids, *, num_experts, capacity, axis_name, ca
 
 
 # --- the four moves, shared by dispatch, combine and their gradients ------------------------
+# Under name scopes that a profile of a step tells apart (`jep.bench.profile.KINDS`): the
+# planning is "jep_layout", every move of rows "jep_permute", and inside it each transport
+# exchange "jep_exchange" (`jep.transport`).
+permute_scope = jax.named_scope("jep_permute")
+
 
 def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens):
     # A rank sends at most one row per token to a peer, so T bounds every peer's slice.
@@ -128,6 +133,7 @@ def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num
                               out_rows=out_rows, max_rows_per_peer=num_tokens)
 
 
+@permute_scope
 def _to_experts(h: DispatchHandle, home, permute=None, expand=False):
     """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks (gathered into send
     order by `permute`, the handle's by default), or with `expand` [C, *F] rows grouped by local
@@ -139,6 +145,7 @@ def _to_experts(h: DispatchHandle, home, permute=None, expand=False):
         expansion=expansion, permute=permute or h.permute)
 
 
+@permute_scope
 def _to_home(h: DispatchHandle, received):
     """[R, *F] rows on the expert ranks -> [S, *F] in the home rank's send order."""
     num_rows = max_send_rows(h.num_tokens, h.top_k, h.num_ranks)
@@ -146,6 +153,7 @@ def _to_home(h: DispatchHandle, received):
                      backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens)
 
 
+@permute_scope
 def _sum_home(h: DispatchHandle, received):
     """[R, H] rows on the expert ranks -> [T, H] at home: each token's rows (one per rank it
     reached) sent back and added in float32, in received's dtype."""
@@ -160,11 +168,13 @@ def _source_rows(h: DispatchHandle):
     return h.recv_pair // h.top_k
 
 
+@permute_scope
 def _expand(h: DispatchHandle, received):
     """[R, H] received rows -> [C, H] rows grouped by local expert (zeros past the last)."""
     return take_rows(received, _source_rows(h), h.permute)
 
 
+@permute_scope
 def _reduce_pairs(h: DispatchHandle, expanded, pair_weights=None):
     """[C, H] expert rows -> [R, H] in their dtype: each received row's pairs summed in float32
     (weighted if given)."""
@@ -173,6 +183,7 @@ def _reduce_pairs(h: DispatchHandle, expanded, pair_weights=None):
 
 # --- planning ------------------------------------------------------------------------------
 
+@jax.named_scope("jep_layout")
 def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> DispatchHandle:
     num_ranks = ep_size(axis_name, "jep.dispatch")
     num_tokens, top_k = expert_ids.shape
@@ -232,6 +243,7 @@ def _dispatch_rows_fwd(x, h):
     return _dispatch_rows(x, h), h
 
 
+@permute_scope
 def _dispatch_rows_bwd(h, g):
     # The transpose: an unweighted combine.
     return _sum_home(h, _reduce_pairs(h, g)), None
@@ -240,6 +252,7 @@ def _dispatch_rows_bwd(h, g):
 _dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
+@permute_scope
 def _combine(y, weights, h):
     pair_weights = _to_experts(h, weights.astype(jnp.float32), "xla")  # f32[R, k]: k floats a row
     partial_sums = _reduce_pairs(h, y, pair_weights)
@@ -256,6 +269,7 @@ def _combine_rows_fwd(y, weights, h):
     return out, (y, weights, pair_weights, h)
 
 
+@permute_scope
 def _combine_rows_bwd(residuals, g):
     y, weights, pair_weights, h = residuals
     g_received = _to_experts(h, g)  # [R, H]

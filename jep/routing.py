@@ -86,6 +86,7 @@ def selection_scores(scores: jax.Array, *, num_groups: int | None = None,
     return choice
 
 
+@jax.named_scope("jep_route")  # how a profile of a step finds routing (jep.bench.profile)
 def route(
     logits: jax.Array,
     *,

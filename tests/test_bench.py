@@ -225,3 +225,78 @@ def test_rooflines_take_the_larger_ceiling_and_sum_the_backward():
     assert jep["dx + dw"]["vs_roofline"] == pytest.approx(0.3)
     assert all(r["roofline_seconds"] is None for r in results if r["variant"] == "dense matmul")
 
+
+def test_model_presets_set_the_layer_shape():
+    args = bench.parse_args(["layer", "--model", "qwen3-30b-a3b", "--hidden", "16"])
+    assert (args.hidden, args.ffn, args.experts, args.topk) == (2048, 768, 128, 8)
+    assert bench.parse_args(["layer"]).hidden == 7168  # no preset: the flags
+    with pytest.raises(SystemExit):
+        bench.parse_args(["layer", "--layer-variants", "jep,nothing"])
+
+
+def test_layer_times_the_variants_asked_for_against_the_dense_floor():
+    results = layer.measure(tokens=16, hidden=16, ffn=8, experts=8, top_k=2, dtype=jnp.float32,
+                            iters=1, repeats=1, groups=("jep", "floor"), model="test")
+    timed = {r["variant"]: r for r in results if r["variant"] != "receive buffer"}
+    assert set(timed) == {"jep", "dense floor"}
+    assert timed["dense floor"]["over_dense_floor"] == pytest.approx(1.0)
+    assert timed["jep"]["over_dense_floor"] == pytest.approx(
+        timed["jep"]["seconds"] / timed["dense floor"]["seconds"])
+    assert timed["jep"]["vs_capacity"] is None and timed["jep"]["model"] == "test"
+
+
+def test_dense_floor_is_one_swiglu_with_the_first_expert():
+    rng = np.random.default_rng(0)
+    rows = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    w_gate, w_up = (jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32) for _ in range(2))
+    w_down = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
+    want = (jax.nn.silu(rows @ w_gate[0]) * (rows @ w_up[0])) @ w_down[0]
+    np.testing.assert_allclose(layer.dense_floor(rows, None, w_gate, w_up, w_down), want,
+                               rtol=1e-6)
+
+
+def test_profile_breakdown_finds_each_kind_by_its_scope():
+    """The layer's ops carry the scopes the breakdown looks for (read from the compiled HLO of
+    a step on the CPU), and events are counted by the kind of the instruction behind them."""
+    from jep.bench import profile
+
+    mesh = make_mesh((4,), ("ep",))
+    config = jep.MoEConfig(num_experts=8, top_k=2, axis_name="ep")
+    params = jep.init_params(jax.random.key(0), hidden=16, ffn=8, config=config)
+    x = jnp.ones((64, 16), jnp.float32)
+    step = jax.jit(jax.grad(lambda p, x: jnp.sum(jep.moe(x, p, config=config, mesh=mesh)[0] ** 2)))
+    names = profile.op_names(step.lower(params, x).compile())
+    found = {profile.kind_of({"name": "k", "args": {"hlo_op": op}}, names) for op in names}
+    assert {"routing and layout", "permutes", "exchange", profile.OTHER} <= found
+
+    names = {"fusion.1": "jit(f)/jep_grouped_dw/pallas_call", "fusion.2": "jit(f)/jep_route/top_k",
+             "copy.3": "jit(f)/transpose(jvp(f))/mul"}
+    events = [{"device": "/device:GPU:0", "name": "k", "duration": us, "args": {"hlo_op": op}}
+              for op, us in [("fusion.1", 30.0), ("fusion.1", 10.0), ("fusion.2", 4.0),
+                             ("copy.3", 6.0), ("unknown.9", 2.0)]]
+    events.append({"device": "/device:GPU:1", "name": "k", "duration": 99.0,
+                   "args": {"hlo_op": "fusion.1"}})  # another device: not counted
+    totals = profile.breakdown(events, names, steps=2)
+    assert totals["grouped dw"] == {"us": 20.0, "kernels": 1.0}
+    assert totals["routing and layout"]["us"] == 2.0
+    assert totals[profile.OTHER] == {"us": 4.0, "kernels": 1.0}
+    assert totals["total"]["us"] == 26.0
+    assert "grouped dw" in profile.breakdown_table(totals)
+
+
+def test_grouped_products_run_under_their_scopes():
+    from jep.bench import profile
+    import jep_kernels.grouped_matmul as gm
+
+    x = jnp.ones((64, 128), jnp.bfloat16)
+    w = jnp.ones((2, 128, 128), jnp.bfloat16)
+    sizes = jnp.array([30, 34], jnp.int32)
+    config = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
+    loss = lambda x, w: jnp.sum(gm.grouped_matmul(x, w, sizes, config=config,  # noqa: E731
+                                                  interpret=True).astype(jnp.float32))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text(debug_info=True)
+    for op, scope in gm.SCOPES.items():
+        assert scope in text
+        # ... and the breakdown takes an op under that scope for that product.
+        kind = profile.kind_of({"name": "k", "args": {"hlo_op": "c.1"}}, {"c.1": f"f/{scope}/p"})
+        assert kind == f"grouped {op}"

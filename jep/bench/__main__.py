@@ -35,6 +35,13 @@ def _ops(text):
     return names
 
 
+def _layer_variants(text):
+    names = text.split(",")
+    if unknown := [name for name in names if name not in layer.VARIANT_GROUPS]:
+        raise argparse.ArgumentTypeError(f"{unknown} not among {tuple(layer.VARIANT_GROUPS)}")
+    return names
+
+
 def _shapes(text):
     return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
 
@@ -48,6 +55,8 @@ def parse_args(argv=None):
     a("--ffn", type=int, default=2048, help="F, hidden width of an expert (layer)")
     a("--experts", type=int, default=256, help="E")
     a("--topk", type=int, default=8, help="k")
+    a("--model", choices=tuple(layer.MODELS), default=None,
+      help="a real model's MoE block: sets --hidden, --ffn, --experts and --topk")
     a("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="token and weight dtype")
     a("--routing", default="uniform", choices=workloads.ROUTINGS, help="routing of tokens (and group sizes)")
     a("--gemm-shapes", type=_shapes, default=_shapes("32768x7168x2048x8,32768x7168x2048x64,32768x1024x512x8"),
@@ -67,11 +76,18 @@ def parse_args(argv=None):
     a("--transports", type=lambda t: [] if t == "none" else t.split(","), default=None,
       help="decode: the transports jep.dispatch is timed with, comma-separated, or none "
            "(default: all that run here)")
+    a("--layer-variants", type=_layer_variants, default=list(layer.VARIANT_GROUPS),
+      help="layer: the variants to time, comma-separated, of "
+           f"{','.join(layer.VARIANT_GROUPS)} (default: all)")
     a("--profile", action="store_true",
       help="decode and layer: also print each variant's GPU kernels and the streams' overlap, "
            "from one profiled run")
     a("--out", default="out/bench", help="folder for results.json and the plots")
     args = p.parse_args(argv)
+    if args.model is not None:
+        shape = layer.MODELS[args.model]
+        args.hidden, args.ffn, args.experts, args.topk = (
+            shape["hidden"], shape["ffn"], shape["experts"], shape["top_k"])
     if args.min_seconds < 0:
         p.error("--min-seconds must be >= 0")
     if min(min(args.tokens), args.hidden, args.ffn, args.experts, args.topk, args.iters, args.repeats) < 1:
@@ -128,7 +144,8 @@ def main(argv=None):
         else:
             results += layer.measure(tokens=tokens, hidden=args.hidden, ffn=args.ffn,
                                      experts=args.experts, top_k=args.topk,
-                                     profile=args.profile, **common)
+                                     profile=args.profile, model=args.model,
+                                     groups=args.layer_variants, **common)
     report.write(results, environment, args.out, command)
     print(report.table(results))
     print(f"results and plots in {args.out}")

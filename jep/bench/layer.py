@@ -10,8 +10,11 @@
              experts sharded over `ep`, dense lax.all_to_all (what generic frameworks do)
   ragged:    dropless, from lax.ragged_all_to_all (one slice per peer, a row per (token, slot))
              and lax.ragged_dot only (GPU/TPU: XLA:CPU has no ragged all-to-all)
-All three use the same router (softmax top-k) and SwiGLU experts; tokens are split over the EP
-axis (every device).
+  dense floor: one dense SwiGLU per rank over T * k rows with a single expert's weights: the
+             same expert flops with no routing and no data movement, whose backward still
+             writes the weight gradients of all experts, as every variant must
+All use the same router (softmax top-k) and SwiGLU experts; tokens are split over the EP axis
+(every device). `MODELS` holds the expert shapes of real models (`--model`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ from jep.bench import timing
 from jep.transport import xla
 
 CAPACITY_FACTOR = 1.25
+# The MoE blocks of real models: hidden, expert hidden, experts, top-k.
+MODELS = {
+    "deepseek-v3": dict(hidden=7168, ffn=2048, experts=256, top_k=8),
+    "qwen3-30b-a3b": dict(hidden=2048, ffn=768, experts=128, top_k=8),
+    "olmoe": dict(hidden=2048, ffn=1024, experts=64, top_k=8),
+    "mixtral-8x7b": dict(hidden=4096, ffn=14336, experts=8, top_k=2),
+}
 
 
 def _swiglu(x, w_gate, w_up, w_down):
@@ -90,16 +100,33 @@ def ragged_moe(x, router, w_gate, w_up, w_down, *, top_k, axis_name="ep"):
     return jnp.einsum("tkh,tk->th", per_slot, weights.astype(x.dtype))
 
 
+def dense_floor(rows, router, w_gate, w_up, w_down):
+    """Per rank, inside shard_map: a dense SwiGLU of `rows` ([T k, H]) with the weights of the
+    rank's first expert. The router takes no part (its gradient is zero)."""
+    del router
+    return _swiglu(rows, w_gate[0], w_up[0], w_down[0])
+
+
 def receive_buffer_rows(*, tokens, experts, top_k, ep) -> dict:
     """Rows of one rank's expert-input buffer: jep dropless (worst case, static) and capacity."""
     return {"dropless": ep * tokens * min(top_k, experts // ep),
             "capacity_1.25": (experts // ep) * ep * math.ceil(CAPACITY_FACTOR * tokens * top_k / experts)}
 
 
+# The groups of variants `measure` can be asked for (`--layer-variants`).
+VARIANT_GROUPS = {"jep": ("jep",), "chunks": ("jep, 2 chunks", "jep, 4 chunks"),
+                  "halves": ("jep exchanges only", "jep experts only"),
+                  "capacity": ("capacity 1.25",), "ragged": ("ragged_all_to_all + ragged_dot",),
+                  "floor": ("dense floor",)}
+
+
 def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dtype, iters: int,
-            repeats: int, seed: int = 0, profile: bool = False) -> list[dict]:
-    """Each variant's forward + backward step; with `profile` also the GPU kernels and the
-    streams' overlap of jep's layer with and without chunks (`jep.bench.profile`)."""
+            repeats: int, seed: int = 0, profile: bool = False, model: str | None = None,
+            groups=tuple(VARIANT_GROUPS)) -> list[dict]:
+    """Each variant's forward + backward step, for the variants of `groups` (keys of
+    `VARIANT_GROUPS`); with `profile` also the GPU kernels, the streams' overlap and the time
+    per kind of work (`jep.bench.profile.breakdown`, kept in the results) of jep's layer with
+    and without chunks. `model` only names the shape in the results."""
     n = len(jax.devices())
     mesh = jax.make_mesh((n,), ("ep",), axis_types=(AxisType.Auto,))
     config = jep.MoEConfig(num_experts=experts, top_k=top_k, axis_name="ep")
@@ -110,6 +137,10 @@ def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dty
     rng = np.random.default_rng(seed)
     xs = jax.device_put(jnp.asarray(rng.normal(size=(2, n * tokens, hidden)), dtype),
                         NamedSharding(mesh, P(None, "ep")))
+    # The floor's rows: T * k a rank, drawn apart (no copy of the tokens inside the step).
+    floor_rows = jax.device_put(
+        jnp.asarray(rng.normal(size=(2, n * tokens * top_k, hidden)), dtype),
+        NamedSharding(mesh, P(None, "ep")))
 
     def baseline(layer):
         def apply(x, p):
@@ -148,6 +179,9 @@ def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dty
                 "capacity 1.25": baseline(capacity_moe)}
     if xla.runs_on(jep.transport.current_platform()):
         variants["ragged_all_to_all + ragged_dot"] = baseline(ragged_moe)
+    variants["dense floor"] = baseline(lambda *a, top_k: dense_floor(*a))
+    wanted = {name for group in groups for name in VARIANT_GROUPS[group]}
+    variants = {name: apply for name, apply in variants.items() if name in wanted}
 
     results = []
     for name, apply in variants.items():
@@ -158,19 +192,29 @@ def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dty
         # params travel as arguments (never captured as constants), unrotated.
         run = jax.jit(lambda xs, params, step=step: timing.repeat_in_loop(
             lambda x: step(x, params), (xs,), iters))
-        entry = {"suite": "layer", "variant": name, "tokens_per_rank": tokens, "hidden": hidden,
-                 "ffn": ffn, "experts": experts, "top_k": top_k, "ranks": n,
+        inputs = (floor_rows if name == "dense floor" else xs, params)
+        entry = {"suite": "layer", "variant": name, "model": model, "tokens_per_rank": tokens,
+                 "hidden": hidden, "ffn": ffn, "experts": experts, "top_k": top_k, "ranks": n,
                  "memory_bytes": None}
         try:
-            compiled = run.lower(xs, params).compile()
+            compiled = run.lower(*inputs).compile()
             entry["memory_bytes"] = timing.compiled_bytes(compiled)
-            seconds = timing.seconds_per_iteration(compiled, (xs, params), iters=iters, repeats=repeats)
+            seconds = timing.seconds_per_iteration(compiled, inputs, iters=iters, repeats=repeats)
             entry |= {"seconds": seconds, "tokens_per_s": n * tokens / seconds}
             if profile and name.startswith("jep"):
-                jep.bench.profile.report(compiled, (xs, params), f"layer: {name}, {iters} steps")
+                entry["breakdown"] = jep.bench.profile.report(
+                    compiled, inputs, f"layer: {name}, {iters} steps", steps=iters)
         except Exception as error:  # noqa: BLE001 - an out-of-memory peer is a result, not a crash
             entry |= {"seconds": None, "tokens_per_s": None, "error": str(error).splitlines()[0][:200]}
         results.append(entry)
+    # vs_capacity: the capacity MoE's time over this one's (above 1: faster than it);
+    # over_dense_floor: this time over the dense floor's (1: at the floor).
+    timed = {r["variant"]: r["seconds"] for r in results}
+    capacity, floor = timed.get("capacity 1.25"), timed.get("dense floor")
+    for r in results:
+        ok = r["seconds"] is not None
+        r["vs_capacity"] = capacity / r["seconds"] if ok and capacity is not None else None
+        r["over_dense_floor"] = r["seconds"] / floor if ok and floor is not None else None
     for ep in (4, 8, 64):
         if experts % ep == 0:
             rows = receive_buffer_rows(tokens=tokens, experts=experts, top_k=top_k, ep=ep)

@@ -1,9 +1,10 @@
 """What a run does on the devices, from JAX's profiler: the kernels on each stream, how long each
 stream was busy, and how much of that time two streams were busy at once (the overlap of
-communication and compute).
+communication and compute); and where a step's time goes by kind of work (`breakdown`).
 
     events = profile.device_events(profile.trace(run, args, "/tmp/trace"))
     print(profile.summary(events))
+    print(profile.breakdown_table(profile.breakdown(events, profile.op_names(compiled))))
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import tempfile
 
 import jax
@@ -32,7 +34,8 @@ def trace(run, args, log_dir: str) -> str:
 
 def device_events(path: str) -> list[dict]:
     """The complete events of the trace's device processes ("/device:GPU:0", ...): dicts of
-    device, stream, name, start and duration (microseconds)."""
+    device, stream, name, start and duration (microseconds), and the event's args (the HLO
+    instruction that launched a kernel is among them, as "hlo_op", where the profiler knows it)."""
     with gzip.open(path, "rt") as f:
         events = json.load(f)["traceEvents"]
     processes, threads = {}, {}
@@ -47,8 +50,73 @@ def device_events(path: str) -> list[dict]:
         if e.get("ph") != "X" or "/device:" not in process or "CPU" in process:
             continue
         found.append({"device": process, "stream": threads.get((e["pid"], e["tid"]), str(e["tid"])),
-                      "name": e["name"], "start": float(e["ts"]), "duration": float(e.get("dur", 0))})
+                      "name": e["name"], "start": float(e["ts"]), "duration": float(e.get("dur", 0)),
+                      "args": e.get("args", {})})
     return found
+
+
+# Kinds of work in a step of the MoE layer, each found by the name scope jep puts its ops under
+# (in the ops' metadata), the first that matches; what matches none is "element-wise and other"
+# (activations, the loss, sums of gradients).
+KINDS = (
+    ("grouped forward", ("jep_grouped_forward",)),
+    ("grouped dx", ("jep_grouped_dx",)),
+    ("grouped dw", ("jep_grouped_dw",)),
+    ("exchange", ("jep_exchange", "all-to-all", "all_to_all", "nccl")),
+    ("routing and layout", ("jep_route", "jep_layout")),
+    ("permutes", ("jep_permute",)),
+)
+OTHER = "element-wise and other"
+
+
+def op_names(compiled_or_text) -> dict[str, str]:
+    """HLO instruction name -> the op_name of its metadata (the JAX name stack), from a compiled
+    program's optimized HLO."""
+    text = compiled_or_text if isinstance(compiled_or_text, str) else compiled_or_text.as_text()
+    found = {}
+    for line in text.splitlines():
+        match = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*metadata=\{[^}]*op_name="([^"]*)"', line)
+        if match:
+            found.setdefault(match.group(1), match.group(2))
+    return found
+
+
+def kind_of(event: dict, names: dict[str, str]) -> str:
+    """The kind (`KINDS`) of a device event, from the op_name of the HLO instruction that
+    launched it, its args and its kernel name."""
+    hlo_op = str(event["args"].get("hlo_op", ""))
+    text = " ".join([names.get(hlo_op, ""), event["name"],
+                     *(str(v) for k, v in event["args"].items() if k in ("tf_op", "long_name"))])
+    for kind, marks in KINDS:
+        if any(mark in text for mark in marks):
+            return kind
+    return OTHER
+
+
+def breakdown(events: list[dict], names: dict[str, str], steps: int = 1) -> dict[str, dict]:
+    """{kind: {"us": microseconds per step, "kernels": launches per step}} over the events of
+    the first device, in the order of `KINDS`, then "element-wise and other", then "total"."""
+    if not events:
+        return {}
+    device = min(e["device"] for e in events)
+    totals = {kind: {"us": 0.0, "kernels": 0} for kind, _ in KINDS} | {OTHER: {"us": 0.0, "kernels": 0}}
+    for e in events:
+        if e["device"] == device:
+            entry = totals[kind_of(e, names)]
+            entry["us"] += e["duration"] / steps
+            entry["kernels"] += 1
+    totals["total"] = {"us": sum(t["us"] for t in totals.values()),
+                       "kernels": sum(t["kernels"] for t in totals.values())}
+    for t in totals.values():
+        t["kernels"] /= steps
+    return totals
+
+
+def breakdown_table(totals: dict[str, dict]) -> str:
+    """`breakdown` as lines of kind, ms per step, share of the kernels' time, launches."""
+    total = totals.get("total", {}).get("us") or 1.0
+    return "\n".join(f"    {kind:<24} {t['us'] / 1e3:8.3f} ms  {100 * t['us'] / total:5.1f}%  "
+                     f"{t['kernels']:6.1f} kernels" for kind, t in totals.items())
 
 
 def _union(spans) -> float:
@@ -90,9 +158,26 @@ def summary(events: list[dict], top: int = 12) -> str:
     return "\n".join(lines)
 
 
-def report(run, args, title: str) -> None:
-    """Prints `summary` of one run of `run(*args)`, under `title`."""
+def report(run, args, title: str, steps: int = 1) -> dict:
+    """Prints `summary` of one run of the compiled `run(*args)` (a loop of `steps` steps) and its
+    `breakdown` per step, under `title`; returns the breakdown ({} where there are no device
+    events: the CPU has no device streams)."""
     with tempfile.TemporaryDirectory() as log_dir:
         events = device_events(trace(run, args, log_dir))
     print(f"--- profile: {title}")
-    print(summary(events) if events else "(no device events: the CPU has no device streams)")
+    if not events:
+        print("(no device events: the CPU has no device streams)")
+        return {}
+    print(summary(events))
+    names = op_names(run)
+    totals = breakdown(events, names, steps)
+    print(f"  per step, by kind ({min(e['device'] for e in events)}):")
+    print(breakdown_table(totals))
+    other = collections.Counter()
+    for e in events:
+        if kind_of(e, names) == OTHER:
+            other[(e["name"][:60], names.get(str(e["args"].get("hlo_op", "")), "?")[-70:])] += e["duration"]
+    for (name, op_name), us in other.most_common(8):
+        print(f"    other: {us / steps:9.1f} us  {name}  [{op_name}]")
+    print(f"  (args of one kernel event: {sorted(events[0]['args'])})")
+    return totals

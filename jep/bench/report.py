@@ -12,6 +12,11 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _times(value):
+    """A ratio as "1.23x", or "-"."""
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def _time_cell(result, scale, spec):
     """The time of a measurement in ms or us, or "-" and why it has none (out of memory...)."""
     if result["seconds"] is None:
@@ -82,13 +87,20 @@ def table(results: list[dict]) -> str:
         lines.append("")
     layer = [r for r in results if r["suite"] == "layer" and r["variant"] != "receive buffer"]
     if layer:
-        lines += ["| T/rank, H, F, E, k | variant | fwd+bwd (ms) | tokens/s | memory (GiB) |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["| T/rank, H, F, E, k | variant | fwd+bwd (ms) | tokens/s | memory (GiB) | "
+                  "vs capacity | over dense floor |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in layer:
             memory = None if r["memory_bytes"] is None else r["memory_bytes"] / 2**30
-            lines.append(f"| {r['tokens_per_rank']}, {r['hidden']}, {r['ffn']}, {r['experts']}, "
-                         f"{r['top_k']} | {r['variant']} | {_time_cell(r, 1e3, '.2f')} | "
-                         f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(memory, '.3g')} |")
+            shape = (f"{r['tokens_per_rank']}, {r['hidden']}, {r['ffn']}, {r['experts']}, "
+                     f"{r['top_k']}" + (f" ({r['model']})" if r.get("model") else ""))
+            lines.append(f"| {shape} | {r['variant']} | {_time_cell(r, 1e3, '.2f')} | "
+                         f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(memory, '.3g')} | "
+                         f"{_times(r.get('vs_capacity'))} | {_times(r.get('over_dense_floor'))} |")
+        for r in layer:
+            if r.get("breakdown"):
+                lines.append(f"({r['variant']}, per step: " + ", ".join(
+                    f"{kind} {t['us'] / 1e3:.3g} ms" for kind, t in r["breakdown"].items()) + ")")
         lines.append("")
     buffers = [r for r in results if r.get("variant") == "receive buffer"]
     if buffers:

@@ -25,6 +25,7 @@ token's received rows are added). A module that defines `GATHERS = True` takes `
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jep.layout import sum_rows, take_rows
@@ -36,6 +37,8 @@ from jep.transport import ffi, reference, xla
 # (BENCHMARKS.md), but one run there crashed (a segfault while XLA compiled a program with it,
 # called outside jit) and it has not been run since: `xla` stays first until that is understood.
 _BACKENDS = {"xla": xla, "ffi": ffi, "reference": reference}
+# The name scope of every exchange: a profile of a step finds the transport's work by it.
+SCOPE = "jep_exchange"
 
 
 def names() -> tuple[str, ...]:
@@ -89,12 +92,16 @@ def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows:
         else:
             rows = take_rows(rows, index, permute)
     if expansion is None:
-        return module.exchange(rows, send_sizes, recv_sizes, **kwargs)
+        with jax.named_scope(SCOPE):
+            return module.exchange(rows, send_sizes, recv_sizes, **kwargs)
     dest, source = expansion
     if getattr(module, "EXPANDS", False):
-        return module.exchange(rows, send_sizes, recv_sizes, expand=dest,
-                               expanded_rows=source.shape[0], **kwargs)
-    return take_rows(module.exchange(rows, send_sizes, recv_sizes, **kwargs), source, permute)
+        with jax.named_scope(SCOPE):
+            return module.exchange(rows, send_sizes, recv_sizes, expand=dest,
+                                   expanded_rows=source.shape[0], **kwargs)
+    with jax.named_scope(SCOPE):
+        received = module.exchange(rows, send_sizes, recv_sizes, **kwargs)
+    return take_rows(received, source, permute)
 
 
 def exchange_sum(backend: str, rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name,
@@ -108,7 +115,8 @@ def exchange_sum(backend: str, rows, send_sizes, recv_sizes, slot_row, slot_mask
     """
     module = _BACKENDS[backend]
     kwargs = dict(axis_name=axis_name, out_rows=out_rows, max_rows_per_peer=max_rows_per_peer)
-    if hasattr(module, "exchange_sum"):
-        return module.exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, **kwargs)
-    received = module.exchange(rows, send_sizes, recv_sizes, **kwargs)
+    with jax.named_scope(SCOPE):
+        if hasattr(module, "exchange_sum"):
+            return module.exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, **kwargs)
+        received = module.exchange(rows, send_sizes, recv_sizes, **kwargs)
     return sum_rows(received, jnp.where(slot_mask, slot_row, out_rows), permute=permute)
