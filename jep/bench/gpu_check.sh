@@ -54,13 +54,18 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
       python3 -m jep.bench decode --tokens "$t" --iters 10 --repeats 5 --transports xla \
       --out "$out/decode_$t" 2>&1 | tee -a "$out/bench.txt"
   done
-  python3 -m jep.bench gemm --iters 10 --repeats 5 --min-seconds 1 --out "$out/gemm" 2>&1 | tee -a "$out/bench.txt"
+  # The grouped products against their rooflines (issue 19): many small groups, then few.
+  python3 -m jep.bench gemm --gemm-shapes 32768x7168x2048x256,32768x2048x7168x256,32768x2048x768x128,32768x7168x2048x32,32768x7168x2048x8 \
+    --iters 10 --repeats 5 --min-seconds 1 --out "$out/gemm" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench gemm --routing zipf --gemm-shapes 32768x7168x2048x8 --iters 10 --repeats 5 --min-seconds 1 \
     --out "$out/gemm_zipf" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench layer --tokens 4096 --hidden 2048 --ffn 1024 --experts 64 --topk 4 --iters 5 \
     --repeats 5 --out "$out/layer_small" 2>&1 | tee -a "$out/bench.txt"
-  python3 -m jep.bench layer --tokens 4096 --iters 3 --repeats 3 --profile --out "$out/layer_dsv3" 2>&1 \
-    | tee -a "$out/bench.txt"
+  # Real models' expert shapes, with the time of a step by kind of kernel (--profile).
+  for model in deepseek-v3 qwen3-30b-a3b olmoe; do
+    python3 -m jep.bench layer --model "$model" --tokens 4096 --iters 3 --repeats 3 \
+      --layer-variants jep,chunks,capacity,floor --profile --out "$out/layer_$model" 2>&1 | tee -a "$out/bench.txt"
+  done
 fi
 echo "tests exit code: $tests_rc"
 exit "$tests_rc"
