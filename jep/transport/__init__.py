@@ -91,17 +91,15 @@ def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows:
             kwargs["index"] = index
         else:
             rows = take_rows(rows, index, permute)
-    if expansion is None:
-        with jax.named_scope(SCOPE):
-            return module.exchange(rows, send_sizes, recv_sizes, **kwargs)
-    dest, source = expansion
-    if getattr(module, "EXPANDS", False):
-        with jax.named_scope(SCOPE):
-            return module.exchange(rows, send_sizes, recv_sizes, expand=dest,
-                                   expanded_rows=source.shape[0], **kwargs)
+    expands = expansion is not None and getattr(module, "EXPANDS", False)
+    if expands:
+        dest, source = expansion
+        kwargs |= dict(expand=dest, expanded_rows=source.shape[0])
     with jax.named_scope(SCOPE):
         received = module.exchange(rows, send_sizes, recv_sizes, **kwargs)
-    return take_rows(received, source, permute)
+    if expansion is None or expands:
+        return received
+    return take_rows(received, expansion[1], permute)
 
 
 def exchange_sum(backend: str, rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name,

@@ -351,11 +351,16 @@ def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width, comm
         rows //= 2
 
 
+def _group_rows(group_sizes, num_rows: int):
+    """(starts, ends), i32[G] each: the rows [start, end) of each group, clipped to num_rows."""
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    return starts, ends
+
+
 def _group_table(group_sizes, num_rows: int, block_rows: int):
     """i32[4 G]: (first row, end row, first row block, number of row blocks) of each group."""
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    starts, ends = _group_rows(group_sizes, num_rows)
     first_block = starts // block_rows
     blocks = jnp.where(ends > starts, (ends - 1) // block_rows - first_block + 1, 0)
     return jnp.stack([starts, ends, first_block, blocks], axis=1).reshape(-1)
@@ -482,13 +487,6 @@ def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), out_dtyp
                        interpret)(table, x_in, dy)
 
 
-def _group_bounds(group_sizes, num_rows: int):
-    """i32[2 G]: (first row, end row) of each group, clipped to the rows there are."""
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    return jnp.stack([starts, ends], axis=1).reshape(-1)
-
-
 def _smem_transforms(minor: int, dtype):
     """The tiling and swizzle of a shared-memory tile whose rows are `minor` elements long."""
     itemsize = jnp.dtype(dtype).itemsize
@@ -526,7 +524,8 @@ def _grouped_matmul_dw_ws(x, dy, group_sizes, *, config, out_dtype, interpret):
     k_blocks, n_blocks = depth // bm, width // (2 * bn)
     num_tiles = num_groups * k_blocks * n_blocks
     dtype = x.dtype
-    bounds = _group_bounds(group_sizes, num_rows)
+    # i32[2 G]: (first row, end row) of each group.
+    bounds = jnp.stack(_group_rows(group_sizes, num_rows), axis=1).reshape(-1)
     # The interpreter has no transposed shared-memory views: there x is transposed in memory
     # ([K, M]) and its tiles are read as they are.
     x_in = jnp.swapaxes(x, 0, 1) if interpret else x
