@@ -109,9 +109,10 @@ def test_two_level_transport_measures_both_modes_and_counts_the_node_bytes(tmp_p
 def test_rotated_loop_calls_each_rotation_in_turn():
     from jep.bench import timing
 
-    a, b = jnp.arange(4.0), jnp.full((4,), 10.0)
+    a, b = jnp.arange(1.0, 5.0), jnp.full((4,), 10.0)
     total = jax.jit(lambda v: timing.repeat_rotated(lambda x: x * 2, v, 5))([(a,), (b,)])
-    assert float(total) == 2 * (3 * a.sum() + 2 * b.sum())  # a, b, a, b, a
+    # Calls a, b, a, b, a: one element of each call's output, and of the last one again.
+    assert float(total) == 2 * (3 * a[0] + 2 * b[0]) + 2 * a[0]
     seconds = timing.seconds_interleaved(
         {"ok": (jax.jit(lambda x: x + 1), (a,)), "bad": (lambda x: 1 / "x", (a,))},
         iters=2, repeats=3)
@@ -276,11 +277,21 @@ def test_profile_breakdown_finds_each_kind_by_its_scope():
                              ("copy.3", 6.0), ("unknown.9", 2.0)]]
     events.append({"device": "/device:GPU:1", "name": "k", "duration": 99.0,
                    "args": {"hlo_op": "fusion.1"}})  # another device: not counted
+    # Kernels in a command buffer (a CUDA graph): hlo_op names the buffer. An XLA fusion's
+    # kernel is named after it ("." as "_"), jep's Pallas kernels after their scope.
+    names |= profile.op_names('  %loop_fusion.7 = f32[4]{0} fusion(%p), kind=kLoop, '
+                              'metadata={op_name="jit(f)/jep_permute/gather"}')
+    in_graph = {"hlo_op": "command_buffer_1"}
+    events += [{"device": "/device:GPU:0", "name": "loop_fusion_7", "duration": 8.0, "args": in_graph},
+               {"device": "/device:GPU:0", "name": "jep_grouped_dx_mosaic_gpu_kernel",
+                "duration": 12.0, "args": in_graph}]
     totals = profile.breakdown(events, names, steps=2)
     assert totals["grouped dw"] == {"us": 20.0, "kernels": 1.0}
+    assert totals["grouped dx"] == {"us": 6.0, "kernels": 0.5}
+    assert totals["permutes"] == {"us": 4.0, "kernels": 0.5}
     assert totals["routing and layout"]["us"] == 2.0
     assert totals[profile.OTHER] == {"us": 4.0, "kernels": 1.0}
-    assert totals["total"]["us"] == 26.0
+    assert totals["total"]["us"] == 36.0
     assert "grouped dw" in profile.breakdown_table(totals)
 
 

@@ -56,13 +56,15 @@ def device_events(path: str) -> list[dict]:
 
 
 # Kinds of work in a step of the MoE layer, each found by the name scope jep puts its ops under
-# (in the ops' metadata), the first that matches; what matches none is "element-wise and other"
-# (activations, the loss, sums of gradients).
+# (in the ops' metadata) or by its kernel's name (jep's Pallas kernels are named after their
+# scope), the first that matches; what matches none is "element-wise and other" (activations,
+# the loss, sums of gradients).
 KINDS = (
     ("grouped forward", ("jep_grouped_forward",)),
     ("grouped dx", ("jep_grouped_dx",)),
     ("grouped dw", ("jep_grouped_dw",)),
-    ("exchange", ("jep_exchange", "all-to-all", "all_to_all", "nccl")),
+    ("exchange", ("jep_exchange", "all-to-all", "all_to_all", "nccl", "RaggedAllToAll",
+                  "MultiGpuBarrier")),
     ("routing and layout", ("jep_route", "jep_layout")),
     ("permutes", ("jep_permute",)),
 )
@@ -71,21 +73,30 @@ OTHER = "element-wise and other"
 
 def op_names(compiled_or_text) -> dict[str, str]:
     """HLO instruction name -> the op_name of its metadata (the JAX name stack), from a compiled
-    program's optimized HLO."""
+    program's optimized HLO; each name also with its dots as underscores, as XLA names the
+    kernel of a fusion ("loop_convert_fusion_16" for "loop_convert_fusion.16"): the profiler's
+    `hlo_op` of a kernel inside a command buffer (a CUDA graph) names the buffer, not the op."""
     text = compiled_or_text if isinstance(compiled_or_text, str) else compiled_or_text.as_text()
     found = {}
     for line in text.splitlines():
         match = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*metadata=\{[^}]*op_name="([^"]*)"', line)
         if match:
             found.setdefault(match.group(1), match.group(2))
+            found.setdefault(match.group(1).replace(".", "_"), match.group(2))
     return found
+
+
+def _op_name(event: dict, names: dict[str, str]) -> str:
+    """The op_name of the HLO instruction that launched a device event, "" where unknown."""
+    return (names.get(str(event["args"].get("hlo_op", "")))
+            or names.get(event["name"])
+            or "")
 
 
 def kind_of(event: dict, names: dict[str, str]) -> str:
     """The kind (`KINDS`) of a device event, from the op_name of the HLO instruction that
     launched it, its args and its kernel name."""
-    hlo_op = str(event["args"].get("hlo_op", ""))
-    text = " ".join([names.get(hlo_op, ""), event["name"],
+    text = " ".join([_op_name(event, names), event["name"],
                      *(str(v) for k, v in event["args"].items() if k in ("tf_op", "long_name"))])
     for kind, marks in KINDS:
         if any(mark in text for mark in marks):
@@ -173,11 +184,15 @@ def report(run, args, title: str, steps: int = 1) -> dict:
     totals = breakdown(events, names, steps)
     print(f"  per step, by kind ({min(e['device'] for e in events)}):")
     print(breakdown_table(totals))
-    other = collections.Counter()
+    # The longest kernels of each kind, with the op behind each where it is known.
+    device = min(e["device"] for e in events)
+    longest = collections.defaultdict(collections.Counter)
     for e in events:
-        if kind_of(e, names) == OTHER:
-            other[(e["name"][:60], names.get(str(e["args"].get("hlo_op", "")), "?")[-70:])] += e["duration"]
-    for (name, op_name), us in other.most_common(8):
-        print(f"    other: {us / steps:9.1f} us  {name}  [{op_name}]")
+        if e["device"] == device:
+            op = (_op_name(e, names) or "?")[-70:]
+            longest[kind_of(e, names)][(e["name"][:60], op)] += e["duration"]
+    for kind in totals:
+        for (name, op_name), us in longest[kind].most_common(3):
+            print(f"    {kind}: {us / steps:9.1f} us  {name}  [{op_name}]")
     print(f"  (args of one kernel event: {sorted(events[0]['args'])})")
     return totals

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jep_kernels.grouped_matmul import mgpu, tuning
-from jep_kernels.grouped_matmul.mgpu import Config, check_shapes
+from jep_kernels.grouped_matmul.mgpu import SCOPES, Config, check_shapes
 from jep_kernels.vma import vary_like
 
 __all__ = ["Config", "SCOPES", "SHAPE_MULTIPLE", "check_shapes", "configs_for", "grouped_matmul"]
@@ -30,11 +30,6 @@ SHAPE_MULTIPLE = 128  # the default configurations take every K and N that are m
 def _pad_rows(a):
     extra = -a.shape[0] % ROW_TILE
     return jnp.pad(a, ((0, extra), (0, 0))) if extra else a
-
-
-# Each product runs under a name scope of its own: a profile of a step tells the three apart
-# by these names in the ops' metadata (`jep.bench.profile.KINDS`).
-SCOPES = {"forward": "jep_grouped_forward", "dx": "jep_grouped_dx", "dw": "jep_grouped_dw"}
 
 
 def _product(x, w, group_sizes, *, transpose_w, config, interpret):

@@ -67,15 +67,29 @@ def interpret_params():
     return params(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
 
 
-def _persistent(body, out_type, interpret: bool, *, cluster: int = 1, warpgroups: int = 1):
-    """A kernel of one program per multiprocessor (axis "sm"; 2 programs when interpreted),
-    programs grouped in clusters of `cluster` (axis "cluster"), each with `warpgroups` threads
-    (axis "wg") when more than one."""
+# Each product runs under a name scope of its own, and its kernel has the same name: a profile
+# of a step tells the three apart by these names (`jep.bench.profile.KINDS`).
+SCOPES = {"forward": "jep_grouped_forward", "dx": "jep_grouped_dx", "dw": "jep_grouped_dw"}
+
+
+def named(body, name: str):
+    """`body`, renamed: Mosaic GPU names a kernel after its body function
+    ("<name>_mosaic_gpu_kernel" in a profile), and jep names each after the name scope its
+    product runs under (`SCOPES`), so that a profile tells the kernels apart."""
+    body.__name__ = body.__qualname__ = name
+    return body
+
+
+def _persistent(body, out_type, interpret: bool, *, name: str, cluster: int = 1,
+                warpgroups: int = 1):
+    """A kernel named `name` of one program per multiprocessor (axis "sm"; 2 programs when
+    interpreted), programs grouped in clusters of `cluster` (axis "cluster"), each with
+    `warpgroups` threads (axis "wg") when more than one."""
     programs = 2 if interpret else getattr(jax.devices()[0], "core_count", None) or 132
     threads = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
     clusters = dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}
     return plgpu.kernel(
-        body,
+        named(body, name),
         out_type=out_type,
         grid=(programs // cluster,),
         grid_names=("sm",),
@@ -188,8 +202,8 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
                                 end_row - first_row, col * bn, min(bm, num_rows), bn)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), x.dtype), interpret)(
-        items, x, w)
+    return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), x.dtype), interpret,
+                       name=SCOPES["dx" if transpose_w else "forward"])(items, x, w)
 
 
 def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
@@ -329,7 +343,8 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), dtype), interpret,
-                       cluster=cluster, warpgroups=3)(items, x, w)
+                       name=SCOPES["dx" if transpose_w else "forward"], cluster=cluster,
+                       warpgroups=3)(items, x, w)
 
 
 def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width, commit_group=True):
@@ -484,7 +499,7 @@ def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), out_dtyp
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return _persistent(body, jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype),
-                       interpret)(table, x_in, dy)
+                       interpret, name=SCOPES["dw"])(table, x_in, dy)
 
 
 def _smem_transforms(minor: int, dtype):
@@ -661,4 +676,4 @@ def _grouped_matmul_dw_ws(x, dy, group_sizes, *, config, out_dtype, interpret):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return _persistent(body, jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype),
-                       interpret, warpgroups=3)(bounds, x_in, dy)
+                       interpret, name=SCOPES["dw"], warpgroups=3)(bounds, x_in, dy)

@@ -22,12 +22,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jep_kernels.grouped_matmul.mgpu import interpret_params
+from jep_kernels.grouped_matmul.mgpu import interpret_params, named
 
 
-def _kernel(body, out_type, interpret: bool, scratch):
+def _kernel(body, out_type, interpret: bool, scratch, *, name: str):
+    """A kernel named `name` (its profile name: jep's permutes run under the "jep_permute" name
+    scope, `jep.bench.profile.KINDS`)."""
     return plgpu.kernel(
-        body,
+        named(body, name),
         out_type=out_type,
         grid=(_programs(interpret),),
         grid_names=("sm",),
@@ -104,7 +106,7 @@ def gather(rows, index, *, width: int, stages: int, interpret: bool = False):
 
     scratch = [plgpu.SMEM((stages, 1, width), rows.dtype), plgpu.Barrier(num_barriers=stages)]
     return _kernel(body, jax.ShapeDtypeStruct((num_out, hidden), rows.dtype), interpret,
-                   scratch)(index, rows, zeros)
+                   scratch, name="jep_permute_gather")(index, rows, zeros)
 
 
 def _programs(interpret: bool) -> int:
@@ -204,4 +206,5 @@ def gather_sum(rows, index, weights, *, width: int, ring: int, interpret: bool =
                plgpu.SMEM((2, 1, width), rows.dtype),
                plgpu.Barrier(num_barriers=ring)]
     return _kernel(body, jax.ShapeDtypeStruct((num_out, hidden), rows.dtype), interpret,
-                   scratch)(flat_index, flat_weights, position, stream, count, rows)
+                   scratch, name="jep_permute_gather_sum")(flat_index, flat_weights, position,
+                                                            stream, count, rows)
