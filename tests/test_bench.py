@@ -282,7 +282,8 @@ def test_profile_breakdown_finds_each_kind_by_its_scope():
     names |= profile.op_names('  %loop_fusion.7 = f32[4]{0} fusion(%p), kind=kLoop, '
                               'metadata={op_name="jit(f)/jep_permute/gather"}')
     in_graph = {"hlo_op": "command_buffer_1"}
-    events += [{"device": "/device:GPU:0", "name": "loop_fusion_7", "duration": 8.0, "args": in_graph},
+    events += [{"device": "/device:GPU:0", "name": "loop_fusion_7", "duration": 8.0,
+                "args": in_graph},
                {"device": "/device:GPU:0", "name": "jep_grouped_dx_mosaic_gpu_kernel",
                 "duration": 12.0, "args": in_graph}]
     totals = profile.breakdown(events, names, steps=2)
