@@ -101,4 +101,36 @@ def test_xla_transport_traces_through_dispatch_combine_and_their_gradients(monke
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(
         put(mesh, np.zeros((4 * num_ranks, 3), np.float32), P("ep")),
         put(mesh, np.ones((4 * num_ranks, 1), np.float32), P("ep")))
-    assert "ragged_all_to_all" in str(jaxpr)
+    # On one rank nothing crosses: no exchange at all.
+    assert ("ragged_all_to_all" in str(jaxpr)) == (num_ranks > 1)
+
+
+@pytest.mark.parametrize("backend", jep.transport.available())
+def test_one_rank_gathers_in_place_what_an_exchange_would_deliver(rng, backend):
+    num_rows, out_rows, sent = 9, 8, 6
+    rows = rng.normal(size=(num_rows, 3)).astype(np.float32)
+    index = np.array([4, 0, 8, -1, 2, 12, 7, 3], np.int32)  # -1 and 12: a zero row is sent
+    source = np.array([5, 0, 7, 1, -1, 3, 9], np.int32)  # 7, 9: past what arrived; -1: none
+    slot_row = np.array([[0, 5], [2, 7], [1, 1]], np.int32)
+    slot_mask = np.array([[True, True], [True, True], [False, True]])
+    mesh = make_mesh((1,), ("ep",))
+    sizes = jnp.array([sent], jnp.int32)
+
+    def local(rows):
+        moved = jep.transport.exchange(backend, rows, sizes, sizes, axis_name="ep",
+                                       out_rows=out_rows, max_rows_per_peer=num_rows,
+                                       index=jnp.asarray(index),
+                                       expansion=(None, jnp.asarray(source)))
+        summed = jep.transport.exchange_sum(backend, rows, sizes, sizes, jnp.asarray(slot_row),
+                                            jnp.asarray(slot_mask), axis_name="ep",
+                                            out_rows=out_rows, max_rows_per_peer=num_rows)
+        return moved, summed
+
+    moved, summed = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P()))(rows)
+    padded = np.concatenate([rows, np.zeros((1, 3), np.float32)])
+    arrived = padded[np.where((index >= 0) & (index < num_rows), index, num_rows)[:sent]]
+    arrived = np.concatenate([arrived, np.zeros((1, 3), np.float32)])
+    expanded = arrived[np.where((source >= 0) & (source < sent), source, sent)]
+    np.testing.assert_array_equal(moved, expanded)
+    kept = np.where(slot_mask & (slot_row < sent), slot_row, num_rows)
+    np.testing.assert_allclose(summed, padded[kept].sum(axis=1), rtol=1e-6)

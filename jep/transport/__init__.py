@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jep.layout import sum_rows, take_rows
 from jep.platform import current_platform
@@ -73,6 +74,13 @@ def get(name: str):
     return _BACKENDS[name].exchange
 
 
+def _received_from(count, out_rows: int, num_rows: int):
+    """i32[out_rows]: the row of the sent ones each received row is, on an axis of one rank
+    (row r for r < count, else `num_rows`: none, a zero row)."""
+    row = jnp.arange(out_rows, dtype=jnp.int32)
+    return jnp.where(row < count, row, num_rows)
+
+
 def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows: int,
              max_rows_per_peer: int, index=None, expansion=None, permute: str = "xla"):
     """The transport's exchange of `rows[index]` (of `rows` when index is None; an index out of
@@ -83,7 +91,21 @@ def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows:
       range); dest is its inverse, received row r lands in the rows dest[r, j] (out of range:
       nowhere), which must fill a prefix of the C rows.
     permute: gathers the rows where the transport does not (`jep.layout.take_rows`).
+
+    On an axis of one rank nothing crosses: the rows are gathered in place, once.
     """
+    if lax.axis_size(axis_name) == 1:
+        # One rank: what it receives is what it sends. One gather does the selection, the
+        # exchange and the expansion at once.
+        pick = _received_from(recv_sizes[0], out_rows, rows.shape[0])
+        if index is not None:
+            pick = jnp.where(pick < index.shape[0],
+                             index[jnp.minimum(pick, index.shape[0] - 1)], rows.shape[0])
+        if expansion is not None:
+            source = expansion[1]
+            inside = (source >= 0) & (source < out_rows)
+            pick = jnp.where(inside, pick[jnp.clip(source, 0, out_rows - 1)], rows.shape[0])
+        return take_rows(rows, pick, permute)
     module = _BACKENDS[backend]
     kwargs = dict(axis_name=axis_name, out_rows=out_rows, max_rows_per_peer=max_rows_per_peer)
     if index is not None:
@@ -110,7 +132,13 @@ def exchange_sum(backend: str, rows, send_sizes, recv_sizes, slot_row, slot_mask
     slot_row: i32[T, k], rows of the exchange's result (`out_rows` of them).
     slot_mask: bool[T, k], the slots to add (a token's row from one rank is added once).
     permute: adds the received rows where the transport does not (`jep.layout.sum_rows`).
+
+    On an axis of one rank nothing crosses: the rows are added in place.
     """
+    if lax.axis_size(axis_name) == 1:  # one rank: the received rows are the sent ones
+        received = jnp.minimum(recv_sizes[0], out_rows)
+        keep = slot_mask & (slot_row >= 0) & (slot_row < received)
+        return sum_rows(rows, jnp.where(keep, slot_row, rows.shape[0]), permute=permute)
     module = _BACKENDS[backend]
     kwargs = dict(axis_name=axis_name, out_rows=out_rows, max_rows_per_peer=max_rows_per_peer)
     with jax.named_scope(SCOPE):
