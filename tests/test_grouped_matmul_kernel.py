@@ -151,6 +151,83 @@ def test_weight_gradient_matches_float64(config, sizes):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("config", [DW_PLAIN, DW_WS, DW_WS_THREE_STAGES],
+                         ids=["plain", "ws", "ws-3-stages"])
+@pytest.mark.parametrize("chunk_rows, sizes", [
+    ((100, 100), [[70, 0, 20, 10], [0, 50, 50, 0]]),  # chunk 1 starts off the 8-row tiling
+    ((100, 100), [[0, 0, 0, 0], [25, 25, 25, 25]]),   # a chunk with nothing
+    ((100, 100), [[100, 0, 0, 0], [0, 0, 0, 100]]),   # each chunk's rows in one group
+    ((100, 100), [[30, 30, 10, 0], [1, 1, 1, 1]]),    # rows past each chunk's groups
+    ((120, 72), [[60, 60, 0, 0], [0, 0, 40, 32]]),    # chunks of two sizes, 8 rows unused
+])
+def test_weight_gradient_sums_each_groups_rows_over_the_chunks(config, chunk_rows, sizes):
+    rng = np.random.default_rng(sum(map(sum, sizes)))
+    m, k, n = 200, 128, 128
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(m, n)), jnp.bfloat16)
+    got = mgpu.grouped_matmul_dw(x, dy, jnp.asarray(sizes, jnp.int32), config=config,
+                                 out_dtype=jnp.float32, chunk_rows=chunk_rows,
+                                 interpret=not ON_GPU)
+    x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    want, offset = np.zeros(got.shape), 0
+    for rows, chunk_sizes in zip(chunk_rows, sizes):
+        start = offset
+        for g, size in enumerate(chunk_sizes):
+            want[g] += x64[start:start + size].T @ dy64[start:start + size]
+            start += size
+        offset += rows
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-4)
+
+
+def test_weight_gradient_chunks_must_match_their_group_sizes():
+    x = jnp.zeros((64, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="group_sizes must be \\[C, G\\] for the C=2 chunks"):
+        mgpu.grouped_matmul_dw(x, x, jnp.zeros((3, 2), jnp.int32), config=DW_WS,
+                               chunk_rows=(32, 32), interpret=True)
+    with pytest.raises(ValueError, match="at most M=64"):
+        mgpu.grouped_matmul_dw(x, x, jnp.zeros((2, 2), jnp.int32), config=DW_WS,
+                               chunk_rows=(40, 32), interpret=True)
+    with pytest.raises(ValueError, match="without chunk_rows"):
+        mgpu.grouped_matmul_dw(x, x, jnp.zeros((2, 2), jnp.int32), config=DW_WS, interpret=True)
+
+
+@pytest.mark.parametrize("config", [CONFIG, DW_WS], ids=["plain", "ws"])
+def test_chunks_equal_a_product_per_chunk_with_one_weight_gradient(config):
+    rng = np.random.default_rng(5)
+    k, n = 128, 128
+    rows = (100, 60, 36)
+    sizes = [[40, 0, 60], [0, 0, 0], [30, 6, 0]]  # a chunk with nothing; rows past its groups
+    xs = [jnp.asarray(rng.normal(size=(r, k)), jnp.bfloat16) for r in rows]
+    dys = [jnp.asarray(rng.normal(size=(r, n)), jnp.bfloat16) for r in rows]
+    w = jnp.asarray(rng.normal(size=(3, k, n)) / np.sqrt(k), jnp.bfloat16)
+    group_sizes = [jnp.asarray(s, jnp.int32) for s in sizes]
+
+    def run(chunked, xs, w):
+        if chunked:
+            return gm.grouped_matmul_chunks(xs, w, group_sizes, config=config,
+                                            interpret=not ON_GPU)
+        return tuple(gm.grouped_matmul(x, w, s, config=config, interpret=not ON_GPU)
+                     for x, s in zip(xs, group_sizes))
+
+    outs = {}
+    for chunked in (True, False):
+        ys, vjp = jax.vjp(lambda xs, w, chunked=chunked: run(chunked, xs, w), xs, w)
+        outs[chunked] = (ys, *vjp(tuple(dys)))
+    (ys, dxs, dw), (ys_each, dxs_each, dw_each) = outs[True], outs[False]
+    for got, want in zip([*ys, *dxs], [*ys_each, *dxs_each]):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # One float32 sum over every chunk's rows, rounded once (the per-chunk gradients are each
+    # rounded, then summed): against float64.
+    want = np.zeros(dw.shape)
+    for x, dy, chunk in zip(xs, dys, sizes):
+        x64, dy64, start = np.asarray(x, np.float64), np.asarray(dy, np.float64), 0
+        for g, size in enumerate(chunk):
+            want[g] += x64[start:start + size].T @ dy64[start:start + size]
+            start += size
+    np.testing.assert_allclose(np.asarray(dw, np.float64), want, rtol=1e-2, atol=5e-2)
+    assert dw.dtype == jnp.bfloat16
+
+
 def test_weight_gradient_in_the_weights_dtype_rounds_once():
     # dw comes out of the kernel in the dtype asked for: in bf16 it is the float32 result
     # rounded once.

@@ -20,7 +20,8 @@ from jep_kernels.grouped_matmul import mgpu, tuning
 from jep_kernels.grouped_matmul.mgpu import SCOPES, Config, check_shapes
 from jep_kernels.vma import vary_like
 
-__all__ = ["Config", "SCOPES", "SHAPE_MULTIPLE", "check_shapes", "configs_for", "grouped_matmul"]
+__all__ = ["Config", "SCOPES", "SHAPE_MULTIPLE", "check_shapes", "configs_for", "grouped_matmul",
+           "grouped_matmul_chunks"]
 
 
 ROW_TILE = 8  # TMA wants the row count of an array a multiple of this
@@ -42,10 +43,11 @@ def _product(x, w, group_sizes, *, transpose_w, config, interpret):
         return vary_like(y[:x.shape[0]], x, w, group_sizes)
 
 
-def _weight_gradient(x, dy, group_sizes, *, config, out_dtype, interpret):
+def _weight_gradient(x, dy, group_sizes, *, config, out_dtype, interpret, chunk_rows=None):
     with jax.named_scope(SCOPES["dw"]):
         dw = mgpu.grouped_matmul_dw(_pad_rows(x), _pad_rows(dy), group_sizes, config=config,
-                                    out_dtype=out_dtype, interpret=interpret)
+                                    out_dtype=out_dtype, chunk_rows=chunk_rows,
+                                    interpret=interpret)
         return vary_like(dw, x, dy, group_sizes)
 
 
@@ -74,6 +76,32 @@ def _bwd(configs, interpret, residuals, dy):
 _grouped_matmul.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped_matmul_chunks(xs, w, group_sizes, configs, interpret):
+    return tuple(_product(x, w, sizes, transpose_w=False, config=configs["forward"],
+                          interpret=interpret) for x, sizes in zip(xs, group_sizes))
+
+
+def _chunks_fwd(xs, w, group_sizes, configs, interpret):
+    return _grouped_matmul_chunks(xs, w, group_sizes, configs, interpret), (xs, w, group_sizes)
+
+
+def _chunks_bwd(configs, interpret, residuals, dys):
+    xs, w, group_sizes = residuals
+    dys = tuple(dy.astype(x.dtype) for x, dy in zip(xs, dys))
+    dxs = tuple(_product(dy, w, sizes, transpose_w=True, config=configs["dx"], interpret=interpret)
+                for dy, sizes in zip(dys, group_sizes))
+    # One weight gradient over the rows of every chunk: each group's rows are its rows of
+    # each chunk in turn, summed in one accumulator.
+    dw = _weight_gradient(jnp.concatenate(xs), jnp.concatenate(dys), jnp.stack(group_sizes),
+                          config=configs["dw"], out_dtype=w.dtype, interpret=interpret,
+                          chunk_rows=tuple(x.shape[0] for x in xs))
+    return dxs, vary_like(dw, w), None
+
+
+_grouped_matmul_chunks.defvjp(_chunks_fwd, _chunks_bwd)
+
+
 class _Configs(dict):
     """The configurations of the three products, hashable (a custom_vjp static argument)."""
 
@@ -89,19 +117,12 @@ def configs_for(w_shape, config: Config | None = None) -> dict[str, Config]:
                      for op in tuning.OPS})
 
 
-def grouped_matmul(x, w, group_sizes, *, config: Config | None = None, interpret: bool = False):
-    """y[M, N] = x[rows of g] @ w[g] for each group g; rows past sum(group_sizes) are zero.
-
-    Args:
-      x: bf16/f16 [M, K]; w: [G, K, N] of the same dtype; group_sizes: i32[G].
-      config: tile sizes (`Config`) for all three products (forward, dx, dw); by default each
-        product's own from the tuning table. K and N must be multiples of the tiles.
-      interpret: run in Pallas's GPU interpret mode (CPU, slow; for tests).
-    """
+def _checked_configs(w, config: Config | None) -> dict[str, Config]:
+    """`configs_for(w.shape, config)`, after checking that w's K and N take the tiles of dx and
+    dw (the forward's are checked with x)."""
     if w.ndim != 3:
         raise ValueError(f"w must be [G, K, N], got {w.shape}")
     configs = configs_for(w.shape, config)
-    check_shapes(x, w, group_sizes, transpose_w=False, config=configs["forward"])
     k, n = w.shape[1:]
     dx, dw = configs["dx"], configs["dw"]
     dx_tile_n = dx.block_n * (2 if dx.warp_specialized else 1)
@@ -111,9 +132,49 @@ def grouped_matmul(x, w, group_sizes, *, config: Config | None = None, interpret
     if k % dw.block_m or n % mgpu.dw_tile_n(dw):
         raise ValueError(f"K={k} must be a multiple of block_m={dw.block_m} and N={n} of the "
                          f"tile width {mgpu.dw_tile_n(dw)} (the tiles of the weight gradient)")
+    return configs
+
+
+def grouped_matmul(x, w, group_sizes, *, config: Config | None = None, interpret: bool = False):
+    """y[M, N] = x[rows of g] @ w[g] for each group g; rows past sum(group_sizes) are zero.
+
+    Args:
+      x: bf16/f16 [M, K]; w: [G, K, N] of the same dtype; group_sizes: i32[G].
+      config: tile sizes (`Config`) for all three products (forward, dx, dw); by default each
+        product's own from the tuning table. K and N must be multiples of the tiles.
+      interpret: run in Pallas's GPU interpret mode (CPU, slow; for tests).
+    """
+    configs = _checked_configs(w, config)
+    check_shapes(x, w, group_sizes, transpose_w=False, config=configs["forward"])
     # Inside shard_map: give the three the same mesh-axis type, so that each result and cotangent
     # has one type; where w is replicated over an axis x varies over, the cast's transpose sums
     # dw over that axis.
     group_sizes = group_sizes.astype(jnp.int32)
     x, w, group_sizes = (vary_like(a, x, w, group_sizes) for a in (x, w, group_sizes))
     return _grouped_matmul(x, w, group_sizes, configs, interpret)
+
+
+def grouped_matmul_chunks(xs, w, group_sizes, *, config: Config | None = None,
+                          interpret: bool = False):
+    """`grouped_matmul(xs[c], w, group_sizes[c])` for each chunk c of a layer run in chunks, as a
+    tuple, with one weight gradient for all of them: dw is computed once, over the rows of
+    every chunk (one kernel writing each gradient once, whatever the number of chunks), where
+    a product per chunk would compute and write it once per chunk and then sum them.
+
+    Args:
+      xs: C arrays bf16/f16 [M_c, K], each grouped by its own group sizes.
+      w: [G, K, N]; group_sizes: C arrays i32[G].
+      config, interpret: as for `grouped_matmul`.
+    """
+    xs, group_sizes = tuple(xs), tuple(group_sizes)
+    if not xs or len(xs) != len(group_sizes):
+        raise ValueError(f"xs and group_sizes must be as many chunks (at least one), got "
+                         f"{len(xs)} and {len(group_sizes)}")
+    configs = _checked_configs(w, config)
+    for x, sizes in zip(xs, group_sizes):
+        check_shapes(x, w, sizes, transpose_w=False, config=configs["forward"])
+    prepared = [vary_like(a, *xs, w, *group_sizes)
+                for a in (*xs, w, *(s.astype(jnp.int32) for s in group_sizes))]
+    num = len(xs)
+    xs, w, group_sizes = tuple(prepared[:num]), prepared[num], tuple(prepared[num + 1:])
+    return _grouped_matmul_chunks(xs, w, group_sizes, configs, interpret)

@@ -373,12 +373,25 @@ def _group_rows(group_sizes, num_rows: int):
     return starts, ends
 
 
-def _group_table(group_sizes, num_rows: int, block_rows: int):
-    """i32[4 G]: (first row, end row, first row block, number of row blocks) of each group."""
-    starts, ends = _group_rows(group_sizes, num_rows)
+def _segment_rows(group_sizes, chunk_rows):
+    """(starts, ends), i32[G, C] each: the rows [start, end) of group g in chunk c, where x's
+    rows are C chunks one after another, chunk c `chunk_rows[c]` rows grouped by
+    group_sizes[c] (i32[C, G])."""
+    starts, ends, offset = [], [], 0
+    for c, rows in enumerate(chunk_rows):
+        start, end = _group_rows(group_sizes[c], rows)
+        starts.append(start + offset)
+        ends.append(end + offset)
+        offset += rows
+    return jnp.stack(starts, axis=1), jnp.stack(ends, axis=1)
+
+
+def _group_table(starts, ends, block_rows: int):
+    """i32[4 G C]: (first row, end row, first row block, number of row blocks) of each segment
+    (`_segment_rows`), group-major."""
     first_block = starts // block_rows
     blocks = jnp.where(ends > starts, (ends - 1) // block_rows - first_block + 1, 0)
-    return jnp.stack([starts, ends, first_block, blocks], axis=1).reshape(-1)
+    return jnp.stack([starts, ends, first_block, blocks], axis=-1).reshape(-1)
 
 
 def dw_tile_n(config: Config) -> int:
@@ -392,8 +405,8 @@ def check_dw_shapes(x, dy, group_sizes, *, config: Config):
         raise ValueError(f"x must be [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
     if x.dtype != dy.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
         raise TypeError(f"x and dy must both be bf16 or both f16, got {x.dtype} and {dy.dtype}")
-    if group_sizes.ndim != 1:
-        raise ValueError(f"group_sizes must be [G], got {group_sizes.shape}")
+    if group_sizes.ndim not in (1, 2):
+        raise ValueError(f"group_sizes must be [G] or [C, G], got {group_sizes.shape}")
     depth, width = x.shape[1], dy.shape[1]
     if depth % config.block_m or width % dw_tile_n(config):
         raise ValueError(f"K={depth} must be a multiple of block_m={config.block_m} and N={width} "
@@ -408,27 +421,40 @@ def check_dw_shapes(x, dy, group_sizes, *, config: Config):
 
 
 def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), out_dtype=None,
-                      interpret: bool = False):
+                      chunk_rows: tuple[int, ...] | None = None, interpret: bool = False):
     """dw[G, K, N]: dw[g] = x[rows of g]^T @ dy[rows of g] (zero for an empty group).
 
     The rows of a group are the contraction, accumulated in float32 and rounded once to
     `out_dtype` (x's dtype by default). Output tiles are `block_m` x `dw_tile_n(config)`; K must
     be a multiple of block_m and N of the tile width.
 
+    With `chunk_rows` (C static row counts, summing to at most M), x and dy are C chunks of
+    rows one after another, chunk c grouped by group_sizes[c] (i32[C, G]): a group's rows are
+    then its rows of every chunk, all summed into its one gradient (a layer run in chunks).
+
     Where a group's row blocks reach into its neighbours, one operand's rows outside the group
     are zeroed in shared memory (x's in the one-warpgroup kernel, dy's in the warp-specialized
     one), so the other's rows outside every group must be finite (zero times inf is a NaN).
     """
     check_dw_shapes(x, dy, group_sizes, config=config)
+    if chunk_rows is None:
+        if group_sizes.ndim != 1:
+            raise ValueError(f"group_sizes must be [G] without chunk_rows, got {group_sizes.shape}")
+        group_sizes, chunk_rows = group_sizes[None], (x.shape[0],)
+    elif group_sizes.shape[0] != len(chunk_rows) or sum(chunk_rows) > x.shape[0]:
+        raise ValueError(f"group_sizes must be [C, G] for the C={len(chunk_rows)} chunks of "
+                         f"chunk_rows={chunk_rows} (at most M={x.shape[0]} rows in all), got "
+                         f"{group_sizes.shape}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    segments = _segment_rows(group_sizes, chunk_rows)
     if config.warp_specialized:
-        return _grouped_matmul_dw_ws(x, dy, group_sizes, config=config, out_dtype=out_dtype,
+        return _grouped_matmul_dw_ws(x, dy, segments, config=config, out_dtype=out_dtype,
                                      interpret=interpret)
     num_rows, depth = x.shape
     width = dy.shape[1]
-    num_groups = group_sizes.shape[0]
+    num_groups, num_chunks = segments[0].shape
     br, bk, bn = config.block_k, config.block_m, config.block_n
-    table = _group_table(group_sizes, num_rows, br)
+    table = _group_table(*segments, br)
     k_blocks, n_blocks = depth // bk, width // bn
     # The interpreter has no transposed shared-memory views: there x is transposed in memory
     # ([K, M]) and its tiles are read as they are.
@@ -441,55 +467,62 @@ def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), out_dtyp
             group = tile // (k_blocks * n_blocks)
             ki = (tile // n_blocks) % k_blocks
             ni = tile % n_blocks
-            start = table_gmem[4 * group]
-            end = table_gmem[4 * group + 1]
-            first_block = table_gmem[4 * group + 2]
-            blocks = table_gmem[4 * group + 3]
+
+            def segment(c):
+                """(first row, end row, first row block, row blocks) of the group in chunk c."""
+                at = 4 * (group * num_chunks + c)
+                return tuple(table_gmem[at + i] for i in range(4))
 
             def multiply(acc_ref):
-                def step(index, x_smem, dy_smem):
-                    b = index[0]
+                for c in range(num_chunks):  # the group's rows of each chunk, into one sum
+                    start, end, first_block, blocks = segment(c)
 
-                    @pl.when((b == 0) | (b == blocks - 1))
-                    def _mask():
-                        axis = 1 if interpret else 0
-                        shape = (bk, br) if interpret else (br, bk)
-                        row = lax.broadcasted_iota(jnp.int32, shape, axis)
-                        if not interpret:
-                            row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
-                        row = row + (first_block + b) * br
-                        keep = ((row >= start) & (row < end)).astype(x_smem.dtype)
-                        x_smem[...] = x_smem[...] * keep
-                        plgpu.commit_smem()
+                    def step(index, x_smem, dy_smem, start=start, end=end,
+                             first_block=first_block, blocks=blocks):
+                        b = index[0]
 
-                    lhs = x_smem if interpret else plgpu.transpose_ref(x_smem, (1, 0))
-                    plgpu.wgmma(acc_ref, lhs, dy_smem)
+                        @pl.when((b == 0) | (b == blocks - 1))
+                        def _mask():
+                            axis = 1 if interpret else 0
+                            shape = (bk, br) if interpret else (br, bk)
+                            row = lax.broadcasted_iota(jnp.int32, shape, axis)
+                            if not interpret:
+                                row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
+                            row = row + (first_block + b) * br
+                            keep = ((row >= start) & (row < end)).astype(x_smem.dtype)
+                            x_smem[...] = x_smem[...] * keep
+                            plgpu.commit_smem()
 
-                x_spec = (plgpu.BlockSpec((bk, br), lambda b: (ki, first_block + b),
-                                          delay_release=1) if interpret else
-                          plgpu.BlockSpec((br, bk), lambda b: (first_block + b, ki),
-                                          delay_release=1))
+                        lhs = x_smem if interpret else plgpu.transpose_ref(x_smem, (1, 0))
+                        plgpu.wgmma(acc_ref, lhs, dy_smem)
 
-                @pl.when(blocks > 0)
-                def _():
-                    plgpu.emit_pipeline(
-                        step,
-                        grid=(blocks,),
-                        in_specs=[x_spec, plgpu.BlockSpec((br, bn), lambda b: (first_block + b, ni),
-                                                          delay_release=1)],
-                        max_concurrent_steps=config.max_concurrent_steps,
-                    )(x_gmem, dy_gmem)
+                    rows = lambda b, first_block=first_block: first_block + b  # noqa: E731
+                    x_spec = (plgpu.BlockSpec((bk, br), lambda b: (ki, rows(b)),
+                                              delay_release=1) if interpret else
+                              plgpu.BlockSpec((br, bk), lambda b: (rows(b), ki),
+                                              delay_release=1))
+
+                    @pl.when(blocks > 0)
+                    def _(step=step, x_spec=x_spec, rows=rows, blocks=blocks):
+                        plgpu.emit_pipeline(
+                            step,
+                            grid=(blocks,),
+                            in_specs=[x_spec, plgpu.BlockSpec((br, bn), lambda b: (rows(b), ni),
+                                                              delay_release=1)],
+                            max_concurrent_steps=config.max_concurrent_steps,
+                        )(x_gmem, dy_gmem)
                 return acc_ref[...]
 
             acc = pl.run_scoped(multiply, plgpu.ACC((bk, bn)))
+            rows_in_all = sum(segment(c)[3] for c in range(num_chunks))
 
             @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bk, bn), out_gmem.dtype))
             def _store(out_smem):
-                @pl.when(blocks > 0)
+                @pl.when(rows_in_all > 0)
                 def _():
                     out_smem[...] = acc.astype(out_smem.dtype)
 
-                @pl.when(blocks == 0)
+                @pl.when(rows_in_all == 0)
                 def _():
                     out_smem[...] = jnp.zeros((bk, bn), out_smem.dtype)
 
@@ -509,7 +542,7 @@ def _smem_transforms(minor: int, dtype):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _grouped_matmul_dw_ws(x, dy, group_sizes, *, config, out_dtype, interpret):
+def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
     """`grouped_matmul_dw` for many small groups: one pipeline across all of a program's tiles.
 
     A tile is (group, K block of block_m, N block of 2 block_n); two compute warpgroups take
@@ -526,11 +559,13 @@ def _grouped_matmul_dw_ws(x, dy, group_sizes, *, config, out_dtype, interpret):
     tile in pieces of epilogue_m x epilogue_n without waiting for the stores: two buffers of a
     piece each, or with one piece the whole tile in one buffer, whose store is waited for only
     before the next tile's result goes there (after the next tile's products). An empty group's
-    tiles are stored as zeros.
+    tiles are stored as zeros. A group's rows in several chunks (`segments`, from
+    `_segment_rows`) are its segments: a tile's steps are those of each segment in turn, all
+    into the one accumulator.
     """
     num_rows, depth = x.shape
     width = dy.shape[1]
-    num_groups = group_sizes.shape[0]
+    num_groups, num_chunks = segments[0].shape
     bm, bn, br = config.block_m, config.block_n, config.block_k
     stages = config.max_concurrent_steps
     em, en = min(config.epilogue_m, bm), min(config.epilogue_n, bn)
@@ -539,8 +574,8 @@ def _grouped_matmul_dw_ws(x, dy, group_sizes, *, config, out_dtype, interpret):
     k_blocks, n_blocks = depth // bm, width // (2 * bn)
     num_tiles = num_groups * k_blocks * n_blocks
     dtype = x.dtype
-    # i32[2 G]: (first row, end row) of each group.
-    bounds = jnp.stack(_group_rows(group_sizes, num_rows), axis=1).reshape(-1)
+    # i32[2 G C]: (first row, end row) of each group's segment in each chunk.
+    bounds = jnp.stack(segments, axis=-1).reshape(-1)
     # The interpreter has no transposed shared-memory views: there x is transposed in memory
     # ([K, M]) and its tiles are read as they are.
     x_in = jnp.swapaxes(x, 0, 1) if interpret else x
@@ -550,15 +585,17 @@ def _grouped_matmul_dw_ws(x, dy, group_sizes, *, config, out_dtype, interpret):
         wg = lax.axis_index("wg")
 
         def tile_of(info):
-            """(group, K block, N block, first row loaded, the group's rows [start, end), steps)."""
+            """(group, K block, N block)."""
             tile = info.index[0]
-            group = tile // (k_blocks * n_blocks)
-            ki = tile // n_blocks % k_blocks
-            ni = tile % n_blocks
-            start, end = bounds_gmem[2 * group], bounds_gmem[2 * group + 1]
+            return tile // (k_blocks * n_blocks), tile // n_blocks % k_blocks, tile % n_blocks
+
+        def segment(group, c):
+            """(first row loaded, the group's rows [start, end) in chunk c, steps)."""
+            at = 2 * (group * num_chunks + c)
+            start, end = bounds_gmem[at], bounds_gmem[at + 1]
             first_row = pl.multiple_of(start - start % 8, 8)
             steps = jnp.where(end > start, (end - first_row + br - 1) // br, 0)
-            return group, ki, ni, first_row, start, end, steps
+            return first_row, start, end, steps
 
         @functools.partial(
             pl.run_scoped,
@@ -576,26 +613,29 @@ def _grouped_matmul_dw_ws(x, dy, group_sizes, *, config, out_dtype, interpret):
                 plgpu.set_max_registers(40, action="decrease")
 
                 def tile_loads(info, carry):
-                    _, ki, ni, first_row, _, _, steps = tile_of(info)
+                    group, ki, ni = tile_of(info)
                     cols = pl.ds(pl.multiple_of(ki * bm, bm), bm)
+                    for c in range(num_chunks):
+                        first_row, _, _, steps = segment(group, c)
+                        carry = lax.fori_loop(
+                            0, steps, functools.partial(segment_loads, first_row, cols, ni), carry)
+                    return carry
 
-                    def step_loads(b, step):
-                        slot = step % stages
+                def segment_loads(first_row, cols, ni, b, step):
+                    slot = step % stages
 
-                        @pl.when(step >= stages)
-                        def _():
-                            plgpu.barrier_wait(consumed.at[slot])
+                    @pl.when(step >= stages)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[slot])
 
-                        rows = pl.ds(pl.multiple_of(first_row + b * br, 8), br)
-                        x_src = x_gmem.at[cols, rows] if interpret else x_gmem.at[rows, cols]
-                        plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], loaded.at[slot])
-                        for half in range(2):
-                            half_cols = pl.multiple_of((2 * ni + half) * bn, bn)
-                            plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(half_cols, bn)],
-                                                    dy_smem.at[slot, half], loaded.at[slot])
-                        return step + 1
-
-                    return lax.fori_loop(0, steps, step_loads, carry)
+                    rows = pl.ds(pl.multiple_of(first_row + b * br, 8), br)
+                    x_src = x_gmem.at[cols, rows] if interpret else x_gmem.at[rows, cols]
+                    plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], loaded.at[slot])
+                    for half in range(2):
+                        half_cols = pl.multiple_of((2 * ni + half) * bn, bn)
+                        plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(half_cols, bn)],
+                                                dy_smem.at[slot, half], loaded.at[slot])
+                    return step + 1
 
                 total = plgpu.nd_loop((num_tiles,), collective_axes="sm",
                                       init_carry=jnp.int32(0))(tile_loads)
@@ -609,46 +649,54 @@ def _grouped_matmul_dw_ws(x, dy, group_sizes, *, config, out_dtype, interpret):
             def _compute():
                 plgpu.set_max_registers(232, action="increase")
 
-                def tile_product(info, carry):
-                    group, ki, ni, first_row, start, end, steps = tile_of(info)
+                def segment_product(acc_ref, first_row, start, end, steps, step):
+                    """The segment's steps into the accumulator, from ring step `step` on;
+                    returns the step after them."""
+                    def step_product(b, step):
+                        slot = step % stages
+                        plgpu.barrier_wait(loaded.at[slot])
+                        dy_part = dy_smem.at[slot, wg]
+                        # The group's rows in this step: [lo, hi).
+                        lo = start - first_row - b * br
+                        hi = end - first_row - b * br
 
-                    def multiply(acc_ref):
-                        def step_product(b, step):
-                            slot = step % stages
-                            plgpu.barrier_wait(loaded.at[slot])
-                            dy_part = dy_smem.at[slot, wg]
-                            # The group's rows in this step: [lo, hi).
-                            lo = start - first_row - b * br
-                            hi = end - first_row - b * br
+                        @pl.when((lo > 0) | (hi < br))
+                        def _mask():
+                            row = lax.broadcasted_iota(jnp.int32, (br, bn), 0)
+                            if not interpret:
+                                row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
+                            keep = (row >= lo) & (row < hi)
+                            dy_part[...] = dy_part[...] * keep.astype(dtype)
+                            plgpu.commit_smem()
 
-                            @pl.when((lo > 0) | (hi < br))
-                            def _mask():
-                                row = lax.broadcasted_iota(jnp.int32, (br, bn), 0)
-                                if not interpret:
-                                    row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
-                                keep = (row >= lo) & (row < hi)
-                                dy_part[...] = dy_part[...] * keep.astype(dtype)
-                                plgpu.commit_smem()
+                        lhs = (x_smem.at[slot] if interpret
+                               else plgpu.transpose_ref(x_smem.at[slot], (1, 0)))
+                        plgpu.wgmma(acc_ref, lhs, dy_part)
+                        # The product before this one has finished: its stage can be reloaded.
+                        plgpu.wgmma_wait(1)
 
-                            lhs = (x_smem.at[slot] if interpret
-                                   else plgpu.transpose_ref(x_smem.at[slot], (1, 0)))
-                            plgpu.wgmma(acc_ref, lhs, dy_part)
-                            # The product before this one has finished: its stage can be reloaded.
-                            plgpu.wgmma_wait(1)
-
-                            @pl.when(b > 0)
-                            def _():
-                                plgpu.barrier_arrive(consumed.at[(step - 1) % stages])
-
-                            return step + 1
-
-                        step = lax.fori_loop(0, steps, step_product, carry)
-                        plgpu.wgmma_wait(0)
-
-                        @pl.when(steps > 0)
+                        @pl.when(b > 0)
                         def _():
                             plgpu.barrier_arrive(consumed.at[(step - 1) % stages])
 
+                        return step + 1
+
+                    step = lax.fori_loop(0, steps, step_product, step)
+                    plgpu.wgmma_wait(0)
+
+                    @pl.when(steps > 0)
+                    def _():
+                        plgpu.barrier_arrive(consumed.at[(step - 1) % stages])
+
+                    return step
+
+                def tile_product(info, carry):
+                    group, ki, ni = tile_of(info)
+
+                    def multiply(acc_ref):
+                        step = carry
+                        for c in range(num_chunks):
+                            step = segment_product(acc_ref, *segment(group, c), step)
                         return acc_ref[...], step
 
                     # Zero where the group is empty (no steps): the accumulator starts at zero.
