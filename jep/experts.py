@@ -5,6 +5,8 @@ Shapes: C rows, H hidden, F expert hidden, G = E_local groups.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -102,6 +104,12 @@ def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "
     Returns:
       [C, H] in recv_x.dtype; products accumulate in float32.
     """
+    _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation)
+    matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, backend=backend)
+    return _swiglu(matmul, recv_x, w_gate, w_up, w_down, activation)
+
+
+def _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation):
     _checks.rank(recv_x, 2, "recv_x")
     _checks.floating(recv_x, "recv_x")
     _checks.rank(group_sizes, 1, "group_sizes")
@@ -114,10 +122,42 @@ def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "
     _checks.shape(w_down, (num_groups, ffn, hidden), "w_down")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _swiglu(matmul, rows, w_gate, w_up, w_down, activation):
+    """`(act(rows @ w_gate) * (rows @ w_up)) @ w_down` with `matmul(rows, w)` the grouped product;
+    `rows` an array, or a tuple of arrays (chunks) for a `matmul` that takes them."""
     act = ACTIVATION_FNS[activation]
-    dtype = recv_x.dtype
-    gate = grouped_matmul(recv_x, w_gate.astype(dtype), group_sizes, backend=backend)
-    up = grouped_matmul(recv_x, w_up.astype(dtype), group_sizes, backend=backend)
-    accumulator = _accumulator(recv_x)
-    hidden_act = act(gate.astype(accumulator)) * up.astype(accumulator)
-    return grouped_matmul(hidden_act.astype(dtype), w_down.astype(dtype), group_sizes, backend=backend)
+    first = rows[0] if isinstance(rows, tuple) else rows
+    dtype, accumulator = first.dtype, _accumulator(first)
+    gate = matmul(rows, w_gate.astype(dtype))
+    up = matmul(rows, w_up.astype(dtype))
+    hidden = jax.tree.map(
+        lambda g, u: (act(g.astype(accumulator)) * u.astype(accumulator)).astype(dtype), gate, up)
+    return matmul(hidden, w_down.astype(dtype))
+
+
+def expert_ffn_chunks(recv_xs, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",
+                      backend: str = "auto"):
+    """`expert_ffn` of each chunk of a layer run in chunks (`DispatchConfig(num_chunks)`): a
+    tuple of [C_c, H], chunk c's rows recv_xs[c] grouped by group_sizes[c].
+
+    With the Pallas kernels, each weight's gradient is computed once over the rows of every
+    chunk (`jep_kernels.grouped_matmul.grouped_matmul_chunks`), not once per chunk and summed:
+    chunking does not multiply the weight-gradient work. Elsewhere, one `expert_ffn` a chunk.
+    """
+    recv_xs, group_sizes = tuple(recv_xs), tuple(group_sizes)
+    if not recv_xs or len(recv_xs) != len(group_sizes):
+        raise ValueError(f"recv_xs and group_sizes must be as many chunks (at least one), got "
+                         f"{len(recv_xs)} and {len(group_sizes)}")
+    for x, sizes in zip(recv_xs, group_sizes):
+        _check_args(x, sizes, w_gate, w_up, w_down, activation)
+    chosen = grouped_matmul_backend(recv_xs[0], w_gate.astype(recv_xs[0].dtype), backend)
+    if len(recv_xs) == 1 or chosen != "pallas":
+        return tuple(expert_ffn(x, sizes, w_gate, w_up, w_down, activation=activation,
+                                backend=backend) for x, sizes in zip(recv_xs, group_sizes))
+
+    def matmul(rows, w):
+        return jep_kernels.grouped_matmul.grouped_matmul_chunks(rows, w, group_sizes)
+
+    return _swiglu(matmul, recv_xs, w_gate, w_up, w_down, activation)

@@ -13,7 +13,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from jep import _checks, balance, low_latency, routing
 from jep.config import MoEConfig
 from jep.dispatch import combine, dispatch
-from jep.experts import ACTIVATION_FNS, expert_ffn
+from jep.experts import ACTIVATION_FNS, expert_ffn_chunks
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 SHARED_PARAMS = ("shared_gate", "shared_up", "shared_down")
@@ -155,8 +155,11 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
     overflow = config.dispatch.overflow if capacity is not None else "position"
     low_latency_mesh = mesh if config.dispatch.mode == "low_latency" else None
 
-    def experts_of_chunk(x, expert_ids, weights, scores, bias, placement, experts, first_token):
-        """One chunk's tokens through the capacity policy, dispatch, experts and combine."""
+    decoding = config.dispatch.mode == "low_latency"
+
+    def dispatch_chunk(x, expert_ids, weights, scores, bias, placement, first_token):
+        """One chunk's tokens through the capacity policy and dispatch: (recv_x, group_sizes,
+        handle, combine weights, slot ids, pairs dropped, pairs rerouted)."""
         num_rerouted = num_policy_dropped = jnp.int32(0)
         if overflow == "probability":
             expert_ids, num_policy_dropped = balance.keep_by_probability(
@@ -173,7 +176,6 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
         slot_ids = expert_ids
         if placement is not None:
             slot_ids = balance.replica_ids(expert_ids, placement, first_token * config.top_k)
-        decoding = config.dispatch.mode == "low_latency"
         if decoding:  # the weights travel with the tokens
             recv_x, group_sizes, handle = low_latency.dispatch(
                 x, slot_ids, weights, num_experts=num_slots, axis_name=config.axis_name,
@@ -183,11 +185,8 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
                 x, slot_ids, num_experts=num_slots, axis_name=config.axis_name,
                 capacity=capacity, backend=config.dispatch.backend,
                 permute=config.dispatch.permute, mode=config.dispatch.mode)
-        expert_out = expert_ffn(recv_x, group_sizes, *experts, activation=config.activation,
-                                backend=config.expert_backend)
-        y = (low_latency.combine(expert_out, handle) if decoding
-             else combine(expert_out, handle, weights))
-        return y, slot_ids, handle.num_dropped + num_policy_dropped, num_rerouted
+        return (recv_x, group_sizes, handle, weights, slot_ids,
+                handle.num_dropped + num_policy_dropped, num_rerouted)
 
     def layer(x, router, w_gate, w_up, w_down, bias, placement, shared):
         logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
@@ -201,16 +200,22 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
             experts = tuple(balance.tie_copies(w, placement, config.axis_name) for w in experts)
         first_token = lax.axis_index(token_axes) * local_tokens
         # Chunk by chunk, independent of each other: XLA may overlap one's exchanges with
-        # another's experts, and the shared expert with all of them.
+        # another's experts, and the shared expert with all of them. The experts of all chunks
+        # are one call: each weight gradient is computed once over every chunk's rows.
         chunks = []
         for c in range(num_chunks):
             part = slice(c * chunk_tokens, (c + 1) * chunk_tokens)
-            chunks.append(experts_of_chunk(x[part], expert_ids[part], weights[part], scores[part],
-                                           bias, placement, experts,
-                                           first_token + c * chunk_tokens))
-        y, slot_ids = (jnp.concatenate([c[i] for c in chunks]) for i in range(2))
-        num_dropped = sum(c[2] for c in chunks)
-        num_rerouted = sum(c[3] for c in chunks)
+            chunks.append(dispatch_chunk(x[part], expert_ids[part], weights[part], scores[part],
+                                         bias, placement, first_token + c * chunk_tokens))
+        recv_xs, group_sizes, handles, chunk_weights, slot_ids, dropped, rerouted = zip(*chunks)
+        expert_outs = expert_ffn_chunks(recv_xs, group_sizes, *experts,
+                                        activation=config.activation,
+                                        backend=config.expert_backend)
+        y = jnp.concatenate([
+            low_latency.combine(out, handle) if decoding else combine(out, handle, w)
+            for out, handle, w in zip(expert_outs, handles, chunk_weights)])
+        slot_ids = jnp.concatenate(slot_ids)
+        num_dropped, num_rerouted = sum(dropped), sum(rerouted)
         if shared is not None:
             y = y + shared_expert(x, shared, config.activation)
         counts = lax.psum(routing.expert_counts(routed_ids, config.num_experts), token_axes)
