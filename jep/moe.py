@@ -5,6 +5,8 @@ Shapes: T tokens (all ranks), H hidden, F expert hidden, E experts, k = top_k.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -66,12 +68,45 @@ def _check_params(params, hidden, config, num_slots):
         _checks.shape(params["shared_down"], (shared_ffn, hidden), "params['shared_down']")
 
 
+def _explicit(mesh) -> bool:
+    return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def _sharding(mesh, spec):
+    return NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec
+
+
 def place(x, mesh, spec):
     """Reshards x to `spec` where the mesh has explicit axes (there a sharding is a type that
     shard_map checks, not a hint); elsewhere returns x as it is."""
-    if any(t == AxisType.Explicit for t in mesh.axis_types):
-        return jax.sharding.reshard(x, NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)
+    if _explicit(mesh):
+        return jax.sharding.reshard(x, _sharding(mesh, spec))
     return x
+
+
+def _leading_spec(shape, mesh) -> P:
+    """A spec for an array of `shape` [..., H] that splits its leading axes over the mesh's axes
+    in order: each leading axis takes the next mesh axes while their sizes divide it; an axis
+    that fits nowhere is left out (replicated)."""
+    axes = list(zip(mesh.axis_names, mesh.axis_sizes))
+    spec = []
+    for size in shape[:-1]:
+        taken = []
+        while axes and size % (math.prod(n for _, n in taken) * axes[0][1]) == 0:
+            taken.append(axes.pop(0))
+        spec.append(tuple(name for name, _ in taken) or None)
+    return P(*spec, None)
+
+
+def _reshape(a, shape, mesh, spec):
+    """a.reshape(shape), laid out by `spec` where the mesh has explicit axes: there a reshape
+    that regroups sharded axes (tokens split over 8 devices as [4, 64, H]) must be told the
+    result's sharding, and moves rows between devices to make it."""
+    if tuple(a.shape) == tuple(shape):
+        return a
+    if _explicit(mesh):
+        return lax.reshape(a, shape, out_sharding=_sharding(mesh, spec))
+    return a.reshape(shape)
 
 
 def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
@@ -132,17 +167,17 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
             raise ValueError(f"placement works with DispatchConfig.overflow='position' only, got "
                              f"{config.dispatch.overflow!r}")
     _check_params(params, hidden, config, num_slots)
-    tokens = x.reshape(-1, hidden)
-    num_devices = mesh.size
-    if tokens.shape[0] % num_devices:
+    num_devices, num_tokens = mesh.size, math.prod(x.shape[:-1])
+    if num_tokens % num_devices:
         raise ValueError(
-            f"x has {tokens.shape[0]} tokens, which the {num_devices} devices of the mesh "
+            f"x has {num_tokens} tokens, which the {num_devices} devices of the mesh "
             f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} cannot split evenly")
-    local_tokens = tokens.shape[0] // num_devices
-    sequence_length = x.shape[-2] if jnp.ndim(x) >= 3 else tokens.shape[0]
+    local_tokens = num_tokens // num_devices
+    sequence_length = x.shape[-2] if jnp.ndim(x) >= 3 else num_tokens
 
     token_axes = tuple(mesh.axis_names)
     token_spec = P(token_axes, None)
+    tokens = _reshape(jnp.asarray(x), (num_tokens, hidden), mesh, token_spec)
     expert_spec = P(config.axis_name, None, None)
     bias = params.get("bias")
 
@@ -248,4 +283,5 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
                  for a, s in zip(args, specs))
     # jit: called eagerly, the layer still runs as one program rather than op by op.
     y, aux = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=specs, out_specs=(token_spec, P())))(*args)
-    return y.reshape(x.shape), aux
+    # The result in x's shape, its leading axes split over the mesh as far as they divide.
+    return _reshape(y, x.shape, mesh, _leading_spec(x.shape, mesh)), aux

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_mesh
+from jax.sharding import NamedSharding
 
 import jep
 
@@ -141,12 +142,29 @@ def test_moe_uses_the_mesh_set_with_set_mesh_and_auto_axes(rng):
     np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
 
 
-def test_moe_keeps_the_input_shape(rng):
+@pytest.mark.parametrize("mesh_shape, explicit", [((2, 4), True), ((1, 8), True), ((2, 4), False)])
+@pytest.mark.parametrize("leading", [(256,), (4, 64), (2, 2, 64), (2, 128), (8, 32), (16, 16)])
+@pytest.mark.parametrize("sharded", [False, True], ids=["whole", "sharded"])
+def test_moe_takes_any_leading_shape_on_explicit_and_auto_meshes(rng, mesh_shape, explicit,
+                                                                 leading, sharded):
+    """x [..., H] of 256 tokens: y has x's shape and the values of the [T, H] layer, whether x
+    comes whole or split over the mesh, and the result is split over the mesh where x's
+    leading axes allow (explicit axes: a reshape there must be told its sharding)."""
+    moe_module = importlib.import_module("jep.moe")
     config = CONFIGS["softmax_top2"]
-    mesh = make_mesh((4,), ("ep",))
-    x, params, _ = make_problem(rng, config)
-    y, _ = jep.moe(x.reshape(4, 16, HIDDEN), params, config=config, mesh=mesh)
-    assert y.shape == (4, 16, HIDDEN)
+    mesh = make_mesh(mesh_shape, ("dp", "ep"), explicit=explicit)
+    params = jep.init_params(jax.random.key(1), hidden=HIDDEN, ffn=FFN, config=config)
+    tokens = jnp.asarray(rng.normal(size=(256, HIDDEN)), jnp.float32)
+    want, want_aux = jep.moe(tokens, params, config=config, mesh=mesh)
+    x = tokens.reshape(*leading, HIDDEN)
+    if sharded:
+        x = jax.device_put(x, NamedSharding(mesh, moe_module._leading_spec(x.shape, mesh)))
+    y, aux = jep.moe(x, params, config=config, mesh=mesh)
+    assert y.shape == x.shape
+    np.testing.assert_allclose(np.asarray(y).reshape(256, HIDDEN), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(aux["tokens_per_expert"], want_aux["tokens_per_expert"])
+    if explicit:
+        assert y.sharding.spec == moe_module._leading_spec(x.shape, mesh)
 
 
 @pytest.mark.parametrize("change, error, match", [
