@@ -19,15 +19,21 @@ from jep.experts import ACTIVATION_FNS, expert_ffn_chunks
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 SHARED_PARAMS = ("shared_gate", "shared_up", "shared_down")
+# Optional beside the shared expert: Qwen2-MoE's per-token scale of its output (HF's name).
+SHARED_EXPERT_GATE = "shared_expert_gate"
 
 
 def shared_expert(x, shared: dict, activation: str):
-    """The DeepSeek-style shared expert, on every token: `(act(x @ gate) * (x @ up)) @ down`,
-    in x.dtype."""
+    """The shared expert, on every token: `(act(x @ gate) * (x @ up)) @ down` (DeepSeek), times
+    `sigmoid(x @ shared_expert_gate)` where `shared` holds that [H, 1] gate (Qwen2-MoE); in
+    x.dtype."""
     act = ACTIVATION_FNS[activation]
     dtype = x.dtype
     hidden = act(x @ shared["shared_gate"].astype(dtype)) * (x @ shared["shared_up"].astype(dtype))
-    return hidden @ shared["shared_down"].astype(dtype)
+    out = hidden @ shared["shared_down"].astype(dtype)
+    if SHARED_EXPERT_GATE in shared:
+        out = out * jax.nn.sigmoid(x @ shared[SHARED_EXPERT_GATE].astype(dtype))
+    return out
 
 
 def init_params(key, *, hidden: int, ffn: int, config: MoEConfig, dtype=jnp.float32) -> dict:
@@ -66,6 +72,11 @@ def _check_params(params, hidden, config, num_slots):
         _checks.shape(params["shared_gate"], (hidden, shared_ffn), "params['shared_gate']")
         _checks.shape(params["shared_up"], (hidden, shared_ffn), "params['shared_up']")
         _checks.shape(params["shared_down"], (shared_ffn, hidden), "params['shared_down']")
+    if SHARED_EXPERT_GATE in params:
+        if "shared_gate" not in params:
+            raise ValueError(f"params[{SHARED_EXPERT_GATE!r}] scales a shared expert: params must "
+                             f"hold {SHARED_PARAMS} too; got keys {sorted(params)}")
+        _checks.shape(params[SHARED_EXPERT_GATE], (hidden, 1), f"params[{SHARED_EXPERT_GATE!r}]")
 
 
 def _explicit(mesh) -> bool:
@@ -120,7 +131,9 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
       params: {"router": f32[H, E], "w_gate": [E, H, F], "w_up": [E, H, F], "w_down": [E, F, H],
         optional "bias": f32[E] (selection-only routing bias), optional "shared_gate",
         "shared_up" [H, F_s] and "shared_down" [F_s, H]: a DeepSeek-style shared expert on every
-        token, replicated, computed beside the routed experts (while their tokens travel)}.
+        token, replicated, computed beside the routed experts (while their tokens travel), and
+        with it optional "shared_expert_gate" [H, 1]: its output scaled per token by
+        sigmoid(x @ shared_expert_gate), as Qwen2-MoE does}.
       config: `MoEConfig`.
       mesh: a `jax.sharding.Mesh` holding `config.axis_name`; default: the mesh set with
         `jax.set_mesh`/`jax.sharding.use_mesh`.
@@ -271,8 +284,8 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
         }
         return y, aux
 
-    shared = ({name: params[name] for name in SHARED_PARAMS} if "shared_gate" in params
-              else None)
+    shared = ({name: params[name] for name in SHARED_PARAMS + (SHARED_EXPERT_GATE,)
+               if name in params} if "shared_gate" in params else None)
     args = (tokens, params["router"], params["w_gate"], params["w_up"], params["w_down"], bias,
             placement, shared)
     specs = (token_spec, P(None, None), expert_spec, expert_spec, expert_spec,

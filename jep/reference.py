@@ -165,6 +165,13 @@ def moe(x, params: dict, *, config: MoEConfig, ep_size: int = 1, dp_size: int = 
         return y
 
     y = jax.vmap(token_output)(tokens, weights, expert_ids, kept)
+    if "shared_gate" in params:  # the shared expert, on every token; Qwen2-MoE's gate on it
+        shared = jax.vmap(lambda x_t: expert(x_t, *(jnp.asarray(params[n], x.dtype) for n in (
+            "shared_gate", "shared_up", "shared_down")), config.activation))(tokens)
+        if "shared_expert_gate" in params:
+            shared = shared * jax.nn.sigmoid(tokens @ jnp.asarray(params["shared_expert_gate"],
+                                                                  x.dtype))
+        y = y + shared
 
     scores = jax.nn.softmax(logits) if config.score == "softmax" else jax.nn.sigmoid(logits)
 

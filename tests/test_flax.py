@@ -249,3 +249,26 @@ def test_modules_over_node_and_local_axes_equal_jep_moe(rng, mode):
     want_nnx, _ = jax.jit(lambda x, p: jep.moe(x, p, config=config, mesh=mesh))(
         x, {path[-1]: value for path, value in nnx_params.items()})
     np.testing.assert_allclose(y_nnx, want_nnx, rtol=1e-5, atol=1e-6)
+
+
+def test_modules_gate_their_shared_expert_when_asked(rng):
+    """shared_expert_gate=True: both modules hold the Qwen2-MoE gate [H, 1] and equal jep.moe
+    with it; without a shared expert it is refused."""
+    mesh = make_mesh((4,), ("ep",))
+    x = jnp.asarray(rng.normal(size=(32, HIDDEN)), jnp.float32)
+    with jax.set_mesh(mesh):
+        nnx_module = jep.nnx.MoE(HIDDEN, FFN, config=CONFIG, shared_ffn=SHARED,
+                                 shared_expert_gate=True, rngs=nnx.Rngs(1))
+        params = {name: p[...] for name, p in nnx_module.params.items()}
+        y_nnx, _ = nnx.jit(lambda m, x: m(x))(nnx_module, x)
+        linen_module = jep.flax.MoE(config=CONFIG, ffn=FFN, shared_ffn=SHARED,
+                                    shared_expert_gate=True)
+        y_linen, _ = jax.jit(linen_module.apply)({"params": params}, x)
+        assert nn.unbox(jax.jit(linen_module.init)(jax.random.key(0), x))["params"][
+            "shared_expert_gate"].shape == (HIDDEN, 1)
+    want, _ = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(x, params)
+    assert params["shared_expert_gate"].shape == (HIDDEN, 1)
+    np.testing.assert_allclose(y_nnx, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y_linen, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs shared_ffn"):
+        jep.nnx.MoE(HIDDEN, FFN, config=CONFIG, shared_expert_gate=True, rngs=nnx.Rngs(1))

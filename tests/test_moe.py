@@ -246,29 +246,45 @@ def test_chunked_layer_matches_reference_forward_and_gradients(rng, config_name,
         assert aux["num_dropped"] >= want_aux["num_dropped"]
 
 
-def test_shared_expert_runs_inside_the_layer(rng):
+@pytest.mark.parametrize("gated", [False, True], ids=["deepseek", "qwen2-gated"])
+def test_shared_expert_matches_reference_forward_and_gradients(rng, gated):
+    """The shared expert beside the routed ones (DeepSeek), and scaled per token by
+    sigmoid(x @ shared_expert_gate) (Qwen2-MoE), against the float64 per-token reference."""
     config = CONFIGS["softmax_top2"]
-    mesh = make_mesh((2, 4), ("dp", "ep"))
+    mesh_shape = (2, 4)
+    mesh = make_mesh(mesh_shape, ("dp", "ep"))
     x, params, cotangent = make_problem(rng, config)
-    shared = {"shared_gate": rng.normal(size=(HIDDEN, 6)).astype(np.float32) / 3,
-              "shared_up": rng.normal(size=(HIDDEN, 6)).astype(np.float32) / 3,
-              "shared_down": rng.normal(size=(6, HIDDEN)).astype(np.float32) / 3}
+    params |= {"shared_gate": rng.normal(size=(HIDDEN, 6)).astype(np.float32) / 3,
+               "shared_up": rng.normal(size=(HIDDEN, 6)).astype(np.float32) / 3,
+               "shared_down": rng.normal(size=(6, HIDDEN)).astype(np.float32) / 3}
+    if gated:
+        params["shared_expert_gate"] = rng.normal(size=(HIDDEN, 1)).astype(np.float32)
+    got = run_jep(mesh, config, x, params, cotangent)
+    want = run_reference(mesh_shape, config, x, params, cotangent)
+    assert_matches_reference(got, want, 1e-5)
+    for name in ("shared_gate", "shared_up", "shared_down") + (("shared_expert_gate",) * gated):
+        assert rel_err(got[1][1][name], want[1][1][name]) < 1e-5, name
+    # Without its shared expert the layer differs: the gate or the expert is really applied.
+    plain = {k: v for k, v in params.items() if not k.startswith("shared")}
+    assert rel_err(jep.moe(x, plain, config=config, mesh=mesh)[0], want[0][1][0]) > 1e-2
 
-    def with_shared(x, shared):
-        y, _ = jep.moe(x, params | shared, config=config, mesh=mesh)
-        return jnp.sum(y * cotangent)
 
-    def beside(x, shared):
-        y, _ = jep.moe(x, params, config=config, mesh=mesh)
-        y = y + importlib.import_module("jep.moe").shared_expert(x, shared, "silu")
-        return jnp.sum(y * cotangent)
-
-    got = jax.jit(jax.value_and_grad(with_shared, argnums=(0, 1)))(x, shared)
-    want = jax.jit(jax.value_and_grad(beside, argnums=(0, 1)))(x, shared)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="shared"):
-        jep.moe(x, params | {"shared_gate": shared["shared_gate"]}, config=config, mesh=mesh)
+@pytest.mark.parametrize("change, match", [
+    (lambda p: {k: v for k, v in p.items() if k != "shared_up"}, "all of"),
+    (lambda p: {**p, "shared_expert_gate": np.zeros((HIDDEN, 2), np.float32)}, "shared_expert_gate"),
+    (lambda p: {k: v for k, v in p.items() if k not in ("shared_gate", "shared_up", "shared_down")},
+     "scales a shared expert"),
+])
+def test_shared_expert_params_must_be_whole(rng, change, match):
+    config = CONFIGS["softmax_top2"]
+    mesh = make_mesh((4,), ("ep",))
+    x, params, _ = make_problem(rng, config)
+    params |= {"shared_gate": np.zeros((HIDDEN, 6), np.float32),
+               "shared_up": np.zeros((HIDDEN, 6), np.float32),
+               "shared_down": np.zeros((6, HIDDEN), np.float32),
+               "shared_expert_gate": np.zeros((HIDDEN, 1), np.float32)}
+    with pytest.raises(ValueError, match=match):
+        jep.moe(x, change(params), config=config, mesh=mesh)
 
 
 @pytest.mark.skipif("ffi" not in jep.transport.available(),

@@ -28,11 +28,14 @@ def _fan_in(in_axis):
                                                 in_axis=in_axis, out_axis=-1)
 
 
-def param_specs(hidden: int, ffn: int, shared_ffn: int, config: MoEConfig) -> dict[str, ParamSpec]:
+def param_specs(hidden: int, ffn: int, shared_ffn: int, config: MoEConfig,
+                shared_expert_gate: bool = False) -> dict[str, ParamSpec]:
     """The layer's parameters: `jep.moe`'s (router f32[H, E], w_gate/w_up [E, H, F],
     w_down [E, F, H], experts sharded over the EP axis) and, when `shared_ffn` > 0, a
     DeepSeek-style shared expert (shared_gate/shared_up [H, F_s], shared_down [F_s, H]),
-    replicated."""
+    replicated, with `shared_expert_gate` its Qwen2-MoE gate [H, 1]."""
+    if shared_expert_gate and not shared_ffn:
+        raise ValueError("shared_expert_gate scales the shared expert: it needs shared_ffn > 0")
     num_experts, ep = config.num_experts, config.axis_name
     expert_init = jax.nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
@@ -49,6 +52,8 @@ def param_specs(hidden: int, ffn: int, shared_ffn: int, config: MoEConfig) -> di
             "shared_up": ParamSpec((hidden, shared_ffn), (None, None), _fan_in(0), True),
             "shared_down": ParamSpec((shared_ffn, hidden), (None, None), _fan_in(0), True),
         }
+    if shared_expert_gate:
+        specs["shared_expert_gate"] = ParamSpec((hidden, 1), (None, None), _fan_in(0), True)
     return specs
 
 

@@ -38,6 +38,8 @@ class MoE(nn.Module):
       config: `jep.MoEConfig`.
       ffn: F, hidden width of each routed expert.
       shared_ffn: hidden width of the always-on shared expert; 0 for none.
+      shared_expert_gate: scale the shared expert per token by sigmoid(x @ g), g [H, 1] (the
+        parameter "shared_expert_gate"), as Qwen2-MoE does.
       mesh: the mesh; default the one set with `jax.set_mesh` / `jax.sharding.use_mesh`.
       param_dtype: dtype of the expert weights (the router stays float32).
       bias_rate: step of the selection-bias rule; 0 (default): no bias.
@@ -47,6 +49,7 @@ class MoE(nn.Module):
     config: MoEConfig
     ffn: int
     shared_ffn: int = 0
+    shared_expert_gate: bool = False
     mesh: Any = None
     param_dtype: Any = jnp.float32
     bias_rate: float = 0.0
@@ -55,7 +58,8 @@ class MoE(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        specs = layer.param_specs(x.shape[-1], self.ffn, self.shared_ffn, self.config)
+        specs = layer.param_specs(x.shape[-1], self.ffn, self.shared_ffn, self.config,
+                                  self.shared_expert_gate)
         placement = None
         if self.num_replicas:
             placement = self.variable("balance", "placement", lambda: jax.tree.map(

@@ -42,6 +42,8 @@ class MoE(nnx.Module):
       config: `jep.MoEConfig`.
       rngs: `nnx.Rngs` for the initializers.
       shared_ffn: hidden width of the always-on shared expert; 0 for none.
+      shared_expert_gate: scale the shared expert per token by sigmoid(x @ g), g [H, 1] (the
+        parameter "shared_expert_gate"), as Qwen2-MoE does.
       mesh: the mesh; default the one set with `jax.set_mesh` / `jax.sharding.use_mesh`.
       param_dtype: dtype of the expert weights (the router stays float32).
       bias_rate: step of the selection-bias rule; 0 (default): no bias.
@@ -50,8 +52,9 @@ class MoE(nnx.Module):
     """
 
     def __init__(self, hidden: int, ffn: int, *, config: MoEConfig, rngs: nnx.Rngs,
-                 shared_ffn: int = 0, mesh=None, param_dtype=jnp.float32, bias_rate: float = 0.0,
-                 num_replicas: int = 0, num_nodes: int | None = None):
+                 shared_ffn: int = 0, shared_expert_gate: bool = False, mesh=None,
+                 param_dtype=jnp.float32, bias_rate: float = 0.0, num_replicas: int = 0,
+                 num_nodes: int | None = None):
         layer.check_bias_rate(bias_rate)
         self.config = config
         self.mesh = mesh
@@ -69,7 +72,8 @@ class MoE(nnx.Module):
             name: nnx.Param(layer.init_sharded(
                 spec, rngs.params(), param_dtype, slots if name in layer.EXPERT_PARAMS else None),
                 out_sharding=spec.sharding)
-            for name, spec in layer.param_specs(hidden, ffn, shared_ffn, config).items()
+            for name, spec in layer.param_specs(hidden, ffn, shared_ffn, config,
+                                                shared_expert_gate).items()
         })
 
     def __call__(self, x):
