@@ -1,16 +1,16 @@
 """jep: expert parallelism for Mixture-of-Experts models in JAX."""
 
 from jep.config import DispatchConfig, MoEConfig
-from jep import balance, flax, hierarchical, layout, low_latency, reference, transport
+from jep import balance, flax, hierarchical, layout, low_latency, nnx, reference, transport
 from jep.balance import update_bias
 from jep.dispatch import DispatchHandle, combine, dispatch
 from jep.experts import expert_ffn, grouped_matmul
-from jep.flax import nnx
 from jep.moe import init_params, moe
 from jep.routing import load_balancing_loss, route, router_scores, router_z_loss
 
 __all__ = [
     "DispatchConfig", "DispatchHandle", "MoEConfig", "combine", "dispatch", "expert_ffn",
-    "flax", "grouped_matmul", "hierarchical", "init_params", "layout", "low_latency", "moe", "nnx", "reference", "transport",
+    "flax", "grouped_matmul", "hierarchical", "init_params", "layout", "low_latency", "moe",
+    "nnx", "reference", "transport",
     "load_balancing_loss", "route", "router_scores", "router_z_loss", "balance", "update_bias",
 ]

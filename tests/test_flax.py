@@ -272,3 +272,12 @@ def test_modules_gate_their_shared_expert_when_asked(rng):
     np.testing.assert_allclose(y_linen, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="needs shared_ffn"):
         jep.nnx.MoE(HIDDEN, FFN, config=CONFIG, shared_expert_gate=True, rngs=nnx.Rngs(1))
+
+
+def test_modules_import_as_flax_modules_do():
+    import importlib
+
+    from jep.nnx import MoE
+
+    assert importlib.import_module("jep.nnx").MoE is MoE is jep.nnx.MoE is jep.flax.nnx.MoE
+    assert importlib.import_module("jep.flax.linen").MoE is jep.flax.MoE
