@@ -114,10 +114,12 @@ def write(results: list[dict], environment: dict, out: str, command: str) -> Non
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"environment": environment, "command": command, "results": results}, f, indent=1)
-    plot(results, out)
+    plot(results, out, on_gpu=environment.get("platform") == "gpu")
 
 
-def plot(results: list[dict], out: str) -> None:
+def plot(results: list[dict], out: str, on_gpu: bool = True) -> None:
+    """Plots of the suites in `results` into `out`; the NVLink line on the transport plot only
+    `on_gpu` (elsewhere the measured points would sit at its foot)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,7 +133,8 @@ def plot(results: list[dict], out: str) -> None:
                                 if r["variant"] == variant and r["op"] == op)
                 if points:
                     ax.plot(*zip(*points), "o-", label=variant)
-            ax.axhline(NVLINK_GBPS, color="k", ls="--", lw=1, label="NVLink one-way limit")
+            if on_gpu:
+                ax.axhline(NVLINK_GBPS, color="k", ls="--", lw=1, label="NVLink one-way limit")
             ax.set(xscale="log", xlabel="tokens per rank", title=op)
         axes[0].set_ylabel("GB/s per rank")
         axes[1].legend(fontsize=8)
