@@ -5,7 +5,7 @@ M=32768 K=7168 N=2048, bf16, for Nsight Compute:
         --section SchedulerStats --section WarpStateStats --section Occupancy \\
         --section LaunchStats --print-details all python benchmarks/scripts/gemm_profile.py
 
-jep's kernel is `body_mosaic_gpu_kernel` in the report, JAX's `anonymous_mosaic_gpu_kernel`
+jep's kernel is `jep_grouped_forward_mosaic_gpu_kernel` in the report, JAX's `anonymous_mosaic_gpu_kernel`
 (the other launches are small XLA kernels around them).
 """
 
