@@ -117,12 +117,14 @@ def configs_for(w_shape, config: Config | None = None) -> dict[str, Config]:
                      for op in tuning.OPS})
 
 
-def _checked_configs(w, config: Config | None) -> dict[str, Config]:
-    """`configs_for(w.shape, config)`, after checking that w's K and N take the tiles of dx and
-    dw (the forward's are checked with x)."""
+def _checked_configs(xs, w, group_sizes, config: Config | None) -> dict[str, Config]:
+    """`configs_for(w.shape, config)`, after checking each x and its group sizes against the
+    forward's tiles and w's K and N against the tiles of dx and dw."""
     if w.ndim != 3:
         raise ValueError(f"w must be [G, K, N], got {w.shape}")
     configs = configs_for(w.shape, config)
+    for x, sizes in zip(xs, group_sizes):
+        check_shapes(x, w, sizes, transpose_w=False, config=configs["forward"])
     k, n = w.shape[1:]
     dx, dw = configs["dx"], configs["dw"]
     dx_tile_n = dx.block_n * (2 if dx.warp_specialized else 1)
@@ -144,8 +146,7 @@ def grouped_matmul(x, w, group_sizes, *, config: Config | None = None, interpret
         product's own from the tuning table. K and N must be multiples of the tiles.
       interpret: run in Pallas's GPU interpret mode (CPU, slow; for tests).
     """
-    configs = _checked_configs(w, config)
-    check_shapes(x, w, group_sizes, transpose_w=False, config=configs["forward"])
+    configs = _checked_configs([x], w, [group_sizes], config)
     # Inside shard_map: give the three the same mesh-axis type, so that each result and cotangent
     # has one type; where w is replicated over an axis x varies over, the cast's transpose sums
     # dw over that axis.
@@ -170,9 +171,7 @@ def grouped_matmul_chunks(xs, w, group_sizes, *, config: Config | None = None,
     if not xs or len(xs) != len(group_sizes):
         raise ValueError(f"xs and group_sizes must be as many chunks (at least one), got "
                          f"{len(xs)} and {len(group_sizes)}")
-    configs = _checked_configs(w, config)
-    for x, sizes in zip(xs, group_sizes):
-        check_shapes(x, w, sizes, transpose_w=False, config=configs["forward"])
+    configs = _checked_configs(xs, w, group_sizes, config)
     prepared = [vary_like(a, *xs, w, *group_sizes)
                 for a in (*xs, w, *(s.astype(jnp.int32) for s in group_sizes))]
     num = len(xs)
