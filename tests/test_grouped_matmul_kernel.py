@@ -122,8 +122,10 @@ DW_WS_ONE_BUFFER = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent
                              warp_specialized=True, epilogue_m=128, epilogue_n=64)
 
 
-@pytest.mark.parametrize("config", [DW_PLAIN, DW_WS, DW_WS_THREE_STAGES, DW_WS_ONE_BUFFER],
-                         ids=["plain", "ws", "ws-3-stages", "ws-one-buffer"])
+@pytest.mark.parametrize("config", [
+    DW_PLAIN, DW_WS, pytest.param(DW_WS_THREE_STAGES, marks=pytest.mark.slow),
+    pytest.param(DW_WS_ONE_BUFFER, marks=pytest.mark.slow)],
+    ids=["plain", "ws", "ws-3-stages", "ws-one-buffer"])
 @pytest.mark.parametrize("sizes", [
     [70, 0, 100, 30],      # an empty group; a zero tail past the last group
     [0, 200, 0, 0],        # every row in one group
@@ -151,6 +153,7 @@ def test_weight_gradient_matches_float64(config, sizes):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [DW_PLAIN, DW_WS, DW_WS_THREE_STAGES],
                          ids=["plain", "ws", "ws-3-stages"])
 @pytest.mark.parametrize("chunk_rows, sizes", [
@@ -191,6 +194,7 @@ def test_weight_gradient_chunks_must_match_their_group_sizes():
         mgpu.grouped_matmul_dw(x, x, jnp.zeros((2, 2), jnp.int32), config=DW_WS, interpret=True)
 
 
+@pytest.mark.slow
 def test_chunks_equal_a_product_per_chunk_with_one_weight_gradient():
     # The plain dw kernel's segments are tested against float64 above.
     config = DW_WS
