@@ -16,7 +16,8 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
   python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
 } 2>&1 | tee "$out/versions.txt"
 
-[ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q -p no:cacheprovider -n 4 -rs tests 2>&1 | tee "$out/tests.txt"
+# -m "": the slow tests too (the interpret-mode cases run on the GPU itself there).
+[ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q -p no:cacheprovider -n 4 -rs -m "" tests 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 n=$(python3 -c "import jax; print(len(jax.devices()))")
