@@ -152,8 +152,7 @@ def expert_ffn_chunks(recv_xs, group_sizes, w_gate, w_up, w_down, *, activation:
                          f"{len(recv_xs)} and {len(group_sizes)}")
     for x, sizes in zip(recv_xs, group_sizes):
         _check_args(x, sizes, w_gate, w_up, w_down, activation)
-    chosen = grouped_matmul_backend(recv_xs[0], w_gate.astype(recv_xs[0].dtype), backend)
-    if len(recv_xs) == 1 or chosen != "pallas":
+    if grouped_matmul_backend(recv_xs[0], w_gate.astype(recv_xs[0].dtype), backend) != "pallas":
         return tuple(expert_ffn(x, sizes, w_gate, w_up, w_down, activation=activation,
                                 backend=backend) for x, sizes in zip(recv_xs, group_sizes))
 

@@ -52,31 +52,6 @@ def _weight_gradient(x, dy, group_sizes, *, config, out_dtype, interpret, chunk_
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _grouped_matmul(x, w, group_sizes, configs, interpret):
-    return _product(x, w, group_sizes, transpose_w=False, config=configs["forward"],
-                    interpret=interpret)
-
-
-def _fwd(x, w, group_sizes, configs, interpret):
-    y = _product(x, w, group_sizes, transpose_w=False, config=configs["forward"],
-                 interpret=interpret)
-    return y, (x, w, group_sizes)
-
-
-def _bwd(configs, interpret, residuals, dy):
-    x, w, group_sizes = residuals
-    dy = dy.astype(x.dtype)
-    dx = _product(dy, w, group_sizes, transpose_w=True, config=configs["dx"],
-                  interpret=interpret)
-    dw = _weight_gradient(x, dy, group_sizes, config=configs["dw"], out_dtype=w.dtype,
-                          interpret=interpret)
-    return dx, vary_like(dw, w), None
-
-
-_grouped_matmul.defvjp(_fwd, _bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped_matmul_chunks(xs, w, group_sizes, configs, interpret):
     return tuple(_product(x, w, sizes, transpose_w=False, config=configs["forward"],
                           interpret=interpret) for x, sizes in zip(xs, group_sizes))
@@ -146,13 +121,7 @@ def grouped_matmul(x, w, group_sizes, *, config: Config | None = None, interpret
         product's own from the tuning table. K and N must be multiples of the tiles.
       interpret: run in Pallas's GPU interpret mode (CPU, slow; for tests).
     """
-    configs = _checked_configs([x], w, [group_sizes], config)
-    # Inside shard_map: give the three the same mesh-axis type, so that each result and cotangent
-    # has one type; where w is replicated over an axis x varies over, the cast's transpose sums
-    # dw over that axis.
-    group_sizes = group_sizes.astype(jnp.int32)
-    x, w, group_sizes = (vary_like(a, x, w, group_sizes) for a in (x, w, group_sizes))
-    return _grouped_matmul(x, w, group_sizes, configs, interpret)
+    return grouped_matmul_chunks([x], w, [group_sizes], config=config, interpret=interpret)[0]
 
 
 def grouped_matmul_chunks(xs, w, group_sizes, *, config: Config | None = None,
@@ -161,6 +130,7 @@ def grouped_matmul_chunks(xs, w, group_sizes, *, config: Config | None = None,
     tuple, with one weight gradient for all of them: dw is computed once, over the rows of
     every chunk (one kernel writing each gradient once, whatever the number of chunks), where
     a product per chunk would compute and write it once per chunk and then sum them.
+    `grouped_matmul` is the case of one chunk.
 
     Args:
       xs: C arrays bf16/f16 [M_c, K], each grouped by its own group sizes.
@@ -172,6 +142,9 @@ def grouped_matmul_chunks(xs, w, group_sizes, *, config: Config | None = None,
         raise ValueError(f"xs and group_sizes must be as many chunks (at least one), got "
                          f"{len(xs)} and {len(group_sizes)}")
     configs = _checked_configs(xs, w, group_sizes, config)
+    # Inside shard_map: give them all the same mesh-axis type, so that each result and cotangent
+    # has one type; where w is replicated over an axis x varies over, the cast's transpose sums
+    # dw over that axis.
     prepared = [vary_like(a, *xs, w, *group_sizes)
                 for a in (*xs, w, *(s.astype(jnp.int32) for s in group_sizes))]
     num = len(xs)
