@@ -468,64 +468,55 @@ def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), out_dtyp
             ki = (tile // n_blocks) % k_blocks
             ni = tile % n_blocks
 
-            def segment(c):
-                """(first row, end row, first row block, row blocks) of the group in chunk c."""
+            def segment_product(acc_ref, c):
+                """The group's rows of chunk c into the accumulator, in a pipeline of its own."""
                 at = 4 * (group * num_chunks + c)
-                return tuple(table_gmem[at + i] for i in range(4))
+                start, end, first_block, blocks = (table_gmem[at + i] for i in range(4))
+
+                def step(index, x_smem, dy_smem):
+                    b = index[0]
+
+                    @pl.when((b == 0) | (b == blocks - 1))
+                    def _mask():
+                        axis = 1 if interpret else 0
+                        shape = (bk, br) if interpret else (br, bk)
+                        row = lax.broadcasted_iota(jnp.int32, shape, axis)
+                        if not interpret:
+                            row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
+                        row = row + (first_block + b) * br
+                        keep = ((row >= start) & (row < end)).astype(x_smem.dtype)
+                        x_smem[...] = x_smem[...] * keep
+                        plgpu.commit_smem()
+
+                    lhs = x_smem if interpret else plgpu.transpose_ref(x_smem, (1, 0))
+                    plgpu.wgmma(acc_ref, lhs, dy_smem)
+
+                x_spec = (plgpu.BlockSpec((bk, br), lambda b: (ki, first_block + b),
+                                          delay_release=1) if interpret else
+                          plgpu.BlockSpec((br, bk), lambda b: (first_block + b, ki),
+                                          delay_release=1))
+
+                @pl.when(blocks > 0)
+                def _():
+                    plgpu.emit_pipeline(
+                        step,
+                        grid=(blocks,),
+                        in_specs=[x_spec, plgpu.BlockSpec((br, bn), lambda b: (first_block + b, ni),
+                                                          delay_release=1)],
+                        max_concurrent_steps=config.max_concurrent_steps,
+                    )(x_gmem, dy_gmem)
 
             def multiply(acc_ref):
                 for c in range(num_chunks):  # the group's rows of each chunk, into one sum
-                    start, end, first_block, blocks = segment(c)
-
-                    def step(index, x_smem, dy_smem, start=start, end=end,
-                             first_block=first_block, blocks=blocks):
-                        b = index[0]
-
-                        @pl.when((b == 0) | (b == blocks - 1))
-                        def _mask():
-                            axis = 1 if interpret else 0
-                            shape = (bk, br) if interpret else (br, bk)
-                            row = lax.broadcasted_iota(jnp.int32, shape, axis)
-                            if not interpret:
-                                row = plgpu.layout_cast(row, plgpu.Layout.WGMMA)
-                            row = row + (first_block + b) * br
-                            keep = ((row >= start) & (row < end)).astype(x_smem.dtype)
-                            x_smem[...] = x_smem[...] * keep
-                            plgpu.commit_smem()
-
-                        lhs = x_smem if interpret else plgpu.transpose_ref(x_smem, (1, 0))
-                        plgpu.wgmma(acc_ref, lhs, dy_smem)
-
-                    rows = lambda b, first_block=first_block: first_block + b  # noqa: E731
-                    x_spec = (plgpu.BlockSpec((bk, br), lambda b: (ki, rows(b)),
-                                              delay_release=1) if interpret else
-                              plgpu.BlockSpec((br, bk), lambda b: (rows(b), ki),
-                                              delay_release=1))
-
-                    @pl.when(blocks > 0)
-                    def _(step=step, x_spec=x_spec, rows=rows, blocks=blocks):
-                        plgpu.emit_pipeline(
-                            step,
-                            grid=(blocks,),
-                            in_specs=[x_spec, plgpu.BlockSpec((br, bn), lambda b: (rows(b), ni),
-                                                              delay_release=1)],
-                            max_concurrent_steps=config.max_concurrent_steps,
-                        )(x_gmem, dy_gmem)
+                    segment_product(acc_ref, c)
                 return acc_ref[...]
 
+            # Zero for a group with no rows: the accumulator starts at zero.
             acc = pl.run_scoped(multiply, plgpu.ACC((bk, bn)))
-            rows_in_all = sum(segment(c)[3] for c in range(num_chunks))
 
             @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bk, bn), out_gmem.dtype))
             def _store(out_smem):
-                @pl.when(rows_in_all > 0)
-                def _():
-                    out_smem[...] = acc.astype(out_smem.dtype)
-
-                @pl.when(rows_in_all == 0)
-                def _():
-                    out_smem[...] = jnp.zeros((bk, bn), out_smem.dtype)
-
+                out_smem[...] = acc.astype(out_smem.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(
                     out_smem, out_gmem.at[group, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)])
