@@ -182,10 +182,10 @@ def report(run, args, title: str, steps: int = 1) -> dict:
     print(summary(events))
     names = op_names(run)
     totals = breakdown(events, names, steps)
-    print(f"  per step, by kind ({min(e['device'] for e in events)}):")
+    device = min(e["device"] for e in events)  # the one `breakdown` counts
+    print(f"  per step, by kind ({device}):")
     print(breakdown_table(totals))
     # The longest kernels of each kind, with the op behind each where it is known.
-    device = min(e["device"] for e in events)
     longest = collections.defaultdict(collections.Counter)
     for e in events:
         if e["device"] == device:
