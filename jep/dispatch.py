@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import checkify
 
 from jep import _checks, transport
 from jep.config import MODES, PERMUTES
@@ -34,7 +35,8 @@ from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, sum
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["send_token", "send_sizes", "recv_sizes", "slot_send_row", "slot_is_first",
-                 "recv_pair", "pair_row", "group_sizes", "num_dropped"],
+                 "recv_pair", "pair_row", "pair_first", "group_sizes", "num_dropped",
+                 "num_invalid_ids"],
     meta_fields=["axis_name", "num_experts", "capacity", "backend", "permute"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +51,15 @@ class DispatchHandle:
       slot_is_first: bool[T, k], slot j is the first of token t's slots on its rank.
     Expert side (the rank that holds the experts):
       recv_pair: i32[C], the pair `i * k + j` behind each expanded row (R * k for none).
-      pair_row: i32[R, k], the expanded row of each pair (C for a pair not here, or dropped).
+      pair_row: i32[R, k], the expanded row of each pair (C for a pair not here, or dropped, or
+        a repeat of an earlier slot's expert).
+      pair_first: i32[R, k], the first slot of row i with slot j's expert (j itself but for a
+        token that named one expert in several slots: those share the first slot's row, and
+        their weights add up).
       group_sizes: i32[E_local], rows of each local expert in recv_x.
       num_dropped: i32[], pairs received here that did not fit the capacity (0 when dropless).
+      num_invalid_ids: i32[], this rank's slots whose expert id is >= E (a caller's bug: sent
+        nowhere, counted here; `jax.experimental.checkify` turns it into an error).
     backend is the transport, permute the row mover of the expansion and the sums
     (`jep.layout.take_rows`).
     """
@@ -63,8 +71,10 @@ class DispatchHandle:
     slot_is_first: jax.Array
     recv_pair: jax.Array
     pair_row: jax.Array
+    pair_first: jax.Array
     group_sizes: jax.Array
     num_dropped: jax.Array
+    num_invalid_ids: jax.Array
     axis_name: object
     num_experts: int
     capacity: int | None
@@ -202,6 +212,12 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> 
     local = jnp.where((local >= 0) & (local < experts_per_rank) & (slot_ids >= 0), local + 1, 0)
     pair_expert = _exchange(local, send_sizes, recv_sizes, num_ranks * num_tokens,
                             backend=backend, axis_name=axis_name, num_tokens=num_tokens) - 1
+    # A token naming one expert in several slots gets one row there, shared by those slots
+    # (their weights add up in combine): so no token takes more than min(k, E_local) rows.
+    same = pair_expert[:, :, None] == pair_expert[:, None, :]  # [R, k, k]
+    pair_first = jnp.argmax(same, axis=2).astype(jnp.int32)
+    slot = jnp.arange(top_k, dtype=jnp.int32)
+    pair_expert = jnp.where(pair_first == slot, pair_expert, -1)
 
     # Pairs sorted by local expert, stably: within an expert by source rank, then source token.
     pair_expert = jnp.where(pair_expert >= 0, pair_expert, experts_per_rank).reshape(-1)
@@ -227,8 +243,10 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> 
     return DispatchHandle(
         send_token=layout.send_token, send_sizes=send_sizes, recv_sizes=recv_sizes,
         slot_send_row=layout.slot_send_row, slot_is_first=layout.slot_is_first,
-        recv_pair=recv_pair, pair_row=pair_row.reshape(-1, top_k), group_sizes=group_sizes,
-        num_dropped=(counts - group_sizes).sum(), axis_name=axis_name, num_experts=num_experts,
+        recv_pair=recv_pair, pair_row=pair_row.reshape(-1, top_k), pair_first=pair_first,
+        group_sizes=group_sizes, num_dropped=(counts - group_sizes).sum(),
+        num_invalid_ids=jnp.sum(expert_ids >= num_experts, dtype=jnp.int32),
+        axis_name=axis_name, num_experts=num_experts,
         capacity=capacity, backend=backend, permute=permute)
 
 
@@ -252,9 +270,16 @@ def _dispatch_rows_bwd(h, g):
 _dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
+def _merged(h: DispatchHandle, pair_weights):
+    """f32[R, k]: each slot's weight added to the first slot of its expert (`pair_first`)."""
+    rows = jnp.arange(pair_weights.shape[0], dtype=jnp.int32)[:, None]
+    return jnp.zeros_like(pair_weights).at[rows, h.pair_first].add(pair_weights)
+
+
 @permute_scope
 def _combine(y, weights, h):
-    pair_weights = _to_experts(h, weights.astype(jnp.float32), "xla")  # f32[R, k]: k floats a row
+    # f32[R, k]: k floats a row, a repeated expert's weights added up in its first slot.
+    pair_weights = _merged(h, _to_experts(h, weights.astype(jnp.float32), "xla"))
     partial_sums = _reduce_pairs(h, y, pair_weights)
     return _sum_home(h, partial_sums), pair_weights
 
@@ -276,10 +301,12 @@ def _combine_rows_bwd(residuals, g):
     # dy: the output gradient dispatched, scaled by each pair's weight.
     row_weight = take_rows(pair_weights.reshape(-1), h.recv_pair)
     dy = _expand(h, g_received).astype(jnp.float32) * row_weight[:, None]
-    # dweights[t, j] = <g[t], y[row of (t, j)]>, taken on the expert rank, sent home per slot.
+    # dweights[t, j] = <g[t], y[row of (t, j)]>, taken on the expert rank, sent home per slot
+    # (a repeated expert's slots all read its one row).
     g32 = g_received.astype(jnp.float32)
+    slot_row = jnp.take_along_axis(h.pair_row, h.pair_first, axis=1)
     dots = jnp.stack([
-        jnp.sum(take_rows(y, h.pair_row[:, j]).astype(jnp.float32) * g32, axis=-1)
+        jnp.sum(take_rows(y, slot_row[:, j]).astype(jnp.float32) * g32, axis=-1)
         for j in range(h.top_k)], axis=1)  # f32[R, k]
     dots_home = _to_home(h, dots)  # [S, k]
     flat = h.slot_send_row * h.top_k + jnp.arange(h.top_k, dtype=jnp.int32)[None, :]
@@ -292,6 +319,23 @@ _combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 # --- the public API ------------------------------------------------------------------------
 
+def merge_repeated_experts(expert_ids, weights):
+    """(expert_ids, weights) [T, k] with an expert named in several slots of a token kept in the
+    first of them, with the sum of their weights; the others become empty slots (-1)."""
+    first = jnp.argmax(expert_ids[:, :, None] == expert_ids[:, None, :], axis=2)
+    rows = jnp.arange(expert_ids.shape[0])[:, None]
+    merged = jnp.zeros_like(weights).at[rows, first].add(weights)
+    return jnp.where(first == jnp.arange(expert_ids.shape[1]), expert_ids, -1), merged
+
+
+def check_ids(num_invalid_ids, num_experts: int) -> None:
+    """An error under `jax.experimental.checkify.checkify` where a rank's expert ids reach past
+    E (`num_invalid_ids` > 0); nothing otherwise (the count stays in the handle)."""
+    checkify.debug_check(num_invalid_ids == 0,
+                         "jep.dispatch: {n} expert ids >= num_experts=" + str(num_experts),
+                         n=num_invalid_ids)
+
+
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
              backend: str = "auto", permute: str = "auto", mode: str = "flat"):
     """Sends each token to the ranks of its experts and groups the rows by local expert.
@@ -300,8 +344,12 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
 
     Args:
       x: f[T, H] this rank's tokens.
-      expert_ids: i[T, k] each token's experts (`jep.route`). Ids outside [0, E) mark empty
-        slots: nothing is sent for them and they get no output.
+      expert_ids: i[T, k] each token's experts (`jep.route`). A negative id marks an empty
+        slot: nothing is sent for it and it gets no output. An id >= E is a bug of the
+        caller's: treated as empty too, but counted in `handle.num_invalid_ids` and, under
+        `jax.experimental.checkify.checkify`, an error. An expert named in several slots of one
+        token gets one row, whose output combine adds once per slot, with each slot's weight
+        (the same as distinct experts with equal weights and outputs would give).
       num_experts: E, divisible by the size n of `axis_name`.
       axis_name: the EP mesh axis.
       capacity: `None` (dropless) or rows kept per local expert (>= 0). Rows beyond it are dropped,
@@ -344,6 +392,7 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
     backend = transport.resolve(backend, axis_name=axis_name)
     handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
                    backend=backend, permute=permute)
+    check_ids(handle.num_invalid_ids, num_experts)
     return _dispatch_rows(x, handle), handle.group_sizes, handle
 
 

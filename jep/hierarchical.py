@@ -30,18 +30,20 @@ from jax import lax
 from jep import dispatch as flat
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["node", "local"],
-                   meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["node", "local", "num_invalid_ids"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class HierarchicalHandle:
     """What `combine` needs to walk a hierarchical dispatch back: the handles of the two hops.
 
     node: the `DispatchHandle` of hop 1 (over the node axis, one slot per destination node).
     local: the `DispatchHandle` of hop 2 (over the local axis, this node's experts).
+    num_invalid_ids: i32[], this rank's slots whose expert id is >= E (sent nowhere).
     """
 
     node: flat.DispatchHandle
     local: flat.DispatchHandle
+    num_invalid_ids: jax.Array
 
     @property
     def num_dropped(self):
@@ -89,7 +91,9 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity, backend: s
     recv_x, group_sizes, local_handle = flat.dispatch(
         arrived, jnp.where(here, ids - first, -1), num_experts=experts_per_node,
         axis_name=local_axis, capacity=capacity, backend=backend, permute=permute)
-    return recv_x, group_sizes, HierarchicalHandle(node_handle, local_handle)
+    num_invalid = jnp.sum(expert_ids >= num_experts, dtype=jnp.int32)
+    flat.check_ids(num_invalid, num_experts)
+    return recv_x, group_sizes, HierarchicalHandle(node_handle, local_handle, num_invalid)
 
 
 def combine(y, handle: HierarchicalHandle, weights):

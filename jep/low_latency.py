@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jep import _checks
-from jep.dispatch import check_dispatch_inputs, ep_size
+from jep.dispatch import check_dispatch_inputs, check_ids, ep_size, merge_repeated_experts
 from jep.layout import get_dispatch_layout
 from jep.platform import current_platform
 from jep.transport import ffi as ffi_transport
@@ -46,7 +46,7 @@ from jep_kernels.vma import vary_like
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["home_slot", "pair_row", "recv_weight", "recv_count", "group_sizes",
-                 "num_dropped"],
+                 "num_dropped", "num_invalid_ids"],
     meta_fields=["axis_name", "num_experts", "capacity", "device_coords"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ class LowLatencyHandle:
       (at p * T + j); C for none or dropped. recv_weight: f32[n * T, k], its routing weight.
     recv_count: i32[n], rows received from each rank.
     group_sizes: i32[E_local]; num_dropped: i32[], pairs received here past the capacity.
+    num_invalid_ids: i32[], this rank's slots whose expert id is >= E (sent nowhere).
     device_coords: ((group, ...), (rank, ...)) of each device ordinal of the process.
     """
 
@@ -68,6 +69,7 @@ class LowLatencyHandle:
     recv_count: jax.Array
     group_sizes: jax.Array
     num_dropped: jax.Array
+    num_invalid_ids: jax.Array
     axis_name: object
     num_experts: int
     capacity: int | None
@@ -163,7 +165,9 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
     Args:
       x: f[T, H], this rank's tokens (T: the most a rank sends a peer; pad with tokens whose
         expert_ids are all outside [0, E), which send nothing).
-      expert_ids: i[T, k], global expert ids; ids outside [0, E) are empty slots.
+      expert_ids: i[T, k], global expert ids; negative ids are empty slots, ids >= E too but
+        counted (`handle.num_invalid_ids`), an expert in several slots of a token sent once
+        with their weights added, as in `jep.dispatch`.
       weights: f[T, k], routing weights; travel with the rows, used by `combine`.
       num_experts: E, divisible by the size of `axis_name`.
       axis_name: the EP mesh axis (or a tuple of axes).
@@ -190,7 +194,9 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
     num_rows = (n * num_tokens * min(top_k, num_local) if capacity is None
                 else num_local * capacity)
 
-    expert_ids = expert_ids.astype(jnp.int32)
+    num_invalid = jnp.sum(expert_ids >= num_experts, dtype=jnp.int32)
+    check_ids(num_invalid, num_experts)
+    expert_ids, weights = merge_repeated_experts(expert_ids.astype(jnp.int32), weights)
     layout = get_dispatch_layout(expert_ids, num_experts=num_experts, num_ranks=n)
     row = jnp.arange(num_tokens, dtype=jnp.int32)
     sent = row[None, :] < layout.tokens_per_rank[:, None]  # [n, T]
@@ -222,7 +228,8 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
                                         dropped))
     handle = LowLatencyHandle(
         home_slot=home_slot, pair_row=pair_row, recv_weight=recv_weight, recv_count=recv_count,
-        group_sizes=group_sizes, num_dropped=dropped[0], axis_name=axis_name,
+        group_sizes=group_sizes, num_dropped=dropped[0], num_invalid_ids=num_invalid,
+        axis_name=axis_name,
         num_experts=num_experts, capacity=capacity, device_coords=coords_of_devices)
     return recv_x, group_sizes, handle
 

@@ -204,7 +204,8 @@ def dispatch(x, expert_ids, *, num_experts: int, capacity: int | None = None):
     """All ranks' dispatch at once, with loops (numpy).
 
     Args:
-      x: [n, T, H], every rank's tokens; expert_ids: [n, T, k] (ids outside [0, E) are empty).
+      x: [n, T, H], every rank's tokens; expert_ids: [n, T, k] (ids outside [0, E) are empty;
+        an expert in several slots of a token gets one row, owned by the first of them).
 
     Returns:
       recv_x: [n, C, H] what each rank receives (C as `jep.dispatch`), zeros past the rows;
@@ -229,6 +230,8 @@ def dispatch(x, expert_ids, *, num_experts: int, capacity: int | None = None):
                     for slot in range(top_k):
                         if expert_ids[source, token, slot] != rank * per_rank + local:
                             continue
+                        if slot != first_slot(expert_ids[source, token], slot):
+                            continue  # a repeat of this expert shares the first slot's row
                         if capacity is not None and group_sizes[rank, local] == capacity:
                             num_dropped[rank] += 1
                             continue
@@ -239,17 +242,30 @@ def dispatch(x, expert_ids, *, num_experts: int, capacity: int | None = None):
     return recv_x, group_sizes, owner, num_dropped
 
 
-def combine(y, owner, weights):
+def first_slot(token_ids, slot: int) -> int:
+    """The first slot of a token's ids naming the same expert as `slot`."""
+    return next(j for j in range(slot + 1) if token_ids[j] == token_ids[slot])
+
+
+def combine(y, owner, weights, expert_ids=None):
     """The inverse of `dispatch` (numpy): out[s, t] = sum over rows owned by (s, t, j) of
-    weights[s, t, j] * y[row]. y: [n, C, H], owner from `dispatch`, weights: [n, T, k]."""
+    weights[s, t, j] * y[row], y: [n, C, H], owner from `dispatch`, weights: [n, T, k]. With
+    `expert_ids` ([n, T, k], as given to `dispatch`) a row's weight is the sum of the weights of
+    every slot of its token naming its expert (one row stands for them all)."""
     y, owner, weights = np.asarray(y), np.asarray(owner), np.asarray(weights)
     out = np.zeros(weights.shape[:2] + y.shape[-1:], np.result_type(y, weights))
     for rank in range(y.shape[0]):
         for row in range(y.shape[1]):
             source, token, slot = owner[rank, row]
-            if source >= 0:
-                out[source, token] += weights[source, token, slot] * y[rank, row]
+            if source < 0:
+                continue
+            if expert_ids is None:
+                weight = weights[source, token, slot]
+            else:
+                ids = np.asarray(expert_ids)[source, token]
+                weight = weights[source, token][ids == ids[slot]].sum()
+            out[source, token] += weight * y[rank, row]
     return out
 
 
-__all__ = ["combine", "dispatch", "expert", "moe", "overflow_pairs", "preference_token", "route_token"]
+__all__ = ["combine", "dispatch", "expert", "first_slot", "moe", "overflow_pairs", "preference_token", "route_token"]

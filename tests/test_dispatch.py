@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import P, make_mesh, put
-from routings import KINDS, make_routing
+from routings import CALLER_KINDS, KINDS, make_routing
 
 import jep
 from jep import reference
@@ -28,18 +28,19 @@ def dispatch_fn(num_ranks, num_experts, capacity, backend, permute="auto"):
             x[0], ids[0], num_experts=num_experts, axis_name="ep", capacity=capacity, backend=backend,
             permute=permute)
         out = jep.combine(y[0], handle, weights[0])
-        return recv_x[None], group_sizes[None], handle.num_dropped[None], out[None]
+        return (recv_x[None], group_sizes[None], handle.num_dropped[None], out[None],
+                handle.num_invalid_ids[None])
 
     spec = P("ep")
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 5)
 
     def run(x, ids, y, weights, g_recv, g_out):
-        (recv_x, group_sizes, dropped, out), vjp = jax.vjp(
+        (recv_x, group_sizes, dropped, out, invalid), vjp = jax.vjp(
             lambda x, y, w: mapped(x, ids, y, w), x, y, weights)
         zeros = (jnp.zeros(group_sizes.shape, jax.dtypes.float0),
                  jnp.zeros(dropped.shape, jax.dtypes.float0))
-        grads = vjp((g_recv,) + zeros + (g_out,))
-        return recv_x, group_sizes, dropped, out, grads
+        grads = vjp((g_recv,) + zeros + (g_out, jnp.zeros(invalid.shape, jax.dtypes.float0)))
+        return recv_x, group_sizes, dropped, out, invalid, grads
 
     jitted = jax.jit(run)
     return lambda *args: jitted(*(put(mesh, a, spec) for a in args))
@@ -56,24 +57,27 @@ def check_against_reference(rng, ids, *, num_experts, capacity, backend, permute
     g_recv = rng.normal(size=want_x.shape).astype(np.float32)
     g_out = rng.normal(size=x.shape).astype(np.float32)
 
-    recv_x, group_sizes, dropped, out, (dx, dy, dw) = dispatch_fn(
+    recv_x, group_sizes, dropped, out, invalid, (dx, dy, dw) = dispatch_fn(
         num_ranks, num_experts, capacity, backend, permute)(x, ids, y, weights, g_recv, g_out)
 
     np.testing.assert_array_equal(recv_x, want_x)  # a permutation: exact
     np.testing.assert_array_equal(group_sizes, want_sizes)
     np.testing.assert_array_equal(dropped, want_dropped)
-    np.testing.assert_allclose(out, reference.combine(y, owner, weights), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(invalid, (ids >= num_experts).sum(axis=(1, 2)))
+    np.testing.assert_allclose(out, reference.combine(y, owner, weights, ids), rtol=1e-5, atol=1e-5)
     # Backward of dispatch: the unweighted combine of the cotangent.
     np.testing.assert_allclose(dx, reference.combine(g_recv, owner, np.ones_like(weights)),
                                rtol=1e-5, atol=1e-5)
-    # Backward of combine: dy = the output cotangent dispatched, times each row's weight;
-    # dweights[t, j] = <g_out[t], y[row of (t, j)]>.
+    # Backward of combine: dy = the output cotangent dispatched, times each row's weight (the
+    # sum of the slots naming its expert); dweights[t, j] = <g_out[t], y[row of (t, j)]>, the
+    # row of an expert's first slot for each of its slots.
     want_dy = np.zeros_like(y)
     want_dw = np.zeros_like(weights)
     for rank, row in zip(*np.nonzero(owner[..., 0] >= 0)):
         source, token, slot = owner[rank, row]
-        want_dy[rank, row] = weights[source, token, slot] * g_out[source, token]
-        want_dw[source, token, slot] = g_out[source, token] @ y[rank, row]
+        same = ids[source, token] == ids[source, token, slot]
+        want_dy[rank, row] = weights[source, token][same].sum() * g_out[source, token]
+        want_dw[source, token, same] = g_out[source, token] @ y[rank, row]
     np.testing.assert_allclose(dy, want_dy, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
 
@@ -85,6 +89,37 @@ def test_dispatch_and_combine_match_reference_forward_and_backward(rng, backend,
     num_experts = 2 * num_ranks
     ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=6, top_k=2, num_experts=num_experts)
     check_against_reference(rng, ids, num_experts=num_experts, capacity=None, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+@pytest.mark.parametrize("capacity", [None, 1])
+@pytest.mark.parametrize("kind", CALLER_KINDS)
+def test_repeated_experts_share_a_row_and_ids_past_e_are_counted(rng, backend, num_ranks,
+                                                                 capacity, kind):
+    # k = 4 slots over 2 experts a rank: unmerged, repeats would overflow the dropless buffer.
+    num_experts = 2 * num_ranks
+    ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=6, top_k=4,
+                       num_experts=num_experts)
+    check_against_reference(rng, ids, num_experts=num_experts, capacity=capacity, backend=backend)
+
+
+def test_ids_past_e_are_an_error_under_checkify():
+    from jax.experimental import checkify
+    mesh = make_mesh((2,), ("ep",), explicit=False)  # checkify of shard_map: auto axes
+
+    def local(x, ids):
+        recv_x, _, _ = jep.dispatch(x, ids, num_experts=4, axis_name="ep")
+        return recv_x
+
+    run = jax.jit(checkify.checkify(jax.shard_map(local, mesh=mesh, in_specs=(P("ep"), P("ep")),
+                                                  out_specs=P("ep"))))
+    x = put(mesh, np.ones((8, 3), np.float32), P("ep"))
+    error, _ = run(x, put(mesh, np.full((8, 2), 3, np.int32), P("ep")))
+    error.throw()  # ids in range: no error
+    error, _ = run(x, put(mesh, np.full((8, 2), 4, np.int32), P("ep")))
+    with pytest.raises(checkify.JaxRuntimeError, match="8 expert ids >= num_experts=4"):
+        error.throw()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

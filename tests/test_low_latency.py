@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import P, make_mesh, put
-from routings import KINDS, make_routing
+from routings import CALLER_KINDS, KINDS, make_routing
 
 import jep
 from jep import low_latency, reference
@@ -65,7 +65,7 @@ def check(rng, ids, *, num_experts, capacity, hidden=5, calls=1, dtype=np.float3
     np.testing.assert_array_equal(recv_x[:, last], jep_x)
     np.testing.assert_array_equal(dropped[:, last], jep_dropped)
     tolerance = 1e-2 if dtype != np.float32 else 1e-5
-    want_out = reference.combine((y + want_x).astype(np.float64), owner, weights)
+    want_out = reference.combine((y + want_x).astype(np.float64), owner, weights, ids)
     np.testing.assert_allclose(out[:, last].astype(np.float64), want_out, rtol=tolerance,
                                atol=tolerance)
     # The same sums in the same order as jep.combine; only the rounding of each weighted term
@@ -79,6 +79,15 @@ def check(rng, ids, *, num_experts, capacity, hidden=5, calls=1, dtype=np.float3
 def test_matches_reference_and_dispatch(rng, num_ranks, kind):
     num_experts = 2 * num_ranks
     ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=6, top_k=2,
+                       num_experts=num_experts)
+    check(rng, ids, num_experts=num_experts, capacity=None)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 4])
+@pytest.mark.parametrize("kind", CALLER_KINDS)
+def test_repeated_experts_are_sent_once_and_ids_past_e_nowhere(rng, num_ranks, kind):
+    num_experts = 2 * num_ranks  # k = 4 slots over 2 experts a rank
+    ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=6, top_k=4,
                        num_experts=num_experts)
     check(rng, ids, num_experts=num_experts, capacity=None)
 
