@@ -1,339 +1,13 @@
-"""Dispatch and combine: ragged token exchange over the EP axis, under `shard_map`.
-
-Shapes (per rank): T tokens, H hidden, k = top_k, E experts, n = EP size, E_local = E / n,
-S = T * min(k, n) send rows, R = n * T receive rows (the most n peers can send), C expanded rows:
-`n * T * min(k, E_local)` dropless, `E_local * capacity` otherwise.
-
-The path of a token:
-  home rank:   x[T, H] --gather by send order--> send rows [S, H]   (one row per (rank, token))
-  the wire:    transport exchange                -> received rows [R, H] (by source rank, token)
-  expert rank: expand each received row to its local experts -> recv_x[C, H], grouped by expert
-               (a transport with EXPANDS, `ffi`, writes the received rows there on arrival)
-and combine walks it back: each expert rank first adds up a token's local expert outputs with
-their weights (one row per (token, rank)), sends that row home, where the rows are added.
-
-`dispatch` and `combine` are each other's transpose: the backward of dispatch is an unweighted
-combine, the backward of combine is a dispatch scaled by the weights, plus the weights' gradient.
-Sums are taken in float32.
+"""`jep.dispatch` and `jep.combine`: the public calls, in every mode. Flat mode is one exchange
+(jep/flat.py, where the path of a token is drawn); hierarchical mode is one per axis of a
+(node, local) pair (jep/hierarchical.py); low-latency mode is its own calls (jep/low_latency.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
-import jax
-import jax.numpy as jnp
-from jax import lax
-from jax.experimental import checkify
-
-from jep import _checks, transport
+from jep import flat, hierarchical
 from jep.config import MODES, PERMUTES
-from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, sum_rows, take_rows
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["send_token", "send_sizes", "recv_sizes", "slot_send_row", "slot_is_first",
-                 "recv_pair", "pair_row", "pair_first", "group_sizes", "num_dropped",
-                 "num_invalid_ids"],
-    meta_fields=["axis_name", "num_experts", "capacity", "backend", "permute"],
-)
-@dataclasses.dataclass(frozen=True)
-class DispatchHandle:
-    """What `combine` and the gradients need to walk a dispatch back. A pytree.
-
-    A *pair* is (received row i, slot j): slot j of the token carried by received row i.
-    Home side (the rank that owns the tokens):
-      send_token: i32[S], token of each send row (T past the last).
-      send_sizes: i32[n], rows sent to each rank; recv_sizes: i32[n], rows received from each.
-      slot_send_row: i32[T, k], the send row of slot j of token t (S for an empty slot).
-      slot_is_first: bool[T, k], slot j is the first of token t's slots on its rank.
-    Expert side (the rank that holds the experts):
-      recv_pair: i32[C], the pair `i * k + j` behind each expanded row (R * k for none).
-      pair_row: i32[R, k], the expanded row of each pair (C for a pair not here, or dropped, or
-        a repeat of an earlier slot's expert).
-      pair_first: i32[R, k], the first slot of row i with slot j's expert (j itself but for a
-        token that named one expert in several slots: those share the first slot's row, and
-        their weights add up).
-      group_sizes: i32[E_local], rows of each local expert in recv_x.
-      num_dropped: i32[], pairs received here that did not fit the capacity (0 when dropless).
-      num_invalid_ids: i32[], this rank's slots whose expert id is >= E (a caller's bug: sent
-        nowhere, counted here; `jax.experimental.checkify` turns it into an error).
-    backend is the transport, permute the row mover of the expansion and the sums
-    (`jep.layout.take_rows`).
-    """
-
-    send_token: jax.Array
-    send_sizes: jax.Array
-    recv_sizes: jax.Array
-    slot_send_row: jax.Array
-    slot_is_first: jax.Array
-    recv_pair: jax.Array
-    pair_row: jax.Array
-    pair_first: jax.Array
-    group_sizes: jax.Array
-    num_dropped: jax.Array
-    num_invalid_ids: jax.Array
-    axis_name: object
-    num_experts: int
-    capacity: int | None
-    backend: str
-    permute: str
-
-    @property
-    def num_tokens(self) -> int:
-        return self.slot_send_row.shape[0]
-
-    @property
-    def top_k(self) -> int:
-        return self.slot_send_row.shape[1]
-
-    @property
-    def num_ranks(self) -> int:
-        return self.send_sizes.shape[0]
-
-
-def ep_size(axis_name, caller: str) -> int:
-    """The size of `axis_name`, with a clear error when not inside `shard_map` over it."""
-    try:
-        return lax.axis_size(axis_name)
-    except NameError:
-        raise ValueError(
-            f"{caller} must be called inside jax.shard_map over the mesh axis "
-            f"axis_name={axis_name!r}, which is not bound here") from None
-
-
-def check_dispatch_inputs(x, expert_ids, *, num_experts, capacity, axis_name, caller: str) -> int:
-    """The trace-time checks of a dispatch's arguments (x f[T, H], expert_ids i[T, k], E
-    divisible by the size n of `axis_name`, capacity None or >= 0); returns n."""
-    _checks.rank(x, 2, "x")
-    _checks.floating(x, "x")
-    _checks.rank(expert_ids, 2, "expert_ids")
-    _checks.integer(expert_ids, "expert_ids")
-    if expert_ids.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"expert_ids must have one row per token of x: x has {x.shape[0]} tokens, "
-            f"expert_ids has shape {expert_ids.shape}")
-    if expert_ids.shape[1] < 1:
-        raise ValueError(f"expert_ids must have at least one slot, got shape {expert_ids.shape}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
-                                 or capacity < 0):
-        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
-    num_ranks = ep_size(axis_name, caller)
-    if num_experts % num_ranks:
-        raise ValueError(
-            f"num_experts={num_experts} must be divisible by the size {num_ranks} of "
-            f"axis_name={axis_name!r}")
-    return num_ranks
-
-
-# --- the four moves, shared by dispatch, combine and their gradients ------------------------
-# Under name scopes that a profile of a step tells apart (`jep.bench.profile.KINDS`): the
-# planning is "jep_layout", every move of rows "jep_permute", and inside it each transport
-# exchange "jep_exchange" (`jep.transport`).
-permute_scope = jax.named_scope("jep_permute")
-
-
-def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens):
-    # A rank sends at most one row per token to a peer, so T bounds every peer's slice.
-    return transport.exchange(backend, rows, send_sizes, recv_sizes, axis_name=axis_name,
-                              out_rows=out_rows, max_rows_per_peer=num_tokens)
-
-
-@permute_scope
-def _to_experts(h: DispatchHandle, home, permute=None, expand=False):
-    """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks (gathered into send
-    order by `permute`, the handle's by default), or with `expand` [C, *F] rows grouped by local
-    expert (each received row copied to its pairs' rows: `recv_x`)."""
-    expansion = (h.pair_row, _source_rows(h)) if expand else None
-    return transport.exchange(
-        h.backend, home, h.send_sizes, h.recv_sizes, axis_name=h.axis_name,
-        out_rows=h.num_ranks * h.num_tokens, max_rows_per_peer=h.num_tokens, index=h.send_token,
-        expansion=expansion, permute=permute or h.permute)
-
-
-@permute_scope
-def _to_home(h: DispatchHandle, received):
-    """[R, *F] rows on the expert ranks -> [S, *F] in the home rank's send order."""
-    num_rows = max_send_rows(h.num_tokens, h.top_k, h.num_ranks)
-    return _exchange(received, h.recv_sizes, h.send_sizes, num_rows,
-                     backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens)
-
-
-@permute_scope
-def _sum_home(h: DispatchHandle, received):
-    """[R, H] rows on the expert ranks -> [T, H] at home: each token's rows (one per rank it
-    reached) sent back and added in float32, in received's dtype."""
-    return transport.exchange_sum(
-        h.backend, received, h.recv_sizes, h.send_sizes, h.slot_send_row, h.slot_is_first,
-        axis_name=h.axis_name, out_rows=max_send_rows(h.num_tokens, h.top_k, h.num_ranks),
-        max_rows_per_peer=h.num_tokens, permute=h.permute)
-
-
-def _source_rows(h: DispatchHandle):
-    """i32[C]: the received row each row of recv_x copies (out of range past the last)."""
-    return h.recv_pair // h.top_k
-
-
-@permute_scope
-def _expand(h: DispatchHandle, received):
-    """[R, H] received rows -> [C, H] rows grouped by local expert (zeros past the last)."""
-    return take_rows(received, _source_rows(h), h.permute)
-
-
-@permute_scope
-def _reduce_pairs(h: DispatchHandle, expanded, pair_weights=None):
-    """[C, H] expert rows -> [R, H] in their dtype: each received row's pairs summed in float32
-    (weighted if given)."""
-    return sum_rows(expanded, h.pair_row, pair_weights, h.permute)
-
-
-# --- planning ------------------------------------------------------------------------------
-
-@jax.named_scope("jep_layout")
-def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> DispatchHandle:
-    num_ranks = ep_size(axis_name, "jep.dispatch")
-    num_tokens, top_k = expert_ids.shape
-    experts_per_rank = num_experts // num_ranks
-    layout = get_dispatch_layout(expert_ids, num_experts=num_experts, num_ranks=num_ranks)
-    send_sizes = layout.tokens_per_rank
-    recv_sizes = send_sizes
-    if num_ranks > 1:
-        recv_sizes = lax.all_to_all(send_sizes, axis_name, 0, 0, tiled=True)
-
-    # Each send row carries its token's slots as local expert ids of the destination, +1 so that
-    # the zeros past the last received row read as "no expert".
-    slot_ids = jnp.take(expert_ids.astype(jnp.int32), layout.send_token, axis=0, mode="fill",
-                        fill_value=-1)  # [S, k]
-    local = slot_ids - layout.send_rank[:, None] * experts_per_rank
-    local = jnp.where((local >= 0) & (local < experts_per_rank) & (slot_ids >= 0), local + 1, 0)
-    pair_expert = _exchange(local, send_sizes, recv_sizes, num_ranks * num_tokens,
-                            backend=backend, axis_name=axis_name, num_tokens=num_tokens) - 1
-    # A token naming one expert in several slots gets one row there, shared by those slots
-    # (their weights add up in combine): so no token takes more than min(k, E_local) rows.
-    same = pair_expert[:, :, None] == pair_expert[:, None, :]  # [R, k, k]
-    pair_first = jnp.argmax(same, axis=2).astype(jnp.int32)
-    slot = jnp.arange(top_k, dtype=jnp.int32)
-    pair_expert = jnp.where(pair_first == slot, pair_expert, -1)
-
-    # Pairs sorted by local expert, stably: within an expert by source rank, then source token.
-    pair_expert = jnp.where(pair_expert >= 0, pair_expert, experts_per_rank).reshape(-1)
-    num_pairs = pair_expert.shape[0]
-    order = jnp.argsort(pair_expert, stable=True).astype(jnp.int32)
-    counts = jnp.zeros((experts_per_rank,), jnp.int32).at[pair_expert].add(1, mode="drop")
-    if capacity is None:
-        num_rows = num_ranks * num_tokens * min(top_k, experts_per_rank)
-        group_sizes = counts
-    else:
-        num_rows = experts_per_rank * capacity
-        group_sizes = jnp.minimum(counts, capacity)
-    # Row q of recv_x is the r-th kept pair of its expert e: the r-th of e's pairs in `order`.
-    row = jnp.arange(num_rows, dtype=jnp.int32)
-    expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")
-    expert = jnp.minimum(expert, experts_per_rank - 1)
-    rank_in_expert = row - exclusive_cumsum(group_sizes)[expert]
-    position = exclusive_cumsum(counts)[expert] + rank_in_expert
-    kept = row < group_sizes.sum()
-    recv_pair = jnp.where(kept, take_rows(order, position), num_pairs)
-    pair_row = jnp.full((num_pairs,), num_rows, jnp.int32)
-    pair_row = pair_row.at[recv_pair].set(jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
-    return DispatchHandle(
-        send_token=layout.send_token, send_sizes=send_sizes, recv_sizes=recv_sizes,
-        slot_send_row=layout.slot_send_row, slot_is_first=layout.slot_is_first,
-        recv_pair=recv_pair, pair_row=pair_row.reshape(-1, top_k), pair_first=pair_first,
-        group_sizes=group_sizes, num_dropped=(counts - group_sizes).sum(),
-        num_invalid_ids=jnp.sum(expert_ids >= num_experts, dtype=jnp.int32),
-        axis_name=axis_name, num_experts=num_experts,
-        capacity=capacity, backend=backend, permute=permute)
-
-
-# --- the differentiable row movers ---------------------------------------------------------
-
-@jax.custom_vjp
-def _dispatch_rows(x, h):
-    return _to_experts(h, x, expand=True)
-
-
-def _dispatch_rows_fwd(x, h):
-    return _dispatch_rows(x, h), h
-
-
-@permute_scope
-def _dispatch_rows_bwd(h, g):
-    # The transpose: an unweighted combine.
-    return _sum_home(h, _reduce_pairs(h, g)), None
-
-
-_dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
-
-
-def _merged(h: DispatchHandle, pair_weights):
-    """f32[R, k]: each slot's weight added to the first slot of its expert (`pair_first`)."""
-    rows = jnp.arange(pair_weights.shape[0], dtype=jnp.int32)[:, None]
-    return jnp.zeros_like(pair_weights).at[rows, h.pair_first].add(pair_weights)
-
-
-@permute_scope
-def _combine(y, weights, h):
-    # f32[R, k]: k floats a row, a repeated expert's weights added up in its first slot.
-    pair_weights = _merged(h, _to_experts(h, weights.astype(jnp.float32), "xla"))
-    partial_sums = _reduce_pairs(h, y, pair_weights)
-    return _sum_home(h, partial_sums), pair_weights
-
-
-@jax.custom_vjp
-def _combine_rows(y, weights, h):
-    return _combine(y, weights, h)[0]
-
-
-def _combine_rows_fwd(y, weights, h):
-    out, pair_weights = _combine(y, weights, h)
-    return out, (y, weights, pair_weights, h)
-
-
-@permute_scope
-def _combine_rows_bwd(residuals, g):
-    y, weights, pair_weights, h = residuals
-    g_received = _to_experts(h, g)  # [R, H]
-    # dy: the output gradient dispatched, scaled by each pair's weight.
-    row_weight = take_rows(pair_weights.reshape(-1), h.recv_pair)
-    dy = _expand(h, g_received).astype(jnp.float32) * row_weight[:, None]
-    # dweights[t, j] = <g[t], y[row of (t, j)]>, taken on the expert rank, sent home per slot
-    # (a repeated expert's slots all read its one row).
-    g32 = g_received.astype(jnp.float32)
-    slot_row = jnp.take_along_axis(h.pair_row, h.pair_first, axis=1)
-    dots = jnp.stack([
-        jnp.sum(take_rows(y, slot_row[:, j]).astype(jnp.float32) * g32, axis=-1)
-        for j in range(h.top_k)], axis=1)  # f32[R, k]
-    dots_home = _to_home(h, dots)  # [S, k]
-    flat = h.slot_send_row * h.top_k + jnp.arange(h.top_k, dtype=jnp.int32)[None, :]
-    dweights = take_rows(dots_home.reshape(-1), flat)
-    return dy.astype(y.dtype), dweights.astype(weights.dtype), None
-
-
-_combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
-
-
-# --- the public API ------------------------------------------------------------------------
-
-def merge_repeated_experts(expert_ids, weights):
-    """(expert_ids, weights) [T, k] with an expert named in several slots of a token kept in the
-    first of them, with the sum of their weights; the others become empty slots (-1)."""
-    first = jnp.argmax(expert_ids[:, :, None] == expert_ids[:, None, :], axis=2)
-    rows = jnp.arange(expert_ids.shape[0])[:, None]
-    merged = jnp.zeros_like(weights).at[rows, first].add(weights)
-    return jnp.where(first == jnp.arange(expert_ids.shape[1]), expert_ids, -1), merged
-
-
-def check_ids(num_invalid_ids, num_experts: int) -> None:
-    """An error under `jax.experimental.checkify.checkify` where a rank's expert ids reach past
-    E (`num_invalid_ids` > 0); nothing otherwise (the count stays in the handle)."""
-    checkify.debug_check(num_invalid_ids == 0,
-                         "jep.dispatch: {n} expert ids >= num_experts=" + str(num_experts),
-                         n=num_invalid_ids)
+from jep.flat import DispatchHandle
 
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
@@ -372,8 +46,8 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
       handle: `DispatchHandle` for `combine` (a `jep.hierarchical.HierarchicalHandle` in
         hierarchical mode).
     """
-    check_dispatch_inputs(x, expert_ids, num_experts=num_experts, capacity=capacity,
-                          axis_name=axis_name, caller="jep.dispatch")
+    flat.check_dispatch_inputs(x, expert_ids, num_experts=num_experts, capacity=capacity,
+                               axis_name=axis_name, caller="jep.dispatch")
     if permute not in PERMUTES:
         raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
     if mode not in MODES:
@@ -385,15 +59,11 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
         if not (isinstance(axis_name, (tuple, list)) and len(axis_name) == 2):
             raise ValueError("mode='hierarchical' needs axis_name=(node axis, local axis), got "
                              f"axis_name={axis_name!r}")
-        from jep import hierarchical  # it builds on this module
         return hierarchical.dispatch(x, expert_ids, num_experts=num_experts,
                                      axis_name=tuple(axis_name), capacity=capacity,
                                      backend=backend, permute=permute)
-    backend = transport.resolve(backend, axis_name=axis_name)
-    handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
-                   backend=backend, permute=permute)
-    check_ids(handle.num_invalid_ids, num_experts)
-    return _dispatch_rows(x, handle), handle.group_sizes, handle
+    return flat.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
+                         capacity=capacity, backend=backend, permute=permute)
 
 
 def combine(y, handle: DispatchHandle, weights):
@@ -401,24 +71,17 @@ def combine(y, handle: DispatchHandle, weights):
 
     Args:
       y: f[C, H], expert outputs in the row order of `recv_x` (rows past the groups are ignored).
-      handle: the `DispatchHandle` of the matching `dispatch`.
+      handle: the handle of the matching `dispatch` (a `DispatchHandle`, or a
+        `jep.hierarchical.HierarchicalHandle`).
       weights: f[T, k], the routing weights, in the slot order of `expert_ids`.
 
     Returns:
       [T, H] in y.dtype: `sum_j weights[t, j] * y[row of (t, j)]`, summed in float32; a slot that
       was dropped or empty adds nothing.
     """
-    from jep import hierarchical  # it builds on this module
     if isinstance(handle, hierarchical.HierarchicalHandle):
         return hierarchical.combine(y, handle, weights)
-    if not isinstance(handle, DispatchHandle):
-        raise TypeError(f"handle must be the DispatchHandle returned by jep.dispatch, got {type(handle)}")
-    _checks.rank(y, 2, "y")
-    _checks.floating(y, "y")
-    _checks.floating(weights, "weights")
-    if y.shape[0] != handle.recv_pair.shape[0]:
-        raise ValueError(
-            f"y must have one row per row of recv_x ({handle.recv_pair.shape[0]}), got shape {y.shape}")
-    _checks.shape(weights, (handle.num_tokens, handle.top_k), "weights")
-    ep_size(handle.axis_name, "jep.combine")
-    return _combine_rows(y, weights, handle)
+    return flat.combine(y, handle, weights)
+
+
+__all__ = ["DispatchHandle", "combine", "dispatch"]

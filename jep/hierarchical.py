@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jep import dispatch as flat
+from jep import flat
 
 
 @functools.partial(jax.tree_util.register_dataclass,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jep import _checks
-from jep.dispatch import check_dispatch_inputs, check_ids, ep_size, merge_repeated_experts
+from jep.flat import check_dispatch_inputs, check_ids, ep_size, merge_repeated_experts
 from jep.layout import get_dispatch_layout
 from jep.platform import current_platform
 from jep.transport import ffi as ffi_transport

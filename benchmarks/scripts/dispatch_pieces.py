@@ -13,7 +13,6 @@ add up to the whole exactly. Times in us per call.
 from __future__ import annotations
 
 import argparse
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +20,9 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jep
+from jep import flat
 from jep.bench import timing, workloads
 
-dispatch_module = importlib.import_module("jep.dispatch")  # `jep.dispatch` is the function
 
 
 def main(argv=None):
@@ -58,7 +57,7 @@ def main(argv=None):
 
     for backend in args.backends.split(","):
         def plan(expert_ids, backend=backend):
-            return dispatch_module._plan(expert_ids, num_experts=experts, axis_name="ep",
+            return flat._plan(expert_ids, num_experts=experts, axis_name="ep",
                                          capacity=None, backend=backend, permute="auto")
 
         def loop(body, stacked):
@@ -72,7 +71,7 @@ def main(argv=None):
             # body(handle, received rows stacked twice): the pieces after the exchange.
             def piece(x, ids):
                 handle = plan(ids[0, 0])
-                received = dispatch_module._to_experts(handle, x[0, 0])
+                received = flat._to_experts(handle, x[0, 0])
                 return loop(lambda r: body(handle, r), (jnp.stack([received, received * 2]),))
             return piece
 
@@ -98,20 +97,20 @@ def main(argv=None):
             lambda a, b: jep.dispatch(a[0], b[0], num_experts=experts, axis_name="ep",
                                       backend=backend)[0], (x, ids)), x, ids)
         run(f"{backend}: plan", lambda ids: loop(planned, (ids,)), ids)
-        run(f"{backend}: exchange of the rows", with_plan(dispatch_module._to_experts), x, ids)
-        run(f"{backend}: expansion", with_received(dispatch_module._expand), x, ids)
+        run(f"{backend}: exchange of the rows", with_plan(flat._to_experts), x, ids)
+        run(f"{backend}: expansion", with_received(flat._expand), x, ids)
         run(f"{backend}: exchange and expansion at once", with_plan(
-            lambda h, a: dispatch_module._to_experts(h, a, expand=True)), x, ids)
+            lambda h, a: flat._to_experts(h, a, expand=True)), x, ids)
         run(f"{backend}: combine", with_recv_x(lambda h, y, w: jep.combine(y, h, w)),
             x, ids, weights)
         run(f"{backend}: combine, sums on the expert rank",
-            with_recv_x(lambda h, y, w: dispatch_module._reduce_pairs(
-                h, y, dispatch_module._to_experts(h, w.astype(jnp.float32), "xla"))),
+            with_recv_x(lambda h, y, w: flat._reduce_pairs(
+                h, y, flat._to_experts(h, w.astype(jnp.float32), "xla"))),
             x, ids, weights)
-        run(f"{backend}: combine, the way home", with_received(dispatch_module._sum_home),
+        run(f"{backend}: combine, the way home", with_received(flat._sum_home),
             x, ids)
         run(f"{backend}: exchange of 16 floats a row (fixed cost)", with_plan(
-            lambda h, a: dispatch_module._to_experts(h, a[:, :16].astype(jnp.float32), "xla")),
+            lambda h, a: flat._to_experts(h, a[:, :16].astype(jnp.float32), "xla")),
             x, ids)
     return times
 
