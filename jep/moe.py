@@ -1,10 +1,15 @@
-"""The MoE layer as one function: route -> dispatch -> experts -> combine, over a mesh.
+"""The MoE layer as one function over a mesh, `moe`, and below it the steps it runs on each
+device, in order: `_plan` (checks, sizes) -> `_local_layer`: `_route` -> per chunk
+`_dispatch_chunk` (`_apply_overflow_policy`, replicas, dispatch) -> experts (all chunks in one
+call) -> `_combine_chunk` -> shared expert -> `_aux`.
 
 Shapes: T tokens (all ranks), H hidden, F expert hidden, E experts, k = top_k.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -158,6 +163,63 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
         "num_dropped": i32[], pairs the capacity dropped; "num_rerouted": i32[], pairs moved
           to another expert (`DispatchConfig.overflow="reroute"`).
     """
+    mesh, plan = _plan(x, params, config=config, mesh=mesh, placement=placement)
+    token_spec = P(plan.token_axes, None)
+    tokens = _reshape(jnp.asarray(x), (plan.num_tokens, x.shape[-1]), mesh, token_spec)
+    shared = ({name: params[name] for name in SHARED_PARAMS + (SHARED_EXPERT_GATE,)
+               if name in params} if "shared_gate" in params else None)
+    bias = params.get("bias")
+    expert_spec = P(config.axis_name, None, None)
+    args = (tokens, params["router"], params["w_gate"], params["w_up"], params["w_down"], bias,
+            placement, shared)
+    specs = (token_spec, P(None, None), expert_spec, expert_spec, expert_spec,
+             None if bias is None else P(None),
+             None if placement is None else P(),  # a spec for every leaf of the placement
+             None if shared is None else P())
+    args = tuple(a if a is None else jax.tree.map(lambda leaf, s=s: place(jnp.asarray(leaf), mesh, s), a)
+                 for a, s in zip(args, specs))
+    layer = functools.partial(_local_layer, plan)
+    # jit: called eagerly, the layer still runs as one program rather than op by op.
+    y, aux = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=specs, out_specs=(token_spec, P())))(*args)
+    # The result in x's shape, its leading axes split over the mesh as far as they divide.
+    return _reshape(y, x.shape, mesh, _leading_spec(x.shape, mesh)), aux
+
+
+# --- the steps of the layer, in the order they run -------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The static facts of one call of `moe`, worked out once from the arguments.
+
+    num_tokens: T over the mesh; local_tokens: T on one device; chunk_tokens: tokens of one
+    chunk (`DispatchConfig.num_chunks`); num_slots: E, or E + replicas with a placement; ep:
+    the EP size; capacity: rows per local slot and chunk, None when dropless; overflow: the
+    policy in force ("position" when dropless); token_axes: every mesh axis (tokens are split
+    over all of them); sequence_length: x's second-to-last axis (T for a [T, H] x);
+    low_latency_mesh: the mesh where the dispatch mode is "low_latency", else None.
+    """
+
+    config: MoEConfig
+    num_tokens: int
+    local_tokens: int
+    chunk_tokens: int
+    num_slots: int
+    ep: int
+    capacity: int | None
+    overflow: str
+    token_axes: tuple
+    sequence_length: int
+    low_latency_mesh: object
+    has_placement: bool
+
+    @property
+    def decoding(self) -> bool:
+        return self.config.dispatch.mode == "low_latency"
+
+
+def _plan(x, params, *, config, mesh, placement):
+    """Checks `moe`'s arguments (clear errors at trace time) and works out its `_Plan`; returns
+    (mesh, plan), the mesh being the one set with `jax.set_mesh` when `mesh` is None."""
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a jep.MoEConfig, got {type(config)}")
     if mesh is None:
@@ -172,129 +234,144 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
     _checks.floating(x, "x")
     if jnp.ndim(x) < 1:
         raise ValueError(f"x must have shape [..., H], got {jnp.shape(x)}")
-    hidden = x.shape[-1]
     num_slots = config.num_experts
     if placement is not None:
         num_slots += balance.check_placement(placement, config.num_experts, ep)
         if config.dispatch.overflow != "position":
             raise ValueError(f"placement works with DispatchConfig.overflow='position' only, got "
                              f"{config.dispatch.overflow!r}")
-    _check_params(params, hidden, config, num_slots)
+    _check_params(params, x.shape[-1], config, num_slots)
     num_devices, num_tokens = mesh.size, math.prod(x.shape[:-1])
     if num_tokens % num_devices:
         raise ValueError(
             f"x has {num_tokens} tokens, which the {num_devices} devices of the mesh "
             f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} cannot split evenly")
     local_tokens = num_tokens // num_devices
-    sequence_length = x.shape[-2] if jnp.ndim(x) >= 3 else num_tokens
-
-    token_axes = tuple(mesh.axis_names)
-    token_spec = P(token_axes, None)
-    tokens = _reshape(jnp.asarray(x), (num_tokens, hidden), mesh, token_spec)
-    expert_spec = P(config.axis_name, None, None)
-    bias = params.get("bias")
-
     num_chunks = config.dispatch.num_chunks
     if local_tokens % num_chunks:
         raise ValueError(f"DispatchConfig.num_chunks={num_chunks} must divide the {local_tokens} "
                          "tokens of each device")
     chunk_tokens = local_tokens // num_chunks
     capacity = config.dispatch.capacity_for(chunk_tokens, config.top_k, num_slots // ep)
-    overflow = config.dispatch.overflow if capacity is not None else "position"
-    low_latency_mesh = mesh if config.dispatch.mode == "low_latency" else None
+    return mesh, _Plan(
+        config=config, num_tokens=num_tokens, local_tokens=local_tokens,
+        chunk_tokens=chunk_tokens, num_slots=num_slots, ep=ep, capacity=capacity,
+        overflow=config.dispatch.overflow if capacity is not None else "position",
+        token_axes=tuple(mesh.axis_names),
+        sequence_length=x.shape[-2] if jnp.ndim(x) >= 3 else num_tokens,
+        low_latency_mesh=mesh if config.dispatch.mode == "low_latency" else None,
+        has_placement=placement is not None)
 
-    decoding = config.dispatch.mode == "low_latency"
 
-    def dispatch_chunk(x, expert_ids, weights, scores, bias, placement, first_token):
-        """One chunk's tokens through the capacity policy and dispatch: (recv_x, group_sizes,
-        handle, combine weights, slot ids, pairs dropped, pairs rerouted)."""
-        num_rerouted = num_policy_dropped = jnp.int32(0)
-        if overflow == "probability":
-            expert_ids, num_policy_dropped = balance.keep_by_probability(
-                expert_ids, weights, capacity=capacity, num_experts=config.num_experts,
-                axis_name=config.axis_name)
-        elif overflow == "reroute":
-            choice = routing.selection_scores(scores, num_groups=config.num_groups,
-                                              topk_groups=config.topk_groups, bias=bias)
-            expert_ids, num_rerouted, num_policy_dropped = balance.reroute(
-                expert_ids, choice, capacity=capacity, num_experts=config.num_experts,
-                axis_name=config.axis_name)
-            weights = routing.weights_of(scores, expert_ids, renormalize=config.renormalize)
-        weights = weights * config.routed_scaling_factor
-        slot_ids = expert_ids
-        if placement is not None:
-            slot_ids = balance.replica_ids(expert_ids, placement, first_token * config.top_k)
-        if decoding:  # the weights travel with the tokens
-            recv_x, group_sizes, handle = low_latency.dispatch(
-                x, slot_ids, weights, num_experts=num_slots, axis_name=config.axis_name,
-                capacity=capacity, mesh=low_latency_mesh)
-        else:
-            recv_x, group_sizes, handle = dispatch(
-                x, slot_ids, num_experts=num_slots, axis_name=config.axis_name,
-                capacity=capacity, backend=config.dispatch.backend,
-                permute=config.dispatch.permute, mode=config.dispatch.mode)
-        return (recv_x, group_sizes, handle, weights, slot_ids,
-                handle.num_dropped + num_policy_dropped, num_rerouted)
+def _local_layer(plan: _Plan, x, router, w_gate, w_up, w_down, bias, placement, shared):
+    """The layer on one device (the body of `moe`'s shard_map): its tokens x [T_local, H]
+    routed, dispatched chunk by chunk, through the experts, combined; -> (y, aux)."""
+    config = plan.config
+    logits, scores, weights, expert_ids = _route(plan, x, router, bias)
+    experts = (w_gate, w_up, w_down)
+    if placement is not None:
+        experts = tuple(balance.tie_copies(w, placement, config.axis_name) for w in experts)
+    first_token = lax.axis_index(plan.token_axes) * plan.local_tokens
+    # Chunk by chunk, independent of each other: XLA may overlap one's exchanges with
+    # another's experts, and the shared expert with all of them. The experts of all chunks
+    # are one call: each weight gradient is computed once over every chunk's rows.
+    chunks = []
+    for c in range(config.dispatch.num_chunks):
+        part = slice(c * plan.chunk_tokens, (c + 1) * plan.chunk_tokens)
+        chunks.append(_dispatch_chunk(plan, x[part], expert_ids[part], weights[part],
+                                      scores[part], bias, placement,
+                                      first_token + c * plan.chunk_tokens))
+    recv_xs, group_sizes, handles, chunk_weights, slot_ids, dropped, rerouted = zip(*chunks)
+    expert_outs = expert_ffn_chunks(recv_xs, group_sizes, *experts, activation=config.activation,
+                                    backend=config.expert_backend)
+    y = jnp.concatenate([_combine_chunk(plan, out, handle, w)
+                         for out, handle, w in zip(expert_outs, handles, chunk_weights)])
+    if shared is not None:
+        y = y + shared_expert(x, shared, config.activation)
+    aux = _aux(plan, logits, scores, expert_ids, jnp.concatenate(slot_ids), first_token,
+               num_dropped=sum(dropped), num_rerouted=sum(rerouted))
+    return y, aux
 
-    def layer(x, router, w_gate, w_up, w_down, bias, placement, shared):
-        logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
-        weights, expert_ids = routing.route(
-            logits, top_k=config.top_k, score=config.score, num_groups=config.num_groups,
-            topk_groups=config.topk_groups, bias=bias, renormalize=config.renormalize)
-        scores = routing.router_scores(logits, config.score)
-        routed_ids = expert_ids
-        experts = (w_gate, w_up, w_down)
-        if placement is not None:
-            experts = tuple(balance.tie_copies(w, placement, config.axis_name) for w in experts)
-        first_token = lax.axis_index(token_axes) * local_tokens
-        # Chunk by chunk, independent of each other: XLA may overlap one's exchanges with
-        # another's experts, and the shared expert with all of them. The experts of all chunks
-        # are one call: each weight gradient is computed once over every chunk's rows.
-        chunks = []
-        for c in range(num_chunks):
-            part = slice(c * chunk_tokens, (c + 1) * chunk_tokens)
-            chunks.append(dispatch_chunk(x[part], expert_ids[part], weights[part], scores[part],
-                                         bias, placement, first_token + c * chunk_tokens))
-        recv_xs, group_sizes, handles, chunk_weights, slot_ids, dropped, rerouted = zip(*chunks)
-        expert_outs = expert_ffn_chunks(recv_xs, group_sizes, *experts,
-                                        activation=config.activation,
-                                        backend=config.expert_backend)
-        y = jnp.concatenate([
-            low_latency.combine(out, handle) if decoding else combine(out, handle, w)
-            for out, handle, w in zip(expert_outs, handles, chunk_weights)])
-        slot_ids = jnp.concatenate(slot_ids)
-        num_dropped, num_rerouted = sum(dropped), sum(rerouted)
-        if shared is not None:
-            y = y + shared_expert(x, shared, config.activation)
-        counts = lax.psum(routing.expert_counts(routed_ids, config.num_experts), token_axes)
-        slot_counts = counts if placement is None else lax.psum(
-            routing.expert_counts(slot_ids, num_slots), token_axes)
-        aux = {
-            "load_balancing_loss": routing.load_balancing_loss(scores, routed_ids, axis_name=token_axes),
-            "sequence_load_balancing_loss": balance.sequence_load_balancing_loss(
-                scores, routed_ids, sequence_length=sequence_length,
-                num_sequences=tokens.shape[0] // sequence_length, first_token=first_token,
-                axis_name=token_axes),
-            "router_z_loss": routing.router_z_loss(logits, axis_name=token_axes),
-            "tokens_per_expert": counts,
-            "expert_imbalance": balance.imbalance(counts),
-            "rank_imbalance": balance.imbalance(balance.rank_loads(slot_counts, ep)),
-            "num_dropped": lax.psum(num_dropped, token_axes),
-            "num_rerouted": lax.psum(num_rerouted, token_axes),
-        }
-        return y, aux
 
-    shared = ({name: params[name] for name in SHARED_PARAMS + (SHARED_EXPERT_GATE,)
-               if name in params} if "shared_gate" in params else None)
-    args = (tokens, params["router"], params["w_gate"], params["w_up"], params["w_down"], bias,
-            placement, shared)
-    specs = (token_spec, P(None, None), expert_spec, expert_spec, expert_spec,
-             None if bias is None else P(None),
-             None if placement is None else P(),  # a spec for every leaf of the placement
-             None if shared is None else P())
-    args = tuple(a if a is None else jax.tree.map(lambda leaf, s=s: place(jnp.asarray(leaf), mesh, s), a)
-                 for a, s in zip(args, specs))
-    # jit: called eagerly, the layer still runs as one program rather than op by op.
-    y, aux = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=specs, out_specs=(token_spec, P())))(*args)
-    # The result in x's shape, its leading axes split over the mesh as far as they divide.
-    return _reshape(y, x.shape, mesh, _leading_spec(x.shape, mesh)), aux
+def _route(plan: _Plan, x, router, bias):
+    """Router logits f32[T, E], scores, and the top-k (weights f32[T, k], expert_ids i32[T, k])."""
+    config = plan.config
+    logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
+    weights, expert_ids = routing.route(
+        logits, top_k=config.top_k, score=config.score, num_groups=config.num_groups,
+        topk_groups=config.topk_groups, bias=bias, renormalize=config.renormalize)
+    return logits, routing.router_scores(logits, config.score), weights, expert_ids
+
+
+def _apply_overflow_policy(plan: _Plan, expert_ids, weights, scores, bias):
+    """The capacity's overflow policy before dispatch (`DispatchConfig.overflow`):
+    "probability" empties the slots of lowest weight past the capacity, "reroute" moves them to
+    the token's next-best expert with room (and recomputes the weights); "position" leaves the
+    drops to dispatch. -> (expert_ids, weights, pairs dropped here, pairs rerouted)."""
+    config = plan.config
+    num_rerouted = num_dropped = jnp.int32(0)
+    if plan.overflow == "probability":
+        expert_ids, num_dropped = balance.keep_by_probability(
+            expert_ids, weights, capacity=plan.capacity, num_experts=config.num_experts,
+            axis_name=config.axis_name)
+    elif plan.overflow == "reroute":
+        choice = routing.selection_scores(scores, num_groups=config.num_groups,
+                                          topk_groups=config.topk_groups, bias=bias)
+        expert_ids, num_rerouted, num_dropped = balance.reroute(
+            expert_ids, choice, capacity=plan.capacity, num_experts=config.num_experts,
+            axis_name=config.axis_name)
+        weights = routing.weights_of(scores, expert_ids, renormalize=config.renormalize)
+    return expert_ids, weights, num_dropped, num_rerouted
+
+
+def _dispatch_chunk(plan: _Plan, x, expert_ids, weights, scores, bias, placement, first_token):
+    """One chunk's tokens through the overflow policy, onto replica slots (with a placement)
+    and dispatched: (recv_x, group_sizes, handle, combine weights, slot ids, pairs dropped,
+    pairs rerouted)."""
+    config = plan.config
+    expert_ids, weights, num_policy_dropped, num_rerouted = _apply_overflow_policy(
+        plan, expert_ids, weights, scores, bias)
+    weights = weights * config.routed_scaling_factor
+    slot_ids = expert_ids
+    if placement is not None:
+        slot_ids = balance.replica_ids(expert_ids, placement, first_token * config.top_k)
+    if plan.decoding:  # the weights travel with the tokens
+        recv_x, group_sizes, handle = low_latency.dispatch(
+            x, slot_ids, weights, num_experts=plan.num_slots, axis_name=config.axis_name,
+            capacity=plan.capacity, mesh=plan.low_latency_mesh)
+    else:
+        recv_x, group_sizes, handle = dispatch(
+            x, slot_ids, num_experts=plan.num_slots, axis_name=config.axis_name,
+            capacity=plan.capacity, backend=config.dispatch.backend,
+            permute=config.dispatch.permute, mode=config.dispatch.mode)
+    return (recv_x, group_sizes, handle, weights, slot_ids,
+            handle.num_dropped + num_policy_dropped, num_rerouted)
+
+
+def _combine_chunk(plan: _Plan, expert_out, handle, weights):
+    """One chunk's expert outputs home, weighted: [T_chunk, H]."""
+    if plan.decoding:  # the weights travelled with the tokens
+        return low_latency.combine(expert_out, handle)
+    return combine(expert_out, handle, weights)
+
+
+def _aux(plan: _Plan, logits, scores, routed_ids, slot_ids, first_token, *, num_dropped,
+         num_rerouted) -> dict:
+    """`moe`'s aux, over every token of the mesh (see `moe`)."""
+    config, token_axes = plan.config, plan.token_axes
+    counts = lax.psum(routing.expert_counts(routed_ids, config.num_experts), token_axes)
+    slot_counts = counts if not plan.has_placement else lax.psum(
+        routing.expert_counts(slot_ids, plan.num_slots), token_axes)
+    return {
+        "load_balancing_loss": routing.load_balancing_loss(scores, routed_ids, axis_name=token_axes),
+        "sequence_load_balancing_loss": balance.sequence_load_balancing_loss(
+            scores, routed_ids, sequence_length=plan.sequence_length,
+            num_sequences=plan.num_tokens // plan.sequence_length, first_token=first_token,
+            axis_name=token_axes),
+        "router_z_loss": routing.router_z_loss(logits, axis_name=token_axes),
+        "tokens_per_expert": counts,
+        "expert_imbalance": balance.imbalance(counts),
+        "rank_imbalance": balance.imbalance(balance.rank_loads(slot_counts, plan.ep)),
+        "num_dropped": lax.psum(num_dropped, token_axes),
+        "num_rerouted": lax.psum(num_rerouted, token_axes),
+    }
