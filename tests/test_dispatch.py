@@ -92,8 +92,8 @@ def test_dispatch_and_combine_match_reference_forward_and_backward(rng, backend,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("num_ranks", [1, 2, 4])
-@pytest.mark.parametrize("capacity", [None, 1])
+@pytest.mark.parametrize("num_ranks", [1, pytest.param(2, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize("capacity", [None, pytest.param(1, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", CALLER_KINDS)
 def test_repeated_experts_share_a_row_and_ids_past_e_are_counted(rng, backend, num_ranks,
                                                                  capacity, kind):

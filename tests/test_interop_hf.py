@@ -141,8 +141,10 @@ def hf_block(x, tensors, arch, i, fused=False):
     return out
 
 
-CASES = [("mixtral", False), ("mixtral", True), ("qwen2_moe", False), ("qwen3_moe", False),
-         ("qwen3_moe", True), ("deepseek_v3", False), ("deepseek_v3", True)]
+SLOW = pytest.mark.slow
+CASES = [("mixtral", False), pytest.param("mixtral", True, marks=SLOW), ("qwen2_moe", False),
+         ("qwen3_moe", False), pytest.param("qwen3_moe", True, marks=SLOW), ("deepseek_v3", False),
+         ("deepseek_v3", True)]
 
 
 @pytest.mark.parametrize("arch, fused", CASES)
@@ -291,6 +293,7 @@ def test_against_transformers(tmp_path, arch):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # the README's snippet runs the same load and save in the main job
 def test_example_loads_fine_tunes_and_saves(tmp_path):
     import subprocess
     import sys
