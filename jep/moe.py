@@ -178,11 +178,20 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
              None if shared is None else P())
     args = tuple(a if a is None else jax.tree.map(lambda leaf, s=s: place(jnp.asarray(leaf), mesh, s), a)
                  for a, s in zip(args, specs))
-    layer = functools.partial(_local_layer, plan)
-    # jit: called eagerly, the layer still runs as one program rather than op by op.
-    y, aux = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=specs, out_specs=(token_spec, P())))(*args)
+    y, aux = _layer_program(plan, mesh, specs)(*args)
     # The result in x's shape, its leading axes split over the mesh as far as they divide.
     return _reshape(y, x.shape, mesh, _leading_spec(x.shape, mesh)), aux
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_program(plan, mesh, specs):
+    """jit(shard_map(`_local_layer`)) for one plan, mesh and input specs (all hashable): the same
+    function object for the same settings, so that calling `moe` eagerly again with the same
+    shapes reuses jit's compiled program instead of tracing and compiling it anew. (jit: called
+    eagerly, the layer still runs as one program rather than op by op.)"""
+    token_spec = specs[0]
+    return jax.jit(jax.shard_map(functools.partial(_local_layer, plan), mesh=mesh,
+                                 in_specs=specs, out_specs=(token_spec, P())))
 
 
 # --- the steps of the layer, in the order they run -------------------------------------------
