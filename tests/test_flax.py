@@ -281,3 +281,12 @@ def test_modules_import_as_flax_modules_do():
 
     assert importlib.import_module("jep.nnx").MoE is MoE is jep.nnx.MoE is jep.flax.nnx.MoE
     assert importlib.import_module("jep.flax.linen").MoE is jep.flax.MoE
+
+
+def test_import_jep_loads_flax_only_when_a_module_is_asked_for():
+    import subprocess
+    import sys
+    code = ("import sys, jep; assert 'flax' not in sys.modules, 'import jep imported flax'; "
+            "from jep.nnx import MoE; assert jep.flax.MoE and 'flax' in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
