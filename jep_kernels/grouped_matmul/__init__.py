@@ -11,6 +11,7 @@ CPU, for tests).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,8 +21,8 @@ from jep_kernels.grouped_matmul import mgpu, tuning
 from jep_kernels.grouped_matmul.mgpu import SCOPES, Config, check_shapes
 from jep_kernels.vma import vary_like
 
-__all__ = ["Config", "SCOPES", "SHAPE_MULTIPLE", "check_shapes", "configs_for", "grouped_matmul",
-           "grouped_matmul_chunks"]
+__all__ = ["Config", "Configs", "SCOPES", "SHAPE_MULTIPLE", "check_shapes", "configs_for",
+           "grouped_matmul", "grouped_matmul_chunks"]
 
 
 ROW_TILE = 8  # TMA wants the row count of an array a multiple of this
@@ -77,22 +78,30 @@ def _chunks_bwd(configs, interpret, residuals, dys):
 _grouped_matmul_chunks.defvjp(_chunks_fwd, _chunks_bwd)
 
 
-class _Configs(dict):
-    """The configurations of the three products, hashable (a custom_vjp static argument)."""
+@dataclasses.dataclass(frozen=True)
+class Configs:
+    """The tile configurations of the three products of one grouped matmul: frozen and hashable
+    (a `custom_vjp` static argument); `configs["dw"]` reads one by its op name."""
 
-    def __hash__(self):
-        return hash(tuple(sorted(self.items())))
+    forward: Config
+    dx: Config
+    dw: Config
+
+    def __getitem__(self, op: str) -> Config:
+        if op not in tuning.OPS:
+            raise KeyError(f"op must be one of {tuning.OPS}, got {op!r}")
+        return getattr(self, op)
 
 
-def configs_for(w_shape, config: Config | None = None) -> dict[str, Config]:
-    """{"forward", "dx", "dw"} -> Config for a w of `w_shape` ([G, K, N]): `config` for all three
-    when given, else each product's entry of the tuning table."""
+def configs_for(w_shape, config: Config | None = None) -> Configs:
+    """The `Configs` for a w of `w_shape` ([G, K, N]): `config` for all three products when
+    given, else each product's entry of the tuning table."""
     groups, k, n = w_shape
-    return _Configs({op: config or tuning.config_for(op, *tuning.product_shape(op, k, n), groups)
-                     for op in tuning.OPS})
+    return Configs(**{op: config or tuning.config_for(op, *tuning.product_shape(op, k, n), groups)
+                      for op in tuning.OPS})
 
 
-def _checked_configs(xs, w, group_sizes, config: Config | None) -> dict[str, Config]:
+def _checked_configs(xs, w, group_sizes, config: Config | None) -> Configs:
     """`configs_for(w.shape, config)`, after checking each x and its group sizes against the
     forward's tiles and w's K and N against the tiles of dx and dw."""
     if w.ndim != 3:
