@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import jep_kernels.grouped_matmul
+import jep_kernels.grouped_matmul.reference
 from jep import _checks
 from jep.config import ACTIVATIONS
 from jep.platform import current_platform, on_hopper
@@ -19,28 +20,11 @@ from jep.platform import current_platform, on_hopper
 ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
 
-def _accumulator(x):
-    """float32, or float64 for float64 inputs."""
-    return jnp.promote_types(x.dtype, jnp.float32)
-
-
 def _grouped_matmul_xla(x, w, group_sizes):
     # The product accumulates in float32 inside the kernel either way; asking for a float32
     # *result* would also make the backward products run in float32: 2-3x slower for bf16 on an
     # H200 (dx 53 against 97 TFLOP/s, dw 29 against 84; `python -m jep.bench gemm`).
     return lax.ragged_dot(x, w, group_sizes)
-
-
-def _grouped_matmul_reference(x, w, group_sizes):
-    """One dense matmul per group, masked to its rows: slow, obviously right."""
-    ends = jnp.cumsum(group_sizes)
-    row = jnp.arange(x.shape[0])
-    group_of_row = jnp.searchsorted(ends, row, side="right")
-    out = jnp.zeros((x.shape[0], w.shape[2]), _accumulator(x))
-    for g in range(w.shape[0]):
-        product = jnp.dot(x, w[g], preferred_element_type=_accumulator(x))
-        out = out + jnp.where((group_of_row == g)[:, None], product, 0)
-    return out.astype(x.dtype)
 
 
 def _grouped_matmul_pallas(x, w, group_sizes):
@@ -56,7 +40,7 @@ def _pallas_takes(x, w) -> bool:
 
 
 _BACKENDS = {"pallas": _grouped_matmul_pallas, "xla": _grouped_matmul_xla,
-             "reference": _grouped_matmul_reference}
+             "reference": jep_kernels.grouped_matmul.reference.grouped_matmul}
 
 
 def grouped_matmul(x, w, group_sizes, *, backend: str = "auto"):
@@ -129,7 +113,7 @@ def _swiglu(matmul, rows, w_gate, w_up, w_down, activation):
     `rows` an array, or a tuple of arrays (chunks) for a `matmul` that takes them."""
     act = ACTIVATION_FNS[activation]
     first = rows[0] if isinstance(rows, tuple) else rows
-    dtype, accumulator = first.dtype, _accumulator(first)
+    dtype, accumulator = first.dtype, jep_kernels.grouped_matmul.reference.accumulator(first)
     gate = matmul(rows, w_gate.astype(dtype))
     up = matmul(rows, w_up.astype(dtype))
     hidden = jax.tree.map(
