@@ -37,7 +37,7 @@ import numpy as np
 from jep import _checks
 from jep.flat import check_dispatch_inputs, check_ids, ep_size, merge_repeated_experts
 from jep.layout import get_dispatch_layout
-from jep.platform import current_platform
+from jep.platform import concrete_mesh, current_platform
 from jep.transport import ffi as ffi_transport
 from jep_kernels import ragged_a2a
 from jep_kernels.vma import vary_like
@@ -107,10 +107,8 @@ def device_coords(mesh, axis_name) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def _concrete_mesh(mesh):
     if isinstance(mesh, jax.sharding.Mesh):
         return mesh
-    from jax._src import mesh as mesh_lib  # the concrete mesh of jax.set_mesh
-
-    concrete = mesh_lib.get_concrete_mesh() if hasattr(mesh_lib, "get_concrete_mesh") else None
-    if concrete is None or concrete.empty:
+    concrete = concrete_mesh()
+    if concrete is None:
         raise ValueError("the low-latency calls need the mesh with its devices: pass mesh= (a "
                          "jax.sharding.Mesh) or set it with jax.set_mesh")
     return concrete

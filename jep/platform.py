@@ -18,3 +18,17 @@ def on_hopper() -> bool:
     if current_platform() != "gpu":
         return False
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def concrete_mesh():
+    """The mesh set with `jax.set_mesh`, with its devices, also while tracing under `jax.jit`
+    (where the public `jax.sharding.get_mesh` refuses and `get_abstract_mesh` has no devices);
+    None where none is set or this jax cannot say. The one use of a private JAX module in jep:
+    JAX has no public call for it yet (0.10-0.11)."""
+    try:
+        from jax._src import mesh as mesh_lib
+    except ImportError:
+        return None
+    getter = getattr(mesh_lib, "get_concrete_mesh", None)
+    mesh = getter() if getter is not None else None
+    return None if mesh is None or mesh.empty else mesh

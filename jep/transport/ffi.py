@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jep.platform import current_platform
+from jep.platform import concrete_mesh, current_platform
 from jep_kernels import ragged_a2a
 from jep_kernels.ragged_a2a import build
 from jep_kernels.vma import vary_like
@@ -48,10 +48,8 @@ def runs_on(platform: str, axis_name=None) -> bool:
 
 def _within_process(axis_name) -> bool:
     """Whether the devices of every group along `axis_name` of the set mesh share a process."""
-    from jax._src import mesh as mesh_lib  # the concrete mesh of jax.set_mesh
-
-    mesh = mesh_lib.get_concrete_mesh() if hasattr(mesh_lib, "get_concrete_mesh") else None
-    if axis_name is None or mesh is None or mesh.empty:
+    mesh = concrete_mesh()
+    if axis_name is None or mesh is None:
         return False
     axes = _axes(axis_name)
     if any(a not in mesh.axis_names for a in axes):
