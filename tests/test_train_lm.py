@@ -59,6 +59,7 @@ def test_same_loss_on_every_mesh_at_step_0_and_after_3_steps(example):
             want, rtol=2e-5, err_msg=f"--nodes 2 --dispatch-mode {mode}")
 
 
+@pytest.mark.slow  # tests/test_multiprocess.py runs the layer over two processes in the main job
 def test_two_processes_train_like_one(example, tmp_path):
     """The example as two processes of 4 CPU devices (jax.distributed on localhost) gives the
     losses it gives in one process of 8."""
@@ -106,7 +107,7 @@ def test_loss_decreases_and_plot_and_metrics_are_written(example, tmp_path):
     ["--balance", "bias", "--bias-rate", "0.01", "--capacity-factor", "0.8", "--overflow",
      "reroute"],
     # Replicated experts, re-placed every 2 steps: placements and moments move; resume is exact.
-    ["--replicas", "4", "--replace-every", "2"],
+    pytest.param(["--replicas", "4", "--replace-every", "2"], marks=pytest.mark.slow),
 ], ids=["aux-loss", "bias-reroute", "replicas"])
 def test_checkpoint_round_trip_continues_training_identically(example, tmp_path, balance):
     common = TINY + balance + ["--ckpt-every", "3", "--eval-every", "100", "--out", str(tmp_path)]
