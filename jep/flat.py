@@ -30,7 +30,6 @@ from jax import lax
 from jax.experimental import checkify
 
 from jep import _checks, transport
-from jep.config import PERMUTES
 from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, sum_rows, take_rows
 
 
@@ -193,6 +192,21 @@ def _reduce_pairs(h: DispatchHandle, expanded, pair_weights=None):
     return sum_rows(expanded, h.pair_row, pair_weights, h.permute)
 
 
+# --- repeated ids within a row -------------------------------------------------------------
+
+def first_slots(ids):
+    """i32[N, k]: for each slot j of row i, the first slot of row i holding the same value as
+    slot j (j itself, unless an earlier slot repeats it)."""
+    return jnp.argmax(ids[:, :, None] == ids[:, None, :], axis=2).astype(jnp.int32)
+
+
+def add_to_first_slots(values, first):
+    """[N, k]: each slot's value added into slot first[i, j] of its row (`first_slots`), zero in
+    the slots that repeat an earlier one."""
+    rows = jnp.arange(values.shape[0], dtype=jnp.int32)[:, None]
+    return jnp.zeros_like(values).at[rows, first].add(values)
+
+
 # --- planning ------------------------------------------------------------------------------
 
 @jax.named_scope("jep_layout")
@@ -216,10 +230,8 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> 
                             backend=backend, axis_name=axis_name, num_tokens=num_tokens) - 1
     # A token naming one expert in several slots gets one row there, shared by those slots
     # (their weights add up in combine): so no token takes more than min(k, E_local) rows.
-    same = pair_expert[:, :, None] == pair_expert[:, None, :]  # [R, k, k]
-    pair_first = jnp.argmax(same, axis=2).astype(jnp.int32)
-    slot = jnp.arange(top_k, dtype=jnp.int32)
-    pair_expert = jnp.where(pair_first == slot, pair_expert, -1)
+    pair_first = first_slots(pair_expert)
+    pair_expert = jnp.where(pair_first == jnp.arange(top_k), pair_expert, -1)
 
     # Pairs sorted by local expert, stably: within an expert by source rank, then source token.
     pair_expert = jnp.where(pair_expert >= 0, pair_expert, experts_per_rank).reshape(-1)
@@ -272,16 +284,11 @@ def _dispatch_rows_bwd(h, g):
 _dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
-def _merged(h: DispatchHandle, pair_weights):
-    """f32[R, k]: each slot's weight added to the first slot of its expert (`pair_first`)."""
-    rows = jnp.arange(pair_weights.shape[0], dtype=jnp.int32)[:, None]
-    return jnp.zeros_like(pair_weights).at[rows, h.pair_first].add(pair_weights)
-
-
 @permute_scope
 def _combine(y, weights, h):
     # f32[R, k]: k floats a row, a repeated expert's weights added up in its first slot.
-    pair_weights = _merged(h, _to_experts(h, weights.astype(jnp.float32), "xla"))
+    pair_weights = add_to_first_slots(_to_experts(h, weights.astype(jnp.float32), "xla"),
+                                      h.pair_first)
     partial_sums = _reduce_pairs(h, y, pair_weights)
     return _sum_home(h, partial_sums), pair_weights
 
@@ -324,10 +331,9 @@ _combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 def merge_repeated_experts(expert_ids, weights):
     """(expert_ids, weights) [T, k] with an expert named in several slots of a token kept in the
     first of them, with the sum of their weights; the others become empty slots (-1)."""
-    first = jnp.argmax(expert_ids[:, :, None] == expert_ids[:, None, :], axis=2)
-    rows = jnp.arange(expert_ids.shape[0])[:, None]
-    merged = jnp.zeros_like(weights).at[rows, first].add(weights)
-    return jnp.where(first == jnp.arange(expert_ids.shape[1]), expert_ids, -1), merged
+    first = first_slots(expert_ids)
+    return (jnp.where(first == jnp.arange(expert_ids.shape[1]), expert_ids, -1),
+            add_to_first_slots(weights, first))
 
 
 def check_ids(num_invalid_ids, num_experts: int) -> None:
@@ -341,11 +347,8 @@ def check_ids(num_invalid_ids, num_experts: int) -> None:
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
              backend: str = "auto", permute: str = "auto"):
     """`jep.dispatch` in flat mode: one exchange over `axis_name`; the same arguments and
-    results (the handle a `DispatchHandle`)."""
-    check_dispatch_inputs(x, expert_ids, num_experts=num_experts, capacity=capacity,
-                          axis_name=axis_name, caller="jep.dispatch")
-    if permute not in PERMUTES:
-        raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
+    results (the handle a `DispatchHandle`). The arguments are the caller's to check
+    (`jep.dispatch` does, with `check_dispatch_inputs`, before either mode)."""
     backend = transport.resolve(backend, axis_name=axis_name)
     handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
                    backend=backend, permute=permute)

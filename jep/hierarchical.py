@@ -58,11 +58,9 @@ def node_slots(expert_ids, *, experts_per_node: int, num_nodes: int):
     """i32[T, k]: the node of each slot's expert, -1 for a slot whose node an earlier slot of
     the token already names (and for an empty slot): each token goes to each node once."""
     valid = (expert_ids >= 0) & (expert_ids < experts_per_node * num_nodes)
-    node = jnp.where(valid, expert_ids // experts_per_node, -1)
-    top_k = expert_ids.shape[1]
-    earlier = jnp.tril(jnp.ones((top_k, top_k), bool), k=-1)
-    repeated = jnp.any((node[:, :, None] == node[:, None, :]) & earlier[None], axis=-1)
-    return jnp.where(repeated, -1, node).astype(jnp.int32)
+    node = jnp.where(valid, expert_ids // experts_per_node, -1).astype(jnp.int32)
+    first = flat.first_slots(node) == jnp.arange(node.shape[1])
+    return jnp.where(first, node, -1)
 
 
 def _rows_as_data(values, handle):
