@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jep_kernels.ragged_a2a import check_timeout
+
 SCORES = ("softmax", "sigmoid")
 OVERFLOW = ("position", "probability", "reroute")
 ACTIVATIONS = ("silu", "gelu", "relu")
@@ -38,6 +40,10 @@ class DispatchConfig:
         can run one chunk's dispatch or combine (asynchronous collectives) while another
         chunk's experts compute. Results equal one chunk's, dropless; a capacity (and the
         overflow policy) applies to each chunk, `capacity_factor` to its tokens.
+      timeout_s: seconds a device waits for its peers in the `ffi` transport and the
+        low-latency calls before the program fails naming the ranks that never came; None:
+        the variable `JEP_FFI_TIMEOUT_S`, else 60. It is read when the layer is traced and
+        belongs to the compiled program (a new value is a new config, so a new trace).
     """
 
     capacity: int | None = None
@@ -47,6 +53,7 @@ class DispatchConfig:
     permute: str = "auto"
     mode: str = "flat"
     num_chunks: int = 1
+    timeout_s: float | None = None
 
     def __post_init__(self):
         if self.capacity is not None and self.capacity_factor is not None:
@@ -64,6 +71,8 @@ class DispatchConfig:
             raise ValueError(f"DispatchConfig.mode must be one of {MODES}, got {self.mode!r}")
         if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or self.num_chunks < 1:
             raise ValueError(f"DispatchConfig.num_chunks must be an int >= 1, got {self.num_chunks!r}")
+        if self.timeout_s is not None:
+            check_timeout(self.timeout_s, "DispatchConfig.timeout_s")
 
     def capacity_for(self, num_tokens: int, top_k: int, num_local_experts: int) -> int | None:
         """The per-local-expert capacity for `num_tokens` tokens per rank, or None (dropless)."""

@@ -1,6 +1,9 @@
 """`jep.dispatch` and `jep.combine`: the public calls, in every mode. Flat mode is one exchange
 (jep/flat.py, where the path of a token is drawn); hierarchical mode is one per axis of a
 (node, local) pair (jep/hierarchical.py); low-latency mode is its own calls (jep/low_latency.py).
+
+Call them under `jax.jit(jax.shard_map(...))`. From an eager `shard_map` JAX runs (and compiles)
+every operation inside one by one on every call: hundreds of small compiles per call.
 """
 
 from __future__ import annotations
@@ -8,10 +11,12 @@ from __future__ import annotations
 from jep import flat, hierarchical
 from jep.config import MODES, PERMUTES
 from jep.flat import DispatchHandle
+from jep_kernels.ragged_a2a import check_timeout
 
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
-             backend: str = "auto", permute: str = "auto", mode: str = "flat"):
+             backend: str = "auto", permute: str = "auto", mode: str = "flat",
+             timeout_s: float | None = None):
     """Sends each token to the ranks of its experts and groups the rows by local expert.
 
     Call inside `jax.shard_map` over `axis_name`; expert e lives on rank e // E_local.
@@ -37,6 +42,9 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
         or "hierarchical" (each token once to each node over the node axis, then to its experts
         inside the node over the local axis; `jep.hierarchical`). Ranks are numbered node-major
         either way, so expert e lives on the same device in both.
+      timeout_s: seconds the `ffi` transport waits for the peers of an exchange before the
+        program fails with the ranks that never came (None: `JEP_FFI_TIMEOUT_S`, else 60).
+        Fixed when the call is traced; combine and the gradients wait as long.
 
     Returns:
       recv_x: [C, H], x.dtype: the rows of local expert 0, then 1, ...; within an expert by
@@ -52,18 +60,29 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
         raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    timeout_s = check_timeout(timeout_s)  # the variable read now, part of the program's key
     if mode == "low_latency":
         raise ValueError("mode='low_latency' is jep.low_latency.dispatch, which takes the routing "
                          "weights with the tokens (and jep.low_latency.combine its handle)")
+    if mode == "hierarchical" and not (isinstance(axis_name, (tuple, list))
+                                       and len(axis_name) == 2):
+        raise ValueError("mode='hierarchical' needs axis_name=(node axis, local axis), got "
+                         f"axis_name={axis_name!r}")
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
+    return _dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
+                     capacity=capacity, backend=backend, permute=permute, mode=mode,
+                     timeout_s=timeout_s)
+
+
+def _dispatch(x, expert_ids, *, num_experts, axis_name, capacity, backend, permute, mode,
+              timeout_s):
     if mode == "hierarchical":  # each hop picks its own transport
-        if not (isinstance(axis_name, (tuple, list)) and len(axis_name) == 2):
-            raise ValueError("mode='hierarchical' needs axis_name=(node axis, local axis), got "
-                             f"axis_name={axis_name!r}")
-        return hierarchical.dispatch(x, expert_ids, num_experts=num_experts,
-                                     axis_name=tuple(axis_name), capacity=capacity,
-                                     backend=backend, permute=permute)
+        return hierarchical.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
+                                     capacity=capacity, backend=backend, permute=permute,
+                                     timeout_s=timeout_s)
     return flat.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
-                         capacity=capacity, backend=backend, permute=permute)
+                         capacity=capacity, backend=backend, permute=permute, timeout_s=timeout_s)
 
 
 def combine(y, handle: DispatchHandle, weights):
@@ -79,6 +98,13 @@ def combine(y, handle: DispatchHandle, weights):
       [T, H] in y.dtype: `sum_j weights[t, j] * y[row of (t, j)]`, summed in float32; a slot that
       was dropped or empty adds nothing.
     """
+    if not isinstance(handle, (DispatchHandle, hierarchical.HierarchicalHandle)):
+        raise TypeError(f"handle must be the DispatchHandle (or HierarchicalHandle) returned by "
+                        f"jep.dispatch, got {type(handle)}")
+    return _combine(y, handle, weights)
+
+
+def _combine(y, handle, weights):
     if isinstance(handle, hierarchical.HierarchicalHandle):
         return hierarchical.combine(y, handle, weights)
     return flat.combine(y, handle, weights)

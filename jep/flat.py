@@ -38,7 +38,7 @@ from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, sum
     data_fields=["send_token", "send_sizes", "recv_sizes", "slot_send_row", "slot_is_first",
                  "recv_pair", "pair_row", "pair_first", "group_sizes", "num_dropped",
                  "num_invalid_ids"],
-    meta_fields=["axis_name", "num_experts", "capacity", "backend", "permute"],
+    meta_fields=["axis_name", "num_experts", "capacity", "backend", "permute", "timeout_s"],
 )
 @dataclasses.dataclass(frozen=True)
 class DispatchHandle:
@@ -62,7 +62,8 @@ class DispatchHandle:
       num_invalid_ids: i32[], this rank's slots whose expert id is >= E (a caller's bug: sent
         nowhere, counted here; `jax.experimental.checkify` turns it into an error).
     backend is the transport, permute the row mover of the expansion and the sums
-    (`jep.layout.take_rows`).
+    (`jep.layout.take_rows`), timeout_s how long the `ffi` transport waits for peers (None: its
+    default).
     """
 
     send_token: jax.Array
@@ -81,6 +82,7 @@ class DispatchHandle:
     capacity: int | None
     backend: str
     permute: str
+    timeout_s: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -138,10 +140,12 @@ def check_dispatch_inputs(x, expert_ids, *, num_experts, capacity, axis_name, ca
 permute_scope = jax.named_scope("jep_permute")
 
 
-def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens):
+def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens,
+              timeout_s):
     # A rank sends at most one row per token to a peer, so T bounds every peer's slice.
     return transport.exchange(backend, rows, send_sizes, recv_sizes, axis_name=axis_name,
-                              out_rows=out_rows, max_rows_per_peer=num_tokens)
+                              out_rows=out_rows, max_rows_per_peer=num_tokens,
+                              timeout_s=timeout_s)
 
 
 @permute_scope
@@ -153,7 +157,7 @@ def _to_experts(h: DispatchHandle, home, permute=None, expand=False):
     return transport.exchange(
         h.backend, home, h.send_sizes, h.recv_sizes, axis_name=h.axis_name,
         out_rows=h.num_ranks * h.num_tokens, max_rows_per_peer=h.num_tokens, index=h.send_token,
-        expansion=expansion, permute=permute or h.permute)
+        expansion=expansion, permute=permute or h.permute, timeout_s=h.timeout_s)
 
 
 @permute_scope
@@ -161,7 +165,8 @@ def _to_home(h: DispatchHandle, received):
     """[R, *F] rows on the expert ranks -> [S, *F] in the home rank's send order."""
     num_rows = max_send_rows(h.num_tokens, h.top_k, h.num_ranks)
     return _exchange(received, h.recv_sizes, h.send_sizes, num_rows,
-                     backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens)
+                     backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens,
+                     timeout_s=h.timeout_s)
 
 
 @permute_scope
@@ -171,7 +176,7 @@ def _sum_home(h: DispatchHandle, received):
     return transport.exchange_sum(
         h.backend, received, h.recv_sizes, h.send_sizes, h.slot_send_row, h.slot_is_first,
         axis_name=h.axis_name, out_rows=max_send_rows(h.num_tokens, h.top_k, h.num_ranks),
-        max_rows_per_peer=h.num_tokens, permute=h.permute)
+        max_rows_per_peer=h.num_tokens, permute=h.permute, timeout_s=h.timeout_s)
 
 
 def _source_rows(h: DispatchHandle):
@@ -210,7 +215,8 @@ def add_to_first_slots(values, first):
 # --- planning ------------------------------------------------------------------------------
 
 @jax.named_scope("jep_layout")
-def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> DispatchHandle:
+def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute,
+          timeout_s) -> DispatchHandle:
     num_ranks = ep_size(axis_name, "jep.dispatch")
     num_tokens, top_k = expert_ids.shape
     experts_per_rank = num_experts // num_ranks
@@ -227,7 +233,8 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> 
     local = slot_ids - layout.send_rank[:, None] * experts_per_rank
     local = jnp.where((local >= 0) & (local < experts_per_rank) & (slot_ids >= 0), local + 1, 0)
     pair_expert = _exchange(local, send_sizes, recv_sizes, num_ranks * num_tokens,
-                            backend=backend, axis_name=axis_name, num_tokens=num_tokens) - 1
+                            backend=backend, axis_name=axis_name, num_tokens=num_tokens,
+                            timeout_s=timeout_s) - 1
     # A token naming one expert in several slots gets one row there, shared by those slots
     # (their weights add up in combine): so no token takes more than min(k, E_local) rows.
     pair_first = first_slots(pair_expert)
@@ -261,7 +268,7 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute) -> 
         group_sizes=group_sizes, num_dropped=(counts - group_sizes).sum(),
         num_invalid_ids=jnp.sum(expert_ids >= num_experts, dtype=jnp.int32),
         axis_name=axis_name, num_experts=num_experts,
-        capacity=capacity, backend=backend, permute=permute)
+        capacity=capacity, backend=backend, permute=permute, timeout_s=timeout_s)
 
 
 # --- the differentiable row movers ---------------------------------------------------------
@@ -345,13 +352,13 @@ def check_ids(num_invalid_ids, num_experts: int) -> None:
 
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
-             backend: str = "auto", permute: str = "auto"):
+             backend: str = "auto", permute: str = "auto", timeout_s: float | None = None):
     """`jep.dispatch` in flat mode: one exchange over `axis_name`; the same arguments and
     results (the handle a `DispatchHandle`). The arguments are the caller's to check
     (`jep.dispatch` does, with `check_dispatch_inputs`, before either mode)."""
     backend = transport.resolve(backend, axis_name=axis_name)
     handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
-                   backend=backend, permute=permute)
+                   backend=backend, permute=permute, timeout_s=timeout_s)
     check_ids(handle.num_invalid_ids, num_experts)
     return _dispatch_rows(x, handle), handle.group_sizes, handle
 

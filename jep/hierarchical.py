@@ -69,7 +69,7 @@ def _rows_as_data(values, handle):
 
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity, backend: str,
-             permute: str):
+             permute: str, timeout_s: float | None = None):
     """`jep.dispatch` with `mode="hierarchical"`; axis_name = (node axis, local axis)."""
     node_axis, local_axis = axis_name
     num_nodes = flat.ep_size(node_axis, "jep.dispatch")
@@ -78,7 +78,7 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity, backend: s
     to_nodes = node_slots(expert_ids, experts_per_node=experts_per_node, num_nodes=num_nodes)
     arrived, _, node_handle = flat.dispatch(
         x, to_nodes, num_experts=num_nodes, axis_name=node_axis, backend=backend,
-        permute=permute)
+        permute=permute, timeout_s=timeout_s)
     # The tokens' expert ids travel as float32 rows (exact below 2^24), shifted by one so that
     # the zero rows past the last arrival read as "no expert".
     ids = _rows_as_data(lax.stop_gradient(expert_ids + 1), node_handle)
@@ -88,7 +88,8 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity, backend: s
     here = (ids >= first) & (ids < first + experts_per_node)
     recv_x, group_sizes, local_handle = flat.dispatch(
         arrived, jnp.where(here, ids - first, -1), num_experts=experts_per_node,
-        axis_name=local_axis, capacity=capacity, backend=backend, permute=permute)
+        axis_name=local_axis, capacity=capacity, backend=backend, permute=permute,
+        timeout_s=timeout_s)
     num_invalid = jnp.sum(expert_ids >= num_experts, dtype=jnp.int32)
     flat.check_ids(num_invalid, num_experts)
     return recv_x, group_sizes, HierarchicalHandle(node_handle, local_handle, num_invalid)

@@ -6,10 +6,14 @@ slow when a step moves one to a few hundred. Here each direction is one XLA FFI 
 (`jep_kernels.ragged_a2a.low_latency_dispatch` / `_combine`):
 
 - buffers sized by T, the tokens of a rank (the static shape: pad a decoding batch to the most
-  tokens a rank takes), allocated on each device at the call's first run, with their addresses
-  exchanged then; every later run only launches kernels, which push rows into the peers' buffers
-  and signal through flags there, so the host never waits and XLA may capture the calls into
-  command buffers (CUDA graphs);
+  tokens a rank takes), allocated on each device at the first run of a call of that shape, with
+  their addresses exchanged then; every later run only launches kernels, which push rows into
+  the peers' buffers and signal through flags there, so the host never waits and XLA may capture
+  the calls into command buffers (CUDA graphs);
+- the buffers belong to a `Buffer` the caller holds (by default the process's
+  `default_buffer()`): one set per device, direction and shape, shared by every trace and call
+  site of that shape, freed by `Buffer.release()`. Decoding at several batch sizes keeps one set
+  per size, not one per trace;
 - dispatch sends each token once per destination rank, with its slots' local experts, indices
   and routing weights, and lays the rows out by local expert on arrival (what `expert_ffn` takes);
 - combine adds each token's expert outputs with their weights on the expert rank (float32, in slot
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +48,56 @@ from jep_kernels import ragged_a2a
 from jep_kernels.vma import vary_like
 
 
+_buffer_ids = itertools.count(1)
+
+
+class Buffer:
+    """The device memory of the low-latency calls that name it, held by the caller.
+
+    Each device keeps one set of buffers per direction (dispatch, combine) and shape of call,
+    made on the first run of such a call and reused by every later one, in any program. The
+    memory of a set: about n * T * (H * itemsize + 12 k) bytes per device (n ranks, T tokens,
+    k slots, H hidden); `live()` counts the sets.
+
+    `release()` frees them, once the work queued on each device is done. The buffer is then
+    spent: tracing a call with it raises, and running a program traced with it fails. A program
+    XLA captured into a CUDA graph still points at the freed memory: do not run it again.
+    """
+
+    def __init__(self):
+        self.id = next(_buffer_ids)
+        self.released = False
+
+    def __repr__(self):
+        return f"jep.low_latency.Buffer(id={self.id}{', released' if self.released else ''})"
+
+    def live(self) -> tuple[int, int]:
+        """(sets, bytes) of this buffer's memory now live on this process's devices."""
+        return ragged_a2a.live_buffers(self.id)
+
+    def release(self) -> None:
+        """Frees this buffer's memory on every device of the process (idempotent)."""
+        self.released = True
+        ragged_a2a.release_buffers(self.id)
+
+
+_default = Buffer()
+
+
+def default_buffer() -> Buffer:
+    """The buffer of the calls that name none; a fresh one once the last was released."""
+    global _default
+    if _default.released:
+        _default = Buffer()
+    return _default
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["home_slot", "pair_row", "recv_weight", "recv_count", "group_sizes",
                  "num_dropped", "num_invalid_ids"],
-    meta_fields=["axis_name", "num_experts", "capacity", "device_coords"],
+    meta_fields=["axis_name", "num_experts", "capacity", "device_coords", "buffer_id",
+                 "timeout_s"],
 )
 @dataclasses.dataclass(frozen=True)
 class LowLatencyHandle:
@@ -61,6 +111,7 @@ class LowLatencyHandle:
     group_sizes: i32[E_local]; num_dropped: i32[], pairs received here past the capacity.
     num_invalid_ids: i32[], this rank's slots whose expert id is >= E (sent nowhere).
     device_coords: ((group, ...), (rank, ...)) of each device ordinal of the process.
+    buffer_id: the `Buffer` whose memory the calls use; timeout_s: seconds to wait for peers.
     """
 
     home_slot: jax.Array
@@ -74,6 +125,8 @@ class LowLatencyHandle:
     num_experts: int
     capacity: int | None
     device_coords: tuple
+    buffer_id: int
+    timeout_s: float
 
 
 def device_coords(mesh, axis_name) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -155,7 +208,7 @@ def _forward_only(call, name):
 
 
 def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: int | None = None,
-             mesh=None):
+             mesh=None, buffer: Buffer | None = None, timeout_s: float | None = None):
     """Sends each token to the ranks of its experts, with its routing weights, in one call.
 
     Call inside `jax.shard_map` over `axis_name` (on every mesh axis of size > 1).
@@ -171,6 +224,10 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
       axis_name: the EP mesh axis (or a tuple of axes).
       capacity: rows kept per local expert (the first by sender rank, then token); None: all.
       mesh: the `jax.sharding.Mesh` (default: the one set with `jax.set_mesh`).
+      buffer: the `Buffer` whose memory the calls use (default: `default_buffer()`); combine
+        uses the same.
+      timeout_s: seconds a device waits for its peers before the program fails (None:
+        `JEP_FFI_TIMEOUT_S`, else 60), fixed when the call is traced; combine waits as long.
 
     Returns:
       recv_x: [C, H], the rows of local expert 0, then 1, ..., zeros past the kept rows (the same
@@ -179,15 +236,31 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
       handle: `LowLatencyHandle` for `combine`; `handle.num_dropped` counts the pairs past the
         capacity here.
     """
-    n = check_dispatch_inputs(x, expert_ids, num_experts=num_experts, capacity=capacity,
-                              axis_name=axis_name, caller="jep.low_latency.dispatch")
+    check_dispatch_inputs(x, expert_ids, num_experts=num_experts, capacity=capacity,
+                          axis_name=axis_name, caller="jep.low_latency.dispatch")
     _checks.floating(weights, "weights")
     _checks.shape(weights, expert_ids.shape, "weights")
     num_tokens, top_k = expert_ids.shape
     if top_k > 32:
         raise ValueError(f"the low-latency calls take at most 32 slots per token, got {top_k}")
     _check_runs(axis_name)
-    coords_of_devices = device_coords(_concrete_mesh(mesh), axis_name)
+    buffer = default_buffer() if buffer is None else buffer
+    if not isinstance(buffer, Buffer):
+        raise TypeError(f"buffer must be a jep.low_latency.Buffer or None, got {type(buffer)}")
+    if buffer.released:
+        raise ValueError(f"buffer {buffer!r} was released: make a new jep.low_latency.Buffer")
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
+    return _dispatch(x, expert_ids, weights, num_experts=num_experts, axis_name=axis_name,
+                     capacity=capacity, device_coords=device_coords(_concrete_mesh(mesh), axis_name),
+                     buffer_id=buffer.id, timeout_s=ragged_a2a.check_timeout(timeout_s))
+
+
+def _dispatch(x, expert_ids, weights, *, num_experts, axis_name, capacity, device_coords,
+              buffer_id, timeout_s):
+    n = ep_size(axis_name, "jep.low_latency.dispatch")
+    num_tokens, top_k = expert_ids.shape
+    coords_of_devices = device_coords
     num_local = num_experts // n
     num_rows = (n * num_tokens * min(top_k, num_local) if capacity is None
                 else num_local * capacity)
@@ -216,7 +289,8 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
     coords, _ = ffi_transport.prepare(axis_name)
     call = _forward_only(functools.partial(
         ragged_a2a.low_latency_dispatch, num_ranks=n, out_rows=num_rows, capacity=capacity,
-        device_coords=coords_of_devices, what=f"low-latency dispatch over axis {axis_name!r}"),
+        owner=buffer_id, device_coords=coords_of_devices, timeout_s=timeout_s,
+        what=f"low-latency dispatch over axis {axis_name!r}"),
         "dispatch")
     recv_x, group_sizes, pair_row, recv_weight, recv_count, dropped = call(
         x, send_index, local, pair_index, pair_weight, counts, layout.tokens_per_rank, coords)
@@ -227,8 +301,8 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
     handle = LowLatencyHandle(
         home_slot=home_slot, pair_row=pair_row, recv_weight=recv_weight, recv_count=recv_count,
         group_sizes=group_sizes, num_dropped=dropped[0], num_invalid_ids=num_invalid,
-        axis_name=axis_name,
-        num_experts=num_experts, capacity=capacity, device_coords=coords_of_devices)
+        axis_name=axis_name, num_experts=num_experts, capacity=capacity,
+        device_coords=coords_of_devices, buffer_id=buffer_id, timeout_s=timeout_s)
     return recv_x, group_sizes, handle
 
 
@@ -250,10 +324,16 @@ def combine(y, handle: LowLatencyHandle):
                         f"jep.low_latency.dispatch, got {type(handle)}")
     _checks.rank(y, 2, "y")
     _checks.floating(y, "y")
+    ep_size(handle.axis_name, "jep.low_latency.combine")
+    return _combine(y, handle)
+
+
+def _combine(y, handle: LowLatencyHandle):
     n = ep_size(handle.axis_name, "jep.low_latency.combine")
     coords, _ = ffi_transport.prepare(handle.axis_name)
     call = _forward_only(functools.partial(
-        ragged_a2a.low_latency_combine, num_ranks=n, device_coords=handle.device_coords,
+        ragged_a2a.low_latency_combine, num_ranks=n, owner=handle.buffer_id,
+        device_coords=handle.device_coords, timeout_s=handle.timeout_s,
         what=f"low-latency combine over axis {handle.axis_name!r}"), "combine")
     out = call(y, handle.pair_row, handle.recv_weight, handle.recv_count, handle.home_slot, coords)
     return vary_like(out, y, handle.home_slot, handle.pair_row)

@@ -141,7 +141,7 @@ def moe(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):
         sigmoid(x @ shared_expert_gate), as Qwen2-MoE does}.
       config: `MoEConfig`.
       mesh: a `jax.sharding.Mesh` holding `config.axis_name`; default: the mesh set with
-        `jax.set_mesh`/`jax.sharding.use_mesh`.
+        `jax.set_mesh`.
       placement: optional `jep.balance.Placement` of the E logical experts on P = E + R
         physical slots (replicated hot experts). The expert weights are then per slot
         ([P, H, F] and [P, F, H], sharded over the EP axis), each token's pair goes to one copy
@@ -347,12 +347,14 @@ def _dispatch_chunk(plan: _Plan, x, expert_ids, weights, scores, bias, placement
     if plan.decoding:  # the weights travel with the tokens
         recv_x, group_sizes, handle = low_latency.dispatch(
             x, slot_ids, weights, num_experts=plan.num_slots, axis_name=config.axis_name,
-            capacity=plan.capacity, mesh=plan.low_latency_mesh)
+            capacity=plan.capacity, mesh=plan.low_latency_mesh,
+            timeout_s=config.dispatch.timeout_s)
     else:
         recv_x, group_sizes, handle = dispatch(
             x, slot_ids, num_experts=plan.num_slots, axis_name=config.axis_name,
             capacity=plan.capacity, backend=config.dispatch.backend,
-            permute=config.dispatch.permute, mode=config.dispatch.mode)
+            permute=config.dispatch.permute, mode=config.dispatch.mode,
+            timeout_s=config.dispatch.timeout_s)
     return (recv_x, group_sizes, handle, weights, slot_ids,
             handle.num_dropped + num_policy_dropped, num_rerouted)
 

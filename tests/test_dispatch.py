@@ -250,3 +250,4 @@ def test_xla_transport_on_cpu_raises_naming_the_fallback():
 
     with pytest.raises(ValueError, match="backend='reference'"):
         run_local(local)
+

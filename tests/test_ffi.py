@@ -3,6 +3,7 @@ fails clearly instead of hanging."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -203,26 +204,46 @@ def test_exchange_with_expansion_writes_each_received_row_to_its_rows(rng, dtype
 def test_a_rank_that_never_arrives_raises_after_the_timeout_naming_it():
     # One device calls an exchange among two ranks: rank 1 never comes.
     ragged_a2a.register("cpu")
-    ragged_a2a.set_timeout(0.5)
-    try:
-        call = jax.jit(lambda rows: ragged_a2a.exchange(
-            rows, jnp.array([1, 1], jnp.int32), jnp.array([0, 0], jnp.int32), num_ranks=2,
-            out_rows=2, what="test exchange"))
-        rows = jax.device_put(np.ones((2, 3), np.float32), jax.devices("cpu")[0])
-        with pytest.raises(Exception, match=r"never arrived within 0.5 s: \[1\] of 2.*set_timeout"):
-            jax.block_until_ready(call(rows))
-    finally:
-        ragged_a2a.set_timeout(None)
+    call = jax.jit(lambda rows: ragged_a2a.exchange(
+        rows, jnp.array([1, 1], jnp.int32), jnp.array([0, 0], jnp.int32), num_ranks=2,
+        out_rows=2, timeout_s=0.5, what="test exchange"))
+    rows = jax.device_put(np.ones((2, 3), np.float32), jax.devices("cpu")[0])
+    with pytest.raises(Exception, match=r"never arrived within 0.5 s: \[1\] of 2.*timeout_s"):
+        jax.block_until_ready(call(rows))
 
 
-def test_timeout_setting_and_its_environment_default(monkeypatch):
+def _timeouts_ms(lowered) -> set[int]:
+    return {int(m) for m in re.findall(r"timeout_ms = (\d+)", lowered.as_text())}
+
+
+def test_the_timeout_is_a_setting_of_the_traced_program(monkeypatch):
     monkeypatch.setenv("JEP_FFI_TIMEOUT_S", "7")
-    assert ragged_a2a.timeout() == 7
-    ragged_a2a.set_timeout(2.5)
-    assert ragged_a2a.timeout() == 2.5
-    ragged_a2a.set_timeout(None)
-    with pytest.raises(ValueError, match="seconds"):
-        ragged_a2a.set_timeout(0)
+    assert ragged_a2a.check_timeout(None) == 7
+    assert ragged_a2a.check_timeout(2.5) == 2.5
+    for bad in (0, -1, True, "3"):
+        with pytest.raises(ValueError, match="timeout_s"):
+            ragged_a2a.check_timeout(bad)
+    with pytest.raises(ValueError, match="DispatchConfig.timeout_s"):
+        jep.DispatchConfig(timeout_s=0)
+
+    mesh = make_mesh((4,), ("ep",))
+
+    def lowered(timeout_s):
+        def body(x, ids):
+            recv, _, h = jep.dispatch(x, ids, num_experts=8, axis_name="ep", backend="ffi",
+                                      timeout_s=timeout_s)
+            return jep.combine(recv, h, jnp.ones(ids.shape, x.dtype))
+        f = jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+        return jax.jit(f).lower(put(mesh, jnp.ones((16, 4)), P("ep")),
+                                put(mesh, jnp.zeros((16, 2), jnp.int32), P("ep")))
+
+    # The variable is read when the program is traced: it is the default of every exchange in it.
+    assert _timeouts_ms(lowered(None)) == {7000}
+    monkeypatch.setenv("JEP_FFI_TIMEOUT_S", "9")
+    assert _timeouts_ms(lowered(None)) == {9000}
+    assert _timeouts_ms(lowered(2.5)) == {2500}
+    with pytest.raises(ValueError, match="timeout_s"):
+        lowered(-1)
 
 
 def test_too_many_ranks_raise_at_trace_time():

@@ -12,6 +12,7 @@ from routings import CALLER_KINDS, KINDS, make_routing
 
 import jep
 from jep import low_latency, reference
+from jep_kernels import ragged_a2a
 
 pytestmark = pytest.mark.skipif("ffi" not in jep.transport.available(),
                                 reason="the low-latency calls run where the ffi transport runs")
@@ -105,6 +106,110 @@ def test_buffers_are_reused_across_calls(rng):
     """The same call site, run four times in a loop: every call gives its own input's rows."""
     ids = make_routing("random", rng, num_ranks=4, num_tokens=7, top_k=4, num_experts=16)
     check(rng, ids, num_experts=16, capacity=None, calls=4)
+
+
+def _device_free_bytes():
+    """Free memory of GPU 0 as CUDA counts it (cudaMalloc'd buffers included), or None."""
+    if jax.default_backend() != "gpu":
+        return None
+    ragged_a2a.register("gpu")
+    return ragged_a2a.device_free_bytes(0)
+
+
+def test_buffers_belong_to_their_owner_and_are_freed_on_release(rng):
+    """New traces of the same shapes reuse their owner's buffers: the sets live are one per
+    device, direction and shape however often the pair is traced, and none after release."""
+    num_ranks = min(4, jax.device_count())
+    mesh = make_mesh((num_ranks,), ("ep",))
+    buffer = low_latency.Buffer()
+    shapes = [(4, 8), (8, 8), (4, 16)]  # (tokens, hidden) per rank
+
+    def program(buffer):
+        def local(x, ids, weights):
+            recv_x, _, handle = low_latency.dispatch(
+                x, ids, weights, num_experts=2 * num_ranks, axis_name="ep", mesh=mesh,
+                buffer=buffer)
+            return low_latency.combine(recv_x, handle)
+        # A new function each time: a new trace and a new compile.
+        return jax.jit(jax.shard_map(lambda *a: local(*a), mesh=mesh, in_specs=(P("ep"),) * 3,
+                                     out_specs=P("ep")))
+
+    for _ in range(3):
+        for tokens, hidden in shapes:
+            x = rng.normal(size=(num_ranks * tokens, hidden)).astype(np.float32)
+            ids = rng.integers(0, 2 * num_ranks, size=(num_ranks * tokens, 2)).astype(np.int32)
+            ids[:, 1] = (ids[:, 0] + 1) % (2 * num_ranks)
+            weights = rng.random(ids.shape).astype(np.float32)
+            out = program(buffer)(*(put(mesh, a, P("ep")) for a in (x, ids, weights)))
+            np.testing.assert_allclose(np.asarray(out), x * weights.sum(1, keepdims=True),
+                                       rtol=1e-5, atol=1e-6)
+    sets, nbytes = buffer.live()
+    assert sets == 2 * len(shapes) * num_ranks, sets
+    assert nbytes > 0 if jax.default_backend() == "gpu" else nbytes == 0
+    stale = program(buffer)
+    args = [put(mesh, a, P("ep")) for a in (np.ones((num_ranks * 4, 8), np.float32),
+                                             np.zeros((num_ranks * 4, 2), np.int32),
+                                             np.ones((num_ranks * 4, 2), np.float32))]
+    compiled = stale.lower(*args).compile()  # traced before the release
+
+    buffer.release()
+    assert buffer.live() == (0, 0)
+    with pytest.raises(ValueError, match="released"):
+        program(buffer)(*args)
+    with pytest.raises(Exception, match="released"):
+        jax.block_until_ready(compiled(*args))
+    assert buffer.live() == (0, 0)
+    # A fresh buffer runs (and its run replaces the failed one's effect tokens).
+    fresh = low_latency.Buffer()
+    jax.block_until_ready(program(fresh)(*args))
+    jax.effects_barrier()
+    fresh.release()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="a GPU's memory")
+def test_released_buffers_give_their_device_memory_back(rng):
+    num_ranks = min(4, jax.device_count())
+    mesh = make_mesh((num_ranks,), ("ep",))
+    buffer = low_latency.Buffer()
+    tokens, hidden = 512, 8192  # 16 MiB of rows a rank, each way: whole pages of their own
+
+    def local(x, ids, weights):
+        recv_x, _, handle = low_latency.dispatch(x, ids, weights, num_experts=num_ranks,
+                                                 axis_name="ep", mesh=mesh, buffer=buffer)
+        return low_latency.combine(recv_x, handle)
+
+    ids = np.zeros((num_ranks * tokens, 1), np.int32)
+    args = [put(mesh, a, P("ep")) for a in (np.ones((num_ranks * tokens, hidden), np.float32),
+                                             ids, np.ones(ids.shape, np.float32))]
+    program = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("ep"),) * 3,
+                                    out_specs=P("ep")))
+    program.lower(*args).compile()
+    free_before = _device_free_bytes()
+    jax.block_until_ready(program(*args))
+    sets, nbytes = buffer.live()
+    free_with = _device_free_bytes()
+    buffer.release()
+    free_after = _device_free_bytes()
+    assert sets == 2 * num_ranks and nbytes >= 2 * num_ranks * tokens * hidden * 4
+    # XLA's pool may grow as well (never shrink) while the program runs: the buffers are the
+    # least the free memory fell by, and all of it comes back.
+    assert free_before - free_with >= nbytes, (free_before, free_with, nbytes)
+    assert free_after - free_with >= nbytes, (free_with, free_after, nbytes)
+
+
+def test_the_default_buffer_is_one_until_released():
+    first = low_latency.default_buffer()
+    assert low_latency.default_buffer() is first
+    first.release()
+    first.release()  # idempotent
+    second = low_latency.default_buffer()
+    assert second is not first and not second.released and first.released
+    with pytest.raises(TypeError, match="buffer must be"):
+        mesh = make_mesh((min(2, jax.device_count()),), ("ep",))
+        jax.shard_map(lambda x, i, w: low_latency.dispatch(
+            x, i, w, num_experts=4, axis_name="ep", mesh=mesh, buffer="mine")[0],
+            mesh=mesh, in_specs=P(), out_specs=P())(
+            np.ones((4, 8), np.float32), np.zeros((4, 2), np.int32), np.ones((4, 2), np.float32))
 
 
 def test_bfloat16_with_many_experts_per_rank(rng):

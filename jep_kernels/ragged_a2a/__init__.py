@@ -26,19 +26,23 @@ And two low-latency calls for decoding (a few tokens per rank), one each for dis
 combine, that need no host synchronisation on GPUs (`low_latency.h`, `jep.low_latency`):
 
   low_latency_dispatch(x, send_index, pair_local, pair_index, pair_weight, counts, rows_to, coords,
-                       *, num_ranks, out_rows, capacity, device_coords)
+                       *, num_ranks, out_rows, capacity, owner, device_coords)
       -> (recv_x, group_sizes, pair_row, recv_weight, recv_count, num_dropped)
   low_latency_combine(y, pair_row, recv_weight, recv_count, home_slot, coords, *, num_ranks,
-                      device_coords) -> [T, *F]
+                      owner, device_coords) -> [T, *F]
 
   On GPUs each rank *pushes* its rows into buffers of its peers that are allocated, and whose
-  addresses are exchanged, on the call's first run; later runs only launch kernels, which signal
-  arrival and reuse through flags in those buffers. So the calls run without the host waiting,
-  and XLA may capture them into command buffers (CUDA graphs). A kernel that waits for a peer
-  longer than the timeout stops the program with an error naming the ranks.
+  addresses are exchanged, on the first run of a call of that shape; later runs only launch
+  kernels, which signal arrival and reuse through flags in those buffers. So the calls run
+  without the host waiting, and XLA may capture them into command buffers (CUDA graphs). A
+  kernel that waits for a peer longer than the timeout stops the program with an error naming
+  the ranks. The buffers belong to the `owner` the call names (`buffer_sets.h`): one set per
+  owner, kind of call and shape, shared by every trace and call site, freed by
+  `release_buffers(owner)`; `live_buffers(owner)` counts them.
 
-The rendezvous waits `timeout()` seconds (default 60, `JEP_FFI_TIMEOUT_S`, `set_timeout`) and
-then fails with the ranks that never came, instead of hanging.
+Every call waits `timeout_s` seconds for its peers (None: `default_timeout()`, the variable
+`JEP_FFI_TIMEOUT_S` or 60, read when the call is traced) and then fails with the ranks that never
+came, instead of hanging. The value is part of the traced program: to change it, trace again.
 """
 
 from __future__ import annotations
@@ -62,31 +66,33 @@ _TARGETS = {"jep_ragged_exchange": "JepRaggedExchange",
             "jep_low_latency_dispatch": "JepLowLatencyDispatch",
             "jep_low_latency_combine": "JepLowLatencyCombine"}
 _FFI_PLATFORMS = {"cpu": "cpu", "gpu": "CUDA"}
-_registered: set[str] = set()
+_libraries: dict[str, ctypes.CDLL] = {}  # by platform, once registered
 _lock = threading.Lock()
 _op_ids = itertools.count(1)
-_timeout_s: float | None = None
 
 
-def timeout() -> float:
-    """Seconds a device waits for its peers before the exchange fails."""
-    if _timeout_s is not None:
-        return _timeout_s
-    return float(os.environ.get("JEP_FFI_TIMEOUT_S", 60))
+def default_timeout() -> float:
+    """Seconds a device waits for its peers when a call does not say: `JEP_FFI_TIMEOUT_S`, else
+    60. Read when a call is traced."""
+    seconds = float(os.environ.get("JEP_FFI_TIMEOUT_S", 60))
+    if not seconds > 0:
+        raise ValueError(f"JEP_FFI_TIMEOUT_S must be > 0, got {seconds!r}")
+    return seconds
 
 
-def set_timeout(seconds: float | None) -> None:
-    """Sets the rendezvous timeout for exchanges traced from now on (None: back to the default)."""
-    global _timeout_s
-    if seconds is not None and not seconds > 0:
-        raise ValueError(f"seconds must be > 0 or None, got {seconds!r}")
-    _timeout_s = seconds
+def check_timeout(timeout_s: float | None, name: str = "timeout_s") -> float:
+    """`timeout_s` checked (> 0), or the default for None."""
+    if timeout_s is None:
+        return default_timeout()
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(f"{name} must be a number of seconds > 0 or None, got {timeout_s!r}")
+    return float(timeout_s)
 
 
 def register(platform: str) -> None:
     """Builds (once, cached) and registers the handlers for `platform` ("cpu" or "gpu")."""
     with _lock:
-        if platform in _registered:
+        if platform in _libraries:
             return
         if platform not in _FFI_PLATFORMS:
             raise ValueError(f"the ffi transport runs on {tuple(_FFI_PLATFORMS)}, not {platform!r}")
@@ -94,7 +100,53 @@ def register(platform: str) -> None:
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform=_FFI_PLATFORMS[platform])
-        _registered.add(platform)
+        lib.JepLowLatencyRelease.restype = ctypes.c_int64
+        lib.JepLowLatencyRelease.argtypes = [ctypes.c_int64]
+        lib.JepLowLatencyLive.restype = None
+        lib.JepLowLatencyLive.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64),
+                                          ctypes.POINTER(ctypes.c_int64)]
+        _libraries[platform] = lib
+
+
+def release_buffers(owner: int) -> int:
+    """Frees the low-latency buffers of `owner` on every device of this process (on GPUs once
+    the work queued there is done) and refuses its calls from now on. Returns the sets freed.
+
+    A program that XLA captured into a command buffer (CUDA graph) with these calls still points
+    at the freed memory: do not run it again.
+    """
+    freed = 0
+    for platform, lib in list(_libraries.items()):
+        count = lib.JepLowLatencyRelease(ctypes.c_int64(owner))
+        if count < 0:
+            raise RuntimeError(f"freeing the low-latency buffers of owner {owner} on {platform} "
+                               "failed (a CUDA error)")
+        freed += count
+    return freed
+
+
+def device_free_bytes(device: int = 0) -> int:
+    """Free memory of this process's GPU `device` as CUDA counts it (XLA's pool, the low-latency
+    buffers and all else): a debug counter. Needs the GPU handlers registered."""
+    if "gpu" not in _libraries:
+        raise ValueError("device_free_bytes needs the GPU handlers: register('gpu') first")
+    lib = _libraries["gpu"]
+    lib.JepDeviceFreeBytes.restype = ctypes.c_int64
+    free = lib.JepDeviceFreeBytes(ctypes.c_int(device))
+    if free < 0:
+        raise RuntimeError(f"cudaMemGetInfo failed on GPU {device}")
+    return free
+
+
+def live_buffers(owner: int = -1) -> tuple[int, int]:
+    """(sets, bytes) of the low-latency buffers live in this process, of `owner` (every owner's
+    for -1): one set per device, owner, kind of call and shape. A debug counter."""
+    sets = nbytes = 0
+    for lib in list(_libraries.values()):
+        s, b = ctypes.c_int64(), ctypes.c_int64()
+        lib.JepLowLatencyLive(ctypes.c_int64(owner), ctypes.byref(s), ctypes.byref(b))
+        sets, nbytes = sets + s.value, nbytes + b.value
+    return sets, nbytes
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,13 +166,13 @@ def _check_ranks(num_ranks: int) -> None:
         raise ValueError(f"the ffi transport exchanges among 1 to {MAX_RANKS} ranks, got {num_ranks}")
 
 
-def _attrs(num_ranks: int, what: str) -> dict:
+def _attrs(num_ranks: int, timeout_s: float | None, what: str) -> dict:
     return dict(op=np.int64(next(_op_ids)), num_ranks=np.int64(num_ranks),
-                timeout_ms=np.int64(round(timeout() * 1000)), what=what)
+                timeout_ms=np.int64(round(check_timeout(timeout_s) * 1000)), what=what)
 
 
 def exchange(rows, send_sizes, coords, *, num_ranks: int, out_rows: int, index=None,
-             expand=None, what: str = "exchange"):
+             expand=None, timeout_s: float | None = None, what: str = "exchange"):
     _check_ranks(num_ranks)
     has_index, has_expand = index is not None, expand is not None
     if index is None:
@@ -136,11 +188,12 @@ def exchange(rows, send_sizes, coords, *, num_ranks: int, out_rows: int, index=N
     out = jax.ShapeDtypeStruct((out_rows, *rows.shape[1:]), rows.dtype)
     return jax.ffi.ffi_call("jep_ragged_exchange", out)(
         rows, index.astype(jnp.int32), send_sizes.astype(jnp.int32), coords.astype(jnp.int32),
-        expand, filled, has_index=has_index, has_expand=has_expand, **_attrs(num_ranks, what))
+        expand, filled, has_index=has_index, has_expand=has_expand,
+        **_attrs(num_ranks, timeout_s, what))
 
 
 def exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks: int,
-                 what: str = "exchange_sum"):
+                 timeout_s: float | None = None, what: str = "exchange_sum"):
     _check_ranks(num_ranks)
     if rows.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
         raise TypeError(f"exchange_sum adds f16, bf16, f32 or f64 rows, got {rows.dtype}")
@@ -149,18 +202,20 @@ def exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks: in
     out = jax.ShapeDtypeStruct((slot_row.shape[0], *rows.shape[1:]), rows.dtype)
     return jax.ffi.ffi_call("jep_ragged_exchange_sum", out)(
         rows, send_sizes.astype(jnp.int32), slot_row.astype(jnp.int32), slot_mask.astype(bool),
-        coords.astype(jnp.int32), **_attrs(num_ranks, what))
+        coords.astype(jnp.int32), **_attrs(num_ranks, timeout_s, what))
 
 
-def _low_latency_attrs(num_ranks: int, device_coords, what: str) -> dict:
+def _low_latency_attrs(num_ranks: int, owner: int, device_coords, timeout_s, what: str) -> dict:
     groups, ranks = device_coords
-    return dict(_attrs(num_ranks, what), device_groups=np.asarray(groups, np.int64),
+    return dict(_attrs(num_ranks, timeout_s, what), owner=np.int64(owner),
+                device_groups=np.asarray(groups, np.int64),
                 device_ranks=np.asarray(ranks, np.int64))
 
 
 def low_latency_dispatch(x, send_index, pair_local, pair_index, pair_weight, counts, rows_to,
                          coords, *, num_ranks: int, out_rows: int, capacity: int | None,
-                         device_coords, what: str = "low-latency dispatch"):
+                         owner: int, device_coords, timeout_s: float | None = None,
+                         what: str = "low-latency dispatch"):
     """One call: every rank's rows to the ranks of their experts, laid out by local expert.
 
     Args (this rank; n ranks, T tokens, k slots, E local experts per rank):
@@ -173,6 +228,7 @@ def low_latency_dispatch(x, send_index, pair_local, pair_index, pair_weight, cou
       counts: i32[n, E], pairs to each local expert of each rank; rows_to: i32[n], rows to each.
       coords: i32[2], (group, rank) of this device.
       out_rows: C, rows of recv_x; capacity: kept pairs per local expert, None: all.
+      owner: whose buffers the call uses (`release_buffers`), the same for the matching combine.
       device_coords: (groups, ranks), each a sequence over this process's device ordinals.
 
     Returns recv_x [C, *F] (by local expert, then sender, then the sender's order; zeros past the
@@ -191,11 +247,12 @@ def low_latency_dispatch(x, send_index, pair_local, pair_index, pair_weight, cou
         pair_index.astype(jnp.int32), pair_weight.astype(jnp.float32), counts.astype(jnp.int32),
         rows_to.astype(jnp.int32), coords.astype(jnp.int32),
         capacity=np.int64(-1 if capacity is None else capacity),
-        **_low_latency_attrs(num_ranks, device_coords, what))
+        **_low_latency_attrs(num_ranks, owner, device_coords, timeout_s, what))
 
 
 def low_latency_combine(y, pair_row, recv_weight, recv_count, home_slot, coords, *,
-                        num_ranks: int, device_coords, what: str = "low-latency combine"):
+                        num_ranks: int, owner: int, device_coords,
+                        timeout_s: float | None = None, what: str = "low-latency combine"):
     """One call: expert outputs home, each token's pairs added with their weights.
 
     Args: y [C, *F], the expert outputs in recv_x's rows; pair_row, recv_weight, recv_count as
@@ -213,4 +270,4 @@ def low_latency_combine(y, pair_row, recv_weight, recv_count, home_slot, coords,
     return jax.ffi.ffi_call("jep_low_latency_combine", out, has_side_effect=True)(
         y, pair_row.astype(jnp.int32), recv_weight.astype(jnp.float32),
         recv_count.astype(jnp.int32), home_slot.astype(jnp.int32), coords.astype(jnp.int32),
-        **_low_latency_attrs(num_ranks, device_coords, what))
+        **_low_latency_attrs(num_ranks, owner, device_coords, timeout_s, what))

@@ -97,11 +97,13 @@ auto BindExchangeSum(Binding binding) {
 //                recv_count [n], num_dropped [1]
 //   combine:  y [C, ...], pair_row [n * T, k], recv_weight f32[n * T, k], recv_count [n],
 //             home_slot [T, k], coords -> out [T, ...]
-// with the attributes op, num_ranks, [capacity,] timeout_ms, what, and the (group, rank) of each
-// device ordinal of the process (the GPU handler must know them without reading `coords`).
+// with the attributes op, owner (the `jep.low_latency.Buffer` whose buffers the call uses,
+// buffer_sets.h), num_ranks, [capacity,] timeout_ms, what, and the (group, rank) of each device
+// ordinal of the process (the GPU handler must know them without reading `coords`).
 template <typename Binding>
 auto BindLowLatencyAttrs(Binding binding) {
   return std::move(binding).template Attr<int64_t>("op")
+      .template Attr<int64_t>("owner")
       .template Attr<int64_t>("num_ranks")
       .template Attr<int64_t>("timeout_ms")
       .template Attr<std::string_view>("what")

@@ -20,7 +20,7 @@ import jax
 import jaxlib
 
 HERE = pathlib.Path(__file__).resolve().parent
-HEADERS = ("buffers.h", "routes.h", "rendezvous.h", "low_latency.h")
+HEADERS = ("buffers.h", "buffer_sets.h", "routes.h", "rendezvous.h", "low_latency.h")
 SOURCES = {"cpu": "cpu.cc", "gpu": "cuda.cu"}
 COMPILERS = {"cpu": "g++", "gpu": "nvcc"}
 LIBRARY = "libjep_ragged_a2a.so"

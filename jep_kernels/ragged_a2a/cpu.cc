@@ -24,6 +24,7 @@
 #include <string_view>
 #include <vector>
 
+#include "buffer_sets.h"
 #include "buffers.h"
 #include "low_latency.h"
 #include "rendezvous.h"
@@ -273,6 +274,30 @@ ffi::Error CheckRowBytes(const std::vector<LowLatencyPeer>& peers, int me, const
   return ffi::Error::Success();
 }
 
+// The CPU keeps no memory between calls: its sets (buffer_sets.h) hold zero bytes.
+struct LowLatencySet {
+  int64_t bytes = 0;
+};
+
+BufferSets<LowLatencySet>& LowLatencySets() {
+  static auto* sets = new BufferSets<LowLatencySet>();
+  return *sets;
+}
+
+// Records the call's set under its owner, or refuses the call of a released owner.
+ffi::Error UseSet(int64_t owner, LowLatencyKind kind, const LowLatencyShape& shape,
+                  const CallSite& site) {
+  std::string_view what = site.what;
+  if (LowLatencySets().Released(owner)) {
+    return Invalid(std::string(what) + ": its jep.low_latency.Buffer was released");
+  }
+  // A CPU device is its (group, rank).
+  auto device = static_cast<int32_t>(site.group * site.num_ranks + site.rank);
+  BufferSetKey key = KeyOf(owner, kind, shape, device);
+  if (!LowLatencySets().Find(key)) LowLatencySets().Add(key, LowLatencySet{});
+  return ffi::Error::Success();
+}
+
 ffi::Future LowLatencyDispatch(
     ffi::RunId run, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> send_index,
     ffi::Buffer<ffi::S32> pair_local, ffi::Buffer<ffi::S32> pair_index,
@@ -281,13 +306,17 @@ ffi::Future LowLatencyDispatch(
     ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::Buffer<ffi::S32>> group_sizes,
     ffi::Result<ffi::Buffer<ffi::S32>> pair_row, ffi::Result<ffi::Buffer<ffi::F32>> recv_weight,
     ffi::Result<ffi::Buffer<ffi::S32>> recv_count, ffi::Result<ffi::Buffer<ffi::S32>> num_dropped,
-    int64_t capacity, int64_t op, int64_t num_ranks, int64_t timeout_ms, std::string_view what,
-    ffi::Span<const int64_t>, ffi::Span<const int64_t>) {
+    int64_t capacity, int64_t op, int64_t owner, int64_t num_ranks, int64_t timeout_ms,
+    std::string_view what, ffi::Span<const int64_t>, ffi::Span<const int64_t>) {
   auto dims = pair_local.dimensions();
   if (dims.size() != 3 || dims[0] != num_ranks) return Ready(Invalid("pair_local must be [n, T, k]"));
   LowLatencyShape shape{num_ranks, dims[1], dims[2], counts.dimensions()[1], NumRows(*recv_x),
                         RowBytes(*recv_x)};
   CallSite site = Site(run.run_id, coords, op, num_ranks, timeout_ms, what);
+  if (ffi::Error error = UseSet(owner, LowLatencyKind::kDispatch, shape, site);
+      error.failure()) {
+    return Ready(error);
+  }
   LowLatencyPeer self{static_cast<const char*>(x.untyped_data()), NumRows(x), RowBytes(x),
                       send_index.typed_data(), pair_local.typed_data(), pair_index.typed_data(),
                       pair_weight.typed_data(), counts.typed_data(), rows_to.typed_data(), nullptr};
@@ -343,13 +372,17 @@ ffi::Future LowLatencyCombine(
     ffi::RunId run, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> pair_row,
     ffi::Buffer<ffi::F32> recv_weight, ffi::Buffer<ffi::S32> recv_count,
     ffi::Buffer<ffi::S32> home_slot, ffi::Buffer<ffi::S32> coords, ffi::Result<ffi::AnyBuffer> out,
-    int64_t op, int64_t num_ranks, int64_t timeout_ms, std::string_view what,
+    int64_t op, int64_t owner, int64_t num_ranks, int64_t timeout_ms, std::string_view what,
     ffi::Span<const int64_t>, ffi::Span<const int64_t>) {
   ffi::DataType dtype = y.element_type();
   if (!Summable(dtype)) return Ready(Invalid("combine adds f16, bf16, f32 or f64 rows only"));
   auto slots = home_slot.dimensions();
   LowLatencyShape shape{num_ranks, slots[0], slots[1], 0, NumRows(y), RowBytes(y)};
   CallSite site = Site(run.run_id, coords, op, num_ranks, timeout_ms, what);
+  if (ffi::Error error = UseSet(owner, LowLatencyKind::kCombine, shape, site);
+      error.failure()) {
+    return Ready(error);
+  }
   LowLatencyPeer self{static_cast<const char*>(y.untyped_data()), NumRows(y), RowBytes(y),
                       nullptr, nullptr, nullptr, recv_weight.typed_data(), nullptr,
                       recv_count.typed_data(), pair_row.typed_data()};
@@ -393,6 +426,15 @@ ffi::Future LowLatencyCombine(
 
 }  // namespace
 }  // namespace jep
+
+// What the CUDA handler's symbols of the same names do; here there is nothing to free.
+extern "C" int64_t JepLowLatencyRelease(int64_t owner) {
+  return static_cast<int64_t>(jep::LowLatencySets().Release(owner).size());
+}
+
+extern "C" void JepLowLatencyLive(int64_t owner, int64_t* sets, int64_t* bytes) {
+  jep::LowLatencySets().Count(owner, sets, bytes);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JepRaggedExchange, jep::Exchange,
                               jep::BindExchange(ffi::Ffi::Bind()));

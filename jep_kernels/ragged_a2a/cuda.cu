@@ -28,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "buffer_sets.h"
 #include "buffers.h"
 #include "low_latency.h"
 #include "rendezvous.h"
@@ -408,9 +409,10 @@ ffi::Error ExchangeSum(cudaStream_t stream, int32_t device, ffi::RunId run, ffi:
 
 // --- the low-latency calls (low_latency.h): pushes into buffers kept between calls ----------
 //
-// Each op (a call site of the traced program) gets, on each device, one allocation laid out by
-// `LowLatencyLayout`, made and zeroed on the op's first run, when the devices exchange their
-// addresses on the host (and enable peer access). Every later run only launches kernels:
+// Each call, on each device, uses one allocation laid out by `LowLatencyLayout`: its owner's set
+// of the call's kind and shape (buffer_sets.h), made and zeroed on the first run of such a call,
+// when the devices exchange their addresses on the host (and enable peer access). Every later
+// run only launches kernels:
 //   dispatch: send (a block a row and peer: each rank writes its rows and their slots into
 //             every peer's buffers, then adds one to the peer's `arrived` counter), plan (waits
 //             for every sender's blocks of this call, then the group sizes, low_latency.h),
@@ -485,7 +487,7 @@ __device__ void WaitFor(char* base, int64_t offset, int slot, uint64_t target,
     if (GlobalTimer() - start > a.timeout_ns) {
       printf("jep ffi transport: low-latency %s: rank %d waited %.1f s for rank %d, which never "
              "arrived. Every device of the EP axis must run the same program; the timeout is "
-             "jep_kernels.ragged_a2a.set_timeout(seconds) (or JEP_FFI_TIMEOUT_S).\n",
+             "the calls' timeout_s (default JEP_FFI_TIMEOUT_S, read at trace time).\n",
              what, a.me, a.timeout_ns * 1e-9, peer);
       __trap();
     }
@@ -758,7 +760,7 @@ __global__ void LowLatencyHomeKernel(LowLatencyArgs a, const int32_t* home_slot,
   }
 }
 
-// What a device publishes when an op first runs: its allocation.
+// What a device publishes when its set is made: its allocation.
 struct LowLatencyBuffers {
   char* base = nullptr;
   int32_t device = -1;
@@ -769,13 +771,64 @@ Rendezvous<LowLatencyBuffers>& BufferMeetings() {
   return *meetings;
 }
 
-// This device's buffers of `op` with every peer's, made on the op's first run.
-ffi::Error LowLatencyPrepare(int32_t device, int64_t run, int64_t op, int64_t num_ranks,
-                             int64_t timeout_ms, std::string_view what,
+// A device's set: every rank's allocation, by rank (its own at `me`).
+struct LowLatencySet {
+  std::vector<LowLatencyBuffers> peers;
+  int me = 0;
+  int64_t bytes = 0;
+};
+
+BufferSets<LowLatencySet>& LowLatencySets() {
+  static auto* sets = new BufferSets<LowLatencySet>();
+  return *sets;
+}
+
+// Allocates and zeroes this device's buffers of `key` and meets the peers for theirs.
+ffi::Error MakeLowLatencySet(const BufferSetKey& key, int64_t run, int64_t group, int me,
+                             int64_t timeout_ms, std::string_view what, int64_t bytes,
+                             LowLatencySet* set) {
+  // XLA may be capturing this stream into a command buffer: allocate and zero outside it.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  LowLatencyBuffers self{nullptr, key.device};
+  cudaStream_t side = nullptr;
+  cudaError_t status = cudaSetDevice(key.device);
+  if (status == cudaSuccess) status = cudaMalloc(&self.base, bytes);
+  if (status == cudaSuccess) status = cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
+  if (status == cudaSuccess) status = cudaMemsetAsync(self.base, 0, bytes, side);
+  if (status == cudaSuccess) status = cudaStreamSynchronize(side);
+  if (side != nullptr) cudaStreamDestroy(side);
+  ffi::Error result = status == cudaSuccess
+                          ? ffi::Error::Success()
+                          : CudaError(status, "allocating the low-latency buffers");
+  std::vector<LowLatencyBuffers> peers = {self};
+  if (result.success() && key.n > 1) {
+    CallSite site{run, key.MeetingOp(), group, me, static_cast<int32_t>(key.n), timeout_ms,
+                  std::string(what)};
+    BufferMeetings().Number(site);
+    if (auto failure = BufferMeetings().JoinAndWait(site, 0, self, &peers)) {
+      result = ffi::Error(ffi::ErrorCode::kDeadlineExceeded, *failure);
+    } else {
+      std::vector<Peer> devices(peers.size());
+      for (size_t p = 0; p < peers.size(); ++p) devices[p].device = peers[p].device;
+      result = EnablePeerAccess(key.device, devices);
+    }
+  }
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  if (result.failure()) {
+    if (self.base != nullptr) cudaFree(self.base);
+    return result;
+  }
+  *set = LowLatencySet{std::move(peers), me, bytes};
+  return ffi::Error::Success();
+}
+
+// This device's buffers for a call of `kind` and `shape` with every peer's: its owner's set,
+// made on the first run of such a call.
+ffi::Error LowLatencyPrepare(int32_t device, int64_t run, int64_t owner, LowLatencyKind kind,
+                             int64_t num_ranks, int64_t timeout_ms, std::string_view what,
                              ffi::Span<const int64_t> groups, ffi::Span<const int64_t> ranks,
                              const LowLatencyShape& shape, LowLatencyArgs* args) {
-  static std::mutex mutex;
-  static std::map<std::pair<int64_t, int32_t>, std::vector<LowLatencyBuffers>> made;
   if (num_ranks < 1 || num_ranks > kMaxPeers) {
     return Invalid("1 to " + std::to_string(kMaxPeers) + " ranks, got " + std::to_string(num_ranks));
   }
@@ -784,54 +837,27 @@ ffi::Error LowLatencyPrepare(int32_t device, int64_t run, int64_t op, int64_t nu
     return Invalid(std::string(what) + ": GPU " + std::to_string(device) +
                    " is not a device of the mesh the call was traced for");
   }
+  if (LowLatencySets().Released(owner)) {
+    return Invalid(std::string(what) + ": its jep.low_latency.Buffer was released");
+  }
   LowLatencyLayout layout = MakeLayout(shape);
   int me = static_cast<int>(ranks[device]);
   *args = LowLatencyArgs{};
   args->layout = layout;
   args->me = me;
   args->timeout_ns = static_cast<uint64_t>(timeout_ms) * 1000000ull;
-  std::vector<LowLatencyBuffers> peers;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto found = made.find({op, device});
-    if (found != made.end()) peers = found->second;
-  }
-  if (peers.empty()) {
-    // XLA may be capturing this stream into a command buffer: allocate and zero outside it.
-    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    cudaThreadExchangeStreamCaptureMode(&mode);
-    LowLatencyBuffers self{nullptr, device};
-    cudaStream_t side = nullptr;
-    cudaError_t status = cudaSetDevice(device);
-    if (status == cudaSuccess) status = cudaMalloc(&self.base, layout.total);
-    if (status == cudaSuccess) status = cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
-    if (status == cudaSuccess) status = cudaMemsetAsync(self.base, 0, layout.total, side);
-    if (status == cudaSuccess) status = cudaStreamSynchronize(side);
-    if (side != nullptr) cudaStreamDestroy(side);
-    ffi::Error result = status == cudaSuccess
-                            ? ffi::Error::Success()
-                            : CudaError(status, "allocating the low-latency buffers");
-    if (result.success() && num_ranks > 1) {
-      CallSite site{run, op, groups[device], me, static_cast<int32_t>(num_ranks), timeout_ms,
-                    std::string(what)};
-      BufferMeetings().Number(site);
-      if (auto failure = BufferMeetings().JoinAndWait(site, 0, self, &peers)) {
-        result = ffi::Error(ffi::ErrorCode::kDeadlineExceeded, *failure);
-      } else {
-        std::vector<Peer> devices(peers.size());
-        for (size_t p = 0; p < peers.size(); ++p) devices[p].device = peers[p].device;
-        result = EnablePeerAccess(device, devices);
-      }
-    } else if (result.success()) {
-      peers = {self};
-    }
-    cudaThreadExchangeStreamCaptureMode(&mode);
+  BufferSetKey key = KeyOf(owner, kind, shape, device);
+  std::optional<LowLatencySet> set = LowLatencySets().Find(key);
+  if (!set) {
+    LowLatencySet made;
+    ffi::Error result = MakeLowLatencySet(key, run, groups[device], me, timeout_ms, what,
+                                          layout.total, &made);
     if (result.failure()) return result;
-    std::lock_guard<std::mutex> lock(mutex);
-    made[{op, device}] = peers;
+    LowLatencySets().Add(key, made);
+    set = std::move(made);
   }
-  args->self = peers[me].base;
-  for (int p = 0; p < num_ranks; ++p) args->peers[p] = peers[p].base;
+  args->self = set->peers[me].base;
+  for (int p = 0; p < num_ranks; ++p) args->peers[p] = set->peers[p].base;
   return ffi::Error::Success();
 }
 
@@ -863,16 +889,16 @@ ffi::Error LowLatencyDispatch(
     ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::Buffer<ffi::S32>> group_sizes,
     ffi::Result<ffi::Buffer<ffi::S32>> pair_row, ffi::Result<ffi::Buffer<ffi::F32>> recv_weight,
     ffi::Result<ffi::Buffer<ffi::S32>> recv_count, ffi::Result<ffi::Buffer<ffi::S32>> num_dropped,
-    int64_t capacity, int64_t op, int64_t num_ranks, int64_t timeout_ms, std::string_view what,
-    ffi::Span<const int64_t> groups, ffi::Span<const int64_t> ranks) {
+    int64_t capacity, int64_t, int64_t owner, int64_t num_ranks, int64_t timeout_ms,
+    std::string_view what, ffi::Span<const int64_t> groups, ffi::Span<const int64_t> ranks) {
   auto dims = pair_local.dimensions();
   if (dims.size() != 3 || dims[0] != num_ranks) return Invalid("pair_local must be [n, T, k]");
   if (dims[2] > 32) return Invalid("at most 32 slots per token");
   LowLatencyShape shape{num_ranks, dims[1], dims[2], counts.dimensions()[1], NumRows(*recv_x),
                         RowBytes(*recv_x)};
   LowLatencyArgs a;
-  ffi::Error prepared = LowLatencyPrepare(device, run.run_id, op, num_ranks, timeout_ms, what,
-                                          groups, ranks, shape, &a);
+  ffi::Error prepared = LowLatencyPrepare(device, run.run_id, owner, LowLatencyKind::kDispatch,
+                                          num_ranks, timeout_ms, what, groups, ranks, shape, &a);
   if (prepared.failure()) return prepared;
   a.blocks = static_cast<int>(shape.tokens > 1 ? shape.tokens : 1);  // sending blocks per peer: one a row
   auto launch = [&](auto word) {
@@ -913,16 +939,17 @@ ffi::Error LowLatencyCombine(
     cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer y,
     ffi::Buffer<ffi::S32> pair_row, ffi::Buffer<ffi::F32> recv_weight,
     ffi::Buffer<ffi::S32> recv_count, ffi::Buffer<ffi::S32> home_slot, ffi::Buffer<ffi::S32>,
-    ffi::Result<ffi::AnyBuffer> out, int64_t op, int64_t num_ranks, int64_t timeout_ms,
-    std::string_view what, ffi::Span<const int64_t> groups, ffi::Span<const int64_t> ranks) {
+    ffi::Result<ffi::AnyBuffer> out, int64_t, int64_t owner, int64_t num_ranks,
+    int64_t timeout_ms, std::string_view what, ffi::Span<const int64_t> groups,
+    ffi::Span<const int64_t> ranks) {
   ffi::DataType dtype = y.element_type();
   if (!Summable(dtype)) return Invalid("combine adds f16, bf16, f32 or f64 rows only");
   auto slots = home_slot.dimensions();
   if (slots.size() != 2 || slots[1] > 32) return Invalid("home_slot must be [T, k], k <= 32");
   LowLatencyShape shape{num_ranks, slots[0], slots[1], 0, NumRows(y), RowBytes(y)};
   LowLatencyArgs a;
-  ffi::Error prepared = LowLatencyPrepare(device, run.run_id, op, num_ranks, timeout_ms, what,
-                                          groups, ranks, shape, &a);
+  ffi::Error prepared = LowLatencyPrepare(device, run.run_id, owner, LowLatencyKind::kCombine,
+                                          num_ranks, timeout_ms, what, groups, ranks, shape, &a);
   if (prepared.failure()) return prepared;
   a.blocks = static_cast<int>(shape.tokens > 1 ? shape.tokens : 1);  // returning blocks per peer: one a row
   const int32_t* rows = pair_row.typed_data();
@@ -944,6 +971,36 @@ ffi::Error LowLatencyCombine(
 
 }  // namespace
 }  // namespace jep
+
+// Frees the low-latency buffers of `owner` on every device, once the work queued on each is
+// done, and refuses its calls from now on. Returns the sets freed, or -1 on a CUDA error.
+extern "C" int64_t JepLowLatencyRelease(int64_t owner) {
+  int64_t freed = 0;
+  bool failed = false;
+  for (auto& [key, set] : jep::LowLatencySets().Release(owner)) {
+    failed |= cudaSetDevice(key.device) != cudaSuccess;
+    failed |= cudaDeviceSynchronize() != cudaSuccess;
+    failed |= cudaFree(set.peers[set.me].base) != cudaSuccess;
+    ++freed;
+  }
+  return failed ? -1 : freed;
+}
+
+// The low-latency buffer sets live on this process's devices, and their bytes, of `owner` (of
+// every owner when owner < 0). A debug counter.
+extern "C" void JepLowLatencyLive(int64_t owner, int64_t* sets, int64_t* bytes) {
+  jep::LowLatencySets().Count(owner, sets, bytes);
+}
+
+// Free memory of GPU `device` as CUDA counts it (every allocation, XLA's and these buffers), or
+// -1 on an error. A debug counter, for tests that the buffers come back.
+extern "C" int64_t JepDeviceFreeBytes(int device) {
+  size_t free = 0, total = 0;
+  if (cudaSetDevice(device) != cudaSuccess || cudaMemGetInfo(&free, &total) != cudaSuccess) {
+    return -1;
+  }
+  return static_cast<int64_t>(free);
+}
 
 // 1 when every pair of this process's first `n` GPUs has peer access, else 0 (for `auto`).
 extern "C" int JepPeersReachable(int n) {

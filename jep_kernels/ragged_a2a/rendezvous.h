@@ -161,8 +161,9 @@ class Rendezvous {
             << ": the ranks that never arrived within " << site.timeout_ms / 1000.0 << " s: ["
             << missing.str() << "] of " << site.num_ranks
             << ". Every device of the EP axis must run the same program; a device that failed "
-               "or stalled keeps the others waiting. The timeout is jep_kernels.ragged_a2a."
-               "set_timeout(seconds) (or JEP_FFI_TIMEOUT_S); backend='reference' avoids this "
+               "or stalled keeps the others waiting. The timeout is "
+               "DispatchConfig(timeout_s=...) or the calls' timeout_s (default "
+               "JEP_FFI_TIMEOUT_S, read at trace time); backend='reference' avoids this "
                "transport.";
     return message.str();
   }
