@@ -52,6 +52,10 @@ def test_nnx_module_equals_jep_moe_and_creates_sharded_parameters(rng, explicit,
         y, aux = nnx.jit(lambda m, x: m(x))(module, x)
     params = {name: p[...] for name, p in module.params.items()}
     assert params["w_gate"].sharding.is_equivalent_to(NamedSharding(mesh, P("ep", None, None)), 3)
+    # The parameters carry their sharding (flax >= 0.12.4 reads nnx.Param's out_sharding).
+    specs = nnx.get_partition_spec(nnx.state(module))["params"]
+    assert specs["w_gate"].get_value() == P("ep", None, None)
+    assert specs["router"].get_value() == P(None, None)
     assert params["w_gate"].addressable_shards[0].data.shape == (2, HIDDEN, FFN)
     routed = {name: p for name, p in params.items() if not name.startswith("shared_")}
     want, want_aux = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(x, routed)

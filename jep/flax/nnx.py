@@ -44,7 +44,7 @@ class MoE(nnx.Module):
       shared_ffn: hidden width of the always-on shared expert; 0 for none.
       shared_expert_gate: scale the shared expert per token by sigmoid(x @ g), g [H, 1] (the
         parameter "shared_expert_gate"), as Qwen2-MoE does.
-      mesh: the mesh; default the one set with `jax.set_mesh` / `jax.sharding.use_mesh`.
+      mesh: the mesh; default the one set with `jax.set_mesh`.
       param_dtype: dtype of the expert weights (the router stays float32).
       bias_rate: step of the selection-bias rule; 0 (default): no bias.
       num_replicas: R, redundant expert copies; num_nodes: nodes the EP ranks span, for a
