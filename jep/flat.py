@@ -216,7 +216,7 @@ def add_to_first_slots(values, first):
 
 @jax.named_scope("jep_layout")
 def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute,
-          timeout_s) -> DispatchHandle:
+          timeout_s=None) -> DispatchHandle:
     num_ranks = ep_size(axis_name, "jep.dispatch")
     num_tokens, top_k = expert_ids.shape
     experts_per_rank = num_experts // num_ranks

@@ -5,6 +5,6 @@
 
 The same objects as `jep.flax.nnx` (where they are defined, beside the linen module)."""
 
-from jep.flax.nnx import ExpertPlacement, MoE, SelectionBias, replace_experts
+from jep.flax.nnx import ExpertPlacement, ExpertWeight, MoE, SelectionBias, replace_experts
 
-__all__ = ["ExpertPlacement", "MoE", "SelectionBias", "replace_experts"]
+__all__ = ["ExpertPlacement", "ExpertWeight", "MoE", "SelectionBias", "replace_experts"]

@@ -169,8 +169,8 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
     from jep.bench import tune
     from jep_kernels.grouped_matmul import mgpu, tuning
 
-    configs = [mgpu.Config(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2),
-               mgpu.Config(block_m=128, block_n=128, block_k=64, max_concurrent_steps=2)]
+    configs = [mgpu.DwConfig(block_k=64, block_n=128, block_rows=64, max_concurrent_steps=2),
+               mgpu.DwConfig(block_k=128, block_n=128, block_rows=64, max_concurrent_steps=2)]
     monkeypatch.setattr(tuning, "candidates", lambda op, k, n: configs)
     results, picks = tune.measure(shapes=[(96, 128, 128, 3)], dtype=jnp.bfloat16,
                                   routing="zipf", iters=1, repeats=1, ops=("dw",),
@@ -304,8 +304,9 @@ def test_grouped_products_run_under_their_scopes():
     w = jnp.ones((2, 128, 128), jnp.bfloat16)
     sizes = jnp.array([30, 34], jnp.int32)
     config = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
-    loss = lambda x, w: jnp.sum(gm.grouped_matmul(x, w, sizes, config=config,  # noqa: E731
-                                                  interpret=True).astype(jnp.float32))
+    dw_config = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2)
+    loss = lambda x, w: jnp.sum(gm.grouped_matmul(  # noqa: E731
+        x, w, sizes, config=config, dw_config=dw_config, interpret=True).astype(jnp.float32))
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text(debug_info=True)
     for op, scope in gm.SCOPES.items():
         assert scope in text

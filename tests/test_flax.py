@@ -56,6 +56,9 @@ def test_nnx_module_equals_jep_moe_and_creates_sharded_parameters(rng, explicit,
     specs = nnx.get_partition_spec(nnx.state(module))["params"]
     assert specs["w_gate"].get_value() == P("ep", None, None)
     assert specs["router"].get_value() == P(None, None)
+    # The expert weights are found by their type.
+    experts = nnx.state(module, jep.nnx.ExpertWeight)["params"]
+    assert set(experts.keys()) == {"w_gate", "w_up", "w_down"}
     assert params["w_gate"].addressable_shards[0].data.shape == (2, HIDDEN, FFN)
     routed = {name: p for name, p in params.items() if not name.startswith("shared_")}
     want, want_aux = jax.jit(lambda x, p: jep.moe(x, p, config=CONFIG, mesh=mesh))(x, routed)

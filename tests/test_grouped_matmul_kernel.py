@@ -34,6 +34,15 @@ CONFIG_WS_SWIZZLED = gm.Config(block_m=128, block_n=64, block_k=64, max_concurre
                                warp_specialized=True, epilogue_m=64, epilogue_n=64,
                                swizzled_epilogue=True)
 ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="clusters run on the GPU only")
+# The weight gradient beside them: the plain kernel in 64 x 64 tiles, and the warp-specialized
+# one (tiles 128 x 128) beside the warp-specialized products.
+DW_SMALL = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2)
+DW_BESIDE_WS = gm.DwConfig(block_k=128, block_n=64, block_rows=64, max_concurrent_steps=2,
+                           warp_specialized=True, epilogue_k=64, epilogue_n=64)
+
+
+def dw_beside(config):
+    return DW_BESIDE_WS if config.warp_specialized else DW_SMALL
 
 
 def numpy_grouped(x, w, sizes):
@@ -85,6 +94,7 @@ def test_forward_and_gradients_match_references(config, sizes):
     group_sizes = jnp.asarray(sizes, jnp.int32)
 
     y, vjp = jax.vjp(lambda x, w: gm.grouped_matmul(x, w, group_sizes, config=config,
+                                                    dw_config=dw_beside(config),
                                                     interpret=not ON_GPU), x, w)
     dx, dw = vjp(dy)
 
@@ -111,16 +121,16 @@ def test_forward_and_gradients_match_references(config, sizes):
 # The weight gradient's kernels on their own: one warpgroup (rows in aligned blocks, x masked)
 # and warp-specialized (one pipeline over all tiles, each group's rows loaded from its first
 # row, dy masked past its end). Tiles of 128 x 128 (K x N) in both; 64-row steps.
-DW_PLAIN = gm.Config(block_m=128, block_n=128, block_k=64, max_concurrent_steps=2)
-DW_WS = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
-                  warp_specialized=True, epilogue_m=64, epilogue_n=64)
+DW_PLAIN = gm.DwConfig(block_k=128, block_n=128, block_rows=64, max_concurrent_steps=2)
+DW_WS = gm.DwConfig(block_k=128, block_n=64, block_rows=64, max_concurrent_steps=2,
+                    warp_specialized=True, epilogue_k=64, epilogue_n=64)
 # Three stages, one piece per epilogue (the stores alternate buffers across tiles), and two
 # tiles along K: the ring of stages runs on across tiles with an odd number of steps.
-DW_WS_THREE_STAGES = gm.Config(block_m=64, block_n=64, block_k=64, max_concurrent_steps=3,
-                               warp_specialized=True, epilogue_m=64, epilogue_n=64)
+DW_WS_THREE_STAGES = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=3,
+                                 warp_specialized=True, epilogue_k=64, epilogue_n=64)
 # The whole tile stored from one buffer, waited for only before the next tile's store.
-DW_WS_ONE_BUFFER = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
-                             warp_specialized=True, epilogue_m=128, epilogue_n=64)
+DW_WS_ONE_BUFFER = gm.DwConfig(block_k=128, block_n=64, block_rows=64, max_concurrent_steps=2,
+                               warp_specialized=True, epilogue_k=128, epilogue_n=64)
 
 
 @pytest.mark.parametrize("config", [
@@ -198,7 +208,7 @@ def test_weight_gradient_chunks_must_match_their_group_sizes():
 @pytest.mark.slow
 def test_chunks_equal_a_product_per_chunk_with_one_weight_gradient():
     # The plain dw kernel's segments are tested against float64 above.
-    config = DW_WS
+    config, dw_config = CONFIG_WS, DW_WS
     rng = np.random.default_rng(5)
     k, n = 128, 128
     rows = (100, 60, 36)
@@ -211,8 +221,9 @@ def test_chunks_equal_a_product_per_chunk_with_one_weight_gradient():
     def run(chunked, xs, w):
         if chunked:
             return gm.grouped_matmul_chunks(xs, w, group_sizes, config=config,
-                                            interpret=not ON_GPU)
-        return tuple(gm.grouped_matmul(x, w, s, config=config, interpret=not ON_GPU)
+                                            dw_config=dw_config, interpret=not ON_GPU)
+        return tuple(gm.grouped_matmul(x, w, s, config=config, dw_config=dw_config,
+                                       interpret=not ON_GPU)
                      for x, s in zip(xs, group_sizes))
 
     outs = {}
@@ -261,11 +272,18 @@ def test_shapes_it_cannot_take_raise():
     with pytest.raises(ValueError, match="N=192 of the tile width 256"):  # warp-specialized
         gm.grouped_matmul(x, jnp.zeros((2, 128, 192), jnp.bfloat16), jnp.zeros(2, jnp.int32),
                           config=gm.Config(warp_specialized=True))
-    with pytest.raises(ValueError, match="K=64 must be a multiple of block_m=128"):  # dw's tiles
+    with pytest.raises(ValueError, match="K=64 must be a multiple of the dw_config's block_k=128"):
         gm.grouped_matmul(jnp.zeros((8, 64), jnp.bfloat16), jnp.zeros((2, 64, 128), jnp.bfloat16),
                           jnp.zeros(2, jnp.int32), config=gm.Config(block_n=64))
     with pytest.raises(ValueError, match="group_sizes"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.zeros(3, jnp.int32))
+    with pytest.raises(TypeError, match="dw_config must be a DwConfig"):  # not forward's tiles
+        gm.grouped_matmul(x, jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.zeros(2, jnp.int32),
+                          dw_config=CONFIG)
+    with pytest.raises(ValueError, match="DwConfig: block_rows=32 and block_n=64 must be"):
+        gm.DwConfig(block_rows=32, block_n=64, warp_specialized=True)
+    with pytest.raises(ValueError, match="DwConfig.block_k must be an int >= 1"):
+        gm.DwConfig(block_k=0)
     with pytest.raises(ValueError, match="split must be 'm' or 'n'"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 256), jnp.bfloat16), jnp.zeros(2, jnp.int32),
                           config=gm.Config(warp_specialized=True, split="k"))
@@ -295,7 +313,8 @@ def test_inside_shard_map_with_weights_replicated_over_dp():
 
     args = (put(mesh, x, rows), put(mesh, w, experts))
     got = jax.jit(jax.value_and_grad(loss(lambda x, w, s: gm.grouped_matmul(
-        x, w, s, config=CONFIG, interpret=not ON_GPU)), argnums=(0, 1)))(*args)
+        x, w, s, config=CONFIG, dw_config=DW_SMALL, interpret=not ON_GPU)),
+        argnums=(0, 1)))(*args)
     want = jax.jit(jax.value_and_grad(loss(lambda x, w, s: lax.ragged_dot(x, w, s)),
                                       argnums=(0, 1)))(*args)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-3)
@@ -313,7 +332,8 @@ def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_1
         k, n, groups = (int(d.split("=")[1]) for d in dims)
         assert tuning.config_for(op, k, n, groups) == config
         if op == "dw":
-            assert k % config.block_m == 0 and n % mgpu.dw_tile_n(config) == 0
+            assert isinstance(config, gm.DwConfig)
+            assert k % config.block_k == 0 and n % mgpu.dw_tile_n(config) == 0
         else:
             check = jax.ShapeDtypeStruct((8, k), jnp.bfloat16)
             gm.check_shapes(check, jax.ShapeDtypeStruct((groups, k, n), jnp.bfloat16),
@@ -327,7 +347,7 @@ def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_1
             c = configs[op]
             tile_n = (mgpu.dw_tile_n(c) if op == "dw"
                       else c.block_n * (2 * c.cluster_n if c.warp_specialized else 1))
-            assert pn % tile_n == 0 and pk % (c.block_m if op == "dw" else c.block_k) == 0
+            assert pn % tile_n == 0 and pk % c.block_k == 0
 
 
 def _work_items_by_hand(sizes, num_rows, block_m):

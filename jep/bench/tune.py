@@ -19,10 +19,14 @@ from jep_kernels.grouped_matmul import mgpu, tuning
 
 
 def _describe(op, config) -> str:
+    if op == "dw":  # a DwConfig: K block x N block x rows a step
+        kind = "ws" if config.warp_specialized else "plain"
+        epilogue = (f" e{config.epilogue_k}x{config.epilogue_n}"
+                    if config.warp_specialized else "")
+        return (f"{kind} {config.block_k}x{config.block_n}x{config.block_rows} "
+                f"s{config.max_concurrent_steps}{epilogue}")
     kind = "plain"
-    if config.warp_specialized and op == "dw":
-        kind = "ws"
-    elif config.warp_specialized:
+    if config.warp_specialized:
         kind = f"ws split {config.split}"
         if config.cluster_n > 1:
             kind += f" cluster {config.cluster_n}"
@@ -30,10 +34,8 @@ def _describe(op, config) -> str:
             kind += f" band {config.band}"
         if config.swizzled_epilogue:
             kind += " swizzled epilogue"
-    epilogue = (f" e{config.epilogue_m}x{config.epilogue_n}"
-                if config.warp_specialized and op == "dw" else "")
     return (f"{kind} {config.block_m}x{config.block_n}x{config.block_k} "
-            f"s{config.max_concurrent_steps}{epilogue}")
+            f"s{config.max_concurrent_steps}")
 
 
 def _product(op, config, interpret: bool = False):

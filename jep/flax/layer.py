@@ -89,12 +89,12 @@ def first_placement(config: MoEConfig, num_replicas: int, num_nodes, mesh) -> ba
 
 
 def is_expert_weight(names: tuple, module: tuple) -> bool:
-    """Whether a state path (`names`, plain keys) is at an expert weight of the layer at path
-    `module`: the module's names, then the weight's (after "params" in NNX; a boxed value or an
-    optimizer moment may follow)."""
+    """Whether a linen state path (`names`, plain keys) is at an expert weight of the layer at
+    path `module`: the module's names, then the weight's (a boxed value or an optimizer moment
+    may follow). (NNX finds its expert weights by type: `jep.nnx.ExpertWeight`.)"""
     def holds(run):
         return any(names[i:i + len(run)] == run for i in range(len(names) - len(run) + 1))
-    return any(holds(module + (w,)) or holds(module + ("params", w)) for w in EXPERT_PARAMS)
+    return any(holds(module + (w,)) for w in EXPERT_PARAMS)
 
 
 def apply(x, params: dict, *, config: MoEConfig, mesh=None, placement=None):

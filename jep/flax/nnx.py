@@ -13,6 +13,13 @@ from jep.config import MoEConfig
 from jep.flax import layer
 
 
+class ExpertWeight(nnx.Param):
+    """A routed expert's weight, [E, ...] with the experts over the EP axis: trainable, an
+    `nnx.Param` of its own type, so `nnx.state(model, ExpertWeight)` finds every layer's expert
+    weights. It carries the metadata `expert_weight=True`, which `nnx.Optimizer` copies onto
+    the weight's moments (its `OptVariable`s keep the metadata, not the type)."""
+
+
 class SelectionBias(nnx.Variable):
     """The aux-loss-free selection bias, f32[E]: the layer's state, not a trainable parameter
     (an optimizer over `nnx.Param` leaves it alone)."""
@@ -29,7 +36,7 @@ class MoE(nnx.Module):
     `__call__(x: f[..., H]) -> (y: f[..., H], aux)`, aux as `jep.moe` returns it (balancing
     losses, tokens_per_expert, imbalance, num_dropped, num_rerouted). Each `nnx.Param` carries
     its sharding (experts over `config.axis_name`, the rest replicated); built under
-    `jax.set_mesh`, the parameters are created sharded.
+    `jax.set_mesh`, the parameters are created sharded. The expert weights are `ExpertWeight`s.
 
     Aux-loss-free balancing (DeepSeek-V3): with `bias_rate` > 0 the layer holds a selection bias
     (`self.bias`, a `SelectionBias`, zeros at first), routes with it, and after each call moves
@@ -68,13 +75,14 @@ class MoE(nnx.Module):
             start = layer.first_placement(config, num_replicas, num_nodes, mesh)
             self.placement = ExpertPlacement(jax.tree.map(jnp.asarray, start))
             slots = start.physical_to_logical
-        self.params = nnx.Dict({
-            name: nnx.Param(layer.init_sharded(
-                spec, rngs.params(), param_dtype, slots if name in layer.EXPERT_PARAMS else None),
-                out_sharding=spec.sharding)
-            for name, spec in layer.param_specs(hidden, ffn, shared_ffn, config,
-                                                shared_expert_gate).items()
-        })
+        params = {}
+        for name, spec in layer.param_specs(hidden, ffn, shared_ffn, config,
+                                            shared_expert_gate).items():
+            expert = name in layer.EXPERT_PARAMS
+            value = layer.init_sharded(spec, rngs.params(), param_dtype, slots if expert else None)
+            params[name] = (ExpertWeight(value, out_sharding=spec.sharding, expert_weight=True)
+                            if expert else nnx.Param(value, out_sharding=spec.sharding))
+        self.params = nnx.Dict(params)
 
     def __call__(self, x):
         params = {name: p[...] for name, p in self.params.items()}
@@ -86,6 +94,11 @@ class MoE(nnx.Module):
             self.bias[...] = update_bias(self.bias[...], aux["tokens_per_expert"],
                                          rate=self.bias_rate)
         return y, aux
+
+
+def _inside(key: tuple, path: tuple) -> bool:
+    """Whether the state path `key` runs through the module path `path`."""
+    return any(key[i:i + len(path)] == path for i in range(len(key) - len(path) + 1))
 
 
 def replace_experts(model, loads, optimizer=None) -> dict:
@@ -109,16 +122,19 @@ def replace_experts(model, loads, optimizer=None) -> dict:
         new = balance.place_experts(loads[tuple(path)], num_replicas=module.num_replicas,
                                     num_ranks=layer.ep_size(module.mesh, module.config),
                                     num_nodes=module.num_nodes)
-        for name in layer.EXPERT_PARAMS:
-            module.params[name][...] = balance.move_experts(module.params[name][...], old, new)
+        for weight in module.params.values():
+            if isinstance(weight, ExpertWeight):
+                weight[...] = balance.move_experts(weight[...], old, new)
         module.placement.set_value(jax.tree.map(jnp.asarray, new))
         moved[tuple(path)] = (old, new)
     if optimizer is not None and moved:
         state = nnx.state(optimizer)
         flat = dict(nnx.to_flat_state(state))
         for key, variable in flat.items():
-            for path, (old, new) in moved.items():
-                if layer.is_expert_weight(tuple(key), path):
+            if not variable.get_metadata().get("expert_weight", False):
+                continue
+            for path, (old, new) in moved.items():  # the moment of that layer's weight
+                if _inside(tuple(key), path):
                     variable[...] = balance.move_experts(variable[...], old, new)
         nnx.update(optimizer, state)
     return moved

@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jep.config import DispatchConfig, MoEConfig
+from jep.moe import EXPERT_PARAMS
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
@@ -287,8 +288,6 @@ def _readers(tensors: _Tensors, layer: _Layer, info: ModelInfo) -> dict:
     return out
 
 
-_EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
-
 
 def load(path: str, *, mesh=None, axis_name="ep", dispatch: DispatchConfig = DispatchConfig(),
          layers=None) -> tuple[ModelInfo, dict[int, dict]]:
@@ -325,7 +324,7 @@ def load(path: str, *, mesh=None, axis_name="ep", dispatch: DispatchConfig = Dis
     def array(param, shape, dtype, read):
         if mesh is None:
             return jnp.asarray(read(slice(None)))
-        spec = P(info.config.axis_name) if param in _EXPERT_PARAMS else P()
+        spec = P(info.config.axis_name) if param in EXPERT_PARAMS else P()
 
         def callback(index):
             block = read(index[0])
@@ -362,7 +361,7 @@ def _writers(layer: _Layer, info: ModelInfo, params: dict) -> dict:
             [t(host("w_gate")), t(host("w_up"))], axis=1)
         out[f"{p}experts.down_proj"] = lambda: t(host("w_down"))
     else:
-        for which, param in enumerate(_EXPERT_PARAMS):
+        for which, param in enumerate(EXPERT_PARAMS):
             for j in range(e):
                 out[layer.expert(j, which)] = lambda n=param, j=j: t(_row(params[n], j))
     if layer.shared:

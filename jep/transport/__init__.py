@@ -37,7 +37,10 @@ from jep.transport import ffi, reference, xla
 # Preferred first: `auto` takes the first one that runs on the platform. On the CPU, where `xla`
 # does not run, that is `ffi`. On GPUs `ffi` was measured faster than `xla` across 2 H200s
 # (BENCHMARKS.md), but one run there crashed (a segfault while XLA compiled a program with it,
-# called outside jit) and it has not been run since: `xla` stays first until that is understood.
+# called outside jit). Four processes sharing one H200, each calling the ffi exchange and the
+# low-latency pair eagerly with a new shape (a new compile) a dozen times, did not crash
+# (2026-12-02); with one GPU the crash's two-GPU path could not be run. `xla` stays first until
+# it is.
 _BACKENDS = {"xla": xla, "ffi": ffi, "reference": reference}
 # The name scope of every exchange: a profile of a step finds the transport's work by it.
 SCOPE = "jep_exchange"

@@ -4,8 +4,9 @@
 of `mgpu`: the forward, dx (the same kernel reading w transposed) and dw[g] = x[rows of g]^T @
 dy[rows of g] (`mgpu.grouped_matmul_dw`, the group's rows as the contraction).
 
-Each product runs with its own `Config`, looked up by shape in the tuning table (`tuning`)
-unless one is given. Runs on Hopper GPUs (`interpret=True`: Pallas's GPU interpret mode, on the
+Each product runs with its own configuration, looked up by shape in the tuning table (`tuning`)
+unless one is given: a `Config` for the forward and dx, a `DwConfig` (its own dimensions: K
+blocks, N blocks, rows a step) for dw. Runs on Hopper GPUs (`interpret=True`: Pallas's GPU interpret mode, on the
 CPU, for tests).
 """
 
@@ -18,10 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from jep_kernels.grouped_matmul import mgpu, tuning
-from jep_kernels.grouped_matmul.mgpu import SCOPES, Config, check_shapes
+from jep_kernels.grouped_matmul.mgpu import SCOPES, Config, DwConfig, check_shapes
 from jep_kernels.vma import vary_like
 
-__all__ = ["Config", "Configs", "SCOPES", "SHAPE_MULTIPLE", "check_shapes", "configs_for",
+__all__ = ["Config", "Configs", "DwConfig", "SCOPES", "SHAPE_MULTIPLE", "check_shapes", "configs_for",
            "grouped_matmul", "grouped_matmul_chunks"]
 
 
@@ -85,28 +86,37 @@ class Configs:
 
     forward: Config
     dx: Config
-    dw: Config
+    dw: DwConfig
 
-    def __getitem__(self, op: str) -> Config:
+    def __getitem__(self, op: str) -> Config | DwConfig:
         if op not in tuning.OPS:
             raise KeyError(f"op must be one of {tuning.OPS}, got {op!r}")
         return getattr(self, op)
 
 
-def configs_for(w_shape, config: Config | None = None) -> Configs:
-    """The `Configs` for a w of `w_shape` ([G, K, N]): `config` for all three products when
-    given, else each product's entry of the tuning table."""
+def configs_for(w_shape, config: Config | None = None,
+                dw_config: DwConfig | None = None) -> Configs:
+    """The `Configs` for a w of `w_shape` ([G, K, N]): `config` for the forward and dx and
+    `dw_config` for dw where given, else each product's entry of the tuning table."""
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config must be a Config (the forward's and dx's tiles), got "
+                        f"{type(config).__name__}")
+    if dw_config is not None and not isinstance(dw_config, DwConfig):
+        raise TypeError(f"dw_config must be a DwConfig (the weight gradient's tiles), got "
+                        f"{type(dw_config).__name__}")
     groups, k, n = w_shape
-    return Configs(**{op: config or tuning.config_for(op, *tuning.product_shape(op, k, n), groups)
+    given = {"forward": config, "dx": config, "dw": dw_config}
+    return Configs(**{op: given[op] or tuning.config_for(op, *tuning.product_shape(op, k, n),
+                                                         groups)
                       for op in tuning.OPS})
 
 
-def _checked_configs(xs, w, group_sizes, config: Config | None) -> Configs:
-    """`configs_for(w.shape, config)`, after checking each x and its group sizes against the
-    forward's tiles and w's K and N against the tiles of dx and dw."""
+def _checked_configs(xs, w, group_sizes, config, dw_config) -> Configs:
+    """`configs_for(w.shape, config, dw_config)`, after checking each x and its group sizes
+    against the forward's tiles and w's K and N against the tiles of dx and dw."""
     if w.ndim != 3:
         raise ValueError(f"w must be [G, K, N], got {w.shape}")
-    configs = configs_for(w.shape, config)
+    configs = configs_for(w.shape, config, dw_config)
     for x, sizes in zip(xs, group_sizes):
         check_shapes(x, w, sizes, transpose_w=False, config=configs["forward"])
     k, n = w.shape[1:]
@@ -115,26 +125,30 @@ def _checked_configs(xs, w, group_sizes, config: Config | None) -> Configs:
     if n % dx.block_k or k % dx_tile_n:
         raise ValueError(f"N={n} must be a multiple of block_k={dx.block_k} and K={k} of the tile "
                          f"width {dx_tile_n} (the tiles of dx = dy @ w^T)")
-    if k % dw.block_m or n % mgpu.dw_tile_n(dw):
-        raise ValueError(f"K={k} must be a multiple of block_m={dw.block_m} and N={n} of the "
-                         f"tile width {mgpu.dw_tile_n(dw)} (the tiles of the weight gradient)")
+    if k % dw.block_k or n % mgpu.dw_tile_n(dw):
+        raise ValueError(f"K={k} must be a multiple of the dw_config's block_k={dw.block_k} and "
+                         f"N={n} of its tile width {mgpu.dw_tile_n(dw)} (the tiles of the weight "
+                         "gradient)")
     return configs
 
 
-def grouped_matmul(x, w, group_sizes, *, config: Config | None = None, interpret: bool = False):
+def grouped_matmul(x, w, group_sizes, *, config: Config | None = None,
+                   dw_config: DwConfig | None = None, interpret: bool = False):
     """y[M, N] = x[rows of g] @ w[g] for each group g; rows past sum(group_sizes) are zero.
 
     Args:
       x: bf16/f16 [M, K]; w: [G, K, N] of the same dtype; group_sizes: i32[G].
-      config: tile sizes (`Config`) for all three products (forward, dx, dw); by default each
-        product's own from the tuning table. K and N must be multiples of the tiles.
+      config: tile sizes (`Config`) of the forward and dx; dw_config: of the weight gradient
+        (`DwConfig`). By default each product's own from the tuning table. K and N must be
+        multiples of the tiles.
       interpret: run in Pallas's GPU interpret mode (CPU, slow; for tests).
     """
-    return grouped_matmul_chunks([x], w, [group_sizes], config=config, interpret=interpret)[0]
+    return grouped_matmul_chunks([x], w, [group_sizes], config=config, dw_config=dw_config,
+                                 interpret=interpret)[0]
 
 
 def grouped_matmul_chunks(xs, w, group_sizes, *, config: Config | None = None,
-                          interpret: bool = False):
+                          dw_config: DwConfig | None = None, interpret: bool = False):
     """`grouped_matmul(xs[c], w, group_sizes[c])` for each chunk c of a layer run in chunks, as a
     tuple, with one weight gradient for all of them: dw is computed once, over the rows of
     every chunk (one kernel writing each gradient once, whatever the number of chunks), where
@@ -144,13 +158,13 @@ def grouped_matmul_chunks(xs, w, group_sizes, *, config: Config | None = None,
     Args:
       xs: C arrays bf16/f16 [M_c, K], each grouped by its own group sizes.
       w: [G, K, N]; group_sizes: C arrays i32[G].
-      config, interpret: as for `grouped_matmul`.
+      config, dw_config, interpret: as for `grouped_matmul`.
     """
     xs, group_sizes = tuple(xs), tuple(group_sizes)
     if not xs or len(xs) != len(group_sizes):
         raise ValueError(f"xs and group_sizes must be as many chunks (at least one), got "
                          f"{len(xs)} and {len(group_sizes)}")
-    configs = _checked_configs(xs, w, group_sizes, config)
+    configs = _checked_configs(xs, w, group_sizes, config, dw_config)
     # Inside shard_map: give them all the same mesh-axis type, so that each result and cotangent
     # has one type; where w is replicated over an axis x varies over, the cast's transpose sums
     # dw over that axis.

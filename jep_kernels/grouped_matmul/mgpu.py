@@ -55,6 +55,49 @@ class Config:
     # a plain one, row by row as their group allows.
     swizzled_epilogue: bool = False
 
+    def __post_init__(self):
+        _positive(self, "block_m", "block_n", "block_k", "max_concurrent_steps", "epilogue_m",
+                  "epilogue_n", "band")
+        if self.cluster_n not in (1, 2):
+            raise ValueError(f"Config.cluster_n must be 1 or 2, got {self.cluster_n!r}")
+        if self.split not in ("m", "n"):
+            raise ValueError(f"Config.split must be 'm' or 'n', got {self.split!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DwConfig:
+    """Tiles and pipeline depth of the weight-gradient kernel, dw[g] = x[rows of g]^T @
+    dy[rows of g]: [K, N] per group, the group's rows the contraction."""
+
+    block_k: int = 128  # rows of an output tile: a block of K (x's columns)
+    block_n: int = 128  # columns of an output tile; warp-specialized, each compute warpgroup's
+    block_rows: int = 64  # rows of x and dy contracted per pipeline step
+    max_concurrent_steps: int = 4
+    # Warp-specialized: two compute warpgroups, each with its own block_n columns of a
+    # block_k x (2 block_n) tile, fed by a third that only issues TMA loads, one pipeline over
+    # all of a program's tiles; stores in epilogue pieces of epilogue_k x epilogue_n.
+    warp_specialized: bool = False
+    epilogue_k: int = 64
+    epilogue_n: int = 64
+
+    def __post_init__(self):
+        _positive(self, "block_k", "block_n", "block_rows", "max_concurrent_steps", "epilogue_k",
+                  "epilogue_n")
+        if self.warp_specialized:
+            if self.block_rows % 64 or self.block_n % 64:
+                raise ValueError(f"DwConfig: block_rows={self.block_rows} and block_n="
+                                 f"{self.block_n} must be multiples of 64 warp-specialized")
+            if self.max_concurrent_steps < 2:
+                raise ValueError("DwConfig: warp-specialized needs max_concurrent_steps >= 2, "
+                                 f"got {self.max_concurrent_steps}")
+
+
+def _positive(config, *names) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be an int >= 1, got {value!r}")
+
 
 def interpret_params():
     """Parameters that run a Mosaic GPU kernel in Pallas's GPU interpret mode (on the CPU).
@@ -394,12 +437,12 @@ def _group_table(starts, ends, block_rows: int):
     return jnp.stack([starts, ends, first_block, blocks], axis=-1).reshape(-1)
 
 
-def dw_tile_n(config: Config) -> int:
+def dw_tile_n(config: DwConfig) -> int:
     """The N width of one output tile of the weight gradient: 2 block_n warp-specialized."""
     return config.block_n * (2 if config.warp_specialized else 1)
 
 
-def check_dw_shapes(x, dy, group_sizes, *, config: Config):
+def check_dw_shapes(x, dy, group_sizes, *, config: DwConfig):
     """Raises a ValueError/TypeError naming what the weight-gradient kernel cannot take."""
     if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
         raise ValueError(f"x must be [M, K] and dy [M, N], got {x.shape} and {dy.shape}")
@@ -407,26 +450,22 @@ def check_dw_shapes(x, dy, group_sizes, *, config: Config):
         raise TypeError(f"x and dy must both be bf16 or both f16, got {x.dtype} and {dy.dtype}")
     if group_sizes.ndim not in (1, 2):
         raise ValueError(f"group_sizes must be [G] or [C, G], got {group_sizes.shape}")
+    if not isinstance(config, DwConfig):
+        raise TypeError(f"config must be a DwConfig (the weight gradient's tiles), got "
+                        f"{type(config).__name__}")
     depth, width = x.shape[1], dy.shape[1]
-    if depth % config.block_m or width % dw_tile_n(config):
-        raise ValueError(f"K={depth} must be a multiple of block_m={config.block_m} and N={width} "
+    if depth % config.block_k or width % dw_tile_n(config):
+        raise ValueError(f"K={depth} must be a multiple of block_k={config.block_k} and N={width} "
                          f"of the tile width {dw_tile_n(config)} (the weight gradient's tiles)")
-    if config.warp_specialized:
-        if config.block_k % 64 or config.block_n % 64:
-            raise ValueError(f"block_k={config.block_k} and block_n={config.block_n} must be "
-                             "multiples of 64 for the warp-specialized weight gradient")
-        if config.max_concurrent_steps < 2:
-            raise ValueError("the warp-specialized weight gradient needs max_concurrent_steps >= "
-                             f"2, got {config.max_concurrent_steps}")
 
 
-def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), out_dtype=None,
+def grouped_matmul_dw(x, dy, group_sizes, *, config: DwConfig = DwConfig(), out_dtype=None,
                       chunk_rows: tuple[int, ...] | None = None, interpret: bool = False):
     """dw[G, K, N]: dw[g] = x[rows of g]^T @ dy[rows of g] (zero for an empty group).
 
     The rows of a group are the contraction, accumulated in float32 and rounded once to
-    `out_dtype` (x's dtype by default). Output tiles are `block_m` x `dw_tile_n(config)`; K must
-    be a multiple of block_m and N of the tile width.
+    `out_dtype` (x's dtype by default). Output tiles are `block_k` x `dw_tile_n(config)`; K must
+    be a multiple of block_k and N of the tile width; rows go `block_rows` a step.
 
     With `chunk_rows` (C static row counts, summing to at most M), x and dy are C chunks of
     rows one after another, chunk c grouped by group_sizes[c] (i32[C, G]): a group's rows are
@@ -453,7 +492,7 @@ def grouped_matmul_dw(x, dy, group_sizes, *, config: Config = Config(), out_dtyp
     num_rows, depth = x.shape
     width = dy.shape[1]
     num_groups, num_chunks = segments[0].shape
-    br, bk, bn = config.block_k, config.block_m, config.block_n
+    br, bk, bn = config.block_rows, config.block_k, config.block_n
     table = _group_table(*segments, br)
     k_blocks, n_blocks = depth // bk, width // bn
     # The interpreter has no transposed shared-memory views: there x is transposed in memory
@@ -536,9 +575,9 @@ def _smem_transforms(minor: int, dtype):
 def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
     """`grouped_matmul_dw` for many small groups: one pipeline across all of a program's tiles.
 
-    A tile is (group, K block of block_m, N block of 2 block_n); two compute warpgroups take
+    A tile is (group, K block of block_k, N block of 2 block_n); two compute warpgroups take
     block_n columns each. A third warpgroup only issues TMA loads: for each of the program's
-    tiles in turn, the group's rows in steps of block_k from the group's first row rounded
+    tiles in turn, the group's rows in steps of block_rows from the group's first row rounded
     down to a multiple of 8 (the tiling of the shared-memory tiles wants row offsets in
     multiples of 8), into a ring of `max_concurrent_steps` stages that runs on from one tile
     into the next. With 128 rows a group a tile is two or three steps, and the loads of the
@@ -546,8 +585,8 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
 
     The compute warpgroups zero the rows of other groups (at most 7 before the group, and those
     past its end) in their own half of dy's first and last steps, multiply (wgmma, float32
-    accumulators), and store their block_m x block_n result through a swizzled shared-memory
-    tile in pieces of epilogue_m x epilogue_n without waiting for the stores: two buffers of a
+    accumulators), and store their block_k x block_n result through a swizzled shared-memory
+    tile in pieces of epilogue_k x epilogue_n without waiting for the stores: two buffers of a
     piece each, or with one piece the whole tile in one buffer, whose store is waited for only
     before the next tile's result goes there (after the next tile's products). An empty group's
     tiles are stored as zeros. A group's rows in several chunks (`segments`, from
@@ -557,9 +596,10 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
     num_rows, depth = x.shape
     width = dy.shape[1]
     num_groups, num_chunks = segments[0].shape
-    bm, bn, br = config.block_m, config.block_n, config.block_k
+    # bm: the K block of a tile (the wgmma's M); br: rows a step.
+    bm, bn, br = config.block_k, config.block_n, config.block_rows
     stages = config.max_concurrent_steps
-    em, en = min(config.epilogue_m, bm), min(config.epilogue_n, bn)
+    em, en = min(config.epilogue_k, bm), min(config.epilogue_n, bn)
     pieces = (bm // em) * (bn // en)
     buffers = 1 if pieces == 1 else 2
     k_blocks, n_blocks = depth // bm, width // (2 * bn)

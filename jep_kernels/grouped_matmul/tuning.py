@@ -21,7 +21,7 @@ import math
 import pathlib
 
 from jep_kernels.grouped_matmul import mgpu
-from jep_kernels.grouped_matmul.mgpu import Config
+from jep_kernels.grouped_matmul.mgpu import Config, DwConfig
 
 OPS = ("forward", "dx", "dw")
 TABLE = pathlib.Path(__file__).with_name("table.json")
@@ -31,24 +31,30 @@ def key(op: str, k: int, n: int, groups: int) -> str:
     return f"{op} K={k} N={n} G={groups}"
 
 
-def default(op: str, k: int, n: int) -> Config:
-    """A configuration that takes every K and N that are multiples of 128."""
+def default(op: str, k: int, n: int) -> Config | DwConfig:
+    """A configuration that takes every K and N that are multiples of 128 (a `DwConfig` for
+    "dw")."""
     if op == "dw":
-        return Config(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)
+        return DwConfig(block_k=128, block_n=128, block_rows=64, max_concurrent_steps=4)
     block_n = 128 if n % 256 == 0 else 64
     return Config(block_m=128, block_n=block_n, block_k=64, max_concurrent_steps=4,
                   warp_specialized=True)
 
 
+def config_class(op: str) -> type:
+    """The configuration type of `op`: `DwConfig` for "dw", `Config` for the others."""
+    return DwConfig if op == "dw" else Config
+
+
 @functools.cache
-def _table(path: pathlib.Path = TABLE) -> dict[str, Config]:
+def _table(path: pathlib.Path = TABLE) -> dict[str, Config | DwConfig]:
     if not path.exists():
         return {}
     entries = json.loads(path.read_text())["configs"]
-    return {name: Config(**fields) for name, fields in entries.items()}
+    return {name: config_class(name.split()[0])(**fields) for name, fields in entries.items()}
 
 
-def config_for(op: str, k: int, n: int, groups: int) -> Config:
+def config_for(op: str, k: int, n: int, groups: int) -> Config | DwConfig:
     """The tuned configuration for this product and shape, else `default(op, k, n)`."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -66,23 +72,24 @@ def product_shape(op: str, k: int, n: int) -> tuple[int, int]:
     return (n, k) if op == "dx" else (k, n)
 
 
-def candidates(op: str, k: int, n: int) -> list[Config]:
+def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
     """The configurations a tuning run measures for `op` at this (product) K and N: the ones
     that take the shape."""
     if op == "dw":
-        found = [Config(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps)
-                 for bm, bn, bk, steps in ((128, 128, 64, 4), (128, 128, 64, 5), (128, 128, 128, 3),
-                                           (64, 128, 64, 4), (128, 64, 64, 4))]
+        found = [DwConfig(block_k=bk, block_n=bn, block_rows=rows, max_concurrent_steps=steps)
+                 for bk, bn, rows, steps in ((128, 128, 64, 4), (128, 128, 64, 5),
+                                             (128, 128, 128, 3), (64, 128, 64, 4),
+                                             (128, 64, 64, 4))]
         # Warp-specialized: block_n is each compute warpgroup's width (tiles of 2 block_n).
-        # epilogue_m/n = block_m/n: the whole tile stored from one buffer.
-        found += [Config(block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps,
-                         warp_specialized=True, epilogue_m=em, epilogue_n=en)
-                  for bm, bn, bk, steps, em, en in (
+        # epilogue_k/n = block_k/n: the whole tile stored from one buffer.
+        found += [DwConfig(block_k=bk, block_n=bn, block_rows=rows, max_concurrent_steps=steps,
+                           warp_specialized=True, epilogue_k=ek, epilogue_n=en)
+                  for bk, bn, rows, steps, ek, en in (
                       (128, 128, 64, 3, 64, 64), (128, 128, 64, 4, 64, 64),
                       (128, 64, 64, 6, 64, 64), (128, 128, 64, 3, 128, 128),
                       (128, 128, 64, 2, 128, 128), (128, 64, 64, 4, 128, 64),
                       (128, 64, 64, 6, 128, 64), (64, 128, 64, 4, 64, 128))]
-        return [c for c in found if k % c.block_m == 0 and n % mgpu.dw_tile_n(c) == 0]
+        return [c for c in found if k % c.block_k == 0 and n % mgpu.dw_tile_n(c) == 0]
     found = [Config(block_m=bm, block_n=128, block_k=64, max_concurrent_steps=steps)
              for bm, steps in ((128, 4), (128, 5), (192, 4))]
     found += [Config(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=steps,
@@ -99,7 +106,7 @@ def candidates(op: str, k: int, n: int) -> list[Config]:
     return [c for c in found if k % c.block_k == 0 and n % tile_n(c) == 0]
 
 
-def write(path: pathlib.Path, picks: dict[str, Config], about: dict) -> None:
+def write(path: pathlib.Path, picks: dict[str, Config | DwConfig], about: dict) -> None:
     """Writes the table of this package updated with `picks` (key -> Config) to `path`; `about`
     (device, versions, date, command) joins the list of the runs that made it."""
     runs = json.loads(TABLE.read_text())["runs"] if TABLE.exists() else []
