@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import jep
+from jep import fp8
 from conftest import make_mesh
 from jep.interop import hf
 
@@ -185,6 +186,56 @@ def test_changed_params_are_what_is_saved_and_bf16_stays_bf16(tmp_path, fused):
                                           np.asarray(value, np.float32), err_msg=f"{i} {name}")
 
 
+def test_deepseek_fp8_weights_load_dequantized_and_save_back_in_fp8(tmp_path):
+    """DeepSeek-V3's release: e4m3 expert weights (shared ones too) with a weight_scale_inv of
+    float32 scales per 128 x 128 block (here one partial block a weight)."""
+    source, copy = str(tmp_path / "fp8"), str(tmp_path / "copy")
+    write_checkpoint(source, "deepseek_v3", seed=3)
+    stored = {}
+
+    def to_fp8(tensors):
+        for name in list(tensors):
+            if ".experts." in name or ".shared_experts." in name:
+                q, scales = fp8.quantize_blocks(jnp.asarray(tensors[name]))
+                tensors[name] = np.asarray(q)
+                tensors[f"{name}_scale_inv"] = np.asarray(scales)
+                stored[name] = (tensors[name], tensors[f"{name}_scale_inv"])
+
+    _edit(source, to_fp8)
+    info, layers = hf.load(source, mesh=make_mesh((2, 4), ("dp", "ep")))
+    for i in info.moe_layers:
+        p = f"model.layers.{i}.mlp."
+        assert layers[i]["w_gate"].dtype == jnp.bfloat16
+        assert layers[i]["router"].dtype == jnp.float32  # the router is not quantized
+        for j in (0, E - 1):
+            q, scales = stored[f"{p}experts.{j}.down_proj.weight"]
+            want = np.asarray(fp8.dequantize_blocks(q, scales, jnp.bfloat16)).T
+            np.testing.assert_array_equal(np.asarray(layers[i]["w_down"])[j], want)
+        q, scales = stored[f"{p}shared_experts.up_proj.weight"]
+        np.testing.assert_array_equal(np.asarray(layers[i]["shared_up"]),
+                                      np.asarray(fp8.dequantize_blocks(q, scales)).T)
+    hf.save(copy, layers, source=source)
+    saved = hf._Tensors(copy)
+    assert sorted(saved.file_of) == sorted(hf._Tensors(source).file_of)
+    _, again = hf.load(copy)
+    for i in info.moe_layers:
+        name = f"model.layers.{i}.mlp.experts.2.gate_proj.weight"
+        assert saved.dtype(name) == np.dtype(ml_dtypes.float8_e4m3fn)
+        assert saved.dtype(f"{name}_scale_inv") == np.float32
+        assert saved.shape(f"{name}_scale_inv") == (1, 1)
+        for param, value in layers[i].items():
+            got, want = (np.asarray(a, np.float64) for a in (again[i][param], value))
+            if param in ("router", "bias"):
+                np.testing.assert_array_equal(got, want)
+            else:  # quantized afresh: within e4m3's rounding
+                assert np.all(np.abs(got - want) <= np.abs(want) / 16 + 1e-3 * np.abs(want).max())
+    # A weight without its scales is named.
+    lost = "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"
+    _edit(copy, lambda tensors: tensors.pop(lost))
+    with pytest.raises(ValueError, match="lacks tensor '" + lost.replace(".", r"\.")):
+        hf.load(copy)
+
+
 def test_each_device_reads_only_its_experts_rows(tmp_path, monkeypatch):
     source = str(tmp_path / "hf")
     write_checkpoint(source, "qwen3_moe", fused=True)
@@ -214,7 +265,9 @@ def _edit(path, edit):
     tensors = {name: t.read(name) for name in t.file_of}
     for file in t.files:
         os.remove(os.path.join(path, file))
-    os.remove(os.path.join(path, "model.safetensors.index.json"))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        os.remove(index)
     edit(tensors)
     save_file(tensors, os.path.join(path, "model.safetensors"))
 

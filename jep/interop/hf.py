@@ -25,11 +25,18 @@ Tensors are read with safetensors' numpy API (no torch), lazily: on a mesh each 
 made with `jax.make_array_from_callback`, so a process reads only the expert rows its devices
 hold. Expert weights keep the checkpoint's dtype (bf16 stays bf16); the router and the
 selection bias are float32, as `jep.moe` keeps them.
+
+DeepSeek-V3's released weights are FP8: each expert weight (shared experts too) is e4m3 with a
+`weight_scale_inv` tensor of float32 scales, one per 128 x 128 block. `load` dequantizes them to
+bf16 (`jep.fp8.dequantize_blocks`); `save` writes them back in FP8 with fresh block scales
+(`jep.fp8.quantize_blocks`), so an FP8 checkpoint round-trips within e4m3's rounding, not bit
+for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -43,11 +50,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jep import fp8
 from jep.config import DispatchConfig, MoEConfig
 from jep.moe import EXPERT_PARAMS
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
+_RAW_DTYPES = ("F8_E4M3", "F8_E5M2")  # read from their bytes (`_Tensors._read_raw`)
 _DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
            "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 # The MoE block's own tensors, under its prefix: anything else there is not ours to read.
@@ -177,7 +186,41 @@ class _Tensors:
         return np.dtype(_DTYPES[self._slice(name).get_dtype()])
 
     def read(self, name, rows: slice = slice(None)) -> np.ndarray:
+        if self._slice(name).get_dtype() in _RAW_DTYPES:
+            return self._read_raw(name)[rows]
         return self._slice(name)[rows]
+
+    def _read_raw(self, name) -> np.ndarray:
+        """A tensor read from its bytes: safetensors' numpy API writes FP8 (ml_dtypes) arrays
+        but cannot read them back (it looks for numpy.float8_e4m3fn)."""
+        path = os.path.join(self.path, self.file_of[name])
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(size))[name]
+            begin, end = entry["data_offsets"]
+            f.seek(8 + size + begin)
+            data = f.read(end - begin)
+        return np.frombuffer(data, _DTYPES[entry["dtype"]]).reshape(entry["shape"]).copy()
+
+    def scale_of(self, name) -> str | None:
+        """The block scales' tensor of an FP8 weight (DeepSeek-V3's `weight_scale_inv`), or
+        None for a weight in its own dtype."""
+        scale = f"{name}_scale_inv"
+        if scale in self and self.dtype(name) == np.dtype(ml_dtypes.float8_e4m3fn):
+            return scale
+        return None
+
+    def param_dtype(self, name):
+        """The dtype `load` gives a weight: bf16 for an FP8 one, else the checkpoint's."""
+        return np.dtype(ml_dtypes.bfloat16) if self.scale_of(name) else self.dtype(name)
+
+    def weight(self, name) -> np.ndarray:
+        """A whole weight [out, in], dequantized to bf16 (q times its 128 x 128 block's scale,
+        in float32, rounded once) where the checkpoint holds it in FP8 with block scales."""
+        scale = self.scale_of(name)
+        if scale is None:
+            return self.read(name)
+        return np.asarray(fp8.dequantize_blocks(self.read(name), self.read(scale), jnp.bfloat16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +231,7 @@ class _Layer:
     fused: bool                     # experts.gate_up_proj / experts.down_proj
     projections: tuple[str, str, str]  # per-expert gate, up, down names ("w1", "w3", "w2")
     shared: str | None              # "shared_expert." / "shared_experts." or None
+    fp8: bool = False               # expert weights in FP8 with block scales (DeepSeek-V3)
 
     def expert(self, e, which):
         return f"{self.prefix}experts.{e}.{self.projections[which]}.weight"
@@ -206,7 +250,8 @@ def _layer(tensors: _Tensors, info: ModelInfo, i: int) -> _Layer:
     shared = None
     if info.shared_ffn:
         shared = "shared_expert." if info.architecture == "qwen2_moe" else "shared_experts."
-    return _Layer(prefix, fused, projections, shared)
+    layer = _Layer(prefix, fused, projections, shared)
+    return dataclasses.replace(layer, fp8=not fused and bool(tensors.scale_of(layer.expert(0, 0))))
 
 
 def _expected(layer: _Layer, info: ModelInfo) -> dict[str, tuple]:
@@ -228,6 +273,10 @@ def _expected(layer: _Layer, info: ModelInfo) -> dict[str, tuple]:
                    f"{p}{layer.shared}down_proj.weight": (h, s)}
     if info.architecture == "qwen2_moe":
         shapes[f"{p}shared_expert_gate.weight"] = (1, h)
+    if layer.fp8:  # every expert weight (shared ones too) with its block scales
+        experts = f"{p}experts.", f"{p}{layer.shared}" if layer.shared else None
+        shapes |= {f"{name}_scale_inv": fp8.block_grid(shape) for name, shape in list(shapes.items())
+                   if name.startswith(tuple(e for e in experts if e))}
     return shapes
 
 
@@ -269,19 +318,21 @@ def _readers(tensors: _Tensors, layer: _Layer, info: ModelInfo) -> dict:
     else:
         def stacked(which):
             def read(rows):
-                return np.stack([t(tensors.read(layer.expert(j, which)))
+                return np.stack([t(tensors.weight(layer.expert(j, which)))
                                  for j in range(e)[rows]])
             return read
         shapes = ((e, h, f), (e, h, f), (e, f, h))
         for which, param in enumerate(("w_gate", "w_up", "w_down")):
-            out[param] = (shapes[which], tensors.dtype(layer.expert(0, which)), stacked(which))
+            out[param] = (shapes[which], tensors.param_dtype(layer.expert(0, which)),
+                          stacked(which))
     if layer.shared:
         s = info.shared_ffn
         for param, proj, shape in (("shared_gate", "gate_proj", (h, s)),
                                    ("shared_up", "up_proj", (h, s)),
                                    ("shared_down", "down_proj", (s, h))):
             name = f"{p}{layer.shared}{proj}.weight"
-            out[param] = (shape, tensors.dtype(name), lambda rows, n=name: t(tensors.read(n))[rows])
+            out[param] = (shape, tensors.param_dtype(name),
+                          lambda rows, n=name: t(tensors.weight(n))[rows])
     if info.architecture == "qwen2_moe":
         gate = f"{p}shared_expert_gate.weight"
         out["shared_expert_gate"] = ((h, 1), tensors.dtype(gate), lambda rows: t(tensors.read(gate))[rows])
@@ -348,12 +399,25 @@ def _row(x, j: int) -> np.ndarray:
     raise ValueError(f"row {j} of an array of shape {x.shape} is on no device of this process")
 
 
+def _quantized(out: dict) -> dict:
+    """`out` with each FP8 weight's writer replaced by two, of its e4m3 values and of its block
+    scales (`weight_scale_inv`), from one quantization of the weight (`jep.fp8.quantize_blocks`:
+    fresh scales, each block's max-abs over 448)."""
+    for name in [n for n in out if n.endswith(".weight")]:
+        made = functools.cache(lambda f=out[name]: fp8.quantize_blocks(
+            jnp.asarray(f(), jnp.float32)))
+        out[name] = lambda made=made: np.asarray(made()[0])
+        out[f"{name}_scale_inv"] = lambda made=made: np.asarray(made()[1])
+    return out
+
+
 def _writers(layer: _Layer, info: ModelInfo, params: dict) -> dict:
     """HF name -> (lambda: that tensor from jep's `params`, as a numpy array)."""
     e, p = info.config.num_experts, layer.prefix
     t = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
     host = lambda name: np.asarray(params[name])  # noqa: E731
     out = {f"{p}gate.weight": lambda: t(host("router"))}
+    experts = {}
     if info.architecture == "deepseek_v3":
         out[f"{p}gate.e_score_correction_bias"] = lambda: host("bias")
     if layer.fused:
@@ -363,11 +427,12 @@ def _writers(layer: _Layer, info: ModelInfo, params: dict) -> dict:
     else:
         for which, param in enumerate(EXPERT_PARAMS):
             for j in range(e):
-                out[layer.expert(j, which)] = lambda n=param, j=j: t(_row(params[n], j))
+                experts[layer.expert(j, which)] = lambda n=param, j=j: t(_row(params[n], j))
     if layer.shared:
         for param, proj in (("shared_gate", "gate_proj"), ("shared_up", "up_proj"),
                             ("shared_down", "down_proj")):
-            out[f"{p}{layer.shared}{proj}.weight"] = lambda n=param: t(host(n))
+            experts[f"{p}{layer.shared}{proj}.weight"] = lambda n=param: t(host(n))
+    out |= _quantized(experts) if layer.fp8 else experts
     if info.architecture == "qwen2_moe":
         out[f"{p}shared_expert_gate.weight"] = lambda: t(host("shared_expert_gate"))
     return out
@@ -378,7 +443,7 @@ def save(path: str, params: dict[int, dict], *, source: str) -> None:
     `params` ({layer index: params}, every MoE layer of `source`, as `load` returns them), in
     `source`'s layout: the same shard files, tensor names, dtypes and metadata, every other
     tensor and file copied as it is. Params `load` returned unchanged give the same files, bit
-    for bit. The params must be addressable from this process (one process, or gathered)."""
+    for bit (but FP8 weights: quantized afresh, within e4m3's rounding of what was loaded). The params must be addressable from this process (one process, or gathered)."""
     if os.path.abspath(path) == os.path.abspath(source):
         raise ValueError("save: path must differ from source (source is read while path is written)")
     tensors = _Tensors(source)

@@ -1,0 +1,119 @@
+"""FP8 (e4m3) quantization as DeepSeek-V3 trains with it: a float32 scale per tile.
+
+Activations take a scale per 1 x 128 tile (one token, 128 channels), weights one per 128 x 128
+block, each the tile's max-abs over e4m3's largest value (448), so the tile's largest entry maps
+to +-448 and the others to the nearest e4m3 value of theirs over the scale:
+
+    q = e4m3(x / scale), x ~ q * scale,   scale = max|tile| / 448   (or the power of two at or
+                                          above it, with power_of_two_scales: then scaling is
+                                          exact and only the e4m3 rounding errs)
+
+Round trip error per element: at most |x| / 16 (half an e4m3 ulp, 3 mantissa bits) for values
+in e4m3's normal range, and at most scale * 2^-10 (half the smallest subnormal) below it. A tile
+of zeros has scale 1 and quantizes to zeros. A tile holding inf or nan is not refused (the
+values are traced): it gets an inf or nan scale and dequantizes to nan throughout.
+
+Checkpoints store the weights' `scale` as `weight_scale_inv` (the multiplier that dequantizes:
+DeepSeek-V3's HF weights), [ceil(rows / 128), ceil(cols / 128)] for a [rows, cols] weight.
+
+This is the reference (jnp, runs everywhere): what the FP8 kernels must match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import ml_dtypes
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+TILE = 128
+
+
+def _scales(amax, power_of_two: bool):
+    scale = (amax / E4M3_MAX).astype(jnp.float32)
+    if power_of_two:  # the power of two at or above: scale = m 2^e, m in [0.5, 1)
+        mantissa, exponent = jnp.frexp(scale)
+        scale = jnp.where(mantissa == 0.5, scale, jnp.ldexp(jnp.float32(1), exponent))
+    return jnp.where(amax == 0, 1.0, scale).astype(jnp.float32)
+
+
+def _check_floating(x, name: str) -> None:
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}")
+
+
+def quantize_rows(x, *, tile: int = TILE, power_of_two_scales: bool = False):
+    """Activations: a scale per 1 x `tile` piece of each row.
+
+    Args:
+      x: f[..., H], H a multiple of `tile`.
+    Returns:
+      (q e4m3[..., H], scales f32[..., H / tile]).
+    """
+    _check_floating(x, "x")
+    width = x.shape[-1]
+    if width % tile:
+        raise ValueError(f"x's last dimension ({width}) must be a multiple of tile={tile}")
+    pieces = x.astype(jnp.float32).reshape(*x.shape[:-1], width // tile, tile)
+    scales = _scales(jnp.max(jnp.abs(pieces), axis=-1), power_of_two_scales)
+    q = (pieces / scales[..., None]).astype(E4M3)
+    return q.reshape(x.shape), scales
+
+
+def dequantize_rows(q, scales, dtype=jnp.bfloat16, *, tile: int = TILE):
+    """x ~ q * scale for `quantize_rows`' results: [..., H] in `dtype` (rounded once from f32)."""
+    width = q.shape[-1]
+    if scales.shape != (*q.shape[:-1], width // tile) or width % tile:
+        raise ValueError(f"scales must be {(*q.shape[:-1], width // tile)} for q of shape "
+                         f"{q.shape} (one per 1 x {tile} tile), got {scales.shape}")
+    pieces = q.astype(jnp.float32).reshape(*q.shape[:-1], width // tile, tile)
+    return (pieces * scales[..., None]).reshape(q.shape).astype(dtype)
+
+
+def block_grid(shape, block: int = TILE) -> tuple[int, int]:
+    """The scales' shape of a [rows, cols] weight: (ceil(rows / block), ceil(cols / block))."""
+    return math.ceil(shape[-2] / block), math.ceil(shape[-1] / block)
+
+
+def _blocks(w, block: int):
+    """w [..., R, C] padded with zeros to whole blocks, as [..., R/b, b, C/b, b]."""
+    rows, cols = w.shape[-2:]
+    grid = block_grid(w.shape, block)
+    pad = [(0, 0)] * (w.ndim - 2) + [(0, grid[0] * block - rows), (0, grid[1] * block - cols)]
+    padded = jnp.pad(w, pad)
+    return padded.reshape(*w.shape[:-2], grid[0], block, grid[1], block)
+
+
+def quantize_blocks(w, *, block: int = TILE, power_of_two_scales: bool = False):
+    """Weights: a scale per `block` x `block` block of the last two dimensions (the last blocks
+    may be partial).
+
+    Args:
+      w: f[..., R, C].
+    Returns:
+      (q e4m3[..., R, C], scales f32[..., ceil(R / block), ceil(C / block)]).
+    """
+    _check_floating(w, "w")
+    pieces = _blocks(w.astype(jnp.float32), block)
+    scales = _scales(jnp.max(jnp.abs(pieces), axis=(-3, -1)), power_of_two_scales)
+    q = (pieces / scales[..., :, None, :, None]).astype(E4M3)
+    rows, cols = w.shape[-2:]
+    grid = block_grid(w.shape, block)
+    q = q.reshape(*w.shape[:-2], grid[0] * block, grid[1] * block)[..., :rows, :cols]
+    return q, scales
+
+
+def dequantize_blocks(q, scales, dtype=jnp.bfloat16, *, block: int = TILE):
+    """w ~ q * scale of its block for `quantize_blocks`' results (or a checkpoint's weight and
+    weight_scale_inv): [..., R, C] in `dtype`, rounded once from f32."""
+    grid = block_grid(q.shape, block)
+    if scales.shape != (*q.shape[:-2], *grid):
+        raise ValueError(f"scales must be {(*q.shape[:-2], *grid)} for q of shape {q.shape} "
+                         f"(one per {block} x {block} block), got {scales.shape}")
+    rows, cols = q.shape[-2:]
+    pieces = _blocks(q.astype(jnp.float32), block) * scales[..., :, None, :, None].astype(
+        jnp.float32)
+    w = pieces.reshape(*q.shape[:-2], grid[0] * block, grid[1] * block)[..., :rows, :cols]
+    return w.astype(dtype)

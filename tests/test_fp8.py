@@ -1,0 +1,115 @@
+"""jep.fp8: DeepSeek-V3's tile-wise e4m3 quantization, against float64 and e4m3's error bound."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jep import fp8
+
+
+def tile_scales(scales, shape, rows_block, cols_block):
+    """Each element's scale, [..., R, C], from per-tile scales."""
+    full = np.repeat(np.repeat(np.asarray(scales, np.float64), rows_block, -2), cols_block, -1)
+    return full[..., :shape[-2], :shape[-1]]
+
+
+def assert_within_e4m3(x, back, scale):
+    """|x - back| <= max(|x| / 16, scale * 2^-10): half an e4m3 ulp, or half its smallest
+    subnormal, times the scale."""
+    x, back = np.asarray(x, np.float64), np.asarray(back, np.float64)
+    bound = np.maximum(np.abs(x) / 16, scale * 2.0**-10)
+    assert np.all(np.abs(x - back) <= bound * (1 + 1e-6)), np.max(np.abs(x - back) / bound)
+
+
+def magnitudes(rng, shape):
+    """Normal values times a scale per row spanning 1e-3 .. 1e3, with some exact zeros."""
+    x = rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 3, size=shape[:-1] + (1,))
+    x[rng.random(shape) < 0.05] = 0
+    return x
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_rows_round_trip_within_the_e4m3_bound(rng, dtype, power_of_two):
+    x = jnp.asarray(magnitudes(rng, (3, 5, 384)), dtype)
+    q, scales = fp8.quantize_rows(x, power_of_two_scales=power_of_two)
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == x.shape
+    assert scales.dtype == jnp.float32 and scales.shape == (3, 5, 3)
+    back = fp8.dequantize_rows(q, scales, jnp.float32)
+    scale = tile_scales(scales[..., None, :], (1, 384), 1, 128)[..., 0, :]
+    assert_within_e4m3(x.astype(jnp.float32), back, scale)
+    # Dequantizing is q * scale in float32, exactly as float64 computes it, then rounded.
+    want = np.asarray(q, np.float64) * scale
+    np.testing.assert_array_equal(np.asarray(back), want.astype(np.float32))
+    amax = np.abs(np.asarray(q, np.float32)).reshape(3, 5, 3, 128).max(-1)
+    if power_of_two:  # exact powers of two; the largest entry lands in [224, 448] (rounded)
+        assert np.all(np.log2(scales) == np.round(np.log2(scales)))
+        assert np.all((amax >= 224) & (amax <= 448))
+    else:  # each tile's largest entry maps to +-448 exactly
+        assert np.all(amax == 448)
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (2, 200, 300), (129, 1)])
+def test_blocks_round_trip_with_partial_blocks(rng, shape):
+    w = jnp.asarray(magnitudes(rng, shape), jnp.float32)
+    q, scales = fp8.quantize_blocks(w)
+    grid = fp8.block_grid(shape)
+    assert q.shape == shape and scales.shape == shape[:-2] + grid
+    back = fp8.dequantize_blocks(q, scales, jnp.float32)
+    scale = tile_scales(scales, shape, 128, 128)
+    assert_within_e4m3(w, back, scale)
+    np.testing.assert_array_equal(np.asarray(back),
+                                  (np.asarray(q, np.float64) * scale).astype(np.float32))
+    # Each block's scale is its own max-abs over 448.
+    w64 = np.asarray(w, np.float64)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            block = w64[..., 128 * i:128 * (i + 1), 128 * j:128 * (j + 1)]
+            amax = np.abs(block).max(axis=(-2, -1))
+            want = np.where(amax == 0, 1, amax / 448).astype(np.float32)
+            # (float32 division: XLA may multiply by 1/448, an ulp apart)
+            np.testing.assert_allclose(np.asarray(scales)[..., i, j], want, rtol=2.5e-7)
+
+
+def test_values_on_the_e4m3_grid_times_a_power_of_two_come_back_exactly(rng):
+    grid = np.asarray(rng.choice(np.arange(-448, 449), size=(4, 256)), np.float32)
+    grid = np.asarray(grid.astype(ml_dtypes.float8_e4m3fn), np.float32)  # on e4m3's grid
+    grid[:, ::128] = 448  # each tile's max-abs is 448: scale 2^-5 exactly below
+    x = jnp.asarray(grid * 2.0**-5)
+    q, scales = fp8.quantize_rows(x, power_of_two_scales=True)
+    np.testing.assert_array_equal(np.asarray(scales), 2.0**-5)
+    np.testing.assert_array_equal(np.asarray(fp8.dequantize_rows(q, scales, jnp.float32)), x)
+
+
+def test_zero_and_equal_tiles():
+    x = jnp.zeros((2, 256)).at[1, 128:].set(-3.25)
+    q, scales = fp8.quantize_rows(x)
+    np.testing.assert_allclose(np.asarray(scales), [[1, 1], [1, 3.25 / 448]], rtol=2.5e-7)
+    back = np.asarray(fp8.dequantize_rows(q, scales, jnp.float32))
+    np.testing.assert_array_equal(back[0], 0)
+    np.testing.assert_array_equal(np.asarray(q, np.float32)[1, 128:], -448)
+    np.testing.assert_allclose(back[1, 128:], -3.25, rtol=2.5e-7)
+
+
+def test_a_non_finite_value_spoils_its_tile_only():
+    x = jnp.ones((2, 256)).at[0, 3].set(jnp.inf).at[1, 200].set(jnp.nan)
+    back = np.asarray(fp8.dequantize_rows(*fp8.quantize_rows(x), jnp.float32))
+    assert np.all(np.isnan(back[0, :128])) and np.all(np.isnan(back[1, 128:]))
+    np.testing.assert_array_equal(back[0, 128:], 1)
+    np.testing.assert_array_equal(back[1, :128], 1)
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="multiple of tile=128"):
+        fp8.quantize_rows(jnp.ones((2, 100)))
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        fp8.quantize_rows(jnp.ones((2, 128), jnp.int32))
+    with pytest.raises(TypeError, match="w must be a floating-point array"):
+        fp8.quantize_blocks(jnp.ones((2, 128), jnp.int32))
+    q, scales = fp8.quantize_blocks(jnp.ones((256, 256)))
+    with pytest.raises(ValueError, match="scales must be"):
+        fp8.dequantize_blocks(q, scales[:1])
+    q, scales = fp8.quantize_rows(jnp.ones((2, 256)))
+    with pytest.raises(ValueError, match="scales must be"):
+        fp8.dequantize_rows(q, scales[:, :1])
