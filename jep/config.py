@@ -44,6 +44,9 @@ class DispatchConfig:
         low-latency calls before the program fails naming the ranks that never came; None:
         the variable `JEP_FFI_TIMEOUT_S`, else 60. It is read when the layer is traced and
         belongs to the compiled program (a new value is a new config, so a new trace).
+      fp8: tokens travel as e4m3 with a float32 scale per 128 channels (DeepSeek-V3's FP8
+        dispatch, `jep.fp8`), dequantized on arrival; combine stays in the tokens' dtype. Flat
+        and low-latency modes; H a multiple of 128.
     """
 
     capacity: int | None = None
@@ -54,6 +57,7 @@ class DispatchConfig:
     mode: str = "flat"
     num_chunks: int = 1
     timeout_s: float | None = None
+    fp8: bool = False
 
     def __post_init__(self):
         if self.capacity is not None and self.capacity_factor is not None:
@@ -73,6 +77,11 @@ class DispatchConfig:
             raise ValueError(f"DispatchConfig.num_chunks must be an int >= 1, got {self.num_chunks!r}")
         if self.timeout_s is not None:
             check_timeout(self.timeout_s, "DispatchConfig.timeout_s")
+        if not isinstance(self.fp8, bool):
+            raise TypeError(f"DispatchConfig.fp8 must be a bool, got {self.fp8!r}")
+        if self.fp8 and self.mode == "hierarchical":
+            raise ValueError("DispatchConfig: fp8 dispatch runs in flat and low-latency modes, "
+                             "not hierarchical")
 
     def capacity_for(self, num_tokens: int, top_k: int, num_local_experts: int) -> int | None:
         """The per-local-expert capacity for `num_tokens` tokens per rank, or None (dropless)."""

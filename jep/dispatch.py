@@ -11,12 +11,13 @@ from __future__ import annotations
 from jep import flat, hierarchical
 from jep.config import MODES, PERMUTES
 from jep.flat import DispatchHandle
+from jep.fp8 import TILE
 from jep_kernels.ragged_a2a import check_timeout
 
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
              backend: str = "auto", permute: str = "auto", mode: str = "flat",
-             timeout_s: float | None = None):
+             timeout_s: float | None = None, fp8: bool = False):
     """Sends each token to the ranks of its experts and groups the rows by local expert.
 
     Call inside `jax.shard_map` over `axis_name`; expert e lives on rank e // E_local.
@@ -45,6 +46,11 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
       timeout_s: seconds the `ffi` transport waits for the peers of an exchange before the
         program fails with the ranks that never came (None: `JEP_FFI_TIMEOUT_S`, else 60).
         Fixed when the call is traced; combine and the gradients wait as long.
+      fp8: each token travels as e4m3 with a float32 scale per 128 channels (`jep.fp8`,
+        DeepSeek-V3's tiles), quantized once at home, H + H / 32 bytes instead of 2 H, and is
+        dequantized to x.dtype on arrival: recv_x equals a dispatch of the dequantized tokens,
+        bit for bit. H must be a multiple of 128. The gradient passes straight through the
+        quantization (a combine in the cotangent's dtype). Flat mode.
 
     Returns:
       recv_x: [C, H], x.dtype: the rows of local expert 0, then 1, ...; within an expert by
@@ -61,6 +67,7 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     timeout_s = check_timeout(timeout_s)  # the variable read now, part of the program's key
+    check_fp8(fp8, x, mode)
     if mode == "low_latency":
         raise ValueError("mode='low_latency' is jep.low_latency.dispatch, which takes the routing "
                          "weights with the tokens (and jep.low_latency.combine its handle)")
@@ -72,17 +79,31 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
         axis_name = tuple(axis_name)
     return _dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
                      capacity=capacity, backend=backend, permute=permute, mode=mode,
-                     timeout_s=timeout_s)
+                     timeout_s=timeout_s, fp8=fp8)
+
+
+def check_fp8(fp8, x, mode: str) -> None:
+    """FP8 dispatch: a bool; tokens of 128-channel tiles; flat or low-latency mode."""
+    if not isinstance(fp8, bool):
+        raise TypeError(f"fp8 must be a bool, got {fp8!r}")
+    if not fp8:
+        return
+    if x.shape[-1] % TILE:
+        raise ValueError(f"fp8 dispatch quantizes tiles of {TILE} channels: x's H must be a "
+                         f"multiple of {TILE}, got shape {x.shape}")
+    if mode == "hierarchical":
+        raise ValueError("fp8 dispatch runs in flat and low-latency modes, not hierarchical")
 
 
 def _dispatch(x, expert_ids, *, num_experts, axis_name, capacity, backend, permute, mode,
-              timeout_s):
+              timeout_s, fp8):
     if mode == "hierarchical":  # each hop picks its own transport
         return hierarchical.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
                                      capacity=capacity, backend=backend, permute=permute,
                                      timeout_s=timeout_s)
     return flat.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
-                         capacity=capacity, backend=backend, permute=permute, timeout_s=timeout_s)
+                         capacity=capacity, backend=backend, permute=permute, timeout_s=timeout_s,
+                         fp8=fp8)
 
 
 def combine(y, handle: DispatchHandle, weights):

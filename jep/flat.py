@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import checkify
 
 from jep import _checks, transport
+from jep.fp8 import pack_rows, unpack_rows
 from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, sum_rows, take_rows
 
 
@@ -291,6 +292,23 @@ def _dispatch_rows_bwd(h, g):
 _dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
+@jax.custom_vjp
+def _dispatch_fp8_rows(x, h):
+    """`_dispatch_rows` with each token travelling as e4m3 with its scales, one packed row of
+    integer words (`jep.fp8.pack_rows`: XLA's gathers move them), dequantized to x.dtype on
+    arrival. Its transpose is `_dispatch_rows`': a combine in the cotangent's dtype, straight
+    through the quantization."""
+    moved = _to_experts(h, pack_rows(x), permute="xla", expand=True)
+    return unpack_rows(moved, x.shape[1], x.dtype)
+
+
+def _dispatch_fp8_rows_fwd(x, h):
+    return _dispatch_fp8_rows(x, h), h
+
+
+_dispatch_fp8_rows.defvjp(_dispatch_fp8_rows_fwd, _dispatch_rows_bwd)
+
+
 @permute_scope
 def _combine(y, weights, h):
     # f32[R, k]: k floats a row, a repeated expert's weights added up in its first slot.
@@ -352,7 +370,8 @@ def check_ids(num_invalid_ids, num_experts: int) -> None:
 
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
-             backend: str = "auto", permute: str = "auto", timeout_s: float | None = None):
+             backend: str = "auto", permute: str = "auto", timeout_s: float | None = None,
+             fp8: bool = False):
     """`jep.dispatch` in flat mode: one exchange over `axis_name`; the same arguments and
     results (the handle a `DispatchHandle`). The arguments are the caller's to check
     (`jep.dispatch` does, with `check_dispatch_inputs`, before either mode)."""
@@ -360,7 +379,8 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
     handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
                    backend=backend, permute=permute, timeout_s=timeout_s)
     check_ids(handle.num_invalid_ids, num_experts)
-    return _dispatch_rows(x, handle), handle.group_sizes, handle
+    rows = (_dispatch_fp8_rows if fp8 else _dispatch_rows)(x, handle)
+    return rows, handle.group_sizes, handle
 
 
 def combine(y, handle: DispatchHandle, weights):

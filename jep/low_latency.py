@@ -40,7 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jep import _checks
+from jep.dispatch import check_fp8
 from jep.flat import check_dispatch_inputs, check_ids, ep_size, merge_repeated_experts
+from jep.fp8 import pack_rows, unpack_rows
 from jep.layout import get_dispatch_layout
 from jep.platform import concrete_mesh, current_platform
 from jep.transport import ffi as ffi_transport
@@ -208,7 +210,8 @@ def _forward_only(call, name):
 
 
 def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: int | None = None,
-             mesh=None, buffer: Buffer | None = None, timeout_s: float | None = None):
+             mesh=None, buffer: Buffer | None = None, timeout_s: float | None = None,
+             fp8: bool = False):
     """Sends each token to the ranks of its experts, with its routing weights, in one call.
 
     Call inside `jax.shard_map` over `axis_name` (on every mesh axis of size > 1).
@@ -228,6 +231,8 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
         uses the same.
       timeout_s: seconds a device waits for its peers before the program fails (None:
         `JEP_FFI_TIMEOUT_S`, else 60), fixed when the call is traced; combine waits as long.
+      fp8: each token travels as e4m3 with its per-128-channel scales and is dequantized to
+        x.dtype on arrival, as in `jep.dispatch(..., fp8=True)`; combine stays in y's dtype.
 
     Returns:
       recv_x: [C, H], the rows of local expert 0, then 1, ..., zeros past the kept rows (the same
@@ -249,11 +254,17 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
         raise TypeError(f"buffer must be a jep.low_latency.Buffer or None, got {type(buffer)}")
     if buffer.released:
         raise ValueError(f"buffer {buffer!r} was released: make a new jep.low_latency.Buffer")
+    check_fp8(fp8, x, "low_latency")
     if isinstance(axis_name, list):
         axis_name = tuple(axis_name)
-    return _dispatch(x, expert_ids, weights, num_experts=num_experts, axis_name=axis_name,
-                     capacity=capacity, device_coords=device_coords(_concrete_mesh(mesh), axis_name),
-                     buffer_id=buffer.id, timeout_s=ragged_a2a.check_timeout(timeout_s))
+    recv_x, group_sizes, handle = _dispatch(
+        pack_rows(x) if fp8 else x, expert_ids, weights, num_experts=num_experts,
+        axis_name=axis_name, capacity=capacity,
+        device_coords=device_coords(_concrete_mesh(mesh), axis_name), buffer_id=buffer.id,
+        timeout_s=ragged_a2a.check_timeout(timeout_s))
+    if fp8:
+        recv_x = unpack_rows(recv_x, x.shape[1], x.dtype)
+    return recv_x, group_sizes, handle
 
 
 def _dispatch(x, expert_ids, weights, *, num_experts, axis_name, capacity, device_coords,

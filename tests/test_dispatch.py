@@ -251,3 +251,67 @@ def test_xla_transport_on_cpu_raises_naming_the_fallback():
     with pytest.raises(ValueError, match="backend='reference'"):
         run_local(local)
 
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_pair_fn(num_ranks, num_experts, capacity, backend):
+    """jit(shard_map) of an FP8 dispatch of x and a dispatch of x quantized and dequantized at
+    home, with the vjp of each."""
+    mesh = make_mesh((num_ranks,), ("ep",))
+
+    def local(x, ids, g):
+        def run(x, fp8):
+            recv_x, sizes, _ = jep.dispatch(x, ids[0], num_experts=num_experts, axis_name="ep",
+                                            capacity=capacity, backend=backend, fp8=fp8)
+            return recv_x, sizes
+        x = x[0]
+        home = jep.fp8.dequantize_rows(*jep.fp8.quantize_rows(x), x.dtype)
+        (got, sizes), vjp = jax.vjp(lambda x: run(x, True), x)
+        (want, want_sizes), want_vjp = jax.vjp(lambda x: run(x, False), home)
+        zero = jnp.zeros(sizes.shape, jax.dtypes.float0)
+        return tuple(a[None] for a in (got, want, sizes, want_sizes, vjp((g[0], zero))[0],
+                                       want_vjp((g[0], zero))[0]))
+
+    spec = P("ep")
+    mapped = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec,) * 6))
+    return lambda *args: mapped(*(put(mesh, a, spec) for a in args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_ranks, kind, capacity", [
+    (1, "random", None), (2, "one_hot", None), (4, "random", 3), (8, "skewed", None)])
+def test_fp8_dispatch_equals_a_dispatch_of_the_dequantized_tokens(rng, backend, num_ranks, kind,
+                                                                  capacity):
+    num_experts, num_tokens, top_k, hidden = 2 * num_ranks, 6, 2, 256
+    ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=num_tokens, top_k=top_k,
+                       num_experts=num_experts)
+    # A few magnitudes per token, so that the 128-channel tiles get scales apart.
+    x = rng.normal(size=(num_ranks, num_tokens, hidden)) * 10.0 ** rng.uniform(
+        -2, 2, size=(num_ranks, num_tokens, 2)).repeat(128, axis=-1)
+    x = jnp.asarray(x, jnp.bfloat16)
+    g = rng.normal(size=(num_ranks, num_ranks * num_tokens * top_k if capacity is None
+                         else num_experts // num_ranks * capacity, hidden))
+    got, want, sizes, want_sizes, dx, want_dx = fp8_pair_fn(
+        num_ranks, num_experts, capacity, backend)(x, ids, jnp.asarray(g, jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(sizes, want_sizes)
+    # The gradient passes straight through the quantization: the same combine of g.
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(want_dx, np.float32))
+    assert np.any(np.asarray(got, np.float32) != 0)
+
+
+def test_fp8_dispatch_needs_128_channel_tiles_and_flat_or_low_latency_mode():
+    mesh = make_mesh((2,), ("ep",))
+
+    def run(hidden, fp8=True):
+        jax.shard_map(lambda x, i: jep.dispatch(x, i, num_experts=4, axis_name="ep", fp8=fp8)[0],
+                      mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(
+            jnp.ones((4, hidden)), jnp.zeros((4, 2), jnp.int32))
+
+    with pytest.raises(ValueError, match="multiple of 128"):
+        run(100)
+    with pytest.raises(TypeError, match="fp8 must be a bool"):
+        run(128, fp8="yes")
+    with pytest.raises(ValueError, match="not hierarchical"):
+        jep.DispatchConfig(fp8=True, mode="hierarchical")

@@ -260,3 +260,30 @@ def test_bad_input_raises_at_trace_time(kwargs, error, match):
     with pytest.raises(error, match=match):
         jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P())(
             np.ones((4, 8), np.float32), np.zeros((4, 2), np.int32), weights)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 4])
+def test_fp8_dispatch_equals_one_of_the_dequantized_tokens(rng, num_ranks):
+    mesh = make_mesh((num_ranks,), ("ep",))
+    num_experts, tokens, hidden = 2 * num_ranks, 5, 256
+    ids = make_routing("random", rng, num_ranks=num_ranks, num_tokens=tokens, top_k=2,
+                       num_experts=num_experts).reshape(num_ranks * tokens, 2)
+    x = jnp.asarray(rng.normal(size=(num_ranks * tokens, hidden)) * 30, jnp.bfloat16)
+    weights = jnp.asarray(rng.random(ids.shape), jnp.float32)
+
+    def local(x, ids, weights):
+        def run(x, fp8):
+            recv_x, _, handle = low_latency.dispatch(x, ids, weights, num_experts=num_experts,
+                                                     axis_name="ep", mesh=mesh, fp8=fp8)
+            return recv_x, low_latency.combine(recv_x, handle)
+        home = jep.fp8.dequantize_rows(*jep.fp8.quantize_rows(x), x.dtype)
+        return (*run(x, True), *run(home, False))
+
+    spec = P("ep")
+    got_x, got_out, want_x, want_out = jax.jit(jax.shard_map(
+        local, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec,) * 4))(
+        *(put(mesh, a, spec) for a in (x, ids, weights)))
+    assert got_x.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got_x, np.float32), np.asarray(want_x, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_out, np.float32),
+                                  np.asarray(want_out, np.float32))
