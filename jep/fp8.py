@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 
+from jep import _checks
+
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 TILE = 128
@@ -40,11 +42,6 @@ def _scales(amax, power_of_two: bool):
     return jnp.where(amax == 0, 1.0, scale).astype(jnp.float32)
 
 
-def _check_floating(x, name: str) -> None:
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}")
-
-
 def quantize_rows(x, *, tile: int = TILE, power_of_two_scales: bool = False):
     """Activations: a scale per 1 x `tile` piece of each row.
 
@@ -53,7 +50,7 @@ def quantize_rows(x, *, tile: int = TILE, power_of_two_scales: bool = False):
     Returns:
       (q e4m3[..., H], scales f32[..., H / tile]).
     """
-    _check_floating(x, "x")
+    _checks.floating(x, "x")
     width = x.shape[-1]
     if width % tile:
         raise ValueError(f"x's last dimension ({width}) must be a multiple of tile={tile}")
@@ -128,7 +125,7 @@ def quantize_blocks(w, *, block: int = TILE, power_of_two_scales: bool = False):
     Returns:
       (q e4m3[..., R, C], scales f32[..., ceil(R / block), ceil(C / block)]).
     """
-    _check_floating(w, "w")
+    _checks.floating(w, "w")
     pieces = _blocks(w.astype(jnp.float32), block)
     scales = _scales(jnp.max(jnp.abs(pieces), axis=(-3, -1)), power_of_two_scales)
     q = (pieces / scales[..., :, None, :, None]).astype(E4M3)
