@@ -66,20 +66,21 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
         raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    timeout_s = check_timeout(timeout_s)  # the variable read now, part of the program's key
+    timeout_s = check_timeout(timeout_s)  # JEP_FFI_TIMEOUT_S read once, now, for both modes
     check_fp8(fp8, x, mode)
     if mode == "low_latency":
         raise ValueError("mode='low_latency' is jep.low_latency.dispatch, which takes the routing "
                          "weights with the tokens (and jep.low_latency.combine its handle)")
-    if mode == "hierarchical" and not (isinstance(axis_name, (tuple, list))
-                                       and len(axis_name) == 2):
-        raise ValueError("mode='hierarchical' needs axis_name=(node axis, local axis), got "
-                         f"axis_name={axis_name!r}")
-    if isinstance(axis_name, list):
-        axis_name = tuple(axis_name)
-    return _dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
-                     capacity=capacity, backend=backend, permute=permute, mode=mode,
-                     timeout_s=timeout_s, fp8=fp8)
+    if mode == "hierarchical":  # each hop picks its own transport
+        if not (isinstance(axis_name, (tuple, list)) and len(axis_name) == 2):
+            raise ValueError("mode='hierarchical' needs axis_name=(node axis, local axis), got "
+                             f"axis_name={axis_name!r}")
+        return hierarchical.dispatch(x, expert_ids, num_experts=num_experts,
+                                     axis_name=tuple(axis_name), capacity=capacity,
+                                     backend=backend, permute=permute, timeout_s=timeout_s)
+    return flat.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
+                         capacity=capacity, backend=backend, permute=permute, timeout_s=timeout_s,
+                         fp8=fp8)
 
 
 def check_fp8(fp8, x, mode: str) -> None:
@@ -95,17 +96,6 @@ def check_fp8(fp8, x, mode: str) -> None:
         raise ValueError("fp8 dispatch runs in flat and low-latency modes, not hierarchical")
 
 
-def _dispatch(x, expert_ids, *, num_experts, axis_name, capacity, backend, permute, mode,
-              timeout_s, fp8):
-    if mode == "hierarchical":  # each hop picks its own transport
-        return hierarchical.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
-                                     capacity=capacity, backend=backend, permute=permute,
-                                     timeout_s=timeout_s)
-    return flat.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
-                         capacity=capacity, backend=backend, permute=permute, timeout_s=timeout_s,
-                         fp8=fp8)
-
-
 def combine(y, handle: DispatchHandle, weights):
     """Brings expert outputs home and adds each token's k outputs with their weights.
 
@@ -119,13 +109,6 @@ def combine(y, handle: DispatchHandle, weights):
       [T, H] in y.dtype: `sum_j weights[t, j] * y[row of (t, j)]`, summed in float32; a slot that
       was dropped or empty adds nothing.
     """
-    if not isinstance(handle, (DispatchHandle, hierarchical.HierarchicalHandle)):
-        raise TypeError(f"handle must be the DispatchHandle (or HierarchicalHandle) returned by "
-                        f"jep.dispatch, got {type(handle)}")
-    return _combine(y, handle, weights)
-
-
-def _combine(y, handle, weights):
     if isinstance(handle, hierarchical.HierarchicalHandle):
         return hierarchical.combine(y, handle, weights)
     return flat.combine(y, handle, weights)

@@ -260,18 +260,17 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
     recv_x, group_sizes, handle = _dispatch(
         pack_rows(x) if fp8 else x, expert_ids, weights, num_experts=num_experts,
         axis_name=axis_name, capacity=capacity,
-        device_coords=device_coords(_concrete_mesh(mesh), axis_name), buffer_id=buffer.id,
+        coords_of_devices=device_coords(_concrete_mesh(mesh), axis_name), buffer_id=buffer.id,
         timeout_s=ragged_a2a.check_timeout(timeout_s))
     if fp8:
         recv_x = unpack_rows(recv_x, x.shape[1], x.dtype)
     return recv_x, group_sizes, handle
 
 
-def _dispatch(x, expert_ids, weights, *, num_experts, axis_name, capacity, device_coords,
+def _dispatch(x, expert_ids, weights, *, num_experts, axis_name, capacity, coords_of_devices,
               buffer_id, timeout_s):
     n = ep_size(axis_name, "jep.low_latency.dispatch")
     num_tokens, top_k = expert_ids.shape
-    coords_of_devices = device_coords
     num_local = num_experts // n
     num_rows = (n * num_tokens * min(top_k, num_local) if capacity is None
                 else num_local * capacity)
@@ -335,11 +334,6 @@ def combine(y, handle: LowLatencyHandle):
                         f"jep.low_latency.dispatch, got {type(handle)}")
     _checks.rank(y, 2, "y")
     _checks.floating(y, "y")
-    ep_size(handle.axis_name, "jep.low_latency.combine")
-    return _combine(y, handle)
-
-
-def _combine(y, handle: LowLatencyHandle):
     n = ep_size(handle.axis_name, "jep.low_latency.combine")
     coords, _ = ffi_transport.prepare(handle.axis_name)
     call = _forward_only(functools.partial(

@@ -274,9 +274,9 @@ def _expected(layer: _Layer, info: ModelInfo) -> dict[str, tuple]:
     if info.architecture == "qwen2_moe":
         shapes[f"{p}shared_expert_gate.weight"] = (1, h)
     if layer.fp8:  # every expert weight (shared ones too) with its block scales
-        experts = f"{p}experts.", f"{p}{layer.shared}" if layer.shared else None
-        shapes |= {f"{name}_scale_inv": fp8.block_grid(shape) for name, shape in list(shapes.items())
-                   if name.startswith(tuple(e for e in experts if e))}
+        experts = (f"{p}experts.",) + ((f"{p}{layer.shared}",) if layer.shared else ())
+        shapes |= {f"{name}_scale_inv": fp8.block_grid(shape)
+                   for name, shape in list(shapes.items()) if name.startswith(experts)}
     return shapes
 
 
@@ -337,7 +337,6 @@ def _readers(tensors: _Tensors, layer: _Layer, info: ModelInfo) -> dict:
         gate = f"{p}shared_expert_gate.weight"
         out["shared_expert_gate"] = ((h, 1), tensors.dtype(gate), lambda rows: t(tensors.read(gate))[rows])
     return out
-
 
 
 def load(path: str, *, mesh=None, axis_name="ep", dispatch: DispatchConfig = DispatchConfig(),
@@ -443,7 +442,8 @@ def save(path: str, params: dict[int, dict], *, source: str) -> None:
     `params` ({layer index: params}, every MoE layer of `source`, as `load` returns them), in
     `source`'s layout: the same shard files, tensor names, dtypes and metadata, every other
     tensor and file copied as it is. Params `load` returned unchanged give the same files, bit
-    for bit (but FP8 weights: quantized afresh, within e4m3's rounding of what was loaded). The params must be addressable from this process (one process, or gathered)."""
+    for bit (but FP8 weights: quantized afresh, within e4m3's rounding of what was loaded). The
+    params must be addressable from this process (one process, or gathered)."""
     if os.path.abspath(path) == os.path.abspath(source):
         raise ValueError("save: path must differ from source (source is read while path is written)")
     tensors = _Tensors(source)

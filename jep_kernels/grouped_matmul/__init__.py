@@ -6,8 +6,8 @@ dy[rows of g] (`mgpu.grouped_matmul_dw`, the group's rows as the contraction).
 
 Each product runs with its own configuration, looked up by shape in the tuning table (`tuning`)
 unless one is given: a `Config` for the forward and dx, a `DwConfig` (its own dimensions: K
-blocks, N blocks, rows a step) for dw. Runs on Hopper GPUs (`interpret=True`: Pallas's GPU interpret mode, on the
-CPU, for tests).
+blocks, N blocks, rows a step) for dw. Runs on Hopper GPUs (`interpret=True`: Pallas's GPU
+interpret mode, on the CPU, for tests).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from jep_kernels.grouped_matmul import mgpu, tuning
 from jep_kernels.grouped_matmul.mgpu import SCOPES, Config, DwConfig, check_shapes
 from jep_kernels.vma import vary_like
 
-__all__ = ["Config", "Configs", "DwConfig", "SCOPES", "SHAPE_MULTIPLE", "check_shapes", "configs_for",
-           "grouped_matmul", "grouped_matmul_chunks"]
+__all__ = ["Config", "Configs", "DwConfig", "SCOPES", "SHAPE_MULTIPLE", "check_shapes",
+           "configs_for", "grouped_matmul", "grouped_matmul_chunks"]
 
 
 ROW_TILE = 8  # TMA wants the row count of an array a multiple of this

@@ -162,12 +162,6 @@ def check_shapes(x, w, group_sizes, *, transpose_w: bool, config: Config):
             if getattr(config, name) % 64:
                 raise ValueError(f"{name}={getattr(config, name)} must be a multiple of 64 for "
                                  "the warp-specialized kernel (its register and swizzle tiles)")
-        if config.cluster_n not in (1, 2):
-            raise ValueError(f"cluster_n must be 1 or 2, got {config.cluster_n}")
-        if isinstance(config.band, bool) or not isinstance(config.band, int) or config.band < 1:
-            raise ValueError(f"band must be an int >= 1, got {config.band!r}")
-        if config.split not in ("m", "n"):
-            raise ValueError(f"split must be 'm' or 'n', got {config.split!r}")
         if config.split == "m" and (config.block_m % 128
                                     or (config.block_m // 2) % min(config.epilogue_m, config.block_m)):
             raise ValueError(f"split='m' needs block_m a multiple of 128 (64 rows a warpgroup) "

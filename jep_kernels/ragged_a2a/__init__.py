@@ -105,6 +105,9 @@ def register(platform: str) -> None:
         lib.JepLowLatencyLive.restype = None
         lib.JepLowLatencyLive.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int64),
                                           ctypes.POINTER(ctypes.c_int64)]
+        if platform == "gpu":
+            lib.JepDeviceFreeBytes.restype = ctypes.c_int64
+            lib.JepDeviceFreeBytes.argtypes = [ctypes.c_int]
         _libraries[platform] = lib
 
 
@@ -130,9 +133,7 @@ def device_free_bytes(device: int = 0) -> int:
     buffers and all else): a debug counter. Needs the GPU handlers registered."""
     if "gpu" not in _libraries:
         raise ValueError("device_free_bytes needs the GPU handlers: register('gpu') first")
-    lib = _libraries["gpu"]
-    lib.JepDeviceFreeBytes.restype = ctypes.c_int64
-    free = lib.JepDeviceFreeBytes(ctypes.c_int(device))
+    free = _libraries["gpu"].JepDeviceFreeBytes(device)
     if free < 0:
         raise RuntimeError(f"cudaMemGetInfo failed on GPU {device}")
     return free
