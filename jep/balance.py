@@ -32,7 +32,7 @@ from jax import lax
 
 from jep import _checks
 from jep.config import OVERFLOW  # noqa: F401 - the policies' names, documented above
-from jep.routing import expert_counts
+from jep.routing import best_k, expert_counts
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -103,14 +103,20 @@ def update_bias(bias: jax.Array, tokens_per_expert: jax.Array, *, rate: float) -
 
 # --- capacity policies -------------------------------------------------------------------------
 
-def _ranks_within_expert(experts, priority, num_experts: int):
-    """i32[P]: each pair's place among the pairs to the same expert, by priority (lowest first,
-    ties by index). Pairs with expert == num_experts (none) get places too, never used."""
+def _ranks_within_expert(experts, num_experts: int, priority=None):
+    """i32[P]: each pair's place among the pairs to the same expert, lowest `priority` first
+    (ties, or without a priority, by index). Pairs with expert == num_experts (none) get places
+    too, never used."""
     count = experts.shape[0]
     index = jnp.arange(count, dtype=jnp.int32)
-    sorted_experts, _, order = lax.sort((experts, priority, index), num_keys=3)
-    first = jnp.searchsorted(sorted_experts, sorted_experts, side="left").astype(jnp.int32)
-    return jnp.zeros((count,), jnp.int32).at[order].set(index - first)
+    if priority is None:  # index order: a stable sort on the experts alone
+        sorted_experts, order = lax.sort((experts, index), num_keys=1, is_stable=True)
+    else:
+        sorted_experts, _, order = lax.sort((experts, priority, index), num_keys=3)
+    # Where each expert's pairs start in the sorted order.
+    counts = jnp.zeros((num_experts + 1,), jnp.int32).at[experts].add(1, mode="drop")
+    first = (jnp.cumsum(counts) - counts)[sorted_experts]
+    return jnp.zeros((count,), jnp.int32).at[order].set(index - first, unique_indices=True)
 
 
 def _group_pairs(values, axis_name):
@@ -130,10 +136,22 @@ def keep_by_probability(expert_ids, weights, *, capacity: int, num_experts: int,
     valid = (expert_ids >= 0) & (expert_ids < num_experts)
     experts = _group_pairs(jnp.where(valid, expert_ids, num_experts), axis_name)
     priority = _group_pairs(-weights.astype(jnp.float32), axis_name)
-    place = _mine(_ranks_within_expert(experts, priority, num_experts), axis_name,
+    place = _mine(_ranks_within_expert(experts, num_experts, priority), axis_name,
                   expert_ids.size).reshape(expert_ids.shape)
     keep = valid & (place < capacity)
     return jnp.where(keep, expert_ids, -1), jnp.sum(valid & ~keep, dtype=jnp.int32)
+
+
+# Below every key `_order_keys` gives: no candidate.
+_NONE_LEFT = np.iinfo(np.int32).min
+
+
+def _order_keys(values):
+    """i32 keys in the order of the f32 `values` (larger value, larger key; -inf above
+    _NONE_LEFT), so that a sentinel can sit below every score, -inf included."""
+    values = values.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(jnp.where(values == 0, 0.0, values), jnp.int32)  # -0 is 0
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
 
 
 def reroute(expert_ids, choice, *, capacity: int, num_experts: int, axis_name):
@@ -151,39 +169,49 @@ def reroute(expert_ids, choice, *, capacity: int, num_experts: int, axis_name):
       num_rerouted, num_dropped: i32[], pairs of this rank moved / dropped.
     """
     num_tokens, top_k = expert_ids.shape
-    # Every expert in the token's order of preference; the first k are its routed experts.
-    _, preference = lax.top_k(lax.stop_gradient(choice), num_experts)
-    num_pairs = lax.axis_size(axis_name) * num_tokens * top_k
-    position = jnp.arange(num_pairs, dtype=jnp.int32)  # EP-group pairs are rank-major
+    # A token's experts in its order of preference are those of larger key first, ties to the
+    # lower index (`lax.top_k`'s order); its routed experts are the first k. `mark` is where
+    # its pointer stands: the (key, index) of the last expert it has passed, at first its k-th.
+    keys = _order_keys(choice)
+    expert = jnp.arange(num_experts, dtype=jnp.int32)
+    top_keys, top_ids = best_k(keys, top_k)
     valid = (expert_ids >= 0) & (expert_ids < num_experts)
 
     def round_(state):
-        ids, pending, next_choice, taken, _ = state
+        ids, pending, mark_key, mark_id, taken, _ = state
         arriving = _group_pairs(jnp.where(pending, ids, num_experts), axis_name)
-        place = _ranks_within_expert(arriving, position, num_experts)
+        place = _ranks_within_expert(arriving, num_experts)
         room = jnp.concatenate([capacity - taken, jnp.zeros((1,), jnp.int32)])
         fits = place < room[arriving]  # [n * T * k]; never for no expert
-        taken = taken + expert_counts(jnp.where(fits, arriving, num_experts), num_experts)
+        # Each expert takes as many of its arrivals as it has room for.
+        taken = jnp.minimum(taken + expert_counts(arriving, num_experts), capacity)
         full = pending & ~_mine(fits, axis_name, ids.size).reshape(ids.shape)
-        # The m-th of a token's pairs that found their expert full takes the m-th expert, in
-        # the token's order from its pointer on, that has room now (others may take it first;
-        # then the pair tries again next round).
-        open_ = (taken < capacity)[preference] & (
-            jnp.arange(num_experts, dtype=jnp.int32) >= next_choice[:, None])
-        open_count = jnp.cumsum(open_, axis=1, dtype=jnp.int32)  # [T, E]
+        # The m-th of a token's pairs that found their expert full takes the m-th expert past
+        # its pointer, in its order, that has room now (others may take it first; then the
+        # pair tries again next round). No candidate left: the pair is dropped.
+        past_mark = ((keys < mark_key[:, None])
+                     | ((keys == mark_key[:, None]) & (expert > mark_id[:, None])))
+        open_keys = jnp.where(past_mark & (taken < capacity), keys, _NONE_LEFT)
+        candidate_keys, candidates = best_k(open_keys, top_k)  # [T, k], in the token's order
         nth = jnp.cumsum(full, axis=1, dtype=jnp.int32)  # [T, k], 1-based among the full
-        column = jax.vmap(lambda row, n: jnp.searchsorted(row, n, side="left"))(open_count, nth)
-        moved = jnp.take_along_axis(preference, jnp.minimum(column, num_experts - 1), axis=1)
-        ids = jnp.where(full, jnp.where(column < num_experts, moved, -1), ids)
-        pending = full & (column < num_experts)
-        last = jnp.max(jnp.where(full, column + 1, 0), axis=1)
-        next_choice = jnp.where(jnp.any(full, axis=1), jnp.minimum(last, num_experts), next_choice)
-        return ids, pending, next_choice, taken, lax.psum(jnp.sum(pending), axis_name)
+        column = jnp.maximum(nth - 1, 0)
+        found = jnp.take_along_axis(candidate_keys, column, axis=1) > _NONE_LEFT
+        moved = jnp.take_along_axis(candidates, column, axis=1)
+        ids = jnp.where(full, jnp.where(found, moved, -1), ids)
+        pending = full & found
+        # The pointer moves past the last candidate taken (past every expert when that was
+        # none: _NONE_LEFT is below every key).
+        last = jnp.maximum(nth[:, -1:] - 1, 0)
+        moves = nth[:, -1] > 0
+        mark_key = jnp.where(moves, jnp.take_along_axis(candidate_keys, last, axis=1)[:, 0],
+                             mark_key)
+        mark_id = jnp.where(moves, jnp.take_along_axis(candidates, last, axis=1)[:, 0], mark_id)
+        return ids, pending, mark_key, mark_id, taken, lax.psum(jnp.sum(pending), axis_name)
 
     # The first round outside the loop: its results carry the mesh-axis types the loop keeps.
-    state = round_((expert_ids, valid, jnp.full((num_tokens,), top_k, jnp.int32),
+    state = round_((expert_ids, valid, top_keys[:, -1], top_ids[:, -1],
                     jnp.zeros((num_experts,), jnp.int32), None))
-    ids = lax.while_loop(lambda s: s[4] > 0, round_, state)[0]
+    ids = lax.while_loop(lambda s: s[-1] > 0, round_, state)[0]
     num_rerouted = jnp.sum(valid & (ids != expert_ids) & (ids >= 0), dtype=jnp.int32)
     num_dropped = jnp.sum(valid & (ids < 0), dtype=jnp.int32)
     return ids, num_rerouted, num_dropped

@@ -22,33 +22,39 @@ def router_scores(logits: jax.Array, score: str = "softmax") -> jax.Array:
     return jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
 
 
-# Experts per block of `_top_k`'s first stage (the fastest of 16, 32, 64 and 128 at E = 4096,
-# k = 8 on the CPU), and the largest share of E its second stage may read.
-_TOP_K_BLOCK = 32
+# Experts per block of `best_k`'s first stage, by platform: the fastest at E = 4096, k = 8 (CPU:
+# of 16, 32, 64, 128; one H200: 94 us with 16 against 104-207 us with 8, 32, 64, 128 and 578 us
+# for lax.top_k), and the largest share of E its second stage may read.
+_TOP_K_BLOCK = {"cpu": 32, "gpu": 16}
 _TOP_K_MAX_SHARE = 4
 
 
-def _top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`lax.top_k(values, k)` over the last axis of f[T, E]: the same values and indices, ties
-    to the lower index; i32 indices.
+def best_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k(values, k)` over the last axis of [T, E] (float or int): the same values and
+    indices, ties to the lower index; i32 indices.
 
-    On the CPU with many experts (E a multiple of 32, k * 32 <= E / 4) it runs in two stages:
-    the maxima of contiguous blocks of 32 experts (one pass over the values), the k blocks with
-    the largest maxima (ties to the lower block), then the top k of those blocks' k * 32
-    values. A value outside those blocks has k block maxima at least as large before it, so it
-    is not among the top k; as the blocks are taken in ascending order, their values keep the
-    experts' order and ties go to the lower index as in `lax.top_k`. XLA:CPU's `top_k` costs
-    about as much as a sort of every row; this reads the [T, E] values once and ranks about
-    a quarter or less of them. Other platforms take `lax.top_k` (XLA's GPU TopK is a kernel
-    of its own). The gradient reaches the chosen values only, as `lax.top_k`'s does.
+    On the CPU and GPUs with many experts (E a multiple of the platform's block b, k * b <=
+    E / 4) it runs in two stages: the maxima of contiguous blocks of b experts (one pass over
+    the values), the k blocks with the largest maxima (ties to the lower block), then the top k
+    of those blocks' k * b values. A value outside those blocks has k block maxima at least as
+    large before it, so it is not among the top k; as the blocks are taken in ascending order,
+    their values keep the experts' order and ties go to the lower index as in `lax.top_k`.
+    XLA's `top_k` over E columns costs about a sort of each row (CPU) or grows steeply with E
+    (GPU: 578 us at E = 4096, 4096 rows, k = 8 on an H200, against 94 us in two stages); this
+    reads the [T, E] values once and ranks a quarter of them or fewer. The gradient reaches the
+    chosen values only, as `lax.top_k`'s does.
     """
     num = values.shape[-1]
-    block = _TOP_K_BLOCK
-    if (current_platform() != "cpu" or values.ndim != 2 or num % block
-            or k * block * _TOP_K_MAX_SHARE > num):
+    block = _TOP_K_BLOCK.get(current_platform())
+    if block is None or values.ndim != 2 or num % block or k * block * _TOP_K_MAX_SHARE > num:
         top, ids = lax.top_k(values, k)
         return top, ids.astype(jnp.int32)
-    rows = values.shape[0]
+    return _blocked_top_k(values, k, block)
+
+
+def _blocked_top_k(values: jax.Array, k: int, block: int):
+    """`best_k`'s two stages over blocks of `block` experts (E a multiple of it, k <= E / block)."""
+    rows, num = values.shape
     blocks = lax.stop_gradient(values).reshape(rows, num // block, block)
     _, chosen = lax.top_k(blocks.max(axis=2), k)  # [T, k]
     chosen = jnp.sort(chosen, axis=-1)
@@ -138,11 +144,11 @@ def route(
     if score == "softmax" and renormalize and bias is None and num_groups is None:
         # Softmax is monotone, and its renormalized top-k is the softmax of the top-k logits:
         # the same choice and weights without exponentiating all E logits.
-        top_logits, expert_ids = _top_k(logits.astype(jnp.float32), top_k)
+        top_logits, expert_ids = best_k(logits.astype(jnp.float32), top_k)
         return jax.nn.softmax(top_logits, axis=-1), expert_ids
     scores = router_scores(logits, score)
     choice = selection_scores(scores, num_groups=num_groups, topk_groups=topk_groups, bias=bias)
-    _, expert_ids = _top_k(choice, top_k)
+    _, expert_ids = best_k(choice, top_k)
     return weights_of(scores, expert_ids, renormalize=renormalize), expert_ids
 
 

@@ -83,6 +83,28 @@ def test_reroute_drops_nothing_while_capacity_suffices_and_matches_numpy(rng, sk
         assert rerouted > 0
 
 
+@pytest.mark.parametrize("num_experts, top_k", [(16, 2), (1024, 4)])
+def test_reroute_takes_tied_and_minus_inf_scores_in_lax_top_k_order(rng, num_experts, top_k):
+    """Selection scores with ties (0 and -0 among them) and -inf (experts outside a token's
+    groups under group-limited routing): a pair's next candidates are its token's experts in
+    lax.top_k's order (ties to the lower index, -inf last but still candidates), as the numpy
+    reference takes them. 1024 experts take the two-stage top-k on the CPU."""
+    num_tokens, ranks = 32, 4
+    choice = rng.integers(-2, 3, size=(num_tokens, num_experts)).astype(np.float32)
+    choice[choice == 0] = rng.choice([0.0, -0.0], size=int((choice == 0).sum()))
+    choice[rng.random(choice.shape) < 0.4] = -np.inf
+    preference = np.asarray(jax.lax.top_k(jnp.asarray(choice), num_experts)[1])
+    ids = preference[:, :top_k]
+    capacity = max(1, num_tokens * top_k // num_experts)  # about one expert's share: reroutes
+    mesh = make_mesh((ranks,), ("ep",))
+    got, rerouted, dropped = reroute_on(mesh, ids, choice, capacity)
+    want = jep.reference.overflow_pairs("reroute", ids, np.zeros(ids.shape), preference,
+                                        capacity=capacity, num_experts=num_experts)
+    np.testing.assert_array_equal(got, want)
+    assert rerouted == np.sum((got != ids) & (got >= 0)) and rerouted > 0
+    assert dropped == np.sum(got < 0)
+
+
 def test_keep_by_probability_matches_numpy(rng):
     num_tokens, num_experts, top_k = 64, 8, 2
     ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)])

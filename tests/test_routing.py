@@ -118,32 +118,38 @@ def test_softmax_top_k_from_logits_equals_the_scores_path_with_gradients(rng):
     np.testing.assert_allclose(fast_grad, slow_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("values", ["normal", "ties", "one expert and -inf"])
+@pytest.mark.parametrize("values", ["normal", "ties", "one expert and -inf", "int32"])
 @pytest.mark.parametrize("num_experts, k", [(1024, 8), (4096, 8), (2048, 1), (1024, 3)])
 def test_two_stage_top_k_equals_lax_top_k_with_ties_and_gradients(rng, values, num_experts, k):
-    """Many experts on the CPU take the two-stage top-k (blocks of 32, then the best blocks):
-    the same values and indices as lax.top_k, ties to the lower index, and the same gradient;
-    jep.route with it picks what the per-token reference picks."""
+    """Many experts take the two-stage top-k (blocks of 32 on the CPU, 16 on GPUs, then the
+    best blocks): the same values and indices as lax.top_k, ties to the lower index, and the
+    same gradient; jep.route with it picks what the per-token reference picks."""
     from jax import lax
 
-    from jep.routing import _top_k
+    from jep.routing import _blocked_top_k, best_k
 
     if values == "normal":
         x = rng.normal(size=(37, num_experts))
-    elif values == "ties":  # a handful of distinct values: ties inside and across blocks
+    elif values in ("ties", "int32"):  # a handful of distinct values: ties inside and across blocks
         x = rng.integers(-2, 3, size=(37, num_experts)).astype(float)
     else:  # every token's best expert the same, the rest tied at 0 or -inf
         x = np.where(rng.random((37, num_experts)) < 0.3, -np.inf, 0.0)
         x[:, num_experts - 5] = 4.0
-    x = jnp.asarray(x, jnp.float32)
-    got, got_ids = jax.jit(_top_k, static_argnums=1)(x, k)
+    x = jnp.asarray(x, jnp.int32 if values == "int32" else jnp.float32)
     want, want_ids = lax.top_k(x, k)
+    for block in (16, 32):  # each platform's block, wherever the test runs
+        got, got_ids = jax.jit(_blocked_top_k, static_argnums=(1, 2))(x, k, block)
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_array_equal(got, want)
+    got, got_ids = jax.jit(best_k, static_argnums=1)(x, k)
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_array_equal(got, want)
     assert got_ids.dtype == jnp.int32
+    if values == "int32":
+        return
     finite = jnp.where(jnp.isfinite(x), x, -1e30)
     weights = jnp.arange(1.0, k + 1)
-    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(_top_k(v, k)[0] * weights))(finite),
+    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(best_k(v, k)[0] * weights))(finite),
                                   jax.grad(lambda v: jnp.sum(lax.top_k(v, k)[0] * weights))(finite))
     if values == "normal":
         _, ids = jep.route(x, top_k=k)
