@@ -351,15 +351,19 @@ def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_1
 
 
 def _work_items_by_hand(sizes, num_rows, block_m):
-    """The work list written out group by group: every row block a group touches, then the
-    pseudo-group of the rows past the groups, padded with (-1, 0, 0, 0)."""
+    """The work list written out group by group: blocks of block_m rows from the group's first
+    row rounded down to a multiple of 8 until its rows are covered, then the pseudo-group of the
+    rows past the groups, padded with (-1, 0, 0, 0)."""
     ends = np.minimum(np.cumsum(np.maximum(sizes, 0)), num_rows).tolist() + [num_rows]
     items, start = [], 0
     for group, end in enumerate(ends):
-        for block in range(start // block_m, -(-end // block_m)) if end > start else ():
-            items.append((group, block, max(start, block * block_m), min(end, (block + 1) * block_m)))
+        row = start - start % 8
+        while row < end and end > start:
+            items.append((group, row, max(start, row), min(end, row + block_m)))
+            row += block_m
         start = end
-    total = -(-num_rows // block_m) + len(sizes)
+    total = -(-(num_rows + 7 * (len(sizes) + 1)) // block_m) + len(sizes) + 1
+    assert len(items) <= total
     return np.array(items + [(-1, 0, 0, 0)] * (total - len(items)), np.int32)
 
 
@@ -368,8 +372,9 @@ def _work_items_by_hand(sizes, num_rows, block_m):
     ([0, 0, 0], 70),  # no rows in any group: only the zero pseudo-group
     ([200, 100], 256),  # more rows than there are: clipped
     ([64, 64, 64], 192),  # every boundary on a block boundary
+    ([8, 64, 50, 6], 128),  # 64 rows off the block grid: one block from row 8, not two
 ])
-def test_work_items_cover_each_group_block_by_block(sizes, num_rows):
+def test_work_items_cover_each_group_from_its_first_row(sizes, num_rows):
     from jep_kernels.grouped_matmul import schedule
 
     got = jax.jit(schedule.work_items, static_argnums=(1, 2))(jnp.asarray(sizes, jnp.int32),

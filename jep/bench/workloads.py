@@ -1,5 +1,10 @@
 """Routings and group sizes for the benchmarks: uniform, Zipf-skewed, or all to one expert; and
-the operands of a grouped GEMM."""
+the operands of a grouped GEMM.
+
+For group sizes, "uniform" is the same number of rows in every group, and "random" the sizes
+that routing each row to a uniformly random group gives (a multinomial draw: about M / G rows
+a group, never on a block boundary, as a layer's groups come); for expert ids both are uniform
+random routing."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROUTINGS = ("uniform", "zipf", "one-hot")
+ROUTINGS = ("uniform", "random", "zipf", "one-hot")
 
 
 def expert_ids(routing: str, rng: np.random.Generator, shape: tuple[int, int], num_experts: int,
@@ -16,7 +21,7 @@ def expert_ids(routing: str, rng: np.random.Generator, shape: tuple[int, int], n
     shuffled); one-hot: every token's experts are 0..k-1, all on the first rank."""
     if routing == "one-hot":
         return np.broadcast_to(np.arange(top_k, dtype=np.int32), (*shape, top_k)).copy()
-    if routing == "uniform":
+    if routing in ("uniform", "random"):
         scores = rng.random((*shape, num_experts))
     elif routing == "zipf":
         popularity = 1.0 / rng.permutation(np.arange(1, num_experts + 1))
@@ -33,6 +38,10 @@ def group_sizes(routing: str, rng: np.random.Generator, rows: int, groups: int) 
         sizes = np.zeros(groups, np.int64)
         sizes[0] = rows
         return sizes.astype(np.int32)
+    if routing == "random":
+        return rng.multinomial(rows, np.full(groups, 1.0 / groups)).astype(np.int32)
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     weights = np.ones(groups) if routing == "uniform" else 1.0 / rng.permutation(np.arange(1, groups + 1))
     sizes = np.floor(rows * weights / weights.sum()).astype(np.int64)
     sizes[np.argmax(weights)] += rows - sizes.sum()

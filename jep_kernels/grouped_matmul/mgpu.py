@@ -1,12 +1,12 @@
 """The grouped GEMM in Pallas Mosaic GPU (Hopper): y[rows of g] = x[rows of g] @ w[g].
 
 A persistent kernel: one program per multiprocessor walks a list of output tiles. A tile is a
-work item of `schedule.work_items` (a group and a block of `block_m` rows) times a block of
-`block_n` columns. For each tile the K dimension is streamed through shared memory by TMA in a
-pipeline of `max_concurrent_steps` stages and multiplied on the tensor cores (wgmma) into a
-float32 accumulator; the tile's rows of its group are then stored through shared memory with TMA
-(a block that straddles a group boundary is computed once per group, each storing its own rows).
-Rows past the last group are stored as zeros.
+work item of `schedule.work_items` (a group and a block of `block_m` rows from the group's first
+row, rounded down to a multiple of 8) times a block of `block_n` columns. For each tile the K
+dimension is streamed through shared memory by TMA in a pipeline of `max_concurrent_steps`
+stages and multiplied on the tensor cores (wgmma) into a float32 accumulator; the tile's rows of
+its group are then stored through shared memory with TMA (rows of a block that belong to the
+neighbouring groups are computed and not stored). Rows past the last group are stored as zeros.
 
 bf16 or f16 in, f32 accumulation, the output in the input dtype.
 """
@@ -173,6 +173,12 @@ def check_shapes(x, w, group_sizes, *, transpose_w: bool, config: Config):
             f"width {tile_n}")
 
 
+def _pad_for_blocks(x, block_m: int, interpret: bool):
+    """x, with block_m zero rows more when interpreted. A block starts at its group's first row
+    and may reach past M: TMA loads read zeros there, the interpreter's views do not."""
+    return jnp.pad(x, ((0, block_m), (0, 0))) if interpret else x
+
+
 def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Config = Config(),
                    interpret: bool = False):
     """y[M, N]: rows of group g times w[g] ([K, N], or [N, K] transposed when `transpose_w`).
@@ -191,6 +197,7 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
     items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
     num_items = items.shape[0] // 4
     col_blocks = width // bn
+    x = _pad_for_blocks(x, bm, interpret)
 
     def body(items_gmem, x_gmem, w_gmem, out_gmem):
         @plgpu.nd_loop((num_items * col_blocks,), collective_axes="sm")
@@ -198,7 +205,7 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
             tile = info.index[0]
             item, col = tile // col_blocks, tile % col_blocks
             group = items_gmem[4 * item]
-            block = items_gmem[4 * item + 1]
+            row = pl.multiple_of(items_gmem[4 * item + 1], schedule.ROW_ALIGN)
             first_row = items_gmem[4 * item + 2]
             end_row = items_gmem[4 * item + 3]
             computes = group < num_groups
@@ -216,10 +223,10 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
                                 acc_ref, x_smem,
                                 plgpu.transpose_ref(w_smem, (1, 0)) if transpose_w else w_smem),
                             grid=(depth // bk,),
-                            in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (block, kk),
+                            in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (0, kk),
                                                       delay_release=1), w_spec],
                             max_concurrent_steps=config.max_concurrent_steps,
-                        )(x_gmem, w_gmem.at[jnp.minimum(group, num_groups - 1)])
+                        )(x_gmem.at[pl.ds(row, bm)], w_gmem.at[jnp.minimum(group, num_groups - 1)])
                     return acc_ref[...]
 
                 acc = pl.run_scoped(multiply, plgpu.ACC((bm, bn)))
@@ -235,8 +242,8 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
                         out_smem[...] = jnp.zeros((bm, bn), out_smem.dtype)
 
                     plgpu.commit_smem()
-                    _store_rows(out_smem, out_gmem, block * bm, first_row - block * bm,
-                                end_row - first_row, col * bn, min(bm, num_rows), bn)
+                    _store_rows(out_smem, out_gmem, row, first_row - row, end_row - first_row,
+                                col * bn, min(bm, num_rows), bn)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), x.dtype), interpret,
@@ -254,6 +261,7 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
     em, en = min(config.epilogue_m, wm), min(config.epilogue_n, wn)
     items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
     num_items = items.shape[0] // 4
+    x = _pad_for_blocks(x, bm, interpret)
     cluster = config.cluster_n
     col_blocks = width // (2 * bn * cluster)
     dtype = x.dtype
@@ -266,7 +274,7 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
         wg = lax.axis_index("wg")
         compute_wg = wg < 2
 
-        def pipeline(mma, compute_context, block=0, col=0):
+        def pipeline(mma, compute_context, col=0):
             w_spec = (plgpu.BlockSpec((2 * bn, bk), lambda kk: (col, kk), transforms=transforms)
                       if transpose_w else
                       plgpu.BlockSpec((bk, 2 * bn), lambda kk: (kk, col), transforms=transforms))
@@ -274,7 +282,7 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
                 mma,
                 grid=(depth // bk,),
                 memory_registers=40,
-                in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (block, kk), transforms=transforms,
+                in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=transforms,
                                           collective_axes=("cluster",) if cluster > 1 else ()),
                           w_spec],
                 wg_axis="wg",
@@ -287,7 +295,8 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
 
         @functools.partial(
             pl.run_scoped,
-            allocations=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem.at[0]),
+            allocations=pipeline(ignore, ignore).get_allocations(x_gmem.at[pl.ds(0, bm)],
+                                                                 w_gmem.at[0]),
             out_smem=plgpu.SMEM((2, 2, em, en), dtype),
             full_smem=plgpu.SMEM((2, 2, em, en), dtype, transforms=(
                 plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
@@ -306,9 +315,9 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
                 col = (in_band // band_items) * cluster + (
                     lax.axis_index("cluster") if cluster > 1 else 0)
                 group = items_gmem[4 * item]
-                block = items_gmem[4 * item + 1]
+                row = pl.multiple_of(items_gmem[4 * item + 1], schedule.ROW_ALIGN)
                 # This warpgroup's wm x wn part of the tile: its first row and column.
-                wg_row = block * bm + (wg * wm if config.split == "m" else 0)
+                wg_row = row + (wg * wm if config.split == "m" else 0)
                 wg_col = col * 2 * bn + (0 if config.split == "m" else wg * bn)
                 # The rows [first_row, end_row) of the item, relative to wg_row.
                 first_row = items_gmem[4 * item + 2] - wg_row
@@ -364,14 +373,24 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
                         x_tile = x_smem
                         w_tile = (plgpu.transpose_ref(w_smem.at[pl.ds(wg * bn, bn)], (1, 0))
                                   if transpose_w else w_smem.at[:, pl.ds(wg * bn, bn)])
-                    plgpu.wgmma(acc_ref, x_tile, w_tile)
-                    plgpu.wgmma_wait(0)
+
+                    def product():
+                        plgpu.wgmma(acc_ref, x_tile, w_tile)
+                        plgpu.wgmma_wait(0)
+
+                    if config.split == "m":
+                        # A warpgroup whose rows hold none of the group's (the block's second
+                        # half, past a short group's end) skips its products: its result is
+                        # never stored, and the other has the tensor cores to itself.
+                        pl.when((end_row > 0) & (first_row < wm))(product)
+                    else:
+                        product()
                     return acc_ref
 
                 @pl.when((group >= 0) & (group < num_groups))
                 def _product():
-                    pipeline(mma, compute_context, block, col)(
-                        x_gmem, w_gmem.at[group], allocations=allocations)
+                    pipeline(mma, compute_context, col)(
+                        x_gmem.at[pl.ds(row, bm)], w_gmem.at[group], allocations=allocations)
 
                 @pl.when((group == num_groups) & compute_wg)
                 def _zeros():
