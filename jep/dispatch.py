@@ -2,17 +2,25 @@
 (jep/flat.py, where the path of a token is drawn); hierarchical mode is one per axis of a
 (node, local) pair (jep/hierarchical.py); low-latency mode is its own calls (jep/low_latency.py).
 
-Call them under `jax.jit(jax.shard_map(...))`. From an eager `shard_map` JAX runs (and compiles)
-every operation inside one by one on every call: hundreds of small compiles per call.
+Each call runs one `jax.jit` of its static settings (`_dispatch_program`, `_combine_program`),
+traced once per shape and settings and cached: called from an eager `shard_map` (where JAX runs
+every operation one by one) a call compiles once, not once per operation and call. Several call
+sites of one program share a cached trace, so the ids by which the devices' exchanges meet
+(`jep_kernels.ragged_a2a`) are operands, drawn at each call site.
 """
 
 from __future__ import annotations
 
-from jep import flat, hierarchical
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jep import flat, hierarchical, transport
 from jep.config import MODES, PERMUTES
 from jep.flat import DispatchHandle
 from jep.fp8 import TILE
-from jep_kernels.ragged_a2a import check_timeout
+from jep_kernels.ragged_a2a import check_timeout, new_op_ids
 
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
@@ -71,16 +79,34 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
     if mode == "low_latency":
         raise ValueError("mode='low_latency' is jep.low_latency.dispatch, which takes the routing "
                          "weights with the tokens (and jep.low_latency.combine its handle)")
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)  # a static argument: hashable
     if mode == "hierarchical":  # each hop picks its own transport
-        if not (isinstance(axis_name, (tuple, list)) and len(axis_name) == 2):
+        if not (isinstance(axis_name, tuple) and len(axis_name) == 2):
             raise ValueError("mode='hierarchical' needs axis_name=(node axis, local axis), got "
                              f"axis_name={axis_name!r}")
-        return hierarchical.dispatch(x, expert_ids, num_experts=num_experts,
-                                     axis_name=tuple(axis_name), capacity=capacity,
-                                     backend=backend, permute=permute, timeout_s=timeout_s)
+        num_ops = hierarchical.DISPATCH_OPS
+    else:
+        backend = transport.resolve(backend, axis_name=axis_name)
+        num_ops = flat.DISPATCH_OPS
+    return _dispatch_program(x, expert_ids, jnp.int32(new_op_ids(num_ops)),
+                             num_experts=num_experts, axis_name=axis_name, capacity=capacity,
+                             backend=backend, permute=permute, mode=mode, timeout_s=timeout_s,
+                             fp8=fp8)
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "axis_name", "capacity", "backend",
+                                             "permute", "mode", "timeout_s", "fp8"))
+def _dispatch_program(x, expert_ids, site, *, num_experts, axis_name, capacity, backend, permute,
+                      mode, timeout_s, fp8):
+    """`dispatch` after its checks, its exchanges' op ids from `site` on."""
+    if mode == "hierarchical":
+        return hierarchical.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
+                                     capacity=capacity, backend=backend, permute=permute,
+                                     timeout_s=timeout_s, site=site)
     return flat.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
                          capacity=capacity, backend=backend, permute=permute, timeout_s=timeout_s,
-                         fp8=fp8)
+                         fp8=fp8, site=site)
 
 
 def check_fp8(fp8, x, mode: str) -> None:
@@ -110,8 +136,21 @@ def combine(y, handle: DispatchHandle, weights):
       was dropped or empty adds nothing.
     """
     if isinstance(handle, hierarchical.HierarchicalHandle):
-        return hierarchical.combine(y, handle, weights)
-    return flat.combine(y, handle, weights)
+        num_ops = hierarchical.COMBINE_OPS
+    elif isinstance(handle, DispatchHandle):
+        num_ops = flat.COMBINE_OPS
+    else:
+        raise TypeError(f"handle must be the DispatchHandle returned by jep.dispatch, got "
+                        f"{type(handle)}")
+    return _combine_program(y, handle, weights, jnp.int32(new_op_ids(num_ops)))
+
+
+@jax.jit
+def _combine_program(y, handle, weights, site):
+    """`combine`, its exchanges' op ids from `site` on."""
+    if isinstance(handle, hierarchical.HierarchicalHandle):
+        return hierarchical.combine(y, handle, weights, site)
+    return flat.combine(y, handle, weights, site)
 
 
 __all__ = ["DispatchHandle", "combine", "dispatch"]

@@ -141,16 +141,22 @@ def check_dispatch_inputs(x, expert_ids, *, num_experts, capacity, axis_name, ca
 permute_scope = jax.named_scope("jep_permute")
 
 
+def op_id(site, offset: int):
+    """The op id of the `offset`-th exchange of a call whose ids start at `site` (an i32 scalar,
+    `jep_kernels.ragged_a2a.new_op_ids`), or None (each exchange draws its own when traced)."""
+    return None if site is None else site + offset
+
+
 def _exchange(rows, send_sizes, recv_sizes, out_rows, *, backend, axis_name, num_tokens,
-              timeout_s):
+              timeout_s, op=None):
     # A rank sends at most one row per token to a peer, so T bounds every peer's slice.
     return transport.exchange(backend, rows, send_sizes, recv_sizes, axis_name=axis_name,
                               out_rows=out_rows, max_rows_per_peer=num_tokens,
-                              timeout_s=timeout_s)
+                              timeout_s=timeout_s, op=op)
 
 
 @permute_scope
-def _to_experts(h: DispatchHandle, home, permute=None, expand=False):
+def _to_experts(h: DispatchHandle, home, permute=None, expand=False, op=None):
     """[T, *F] on the home rank -> [R, *F] received rows on the expert ranks (gathered into send
     order by `permute`, the handle's by default), or with `expand` [C, *F] rows grouped by local
     expert (each received row copied to its pairs' rows: `recv_x`)."""
@@ -158,26 +164,26 @@ def _to_experts(h: DispatchHandle, home, permute=None, expand=False):
     return transport.exchange(
         h.backend, home, h.send_sizes, h.recv_sizes, axis_name=h.axis_name,
         out_rows=h.num_ranks * h.num_tokens, max_rows_per_peer=h.num_tokens, index=h.send_token,
-        expansion=expansion, permute=permute or h.permute, timeout_s=h.timeout_s)
+        expansion=expansion, permute=permute or h.permute, timeout_s=h.timeout_s, op=op)
 
 
 @permute_scope
-def _to_home(h: DispatchHandle, received):
+def _to_home(h: DispatchHandle, received, op=None):
     """[R, *F] rows on the expert ranks -> [S, *F] in the home rank's send order."""
     num_rows = max_send_rows(h.num_tokens, h.top_k, h.num_ranks)
     return _exchange(received, h.recv_sizes, h.send_sizes, num_rows,
                      backend=h.backend, axis_name=h.axis_name, num_tokens=h.num_tokens,
-                     timeout_s=h.timeout_s)
+                     timeout_s=h.timeout_s, op=op)
 
 
 @permute_scope
-def _sum_home(h: DispatchHandle, received):
+def _sum_home(h: DispatchHandle, received, op=None):
     """[R, H] rows on the expert ranks -> [T, H] at home: each token's rows (one per rank it
     reached) sent back and added in float32, in received's dtype."""
     return transport.exchange_sum(
         h.backend, received, h.recv_sizes, h.send_sizes, h.slot_send_row, h.slot_is_first,
         axis_name=h.axis_name, out_rows=max_send_rows(h.num_tokens, h.top_k, h.num_ranks),
-        max_rows_per_peer=h.num_tokens, permute=h.permute, timeout_s=h.timeout_s)
+        max_rows_per_peer=h.num_tokens, permute=h.permute, timeout_s=h.timeout_s, op=op)
 
 
 def _source_rows(h: DispatchHandle):
@@ -217,7 +223,7 @@ def add_to_first_slots(values, first):
 
 @jax.named_scope("jep_layout")
 def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute,
-          timeout_s=None) -> DispatchHandle:
+          timeout_s=None, op=None) -> DispatchHandle:
     num_ranks = ep_size(axis_name, "jep.dispatch")
     num_tokens, top_k = expert_ids.shape
     experts_per_rank = num_experts // num_ranks
@@ -235,7 +241,7 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute,
     local = jnp.where((local >= 0) & (local < experts_per_rank) & (slot_ids >= 0), local + 1, 0)
     pair_expert = _exchange(local, send_sizes, recv_sizes, num_ranks * num_tokens,
                             backend=backend, axis_name=axis_name, num_tokens=num_tokens,
-                            timeout_s=timeout_s) - 1
+                            timeout_s=timeout_s, op=op) - 1
     # A token naming one expert in several slots gets one row there, shared by those slots
     # (their weights add up in combine): so no token takes more than min(k, E_local) rows.
     pair_first = first_slots(pair_expert)
@@ -274,64 +280,69 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute,
 
 # --- the differentiable row movers ---------------------------------------------------------
 
+# The row movers' exchanges take op ids site + 0, 1, ... (`op_id`), in the order of the
+# comments beside them.
 @jax.custom_vjp
-def _dispatch_rows(x, h):
-    return _to_experts(h, x, expand=True)
+def _dispatch_rows(x, h, site=None):
+    return _to_experts(h, x, expand=True, op=op_id(site, 0))  # 0
 
 
-def _dispatch_rows_fwd(x, h):
-    return _dispatch_rows(x, h), h
+def _dispatch_rows_fwd(x, h, site=None):
+    return _dispatch_rows(x, h, site), (h, site)
 
 
 @permute_scope
-def _dispatch_rows_bwd(h, g):
+def _dispatch_rows_bwd(residuals, g):
     # The transpose: an unweighted combine.
-    return _sum_home(h, _reduce_pairs(h, g)), None
+    h, site = residuals
+    return _sum_home(h, _reduce_pairs(h, g), op=op_id(site, 1)), None, None  # 1
 
 
 _dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
+DISPATCH_ROWS_OPS = 2
 
 
 @jax.custom_vjp
-def _dispatch_fp8_rows(x, h):
+def _dispatch_fp8_rows(x, h, site=None):
     """`_dispatch_rows` with each token travelling as e4m3 with its scales, one packed row of
     integer words (`jep.fp8.pack_rows`: XLA's gathers move them), dequantized to x.dtype on
     arrival. Its transpose is `_dispatch_rows`': a combine in the cotangent's dtype, straight
     through the quantization."""
-    moved = _to_experts(h, pack_rows(x), permute="xla", expand=True)
+    moved = _to_experts(h, pack_rows(x), permute="xla", expand=True, op=op_id(site, 0))  # 0
     return unpack_rows(moved, x.shape[1], x.dtype)
 
 
-def _dispatch_fp8_rows_fwd(x, h):
-    return _dispatch_fp8_rows(x, h), h
+def _dispatch_fp8_rows_fwd(x, h, site=None):
+    return _dispatch_fp8_rows(x, h, site), (h, site)
 
 
 _dispatch_fp8_rows.defvjp(_dispatch_fp8_rows_fwd, _dispatch_rows_bwd)
 
 
 @permute_scope
-def _combine(y, weights, h):
+def _combine(y, weights, h, site):
     # f32[R, k]: k floats a row, a repeated expert's weights added up in its first slot.
-    pair_weights = add_to_first_slots(_to_experts(h, weights.astype(jnp.float32), "xla"),
-                                      h.pair_first)
+    pair_weights = add_to_first_slots(
+        _to_experts(h, weights.astype(jnp.float32), "xla", op=op_id(site, 0)),  # 0
+        h.pair_first)
     partial_sums = _reduce_pairs(h, y, pair_weights)
-    return _sum_home(h, partial_sums), pair_weights
+    return _sum_home(h, partial_sums, op=op_id(site, 1)), pair_weights  # 1
 
 
 @jax.custom_vjp
-def _combine_rows(y, weights, h):
-    return _combine(y, weights, h)[0]
+def _combine_rows(y, weights, h, site=None):
+    return _combine(y, weights, h, site)[0]
 
 
-def _combine_rows_fwd(y, weights, h):
-    out, pair_weights = _combine(y, weights, h)
-    return out, (y, weights, pair_weights, h)
+def _combine_rows_fwd(y, weights, h, site=None):
+    out, pair_weights = _combine(y, weights, h, site)
+    return out, (y, weights, pair_weights, h, site)
 
 
 @permute_scope
 def _combine_rows_bwd(residuals, g):
-    y, weights, pair_weights, h = residuals
-    g_received = _to_experts(h, g)  # [R, H]
+    y, weights, pair_weights, h, site = residuals
+    g_received = _to_experts(h, g, op=op_id(site, 2))  # 2: [R, H]
     # dy: the output gradient dispatched, scaled by each pair's weight.
     row_weight = take_rows(pair_weights.reshape(-1), h.recv_pair)
     dy = _expand(h, g_received).astype(jnp.float32) * row_weight[:, None]
@@ -342,13 +353,14 @@ def _combine_rows_bwd(residuals, g):
     dots = jnp.stack([
         jnp.sum(take_rows(y, slot_row[:, j]).astype(jnp.float32) * g32, axis=-1)
         for j in range(h.top_k)], axis=1)  # f32[R, k]
-    dots_home = _to_home(h, dots)  # [S, k]
+    dots_home = _to_home(h, dots, op=op_id(site, 3))  # 3: [S, k]
     flat = h.slot_send_row * h.top_k + jnp.arange(h.top_k, dtype=jnp.int32)[None, :]
     dweights = take_rows(dots_home.reshape(-1), flat)
-    return dy.astype(y.dtype), dweights.astype(weights.dtype), None
+    return dy.astype(y.dtype), dweights.astype(weights.dtype), None, None
 
 
 _combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
+COMBINE_OPS = 4
 
 
 # --- one level: dispatch and combine over one EP axis (or a tuple of axes as one) ----------
@@ -371,20 +383,26 @@ def check_ids(num_invalid_ids, num_experts: int) -> None:
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
              backend: str = "auto", permute: str = "auto", timeout_s: float | None = None,
-             fp8: bool = False):
+             fp8: bool = False, site=None):
     """`jep.dispatch` in flat mode: one exchange over `axis_name`; the same arguments and
     results (the handle a `DispatchHandle`). The arguments are the caller's to check
-    (`jep.dispatch` does, with `check_dispatch_inputs`, before either mode)."""
+    (`jep.dispatch` does, with `check_dispatch_inputs`, before either mode). `site`: the first
+    of the DISPATCH_OPS op ids its exchanges take (`op_id`), or None."""
     backend = transport.resolve(backend, axis_name=axis_name)
     handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
-                   backend=backend, permute=permute, timeout_s=timeout_s)
+                   backend=backend, permute=permute, timeout_s=timeout_s,
+                   op=op_id(site, 0))  # 0
     check_ids(handle.num_invalid_ids, num_experts)
-    rows = (_dispatch_fp8_rows if fp8 else _dispatch_rows)(x, handle)
+    rows = (_dispatch_fp8_rows if fp8 else _dispatch_rows)(x, handle, op_id(site, 1))  # 1, 2
     return rows, handle.group_sizes, handle
 
 
-def combine(y, handle: DispatchHandle, weights):
-    """`jep.combine` for a `DispatchHandle`: [T, H] in y.dtype."""
+DISPATCH_OPS = 1 + DISPATCH_ROWS_OPS
+
+
+def combine(y, handle: DispatchHandle, weights, site=None):
+    """`jep.combine` for a `DispatchHandle`: [T, H] in y.dtype. `site`: the first of the
+    COMBINE_OPS op ids its exchanges take, or None."""
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle must be the DispatchHandle returned by jep.dispatch, got {type(handle)}")
     _checks.rank(y, 2, "y")
@@ -395,4 +413,4 @@ def combine(y, handle: DispatchHandle, weights):
             f"y must have one row per row of recv_x ({handle.recv_pair.shape[0]}), got shape {y.shape}")
     _checks.shape(weights, (handle.num_tokens, handle.top_k), "weights")
     ep_size(handle.axis_name, "jep.combine")
-    return _combine_rows(y, weights, handle)
+    return _combine_rows(y, weights, handle, site)

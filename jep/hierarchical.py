@@ -63,14 +63,20 @@ def node_slots(expert_ids, *, experts_per_node: int, num_nodes: int):
     return jnp.where(first, node, -1)
 
 
-def _rows_as_data(values, handle):
+def _rows_as_data(values, handle, site):
     """[T, k] per-token values sent along hop 1 as float32 rows: [C1, k]."""
-    return flat._dispatch_rows(values.astype(jnp.float32), handle)
+    return flat._dispatch_rows(values.astype(jnp.float32), handle, site)
+
+
+# The op ids of a call's exchanges (`flat.op_id`): hop 1's from `site` on, then the others'.
+DISPATCH_OPS = 2 * flat.DISPATCH_OPS + flat.DISPATCH_ROWS_OPS
+COMBINE_OPS = flat.DISPATCH_ROWS_OPS + 2 * flat.COMBINE_OPS
 
 
 def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity, backend: str,
-             permute: str, timeout_s: float | None = None):
-    """`jep.dispatch` with `mode="hierarchical"`; axis_name = (node axis, local axis)."""
+             permute: str, timeout_s: float | None = None, site=None):
+    """`jep.dispatch` with `mode="hierarchical"`; axis_name = (node axis, local axis). `site`:
+    the first of the DISPATCH_OPS op ids its exchanges take, or None."""
     node_axis, local_axis = axis_name
     num_nodes = flat.ep_size(node_axis, "jep.dispatch")
     experts_per_node = num_experts // num_nodes
@@ -78,10 +84,11 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity, backend: s
     to_nodes = node_slots(expert_ids, experts_per_node=experts_per_node, num_nodes=num_nodes)
     arrived, _, node_handle = flat.dispatch(
         x, to_nodes, num_experts=num_nodes, axis_name=node_axis, backend=backend,
-        permute=permute, timeout_s=timeout_s)
+        permute=permute, timeout_s=timeout_s, site=site)
     # The tokens' expert ids travel as float32 rows (exact below 2^24), shifted by one so that
     # the zero rows past the last arrival read as "no expert".
-    ids = _rows_as_data(lax.stop_gradient(expert_ids + 1), node_handle)
+    ids = _rows_as_data(lax.stop_gradient(expert_ids + 1), node_handle,
+                        flat.op_id(site, flat.DISPATCH_OPS))
     ids = jnp.round(ids).astype(jnp.int32) - 1
     # Hop 2: inside this node, to the ranks of the token's experts here.
     first = lax.axis_index(node_axis).astype(jnp.int32) * experts_per_node
@@ -89,19 +96,23 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity, backend: s
     recv_x, group_sizes, local_handle = flat.dispatch(
         arrived, jnp.where(here, ids - first, -1), num_experts=experts_per_node,
         axis_name=local_axis, capacity=capacity, backend=backend, permute=permute,
-        timeout_s=timeout_s)
+        timeout_s=timeout_s, site=flat.op_id(site, flat.DISPATCH_OPS + flat.DISPATCH_ROWS_OPS))
     num_invalid = jnp.sum(expert_ids >= num_experts, dtype=jnp.int32)
     flat.check_ids(num_invalid, num_experts)
     return recv_x, group_sizes, HierarchicalHandle(node_handle, local_handle, num_invalid)
 
 
-def combine(y, handle: HierarchicalHandle, weights):
-    """`jep.combine` for a `HierarchicalHandle`: [T, H] in y.dtype."""
-    arrived_weights = _rows_as_data(weights, handle.node)  # [C1, k], the slots of hop 2's ids
-    partial = flat.combine(y, handle.local, arrived_weights.astype(weights.dtype))
+def combine(y, handle: HierarchicalHandle, weights, site=None):
+    """`jep.combine` for a `HierarchicalHandle`: [T, H] in y.dtype. `site`: the first of the
+    COMBINE_OPS op ids its exchanges take, or None."""
+    # [C1, k], the slots of hop 2's ids
+    arrived_weights = _rows_as_data(weights, handle.node, site)
+    partial = flat.combine(y, handle.local, arrived_weights.astype(weights.dtype),
+                           flat.op_id(site, flat.DISPATCH_ROWS_OPS))
     # Weight 1 for the one slot a token has per node (ones_like: typed like `weights` under
     # shard_map, as combine's gradient for them will be).
-    return flat.combine(partial, handle.node, jnp.ones_like(weights))
+    return flat.combine(partial, handle.node, jnp.ones_like(weights),
+                        flat.op_id(site, flat.DISPATCH_ROWS_OPS + flat.COMBINE_OPS))
 
 
 def node_rows(handle: HierarchicalHandle):

@@ -315,3 +315,58 @@ def test_fp8_dispatch_needs_128_channel_tiles_and_flat_or_low_latency_mode():
         run(128, fp8="yes")
     with pytest.raises(ValueError, match="not hierarchical"):
         jep.DispatchConfig(fp8=True, mode="hierarchical")
+
+
+def test_eager_dispatch_and_combine_trace_once_per_shape(rng, monkeypatch):
+    """From an eager shard_map (no jit around it) dispatch and combine run their cached jitted
+    programs: a second call with the same shapes traces neither again, new shapes trace anew.
+    JAX 0.10's eager shard_map still compiles each operation it runs on every call (its
+    per-operation programs are not cached), but those are now the two programs and a few moves
+    of their arguments: 10 compiles a call here, where tracing the calls' hundreds of
+    operations one by one compiled about 390. Each call draws its own exchange ids, and the
+    results stay right call after call."""
+    traces = []
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            traces.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("dispatch", "combine"):
+        monkeypatch.setattr(jep.flat, name, counted(name, getattr(jep.flat, name)))
+    mesh = make_mesh((4,), ("ep",))
+
+    def local(x, ids, weights):
+        recv_x, _, handle = jep.dispatch(x, ids, num_experts=8, axis_name="ep", backend="ffi")
+        return jep.combine(recv_x * 2, handle, weights)
+
+    eager = jax.shard_map(local, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+
+    def call(num_tokens):
+        ids = make_routing("random", rng, num_ranks=4, num_tokens=num_tokens, top_k=2,
+                           num_experts=8).reshape(-1, 2)
+        x = rng.normal(size=(4 * num_tokens, 3)).astype(np.float32)  # shapes of this test only
+        weights = np.ones(ids.shape, np.float32)
+        out = eager(*(put(mesh, jnp.asarray(a), P("ep")) for a in (x, ids, weights)))
+        np.testing.assert_allclose(out, 4 * x, rtol=1e-6)  # each token to 2 experts, doubled
+        return sorted(traces)
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = call(7)
+        before = len(compiles)
+        again = call(7)
+        compiled_again = len(compiles) - before
+        new_shapes = call(11)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert first == ["combine", "dispatch"] and again == first, (first, again)
+    assert new_shapes == ["combine", "combine", "dispatch", "dispatch"], new_shapes
+    assert compiled_again <= 16, compiled_again

@@ -21,7 +21,9 @@ token's received rows are added). A module that defines `GATHERS = True` takes `
 `exchange`, one with `EXPANDS = True` takes `expand=` and `expanded_rows=`, one that defines
 `exchange_sum` fuses the sum; for the others they are composed here from plain JAX and their
 `exchange`. A module that defines `TIMES_OUT = True` (it waits for its peers and gives up)
-takes `timeout_s=` (seconds, None: its default).
+takes `timeout_s=` (seconds, None: its default); one that defines `TAKES_OP = True` (its calls
+on the devices meet by an id) takes `op=`, the exchange's id (an i32 scalar, or None: drawn
+when traced; `jep_kernels.ragged_a2a`).
 """
 
 from __future__ import annotations
@@ -85,16 +87,18 @@ def _received_from(count, out_rows: int, num_rows: int):
     return jnp.where(row < count, row, num_rows)
 
 
-def _options(module, axis_name, out_rows, max_rows_per_peer, timeout_s) -> dict:
+def _options(module, axis_name, out_rows, max_rows_per_peer, timeout_s, op) -> dict:
     kwargs = dict(axis_name=axis_name, out_rows=out_rows, max_rows_per_peer=max_rows_per_peer)
     if getattr(module, "TIMES_OUT", False):
         kwargs["timeout_s"] = timeout_s
+    if getattr(module, "TAKES_OP", False):
+        kwargs["op"] = op
     return kwargs
 
 
 def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows: int,
              max_rows_per_peer: int, index=None, expansion=None, permute: str = "xla",
-             timeout_s: float | None = None):
+             timeout_s: float | None = None, op=None):
     """The transport's exchange of `rows[index]` (of `rows` when index is None; an index out of
     range sends a zero row), [out_rows, *F].
 
@@ -104,6 +108,7 @@ def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows:
       nowhere), which must fill a prefix of the C rows.
     permute: gathers the rows where the transport does not (`jep.layout.take_rows`).
     timeout_s: how long a transport that waits for its peers does (None: its default).
+    op: the exchange's id, for a transport whose devices meet by one (None: drawn when traced).
 
     On an axis of one rank nothing crosses: the rows are gathered in place, once.
     """
@@ -120,7 +125,7 @@ def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows:
             pick = jnp.where(inside, pick[jnp.clip(source, 0, out_rows - 1)], rows.shape[0])
         return take_rows(rows, pick, permute)
     module = _BACKENDS[backend]
-    kwargs = _options(module, axis_name, out_rows, max_rows_per_peer, timeout_s)
+    kwargs = _options(module, axis_name, out_rows, max_rows_per_peer, timeout_s, op)
     if index is not None:
         if getattr(module, "GATHERS", False):
             kwargs["index"] = index
@@ -139,14 +144,14 @@ def exchange(backend: str, rows, send_sizes, recv_sizes, *, axis_name, out_rows:
 
 def exchange_sum(backend: str, rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name,
                  out_rows: int, max_rows_per_peer: int, permute: str = "xla",
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, op=None):
     """Exchanges `rows` and adds, for each token t, the received rows `slot_row[t, j]` with
     `slot_mask[t, j]`: [T, *F] in rows.dtype, added in float32 in slot order.
 
     slot_row: i32[T, k], rows of the exchange's result (`out_rows` of them).
     slot_mask: bool[T, k], the slots to add (a token's row from one rank is added once).
     permute: adds the received rows where the transport does not (`jep.layout.sum_rows`).
-    timeout_s: as for `exchange`.
+    timeout_s, op: as for `exchange`.
 
     On an axis of one rank nothing crosses: the rows are added in place.
     """
@@ -155,7 +160,7 @@ def exchange_sum(backend: str, rows, send_sizes, recv_sizes, slot_row, slot_mask
         keep = slot_mask & (slot_row >= 0) & (slot_row < received)
         return sum_rows(rows, jnp.where(keep, slot_row, rows.shape[0]), permute=permute)
     module = _BACKENDS[backend]
-    kwargs = _options(module, axis_name, out_rows, max_rows_per_peer, timeout_s)
+    kwargs = _options(module, axis_name, out_rows, max_rows_per_peer, timeout_s, op)
     with jax.named_scope(SCOPE):
         if hasattr(module, "exchange_sum"):
             return module.exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, **kwargs)

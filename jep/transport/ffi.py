@@ -27,6 +27,7 @@ from jep_kernels.vma import vary_like
 GATHERS = True
 EXPANDS = True
 TIMES_OUT = True
+TAKES_OP = True
 UNAVAILABLE = ("it needs every device of the EP axis in this process (with several processes: "
                "the mesh set with jax.set_mesh, so that this can be checked), the CPU or an "
                "NVIDIA GPU (with peer access between the GPUs), and a compiler (g++ on the CPU, "
@@ -91,21 +92,21 @@ def prepare(axis_name):
 
 
 def exchange(rows, send_sizes, recv_sizes, *, axis_name, out_rows, max_rows_per_peer, index=None,
-             expand=None, expanded_rows=None, timeout_s=None):
+             expand=None, expanded_rows=None, timeout_s=None, op=None):
     del recv_sizes, max_rows_per_peer  # each receiver reads its sizes from its senders
     coords, num_ranks = prepare(axis_name)
     out = ragged_a2a.exchange(rows, send_sizes, coords, num_ranks=num_ranks,
                               out_rows=out_rows if expand is None else expanded_rows,
-                              index=index, expand=expand, timeout_s=timeout_s,
+                              index=index, expand=expand, timeout_s=timeout_s, op=op,
                               what=f"exchange over axis {axis_name!r}")
     return vary_like(out, rows, send_sizes, *[a for a in (index, expand) if a is not None])
 
 
 def exchange_sum(rows, send_sizes, recv_sizes, slot_row, slot_mask, *, axis_name, out_rows,
-                 max_rows_per_peer, timeout_s=None):
+                 max_rows_per_peer, timeout_s=None, op=None):
     del recv_sizes, out_rows, max_rows_per_peer
     coords, num_ranks = prepare(axis_name)
     out = ragged_a2a.exchange_sum(rows, send_sizes, coords, slot_row, slot_mask,
-                                  num_ranks=num_ranks, timeout_s=timeout_s,
+                                  num_ranks=num_ranks, timeout_s=timeout_s, op=op,
                                   what=f"combine over axis {axis_name!r}")
     return vary_like(out, rows, send_sizes, slot_row, slot_mask)

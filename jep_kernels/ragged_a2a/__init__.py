@@ -8,7 +8,7 @@ a device reads exactly the rows sent to it.
 Two calls, both used inside `shard_map` (the caller passes `coords` = (group, rank): which EP group
 of the mesh this device belongs to and its rank on the EP axis):
 
-  exchange(rows, send_sizes, coords, *, num_ranks, out_rows, index=None, expand=None)
+  exchange(rows, send_sizes, coords, *, num_ranks, out_rows, index=None, expand=None, op=None)
       -> [out_rows, *F]
     Rank p sends `send_sizes[q]` rows to rank q, peer 0's first; the rows it sends, in order, are
     `rows[index]` (or `rows` when index is None; an index outside [0, len(rows)) sends zeros).
@@ -17,10 +17,15 @@ of the mesh this device belongs to and its rank on the EP axis):
     arrival instead: received row r is written to the rows expand[r, j] of the result that lie
     in [0, out_rows), and every other row is zero. The targets must be distinct and fill a
     prefix of the result (as `jep.dispatch`'s plan makes them: the rows of its kept pairs).
-  exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks) -> [T, *F]
+  exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks, op=None) -> [T, *F]
     Receives like `exchange` (no index) and returns, for each token t, the received rows
     slot_row[t, j] for the j with slot_mask[t, j] added in float32 in slot order, rounded once
     to rows.dtype: the fused way home of `jep.combine`.
+
+  The devices' calls of one op meet by its id, `op`: an i32 scalar, the same on every device and
+  distinct from every other op's of the program (`new_op_ids`). It is an operand, so one traced
+  function (a cached `jax.jit`) called from several places of a program takes a different one
+  at each; None draws a fresh id when the call is traced.
 
 And two low-latency calls for decoding (a few tokens per rank), one each for dispatch and
 combine, that need no host synchronisation on GPUs (`low_latency.h`, `jep.low_latency`):
@@ -69,6 +74,7 @@ _FFI_PLATFORMS = {"cpu": "cpu", "gpu": "CUDA"}
 _libraries: dict[str, ctypes.CDLL] = {}  # by platform, once registered
 _lock = threading.Lock()
 _op_ids = itertools.count(1)
+_op_ids_lock = threading.Lock()
 
 
 def default_timeout() -> float:
@@ -167,13 +173,28 @@ def _check_ranks(num_ranks: int) -> None:
         raise ValueError(f"the ffi transport exchanges among 1 to {MAX_RANKS} ranks, got {num_ranks}")
 
 
+def new_op_ids(count: int = 1) -> int:
+    """The first of `count` consecutive op ids no call of this process has had."""
+    with _op_ids_lock:
+        first = next(_op_ids)
+        for _ in range(count - 1):
+            next(_op_ids)
+    return first
+
+
 def _attrs(num_ranks: int, timeout_s: float | None, what: str) -> dict:
-    return dict(op=np.int64(next(_op_ids)), num_ranks=np.int64(num_ranks),
+    return dict(num_ranks=np.int64(num_ranks),
                 timeout_ms=np.int64(round(check_timeout(timeout_s) * 1000)), what=what)
 
 
+def _exchange_coords(coords, op):
+    """i32[3]: (group, rank, op), `op` a fresh id where None."""
+    op = jnp.int32(new_op_ids()) if op is None else jnp.asarray(op, jnp.int32).reshape(())
+    return jnp.concatenate([coords.astype(jnp.int32), op[None]])
+
+
 def exchange(rows, send_sizes, coords, *, num_ranks: int, out_rows: int, index=None,
-             expand=None, timeout_s: float | None = None, what: str = "exchange"):
+             expand=None, timeout_s: float | None = None, what: str = "exchange", op=None):
     _check_ranks(num_ranks)
     has_index, has_expand = index is not None, expand is not None
     if index is None:
@@ -188,13 +209,13 @@ def exchange(rows, send_sizes, coords, *, num_ranks: int, out_rows: int, index=N
         filled = jnp.sum((expand >= 0) & (expand < out_rows), dtype=jnp.int32).reshape(1)
     out = jax.ShapeDtypeStruct((out_rows, *rows.shape[1:]), rows.dtype)
     return jax.ffi.ffi_call("jep_ragged_exchange", out)(
-        rows, index.astype(jnp.int32), send_sizes.astype(jnp.int32), coords.astype(jnp.int32),
+        rows, index.astype(jnp.int32), send_sizes.astype(jnp.int32), _exchange_coords(coords, op),
         expand, filled, has_index=has_index, has_expand=has_expand,
         **_attrs(num_ranks, timeout_s, what))
 
 
 def exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks: int,
-                 timeout_s: float | None = None, what: str = "exchange_sum"):
+                 timeout_s: float | None = None, what: str = "exchange_sum", op=None):
     _check_ranks(num_ranks)
     if rows.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
         raise TypeError(f"exchange_sum adds f16, bf16, f32 or f64 rows, got {rows.dtype}")
@@ -203,12 +224,13 @@ def exchange_sum(rows, send_sizes, coords, slot_row, slot_mask, *, num_ranks: in
     out = jax.ShapeDtypeStruct((slot_row.shape[0], *rows.shape[1:]), rows.dtype)
     return jax.ffi.ffi_call("jep_ragged_exchange_sum", out)(
         rows, send_sizes.astype(jnp.int32), slot_row.astype(jnp.int32), slot_mask.astype(bool),
-        coords.astype(jnp.int32), **_attrs(num_ranks, timeout_s, what))
+        _exchange_coords(coords, op), **_attrs(num_ranks, timeout_s, what))
 
 
 def _low_latency_attrs(num_ranks: int, owner: int, device_coords, timeout_s, what: str) -> dict:
     groups, ranks = device_coords
-    return dict(_attrs(num_ranks, timeout_s, what), owner=np.int64(owner),
+    return dict(_attrs(num_ranks, timeout_s, what), op=np.int64(new_op_ids()),
+                owner=np.int64(owner),
                 device_groups=np.asarray(groups, np.int64),
                 device_ranks=np.asarray(ranks, np.int64))
 

@@ -54,9 +54,11 @@ inline ffi::Error Invalid(const std::string& message) {
 }
 
 // The rest of a binding that starts with a platform's own contexts: the run id, then
-//   exchange:     rows, index, send_sizes, coords (group, rank), expand, filled -> out
-//   exchange_sum: rows, send_sizes, slot_row, slot_mask, coords -> out
-// with the attributes op, num_ranks, [has_index, has_expand,] timeout_ms, what.
+//   exchange:     rows, index, send_sizes, coords (group, rank, op), expand, filled -> out
+//   exchange_sum: rows, send_sizes, slot_row, slot_mask, coords (group, rank, op) -> out
+// with the attributes num_ranks, [has_index, has_expand,] timeout_ms, what. The op id, which
+// calls of the same op on the devices of a group meet by, is an operand: one traced program
+// (a cached `jax.jit`) can be called from several places, each passing its own.
 template <typename Binding>
 auto BindExchange(Binding binding) {
   return std::move(binding).template Ctx<ffi::RunId>()
@@ -67,7 +69,6 @@ auto BindExchange(Binding binding) {
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Ret<ffi::AnyBuffer>()
-      .template Attr<int64_t>("op")
       .template Attr<int64_t>("num_ranks")
       .template Attr<bool>("has_index")
       .template Attr<bool>("has_expand")
@@ -84,7 +85,6 @@ auto BindExchangeSum(Binding binding) {
       .template Arg<ffi::Buffer<ffi::PRED>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Ret<ffi::AnyBuffer>()
-      .template Attr<int64_t>("op")
       .template Attr<int64_t>("num_ranks")
       .template Attr<int64_t>("timeout_ms")
       .template Attr<std::string_view>("what");

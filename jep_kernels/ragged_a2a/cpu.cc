@@ -158,6 +158,12 @@ CallSite Site(int64_t run, const ffi::Buffer<ffi::S32>& coords, int64_t op, int6
                   std::string(what)};
 }
 
+// The exchanges' coords are (group, rank, op).
+ffi::Error CheckCoords(const ffi::Buffer<ffi::S32>& coords) {
+  if (coords.element_count() != 3) return Invalid("coords must be (group, rank, op)");
+  return ffi::Error::Success();
+}
+
 // A received row copied to `to`, or zeros where there is none (`src` null).
 void CopyRow(const char* src, char* to, int64_t row_bytes) {
   if (src != nullptr) {
@@ -170,12 +176,13 @@ void CopyRow(const char* src, char* to, int64_t row_bytes) {
 ffi::Future Exchange(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> index,
                      ffi::Buffer<ffi::S32> send_sizes, ffi::Buffer<ffi::S32> coords,
                      ffi::Buffer<ffi::S32> expand, ffi::Buffer<ffi::S32> filled,
-                     ffi::Result<ffi::AnyBuffer> out, int64_t op, int64_t num_ranks,
-                     bool has_index, bool has_expand, int64_t timeout_ms, std::string_view what) {
+                     ffi::Result<ffi::AnyBuffer> out, int64_t num_ranks, bool has_index,
+                     bool has_expand, int64_t timeout_ms, std::string_view what) {
   if (static_cast<int64_t>(send_sizes.element_count()) != num_ranks) {
     return Ready(Invalid("send_sizes must have one entry per rank"));
   }
-  CallSite site = Site(run.run_id, coords, op, num_ranks, timeout_ms, what);
+  if (ffi::Error error = CheckCoords(coords); error.failure()) return Ready(std::move(error));
+  CallSite site = Site(run.run_id, coords, coords.typed_data()[2], num_ranks, timeout_ms, what);
   Peer self{static_cast<const char*>(rows.untyped_data()), NumRows(rows),
             has_index ? index.typed_data() : nullptr,
             static_cast<int64_t>(index.element_count()), send_sizes.typed_data(),
@@ -209,7 +216,7 @@ ffi::Future Exchange(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> 
 
 ffi::Future ExchangeSum(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> send_sizes,
                         ffi::Buffer<ffi::S32> slot_row, ffi::Buffer<ffi::PRED> slot_mask,
-                        ffi::Buffer<ffi::S32> coords, ffi::Result<ffi::AnyBuffer> out, int64_t op,
+                        ffi::Buffer<ffi::S32> coords, ffi::Result<ffi::AnyBuffer> out,
                         int64_t num_ranks, int64_t timeout_ms, std::string_view what) {
   ffi::DataType dtype = rows.element_type();
   if (!Summable(dtype)) {
@@ -218,7 +225,8 @@ ffi::Future ExchangeSum(ffi::RunId run, ffi::AnyBuffer rows, ffi::Buffer<ffi::S3
   if (static_cast<int64_t>(send_sizes.element_count()) != num_ranks) {
     return Ready(Invalid("send_sizes must have one entry per rank"));
   }
-  CallSite site = Site(run.run_id, coords, op, num_ranks, timeout_ms, what);
+  if (ffi::Error error = CheckCoords(coords); error.failure()) return Ready(std::move(error));
+  CallSite site = Site(run.run_id, coords, coords.typed_data()[2], num_ranks, timeout_ms, what);
   Peer self{static_cast<const char*>(rows.untyped_data()), NumRows(rows), nullptr, 0,
             send_sizes.typed_data(), RowBytes(rows), 0};
   auto slots = slot_row.dimensions();

@@ -93,7 +93,7 @@ ffi::Error EnablePeerAccess(int device, const std::vector<Peer>& peers) {
 // One exchange's host side: the copied sizes, the meeting, the routes.
 struct Call {
   CallSite site;
-  std::vector<int32_t> host;  // coords (group, rank), then this rank's send sizes
+  std::vector<int32_t> host;  // coords (group, rank, op), then this rank's send sizes
   std::vector<Peer> peers;
   PeerTable table;
   bool met = false;  // joined the peers: must wait for them before returning
@@ -102,27 +102,28 @@ struct Call {
 // Copies coords and sizes to the host, meets the peers and computes this rank's routes.
 ffi::Error Begin(cudaStream_t stream, int32_t device, int64_t run, const ffi::AnyBuffer& rows,
                  const int32_t* index, int64_t index_len, const ffi::Buffer<ffi::S32>& send_sizes,
-                 const ffi::Buffer<ffi::S32>& coords, int64_t num_ranks, int64_t op,
-                 int64_t timeout_ms, std::string_view what, Call* call) {
+                 const ffi::Buffer<ffi::S32>& coords, int64_t num_ranks, int64_t timeout_ms,
+                 std::string_view what, Call* call) {
   if (num_ranks < 1 || num_ranks > kMaxPeers) {
     return Invalid("1 to " + std::to_string(kMaxPeers) + " ranks, got " + std::to_string(num_ranks));
   }
   if (static_cast<int64_t>(send_sizes.element_count()) != num_ranks) {
     return Invalid("send_sizes must have one entry per rank");
   }
+  if (coords.element_count() != 3) return Invalid("coords must be (group, rank, op)");
   JEP_CUDA(cudaSetDevice(device), "cudaSetDevice");
-  call->host.resize(2 + num_ranks);
-  JEP_CUDA(cudaMemcpyAsync(call->host.data(), coords.typed_data(), 2 * sizeof(int32_t),
+  call->host.resize(3 + num_ranks);
+  JEP_CUDA(cudaMemcpyAsync(call->host.data(), coords.typed_data(), 3 * sizeof(int32_t),
                            cudaMemcpyDeviceToHost, stream), "copying coords");
-  JEP_CUDA(cudaMemcpyAsync(call->host.data() + 2, send_sizes.typed_data(),
+  JEP_CUDA(cudaMemcpyAsync(call->host.data() + 3, send_sizes.typed_data(),
                            num_ranks * sizeof(int32_t), cudaMemcpyDeviceToHost, stream),
            "copying send sizes");
   JEP_CUDA(cudaStreamSynchronize(stream), "waiting for the inputs");
-  call->site = CallSite{run, op, call->host[0], call->host[1], static_cast<int32_t>(num_ranks),
-                        timeout_ms, std::string(what)};
+  call->site = CallSite{run, call->host[2], call->host[0], call->host[1],
+                        static_cast<int32_t>(num_ranks), timeout_ms, std::string(what)};
   if (call->site.rank < 0 || call->site.rank >= num_ranks) return Invalid("rank out of range");
   Peer self{static_cast<const char*>(rows.untyped_data()), NumRows(rows), index, index_len,
-            call->host.data() + 2, RowBytes(rows), device};
+            call->host.data() + 3, RowBytes(rows), device};
   if (num_ranks == 1) {
     call->peers = {self};
   } else {
@@ -292,14 +293,14 @@ void LaunchExchange(cudaStream_t stream, const PeerTable& table, const Expansion
 ffi::Error Exchange(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer rows,
                     ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::S32> send_sizes,
                     ffi::Buffer<ffi::S32> coords, ffi::Buffer<ffi::S32> expand,
-                    ffi::Buffer<ffi::S32> filled, ffi::Result<ffi::AnyBuffer> out, int64_t op,
+                    ffi::Buffer<ffi::S32> filled, ffi::Result<ffi::AnyBuffer> out,
                     int64_t num_ranks, bool has_index, bool has_expand, int64_t timeout_ms,
                     std::string_view what) {
   Call call;
   ffi::Error begun = Begin(stream, device, run.run_id, rows,
                            has_index ? index.typed_data() : nullptr,
                            static_cast<int64_t>(index.element_count()), send_sizes, coords,
-                           num_ranks, op, timeout_ms, what, &call);
+                           num_ranks, timeout_ms, what, &call);
   if (begun.failure()) return End(stream, &call, std::move(begun));
   int64_t out_rows = NumRows(*out), row_bytes = RowBytes(*out);
   char* dst = static_cast<char*>(out->untyped_data());
@@ -382,7 +383,7 @@ void LaunchSum(cudaStream_t stream, const PeerTable& table, const int32_t* slot_
 ffi::Error ExchangeSum(cudaStream_t stream, int32_t device, ffi::RunId run, ffi::AnyBuffer rows,
                        ffi::Buffer<ffi::S32> send_sizes, ffi::Buffer<ffi::S32> slot_row,
                        ffi::Buffer<ffi::PRED> slot_mask, ffi::Buffer<ffi::S32> coords,
-                       ffi::Result<ffi::AnyBuffer> out, int64_t op, int64_t num_ranks,
+                       ffi::Result<ffi::AnyBuffer> out, int64_t num_ranks,
                        int64_t timeout_ms, std::string_view what) {
   auto slots = slot_row.dimensions();
   int64_t num_tokens = slots[0], top_k = slots.size() > 1 ? slots[1] : 1;
@@ -391,7 +392,7 @@ ffi::Error ExchangeSum(cudaStream_t stream, int32_t device, ffi::RunId run, ffi:
   if (!Summable(dtype)) return Invalid("exchange_sum adds f16, bf16, f32 or f64 rows only");
   Call call;
   ffi::Error begun = Begin(stream, device, run.run_id, rows, nullptr, 0, send_sizes, coords,
-                           num_ranks, op, timeout_ms, what, &call);
+                           num_ranks, timeout_ms, what, &call);
   if (begun.failure()) return End(stream, &call, std::move(begun));
   int64_t width = RowBytes(*out) / static_cast<int64_t>(ffi::ByteWidth(dtype));
   const int32_t* slot = slot_row.typed_data();

@@ -9,7 +9,8 @@
 // at once and finish in the callback (the CPU handler, an asynchronous FFI call: XLA:CPU may run
 // independent calls in different orders on different devices, so none of them may block).
 //
-// Calls meet by key: the XLA run, the op (an id fixed at trace time), the group (the devices that
+// Calls meet by key: the XLA run, the op (an id each call site draws when it is traced: an operand
+// of the exchanges, an attribute of the low-latency calls), the group (the devices that
 // exchange together: one EP group of the mesh), the op's call count within the run on this rank
 // (an op inside a loop runs many times per run, in the same order on every device), and a phase
 // (one call may meet its peers more than once).
