@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import ml_dtypes
 
 from jep import _checks
@@ -42,6 +43,13 @@ def _scales(amax, power_of_two: bool):
     return jnp.where(amax == 0, 1.0, scale).astype(jnp.float32)
 
 
+def _to_e4m3(values):
+    """f32 values rounded to e4m3, kept e4m3: XLA's GPU compiler (its default
+    `xla_allow_excess_precision`) drops a narrowing conversion that a widening one undoes in the
+    same program, so without the barrier `dequantize(*quantize(x))` gives x back unrounded."""
+    return lax.optimization_barrier(values.astype(E4M3))
+
+
 def quantize_rows(x, *, tile: int = TILE, power_of_two_scales: bool = False):
     """Activations: a scale per 1 x `tile` piece of each row.
 
@@ -56,7 +64,7 @@ def quantize_rows(x, *, tile: int = TILE, power_of_two_scales: bool = False):
         raise ValueError(f"x's last dimension ({width}) must be a multiple of tile={tile}")
     pieces = x.astype(jnp.float32).reshape(*x.shape[:-1], width // tile, tile)
     scales = _scales(jnp.max(jnp.abs(pieces), axis=-1), power_of_two_scales)
-    q = (pieces / scales[..., None]).astype(E4M3)
+    q = _to_e4m3(pieces / scales[..., None])
     return q.reshape(x.shape), scales
 
 
@@ -128,7 +136,7 @@ def quantize_blocks(w, *, block: int = TILE, power_of_two_scales: bool = False):
     _checks.floating(w, "w")
     pieces = _blocks(w.astype(jnp.float32), block)
     scales = _scales(jnp.max(jnp.abs(pieces), axis=(-3, -1)), power_of_two_scales)
-    q = (pieces / scales[..., :, None, :, None]).astype(E4M3)
+    q = _to_e4m3(pieces / scales[..., :, None, :, None])
     rows, cols = w.shape[-2:]
     grid = block_grid(w.shape, block)
     q = q.reshape(*w.shape[:-2], grid[0] * block, grid[1] * block)[..., :rows, :cols]
