@@ -306,10 +306,12 @@ DISPATCH_ROWS_OPS = 2
 def _dispatch_fp8_rows(x, h, site=None):
     """`_dispatch_rows` with each token travelling as e4m3 with its scales, one packed row of
     integer words (`jep.fp8.pack_rows`: XLA's gathers move them), dequantized to x.dtype on
-    arrival. Its transpose is `_dispatch_rows`': a combine in the cotangent's dtype, straight
-    through the quantization."""
-    moved = _to_experts(h, pack_rows(x), permute="xla", expand=True, op=op_id(site, 0))  # 0
-    return unpack_rows(moved, x.shape[1], x.dtype)
+    arrival, before the expansion: each received row once (R of them, not the C expanded), and
+    the expansion moves floating rows (the handle's permute). Its transpose is
+    `_dispatch_rows`': a combine in the cotangent's dtype, straight through the
+    quantization."""
+    moved = _to_experts(h, pack_rows(x), permute="xla", op=op_id(site, 0))  # 0
+    return _expand(h, unpack_rows(moved, x.shape[1], x.dtype))
 
 
 def _dispatch_fp8_rows_fwd(x, h, site=None):
