@@ -51,6 +51,18 @@ def test_workloads_draw_distinct_experts_and_exact_group_sizes(routing):
         assert len(set(sizes.tolist())) > 1 and sizes.max() < 250
 
 
+def test_transport_times_fp8_dispatch_and_counts_its_bytes_as_deepep(tmp_path):
+    """With H a multiple of 128 each transport's dispatch is also timed in FP8, its bytes
+    counted as DeepEP counts them: H + 4 H / 128 a row against bf16's 2 H."""
+    results = bench.main(["transport", "--tokens", "8", "--hidden", "128", "--experts", "8",
+                          "--topk", "2", "--iters", "2", "--repeats", "1", "--out", str(tmp_path)])
+    dispatch = {r["variant"]: r for r in results if r["op"] == "dispatch"}
+    assert "jep/reference fp8" in dispatch and dispatch["jep/reference fp8"]["seconds"] > 0
+    for name in [v for v in dispatch if v.endswith(" fp8")]:
+        ratio = dispatch[name]["bytes_per_rank"] / dispatch[name[:-4]]["bytes_per_rank"]
+        assert ratio == (128 + 4) / (2 * 128), (name, ratio)
+
+
 def test_capacity_baseline_without_drops_equals_the_reference(rng):
     mesh = make_mesh((4,), ("ep",))
     config = jep.MoEConfig(num_experts=8, top_k=2)

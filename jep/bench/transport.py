@@ -2,11 +2,14 @@
 
 Variants, all moving the same token rows over the EP axis (every device of the machine):
   jep/<backend>:      jep.dispatch / jep.combine (one row per (token, rank), layout included)
+  jep/<backend> fp8:  jep.dispatch(..., fp8=True): each row as e4m3 with a float32 scale per
+                      128 channels (H a multiple of 128)
   all_to_all padded:  lax.all_to_all of per-peer blocks padded to the largest peer slice (what a
                       capacity-based MoE sends)
   ragged_all_to_all:  lax.ragged_all_to_all with one slice per peer (GPU/TPU only)
-GB/s per rank = bf16 bytes of the token rows a rank receives / time (DeepEP's count), the mean
-rank's rows.
+GB/s per rank = bytes of the token rows a rank receives / time (DeepEP's count), the mean
+rank's rows: 2 H a row in bf16, H + 4 H / 128 in FP8 (e4m3 values and their scales, as DeepEP
+counts its FP8 dispatch).
 
 With --nodes N the devices form a (node, local) mesh of N nodes, and jep's dispatch and combine
 run in both modes over it, flat and hierarchical (`jep.hierarchical`), each with the bytes a
@@ -23,6 +26,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jep
+from jep import fp8
 from jep.bench import timing, workloads
 from jep.layout import get_dispatch_layout
 from jep.transport import xla
@@ -42,12 +46,14 @@ def _rows_per_peer(ids: np.ndarray, num_experts: int) -> np.ndarray:
                      for s in range(num_ranks)]).astype(np.int64)
 
 
-def _jep_loops(*, experts: int, axis_name, backend: str, mode: str, iters: int):
+def _jep_loops(*, experts: int, axis_name, backend: str, mode: str, iters: int,
+               fp8: bool = False):
     """Per-rank bodies (for shard_map) that run `iters` of jep.dispatch, and of jep.combine after
     one dispatch, on inputs rotated along their leading axis."""
     def dispatch_loop(x, ids):
         body = lambda x, ids: jep.dispatch(  # noqa: E731
-            x[0], ids[0], num_experts=experts, axis_name=axis_name, backend=backend, mode=mode)[0]
+            x[0], ids[0], num_experts=experts, axis_name=axis_name, backend=backend, mode=mode,
+            fp8=fp8)[0]
         return timing.repeat_in_loop(body, (x, ids), iters)[None]
 
     def combine_loop(x, ids, weights):
@@ -76,14 +82,14 @@ def measure(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routin
     put = lambda a: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
     results = []
 
-    def record(name, ops, run, args):
+    def record(name, ops, run, args, nbytes=received_bytes):
         seconds = timing.seconds_per_iteration(run, args, iters=iters, repeats=repeats)
         for op in ops:  # a peer's one collective stands for both directions
             results.append({"suite": "transport", "variant": name, "op": op,
                             "tokens_per_rank": tokens, "hidden": hidden, "experts": experts,
                             "top_k": top_k, "routing": routing, "ranks": n, "seconds": seconds,
-                            "bytes_per_rank": float(received_bytes),
-                            "gb_per_s": received_bytes / seconds / 1e9})
+                            "bytes_per_rank": float(nbytes),
+                            "gb_per_s": nbytes / seconds / 1e9})
 
     def per_rank(fn):
         return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=P("ep")))
@@ -93,6 +99,11 @@ def measure(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routin
                                                  mode="flat", iters=iters)
         record(f"jep/{backend}", ["dispatch"], per_rank(dispatch_loop), (put(x), put(ids)))
         record(f"jep/{backend}", ["combine"], per_rank(combine_loop), (put(x), put(ids), put(weights)))
+        if hidden % fp8.TILE == 0:
+            fp8_loop, _ = _jep_loops(experts=experts, axis_name="ep", backend=backend,
+                                     mode="flat", iters=iters, fp8=True)
+            record(f"jep/{backend} fp8", ["dispatch"], per_rank(fp8_loop), (put(x), put(ids)),
+                   nbytes=rows.sum(0).mean() * fp8.packed_width(hidden) * 4)
 
     # Peers move the same rows; the bytes counted stay the useful ones.
     block = int(rows.max())
