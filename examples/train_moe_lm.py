@@ -12,6 +12,7 @@ and of the expert load over time. Without accelerators it runs on 8 simulated CP
 
     python examples/train_moe_lm.py                   # a few minutes on a 2-core CPU
     python examples/train_moe_lm.py --steps 600 --resume
+    python examples/train_moe_lm.py --fp8            # FP8 dispatch and expert products
     # two processes of 4 CPU devices on one machine (start both):
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/train_moe_lm.py \
         --coordinator localhost:12355 --num-processes 2 --process-id 0 --nodes 2 \
@@ -135,8 +136,10 @@ def build(args, mesh):
     """Model, optimizer and jitted steps, created sharded on `mesh`."""
     config = jep.MoEConfig(
         num_experts=args.experts, top_k=args.top_k, axis_name=ep_axes(args),
+        expert_precision="fp8" if getattr(args, "fp8", False) else "bf16",
         dispatch=jep.DispatchConfig(capacity_factor=args.capacity_factor, overflow=args.overflow,
-                                    backend=args.backend, mode=args.dispatch_mode))
+                                    backend=args.backend, mode=args.dispatch_mode,
+                                    fp8=getattr(args, "fp8", False)))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, warmup_steps=args.warmup, decay_steps=max(args.steps, args.warmup + 1),
         end_value=args.lr / 10)
@@ -222,6 +225,10 @@ def parse_args(argv=None):
     a("--overflow", default="position", choices=jep.balance.OVERFLOW,
       help="with a capacity: drop by position, drop the lowest router probability, or reroute")
     a("--backend", default="auto", choices=("auto",) + jep.transport.names(), help="dispatch transport")
+    a("--fp8", action="store_true",
+      help="DeepSeek-V3's FP8 recipe: tokens dispatched as e4m3 with a scale per 128 channels, "
+           "the expert products in FP8 (1 x 128 activation and 128 x 128 weight tiles; emulated: "
+           "FP8's numerics, not its speed); --d-model and --ffn multiples of 128, flat dispatch")
     a("--lr", type=float, default=3e-3, help="peak learning rate")
     a("--warmup", type=int, default=30, help="linear warm-up steps")
     a("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
@@ -244,6 +251,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="random seed (initialization and batches)")
     a("--no-progress", action="store_true", help="no progress bar (for logs)")
     args = p.parse_args(argv)
+    if args.fp8 and (args.d_model % 128 or args.ffn % 128 or args.dispatch_mode != "flat"):
+        p.error("--fp8 needs --d-model and --ffn multiples of 128 and --dispatch-mode flat")
     if args.coordinator is not None:
         if not 0 <= args.process_id < args.num_processes:
             p.error(f"--process-id {args.process_id} must be in [0, --num-processes "

@@ -15,6 +15,7 @@ OVERFLOW = ("position", "probability", "reroute")
 ACTIVATIONS = ("silu", "gelu", "relu")
 PERMUTES = ("auto", "pallas", "xla")
 MODES = ("flat", "hierarchical", "low_latency")
+PRECISIONS = ("bf16", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,12 @@ class MoEConfig:
         "local"), whose devices together are the EP ranks (numbered in the tuple's order).
       dispatch: capacity and transport, see `DispatchConfig`.
       expert_backend: the grouped-matmul backend of `jep.expert_ffn`.
+      expert_precision: "bf16": the expert products in the tokens' dtype (bf16 in training;
+        float32 tokens keep float32); "fp8": DeepSeek-V3's FP8 recipe (`jep.expert_ffn`'s
+        `precision`): each product's input quantized to e4m3 per 1 x 128 tile and each weight
+        per 128 x 128 block, once per step, the master weights kept in their dtype. H and F
+        must be multiples of 128. Emulated (exact FP8 values, float32 products): the numerics
+        of FP8, not yet its speed.
     """
 
     num_experts: int
@@ -119,6 +126,7 @@ class MoEConfig:
     axis_name: str | tuple[str, ...] = "ep"
     dispatch: DispatchConfig = DispatchConfig()
     expert_backend: str = "auto"
+    expert_precision: str = "bf16"
 
     def __post_init__(self):
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -132,6 +140,9 @@ class MoEConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"MoEConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.expert_precision not in PRECISIONS:
+            raise ValueError(f"MoEConfig.expert_precision must be one of {PRECISIONS}, got "
+                             f"{self.expert_precision!r}")
         if not isinstance(self.dispatch, DispatchConfig):
             raise TypeError(f"MoEConfig.dispatch must be a DispatchConfig, got {type(self.dispatch)}")
         if not (isinstance(self.axis_name, str) or (

@@ -13,8 +13,8 @@ from jax import lax
 
 import jep_kernels.grouped_matmul
 import jep_kernels.grouped_matmul.reference
-from jep import _checks
-from jep.config import ACTIVATIONS
+from jep import _checks, fp8
+from jep.config import ACTIVATIONS, PRECISIONS
 from jep.platform import current_platform, on_hopper
 
 ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
@@ -73,8 +73,69 @@ def grouped_matmul_backend(x, w, backend: str = "auto") -> str:
     return backend
 
 
+def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, backend: str = "auto"):
+    """`grouped_matmul` in DeepSeek-V3's FP8 recipe: [C, N] in x.dtype.
+
+    x is quantized to e4m3 with a scale per 1 x 128 tile of each row (`jep.fp8.quantize_rows`)
+    and w with one per 128 x 128 block of each group's [K, N] (`jep.fp8.quantize_blocks`);
+    y = x' @ w' of the dequantized values, accumulated in float32. The backward: dx = dy' @ w'^T
+    with dy quantized per 1 x 128 tile and the same quantized w; dw = x^T dy in x.dtype by the
+    `backend`'s grouped product, straight through the quantization to the master weights w
+    (DeepSeek-V3 computes it in FP8 too; bf16 is the safer half of the issue's choice).
+
+    Emulated: the e4m3 values and scales are exact, the products run in float32 (XLA's
+    `ragged_dot`): the numerics of FP8 products, not their speed.
+
+    Args:
+      x: f[C, K], K a multiple of 128; w: f[G, K, N], N a multiple of 128 (the master weights,
+        which receive the gradient); group_sizes: i32[G].
+      quantized: `jep.fp8.quantize_blocks(w)` where already made (one quantization of a weight
+        for several products, e.g. a layer's chunks), else made here.
+      backend: the grouped product of the weight gradient (as for `grouped_matmul`).
+    """
+    _checks.rank(x, 2, "x")
+    _checks.rank(w, 3, "w")
+    if x.shape[1] != w.shape[1] or x.shape[1] % fp8.TILE or w.shape[2] % fp8.TILE:
+        raise ValueError(f"FP8 products take x [C, K] and w [G, K, N] with K and N multiples of "
+                         f"{fp8.TILE}, got x {list(x.shape)} and w {list(w.shape)}")
+    if quantized is None:
+        quantized = fp8.quantize_blocks(lax.stop_gradient(w))
+    return _fp8_product(x, w, *quantized, group_sizes, backend)
+
+
+def _fp8_times(a, b_q, b_scales, group_sizes, transpose_b: bool):
+    """a quantized per 1 x 128 tile, times the dequantized b (transposed), in float32 -> a.dtype."""
+    a32 = fp8.dequantize_rows(*fp8.quantize_rows(a), jnp.float32)
+    b32 = fp8.dequantize_blocks(b_q, b_scales, jnp.float32)
+    if transpose_b:
+        b32 = jnp.swapaxes(b32, 1, 2)
+    return lax.ragged_dot(a32, b32, group_sizes, precision=lax.Precision.HIGHEST).astype(a.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fp8_product(x, w, w_q, w_scales, group_sizes, backend):
+    return _fp8_times(x, w_q, w_scales, group_sizes, transpose_b=False)
+
+
+def _fp8_product_fwd(x, w, w_q, w_scales, group_sizes, backend):
+    return _fp8_product(x, w, w_q, w_scales, group_sizes, backend), (x, w, w_q, w_scales,
+                                                                      group_sizes)
+
+
+def _fp8_product_bwd(backend, residuals, dy):
+    x, w, w_q, w_scales, group_sizes = residuals
+    dy = dy.astype(x.dtype)
+    dx = _fp8_times(dy, w_q, w_scales, group_sizes, transpose_b=True)
+    _, pullback = jax.vjp(lambda w: grouped_matmul(x, w.astype(x.dtype), group_sizes,
+                                                   backend=backend), w)
+    return dx, pullback(dy)[0], None, None, None
+
+
+_fp8_product.defvjp(_fp8_product_fwd, _fp8_product_bwd)
+
+
 def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",
-               backend: str = "auto"):
+               backend: str = "auto", precision: str = "bf16"):
     """SwiGLU experts over grouped rows: `(act(x @ w_gate[g]) * (x @ w_up[g])) @ w_down[g]`.
 
     Args:
@@ -84,16 +145,34 @@ def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "
       activation: "silu" (SwiGLU), "gelu" or "relu".
       backend: grouped-matmul backend, "auto", "pallas" (Hopper), "xla" (`lax.ragged_dot`) or
         "reference".
+      precision: "bf16", the products in recv_x's dtype; or "fp8", each product as
+        `fp8_grouped_matmul` (H and F multiples of 128), each weight quantized once.
 
     Returns:
       [C, H] in recv_x.dtype; products accumulate in float32.
     """
-    _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation)
-    matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, backend=backend)
-    return _swiglu(matmul, recv_x, w_gate, w_up, w_down, activation)
+    _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation, precision)
+    return _swiglu(_matmul_of(precision, backend, group_sizes), recv_x, w_gate, w_up, w_down,
+                   activation)
 
 
-def _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation):
+def _matmul_of(precision: str, backend: str, group_sizes):
+    """The grouped product `_swiglu` takes: matmul(rows, w), rows an array or a tuple of chunks
+    (group_sizes then a tuple too); in FP8 each weight is quantized once for all chunks."""
+    if precision == "bf16":
+        return functools.partial(grouped_matmul, group_sizes=group_sizes, backend=backend)
+
+    def matmul(rows, w):
+        quantized = fp8.quantize_blocks(lax.stop_gradient(w))
+        if not isinstance(rows, tuple):
+            return fp8_grouped_matmul(rows, w, group_sizes, quantized=quantized, backend=backend)
+        return tuple(fp8_grouped_matmul(r, w, sizes, quantized=quantized, backend=backend)
+                     for r, sizes in zip(rows, group_sizes))
+
+    return matmul
+
+
+def _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation, precision="bf16"):
     _checks.rank(recv_x, 2, "recv_x")
     _checks.floating(recv_x, "recv_x")
     _checks.rank(group_sizes, 1, "group_sizes")
@@ -106,6 +185,11 @@ def _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation):
     _checks.shape(w_down, (num_groups, ffn, hidden), "w_down")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp8" and (hidden % fp8.TILE or ffn % fp8.TILE):
+        raise ValueError(f"precision='fp8' quantizes tiles of {fp8.TILE} channels: H ({hidden}) "
+                         f"and F ({ffn}) must be multiples of {fp8.TILE}")
 
 
 def _swiglu(matmul, rows, w_gate, w_up, w_down, activation):
@@ -122,20 +206,24 @@ def _swiglu(matmul, rows, w_gate, w_up, w_down, activation):
 
 
 def expert_ffn_chunks(recv_xs, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",
-                      backend: str = "auto"):
+                      backend: str = "auto", precision: str = "bf16"):
     """`expert_ffn` of each chunk of a layer run in chunks (`DispatchConfig(num_chunks)`): a
     tuple of [C_c, H], chunk c's rows recv_xs[c] grouped by group_sizes[c].
 
     With the Pallas kernels, each weight's gradient is computed once over the rows of every
     chunk (`jep_kernels.grouped_matmul.grouped_matmul_chunks`), not once per chunk and summed:
-    chunking does not multiply the weight-gradient work. Elsewhere, one `expert_ffn` a chunk.
+    chunking does not multiply the weight-gradient work. Elsewhere, one `expert_ffn` a chunk;
+    in FP8 (`precision`) each weight is quantized once for all chunks.
     """
     recv_xs, group_sizes = tuple(recv_xs), tuple(group_sizes)
     if not recv_xs or len(recv_xs) != len(group_sizes):
         raise ValueError(f"recv_xs and group_sizes must be as many chunks (at least one), got "
                          f"{len(recv_xs)} and {len(group_sizes)}")
     for x, sizes in zip(recv_xs, group_sizes):
-        _check_args(x, sizes, w_gate, w_up, w_down, activation)
+        _check_args(x, sizes, w_gate, w_up, w_down, activation, precision)
+    if precision == "fp8":
+        return _swiglu(_matmul_of(precision, backend, group_sizes), recv_xs, w_gate, w_up,
+                       w_down, activation)
     if grouped_matmul_backend(recv_xs[0], w_gate.astype(recv_xs[0].dtype), backend) != "pallas":
         return tuple(expert_ffn(x, sizes, w_gate, w_up, w_down, activation=activation,
                                 backend=backend) for x, sizes in zip(recv_xs, group_sizes))

@@ -292,7 +292,8 @@ def _local_layer(plan: _Plan, x, router, w_gate, w_up, w_down, bias, placement, 
                                       first_token + c * plan.chunk_tokens))
     recv_xs, group_sizes, handles, chunk_weights, slot_ids, dropped, rerouted = zip(*chunks)
     expert_outs = expert_ffn_chunks(recv_xs, group_sizes, *experts, activation=config.activation,
-                                    backend=config.expert_backend)
+                                    backend=config.expert_backend,
+                                    precision=config.expert_precision)
     y = jnp.concatenate([_combine_chunk(plan, out, handle, w)
                          for out, handle, w in zip(expert_outs, handles, chunk_weights)])
     if shared is not None:

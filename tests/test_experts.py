@@ -209,3 +209,73 @@ def test_chunks_equal_expert_ffn_of_each_chunk_forward_and_backward(rng, monkeyp
     assert not np.asarray(outs[0][30:]).any()
     with pytest.raises(ValueError, match="as many chunks"):
         experts.expert_ffn_chunks(xs, sizes[:1], w_gate, w_up, w_down)
+
+
+def _quantized64(a, rows: bool):
+    """float64 of a's FP8 quantization: per 1 x 128 tile of rows, or per 128 x 128 block."""
+    q = jep.fp8.quantize_rows(a) if rows else jep.fp8.quantize_blocks(a)
+    deq = jep.fp8.dequantize_rows if rows else jep.fp8.dequantize_blocks
+    return np.asarray(deq(*q, jnp.float32), np.float64)
+
+
+def grouped64(x, w, sizes):
+    """float64 numpy grouped product: rows of group g times w[g]; rows past the groups 0."""
+    out = np.zeros((x.shape[0], w.shape[2]))
+    start = 0
+    for g, size in enumerate(sizes):
+        out[start:start + size] = x[start:start + size] @ w[g]
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("kind", ["random", "one_group", "empty"])
+def test_fp8_grouped_matmul_matches_float64_of_the_same_quantization(rng, kind):
+    """Forward: x per 1 x 128 tile, w per 128 x 128 block (N = 384 with K = 256: whole blocks;
+    the group sizes leave a zero tail). dx: dy per tile times the same quantized w transposed.
+    dw: x^T dy, unquantized, to the master weights."""
+    num_rows, k, n, groups = 40, 256, 384, 5
+    x = jnp.asarray(rng.normal(size=(num_rows, k)) * 3, jnp.float32)
+    w = jnp.asarray(rng.normal(size=(groups, k, n)) * 0.1, jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(num_rows, n)), jnp.float32)
+    sizes = group_sizes_for(kind, rng, groups, num_rows)
+
+    y, pullback = jax.vjp(lambda x, w: experts.fp8_grouped_matmul(x, w, jnp.asarray(sizes)),
+                          x, w)
+    dx, dw = pullback(dy)
+    w64 = _quantized64(w, rows=False)
+    np.testing.assert_allclose(y, grouped64(_quantized64(x, rows=True), w64, sizes),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        dx, grouped64(_quantized64(dy, rows=True), np.swapaxes(w64, 1, 2), sizes),
+        rtol=1e-5, atol=1e-5)
+    want_dw = np.zeros(w.shape)
+    start = 0
+    for g, size in enumerate(sizes):
+        rows = slice(start, start + size)
+        want_dw[g] = np.asarray(x, np.float64)[rows].T @ np.asarray(dy, np.float64)[rows]
+        start += size
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-4)
+    # The quantization is real: the product differs from the unquantized one.
+    assert np.abs(np.asarray(y) - grouped64(np.asarray(x), np.asarray(w), sizes)).max() > 1e-3 \
+        or kind == "empty"
+
+
+def test_fp8_expert_ffn_is_the_swiglu_of_fp8_products_and_needs_128_channel_tiles(rng):
+    num_rows, hidden, ffn, groups = 24, 128, 256, 3
+    x = jnp.asarray(rng.normal(size=(num_rows, hidden)), jnp.float32)
+    w_gate, w_up = (jnp.asarray(rng.normal(size=(groups, hidden, ffn)) * 0.1, jnp.float32)
+                    for _ in range(2))
+    w_down = jnp.asarray(rng.normal(size=(groups, ffn, hidden)) * 0.1, jnp.float32)
+    sizes = np.array([10, 0, 11], np.int32)
+    got = jep.expert_ffn(x, jnp.asarray(sizes), w_gate, w_up, w_down, precision="fp8")
+    x64 = _quantized64(x, rows=True)
+    gate = grouped64(x64, _quantized64(w_gate, rows=False), sizes)
+    up = grouped64(x64, _quantized64(w_up, rows=False), sizes)
+    hidden_act = jnp.asarray((gate / (1 + np.exp(-gate)) * up), jnp.float32)
+    want = grouped64(_quantized64(hidden_act, rows=True), _quantized64(w_down, rows=False), sizes)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        jep.expert_ffn(x[:, :64], jnp.asarray(sizes), w_gate[:, :64], w_up[:, :64],
+                       w_down[:, :, :64], precision="fp8")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        jep.expert_ffn(x, jnp.asarray(sizes), w_gate, w_up, w_down, precision="fp16")

@@ -370,3 +370,31 @@ def test_fp8_dispatch_layer_is_close_to_the_bf16_one(rng, mode):
     assert 0 < abs(float(got) - float(want)) < 0.05 * abs(float(want))
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         assert rel_err(np.asarray(a), np.asarray(b)) < 0.1
+
+
+def test_fp8_experts_layer_is_close_to_the_bf16_one_and_chunks_quantize_alike(rng):
+    """MoEConfig(expert_precision="fp8"): each product's input through e4m3 per 1 x 128 tile and
+    each weight per 128 x 128 block (relative error a few 2^-5 a value), gradients to the
+    master weights; a layer in two chunks quantizes every row and weight as one chunk does."""
+    mesh = make_mesh((4,), ("ep",))
+    base = jep.MoEConfig(num_experts=8, top_k=2)
+    params = jep.init_params(jax.random.key(2), hidden=128, ffn=128, config=base)
+    x = jnp.asarray(rng.normal(size=(32, 128)), jnp.float32)
+
+    def run(precision, num_chunks=1):
+        config = dataclasses.replace(base, expert_precision=precision,
+                                     dispatch=jep.DispatchConfig(num_chunks=num_chunks))
+        layer = lambda x, p: jep.moe(x, p, config=config, mesh=mesh)[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(lambda x, p: jnp.sum(layer(x, p) ** 2),
+                                          argnums=(0, 1)))(x, params)
+
+    (got, got_grads), (want, want_grads) = run("fp8"), run("bf16")
+    assert 1e-4 * abs(float(want)) < abs(float(got) - float(want)) < 0.1 * abs(float(want))
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        assert a.dtype == b.dtype and rel_err(np.asarray(a), np.asarray(b)) < 0.2
+    chunked, chunked_grads = run("fp8", num_chunks=2)
+    np.testing.assert_allclose(float(chunked), float(got), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(got_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="expert_precision must be one of"):
+        jep.MoEConfig(num_experts=8, top_k=2, expert_precision="int8")
