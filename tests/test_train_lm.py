@@ -59,6 +59,16 @@ def test_same_loss_on_every_mesh_at_step_0_and_after_3_steps(example):
             want, rtol=2e-5, err_msg=f"--nodes 2 --dispatch-mode {mode}")
 
 
+def test_fp8_training_steps_stay_close_to_the_default_ones(example):
+    """--fp8 (FP8 dispatch and experts): the same model and batches, losses within FP8's error
+    of the default precision's over a few steps, and not identical to them."""
+    flags = ["--d-model", "128", "--ffn", "128"]
+    want = losses_on_mesh(example, 2, 4, steps=3, flags=flags)
+    got = losses_on_mesh(example, 2, 4, steps=3, flags=flags + ["--fp8"])
+    np.testing.assert_allclose(got, want, rtol=2e-2)
+    assert not np.array_equal(got, want)
+
+
 @pytest.mark.slow  # tests/test_multiprocess.py runs the layer over two processes in the main job
 def test_two_processes_train_like_one(example, tmp_path):
     """The example as two processes of 4 CPU devices (jax.distributed on localhost) gives the
@@ -157,6 +167,7 @@ def test_expert_parameters_are_never_all_gathered_in_a_training_step(example):
     (["--nodes", "3"], "--ep 4 must be divisible by --nodes 3"),
     (["--dispatch-mode", "hierarchical"], "--dispatch-mode hierarchical needs --nodes > 1"),
     (["--num-processes", "2"], "--num-processes needs --coordinator"),
+    (["--fp8", "--d-model", "96"], "--fp8 needs --d-model and --ffn multiples of 128"),
 ])
 def test_bad_flags_give_clear_messages(example, capsys, flags, message):
     with pytest.raises(SystemExit):
