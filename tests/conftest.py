@@ -1,5 +1,6 @@
 """Test set-up: 8 simulated CPU devices (set before jax is imported) and mesh helpers."""
 
+import contextlib
 import os
 import zlib
 
@@ -29,6 +30,22 @@ def put(mesh, array, spec):
     return jax.device_put(array, NamedSharding(mesh, spec))
 
 
+@contextlib.contextmanager
+def counting_compiles():
+    """A list that gains an entry (its duration) for each XLA compile inside the block."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture
 def rng(request):
     """A generator per test, seeded by the test's id and JEP_SEED (default 0): runs reproduce,
@@ -37,4 +54,4 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
-__all__ = ["P", "make_mesh", "put"]
+__all__ = ["P", "counting_compiles", "make_mesh", "put"]

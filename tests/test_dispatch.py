@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import P, make_mesh, put
+from conftest import P, counting_compiles, make_mesh, put
 from routings import CALLER_KINDS, KINDS, make_routing
 
 import jep
@@ -352,21 +352,12 @@ def test_eager_dispatch_and_combine_trace_once_per_shape(rng, monkeypatch):
         np.testing.assert_allclose(out, 4 * x, rtol=1e-6)  # each token to 2 experts, doubled
         return sorted(traces)
 
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with counting_compiles() as compiles:
         first = call(7)
         before = len(compiles)
         again = call(7)
         compiled_again = len(compiles) - before
         new_shapes = call(11)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert first == ["combine", "dispatch"] and again == first, (first, again)
     assert new_shapes == ["combine", "combine", "dispatch", "dispatch"], new_shapes
     assert compiled_again <= 16, compiled_again

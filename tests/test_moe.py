@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_mesh
+from conftest import counting_compiles, make_mesh
 from jax.sharding import NamedSharding
 
 import jep
@@ -326,22 +326,13 @@ def test_eager_calls_with_the_same_shapes_compile_once(rng):
     config = jep.MoEConfig(num_experts=8, top_k=2)
     params = jep.init_params(jax.random.key(0), hidden=16, ffn=8, config=config)
     x, other = (jnp.asarray(rng.normal(size=(64, 16)), jnp.float32) for _ in range(2))
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with counting_compiles() as compiles:
         jep.moe(x, params, config=config, mesh=mesh)
         first = len(compiles)
         jep.moe(other, params, config=config, mesh=mesh)
         again = len(compiles) - first
         jep.moe(x[:32], params, config=config, mesh=mesh)  # new shapes: compiled anew
         new_shapes = len(compiles) - first - again
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert first > 0 and again == 0 and new_shapes > 0, (first, again, new_shapes)
 
 
