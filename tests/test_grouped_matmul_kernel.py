@@ -33,6 +33,13 @@ CONFIG_WS_BAND = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_s
 CONFIG_WS_SWIZZLED = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
                                warp_specialized=True, epilogue_m=64, epilogue_n=64,
                                swizzled_epilogue=True)
+# Accumulators of 64 rows, each without products when it holds none of the item's rows: blocks
+# of 256 rows split by rows (two accumulators a warpgroup), and of 128 split by columns.
+CONFIG_WS_ACC_M = gm.Config(block_m=256, block_n=64, block_k=64, max_concurrent_steps=2,
+                            warp_specialized=True, epilogue_m=64, epilogue_n=64, split="m",
+                            acc_rows=64)
+CONFIG_WS_ACC_N = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                            warp_specialized=True, epilogue_m=64, epilogue_n=64, acc_rows=64)
 ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="clusters run on the GPU only")
 # The weight gradient beside them: the plain kernel in 64 x 64 tiles, and the warp-specialized
 # one (tiles 128 x 128) beside the warp-specialized products.
@@ -77,11 +84,15 @@ def numpy_grouped(x, w, sizes):
     pytest.param(CONFIG_WS_BAND, [33, 31, 1], marks=pytest.mark.slow),
     (CONFIG_WS_SWIZZLED, [70, 0, 100]),
     pytest.param(CONFIG_WS_SWIZZLED, [64, 64, 72], marks=pytest.mark.slow),
+    (CONFIG_WS_ACC_M, [70, 0, 130]),  # the second group's block: rows in 3 of its 4 accumulators
+    pytest.param(CONFIG_WS_ACC_M, [0, 200, 0], marks=pytest.mark.slow),
+    (CONFIG_WS_ACC_N, [33, 100, 1]),  # a tail of 5 rows: one of its block's two accumulators
 ], ids=lambda v: {id(CONFIG): "plain", id(CONFIG_WS): "ws", id(CONFIG_WS_CLUSTER): "ws-cluster",
                   id(CONFIG_WS_SPLIT_M): "ws-split-m",
                   id(CONFIG_WS_SPLIT_M_CLUSTER): "ws-split-m-cluster",
                   id(CONFIG_WS_BAND): "ws-band",
-                  id(CONFIG_WS_SWIZZLED): "ws-swizzled"}.get(id(v)))
+                  id(CONFIG_WS_SWIZZLED): "ws-swizzled", id(CONFIG_WS_ACC_M): "ws-acc-rows-m",
+                  id(CONFIG_WS_ACC_N): "ws-acc-rows-n"}.get(id(v)))
 def test_forward_and_gradients_match_references(config, sizes):
     rng = np.random.default_rng(len(sizes) + sum(sizes))
     # The tile width of the warp-specialized kernel (2 block_n per cluster block) for N, and for
@@ -257,6 +268,79 @@ def test_weight_gradient_in_the_weights_dtype_rounds_once():
     wide, narrow = run(jnp.float32), run(jnp.bfloat16)
     assert narrow.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(narrow), np.asarray(wide.astype(jnp.bfloat16)))
+
+
+FP8_CONFIG = gm.Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=2,
+                       warp_specialized=True, epilogue_m=64, epilogue_n=64)
+# Each warpgroup 64 rows of the 128 columns: its rows' scales, one w block's.
+FP8_CONFIG_SPLIT_M = dataclasses.replace(FP8_CONFIG, split="m")
+
+
+@pytest.mark.parametrize("config, sizes", [
+    (FP8_CONFIG, [70, 0, 100]),  # an empty group, blocks straddling the boundaries, a zero tail
+    pytest.param(FP8_CONFIG, [0, 200, 0], marks=pytest.mark.slow),  # every row to one group
+    (FP8_CONFIG, [33, 31, 1]),  # boundaries inside an epilogue tile, a one-row group, a tail
+    (FP8_CONFIG_SPLIT_M, [33, 31, 1]),
+    pytest.param(FP8_CONFIG_SPLIT_M, [70, 0, 100], marks=pytest.mark.slow),
+], ids=lambda v: {id(FP8_CONFIG): "split-n", id(FP8_CONFIG_SPLIT_M): "split-m"}.get(id(v)))
+def test_fp8_kernel_matches_float64_of_its_quantized_operands(config, sizes):
+    """grouped_matmul_fp8 against float64 products of the dequantized e4m3 operands: the
+    kernel sums each 128-deep block in float32 and scales it, so the two agree to float32
+    rounding when interpreted. Hopper's tensor cores keep fewer bits (about 14) while they sum
+    a block's FP8 products (DeepSeek-V3's report, 3.3.2; the reason for the promotion to
+    float32 every 128): on an H200 the error is 2-3e-4 of the largest entry, so the bound there
+    is 1e-3. Rows of very different scales, so that a scale applied to the wrong rows, block
+    or step shows."""
+    from jep import fp8
+
+    rng = np.random.default_rng(sum(sizes) + len(sizes))
+    m, k, n = 200, 256, 256  # two K steps and two scale blocks of N
+    x = jnp.asarray(rng.normal(size=(m, k)) * np.exp(2 * rng.normal(size=(m, 2)).repeat(128, 1)),
+                    jnp.float32)
+    v = jnp.asarray(rng.normal(size=(len(sizes), k, n)) * np.exp(rng.normal(
+        size=(len(sizes), 2, 1, 2, 1))).repeat(128, 2).repeat(128, 4).reshape(-1, k, n),
+        jnp.float32)
+    x_q, x_scales = fp8.quantize_rows(x)
+    weight = fp8.quantize_weight(v)
+    y = gm.grouped_matmul_fp8(x_q, x_scales, weight.q_t, weight.scales_t,
+                              jnp.asarray(sizes, jnp.int32), config=config,
+                              out_dtype=jnp.float32, interpret=not ON_GPU)
+    x64 = np.asarray(fp8.dequantize_rows(x_q, x_scales, jnp.float32), np.float64)
+    v64 = np.asarray(fp8.dequantize_blocks(weight.q, weight.scales, jnp.float32), np.float64)
+    want = numpy_grouped(x64, v64, sizes)
+    assert y.dtype == jnp.float32 and y.shape == (m, n)
+    bound = 1e-3 if ON_GPU else 1e-5
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=bound,
+                               atol=bound * np.abs(want).max())
+    assert not np.asarray(y[sum(sizes):]).any()
+    # dx's form, the same kernel: dy @ v[g]^T reads v's own e4m3 blocks (K-major for it).
+    dy_q, dy_scales = fp8.quantize_rows(jnp.asarray(rng.normal(size=(m, n)), jnp.float32))
+    dx = gm.grouped_matmul_fp8(dy_q, dy_scales, weight.q, weight.scales,
+                               jnp.asarray(sizes, jnp.int32), config=config,
+                               interpret=not ON_GPU)
+    dy64 = np.asarray(fp8.dequantize_rows(dy_q, dy_scales, jnp.float32), np.float64)
+    want_dx = numpy_grouped(dy64, np.swapaxes(v64, 1, 2), sizes)
+    assert dx.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=1e-2,
+                               atol=1e-2 * np.abs(want_dx).max())
+
+
+def test_fp8_kernel_refuses_what_it_cannot_take():
+    f8 = jnp.float8_e4m3fn
+    x, x_scales = jnp.zeros((8, 256), f8), jnp.zeros((8, 2), jnp.float32)
+    w, w_scales = jnp.zeros((2, 128, 256), f8), jnp.zeros((2, 1, 2), jnp.float32)
+    sizes = jnp.zeros(2, jnp.int32)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        gm.grouped_matmul_fp8(x.astype(jnp.bfloat16), x_scales, w, w_scales, sizes)
+    with pytest.raises(ValueError, match=r"w_scales must be float32\[2, 1, 2\]"):
+        gm.grouped_matmul_fp8(x, x_scales, w, w_scales[:, :, :1], sizes)
+    with pytest.raises(ValueError, match=r"x_scales must be float32\[8, 2\]"):
+        gm.grouped_matmul_fp8(x, x_scales.T, w, w_scales, sizes)
+    with pytest.raises(ValueError, match="must have x's K"):
+        gm.grouped_matmul_fp8(x, x_scales, jnp.swapaxes(w, 1, 2), w_scales, sizes)
+    with pytest.raises(ValueError, match="block_k=128"):
+        gm.grouped_matmul_fp8(x, x_scales, w, w_scales, sizes,
+                              config=gm.Config(block_n=64, warp_specialized=True))
 
 
 def test_shapes_it_cannot_take_raise():

@@ -23,7 +23,7 @@ from jep_kernels.grouped_matmul.mgpu import SCOPES, Config, DwConfig, check_shap
 from jep_kernels.vma import vary_like
 
 __all__ = ["Config", "Configs", "DwConfig", "SCOPES", "SHAPE_MULTIPLE", "check_shapes",
-           "configs_for", "grouped_matmul", "grouped_matmul_chunks"]
+           "configs_for", "grouped_matmul", "grouped_matmul_chunks", "grouped_matmul_fp8"]
 
 
 ROW_TILE = 8  # TMA wants the row count of an array a multiple of this
@@ -173,3 +173,27 @@ def grouped_matmul_chunks(xs, w, group_sizes, *, config: Config | None = None,
     num = len(xs)
     xs, w, group_sizes = tuple(prepared[:num]), prepared[num], tuple(prepared[num + 1:])
     return _grouped_matmul_chunks(xs, w, group_sizes, configs, interpret)
+
+
+def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config | None = None,
+                       out_dtype=jnp.bfloat16, interpret: bool = False):
+    """y[M, N] = rows of g of (x * x_scales) @ (w[g] * w_scales[g])^T in e4m3 (DeepSeek-V3's FP8
+    recipe): `mgpu.grouped_matmul_fp8`, not differentiable (`jep.experts.fp8_grouped_matmul`
+    is, with this as its forward and dx on Hopper).
+
+    Args:
+      x: e4m3[M, K], x_scales: f32[M, K / 128] (`jep.fp8.quantize_rows`).
+      w: e4m3[G, N, K], K-major; w_scales: f32[G, N / 128, K / 128] (`jep.fp8.QuantizedWeight`'s
+        q_t and scales_t for y = x @ v[g], its q and scales for dy @ v[g]^T).
+      group_sizes: i32[G]. config: the tiles (`Config`, block_k 128), by default the tuning
+        table's "fp8" entry for (K, N, G). K and N must be multiples of 128.
+    """
+    if w.ndim != 3:
+        raise ValueError(f"w must be [G, N, K], got {w.shape}")
+    config = config or tuning.config_for("fp8", w.shape[2], w.shape[1], w.shape[0])
+    name = SCOPES["fp8"]
+    with jax.named_scope(name):
+        y = mgpu.grouped_matmul_fp8(_pad_rows(x), _pad_rows(x_scales), w, w_scales,
+                                    group_sizes.astype(jnp.int32), config=config,
+                                    out_dtype=out_dtype, name=name, interpret=interpret)
+        return vary_like(y[:x.shape[0]], x, w, group_sizes)

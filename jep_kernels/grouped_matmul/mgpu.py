@@ -54,10 +54,18 @@ class Config:
     # swizzled shared-memory tile (bank-conflict-free stores from registers); the others through
     # a plain one, row by row as their group allows.
     swizzled_epilogue: bool = False
+    # Warp-specialized only: the rows of one accumulator. 0: a compute warpgroup's rows of the
+    # tile in one. 64: in accumulators of 64 rows, and one that holds none of the item's rows
+    # gets no products, so that the last block of a group a few rows past a multiple of
+    # block_m computes about its rows only (with block_m 256, most groups of up to about 250
+    # rows take one block: one read of their weights).
+    acc_rows: int = 0
 
     def __post_init__(self):
         _positive(self, "block_m", "block_n", "block_k", "max_concurrent_steps", "epilogue_m",
                   "epilogue_n", "band")
+        if self.acc_rows not in (0, 64):
+            raise ValueError(f"Config.acc_rows must be 0 or 64, got {self.acc_rows!r}")
         if self.cluster_n not in (1, 2):
             raise ValueError(f"Config.cluster_n must be 1 or 2, got {self.cluster_n!r}")
         if self.split not in ("m", "n"):
@@ -112,7 +120,8 @@ def interpret_params():
 
 # Each product runs under a name scope of its own, and its kernel has the same name: a profile
 # of a step tells the three apart by these names (`jep.bench.profile.KINDS`).
-SCOPES = {"forward": "jep_grouped_forward", "dx": "jep_grouped_dx", "dw": "jep_grouped_dw"}
+SCOPES = {"forward": "jep_grouped_forward", "dx": "jep_grouped_dx", "dw": "jep_grouped_dw",
+          "fp8": "jep_grouped_fp8"}
 
 
 def named(body, name: str):
@@ -167,6 +176,13 @@ def check_shapes(x, w, group_sizes, *, transpose_w: bool, config: Config):
             raise ValueError(f"split='m' needs block_m a multiple of 128 (64 rows a warpgroup) "
                              f"and block_m / 2 a multiple of epilogue_m, got block_m="
                              f"{config.block_m}, epilogue_m={config.epilogue_m}")
+    if config.acc_rows:
+        wm = config.block_m // 2 if config.split == "m" else config.block_m
+        if not config.warp_specialized or wm % config.acc_rows or config.acc_rows % min(
+                config.epilogue_m, wm):
+            raise ValueError(f"acc_rows={config.acc_rows} needs the warp-specialized kernel, "
+                             f"its warpgroup's rows ({wm}) a multiple of it and it a multiple "
+                             f"of epilogue_m={config.epilogue_m}")
     if k_w % config.block_k or n % tile_n:
         raise ValueError(
             f"K={k_w} must be a multiple of block_k={config.block_k} and N={n} of the tile "
@@ -250,8 +266,13 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
                        name=SCOPES["dx" if transpose_w else "forward"])(items, x, w)
 
 
-def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
-    """`grouped_matmul` with warp specialization: see `Config.warp_specialized`."""
+def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, scales=None,
+                       out_dtype=None, name=None):
+    """`grouped_matmul` with warp specialization: see `Config.warp_specialized`.
+
+    With `scales` = (x's f32[K / 128, M] transposed, w's f32[G, N / 128, K / 128]), x and w
+    are e4m3 (w transposed) and each 128-deep step's product is scaled into the float32
+    accumulator: `grouped_matmul_fp8`."""
     num_rows, depth = x.shape
     num_groups = w.shape[0]
     width = w.shape[1] if transpose_w else w.shape[2]
@@ -259,18 +280,28 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
     # Each compute warpgroup's part of the block_m x (2 block_n) tile: wm x wn.
     wm, wn = (bm // 2, 2 * bn) if config.split == "m" else (bm, bn)
     em, en = min(config.epilogue_m, wm), min(config.epilogue_n, wn)
+    sub = config.acc_rows or wm  # rows of one accumulator
+    subs = wm // sub
     items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
     num_items = items.shape[0] // 4
     x = _pad_for_blocks(x, bm, interpret)
+    scaled = scales is not None
+    if scaled:
+        x_scales, w_scales = scales
+        x_scales = jnp.pad(x_scales, ((0, 0), (0, x.shape[0] - x_scales.shape[1])))
     cluster = config.cluster_n
     col_blocks = width // (2 * bn * cluster)
-    dtype = x.dtype
-    swizzle = plgpu.find_swizzle(bk * jnp.dtype(dtype).itemsize * 8)
+    in_dtype, dtype = x.dtype, out_dtype or x.dtype
+    swizzle = plgpu.find_swizzle(bk * jnp.dtype(in_dtype).itemsize * 8)
     out_swizzle = plgpu.find_swizzle(en * jnp.dtype(dtype).itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(in_dtype).itemsize)),
                   plgpu.SwizzleTransform(swizzle))
 
-    def body(items_gmem, x_gmem, w_gmem, out_gmem):
+    # Register layouts (the interpreter has none).
+    laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
+
+    def body(items_gmem, x_gmem, w_gmem, *refs):
+        *scale_gmem, out_gmem = refs
         wg = lax.axis_index("wg")
         compute_wg = wg < 2
 
@@ -278,13 +309,15 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
             w_spec = (plgpu.BlockSpec((2 * bn, bk), lambda kk: (col, kk), transforms=transforms)
                       if transpose_w else
                       plgpu.BlockSpec((bk, 2 * bn), lambda kk: (kk, col), transforms=transforms))
+            # FP8: the x tile's row scales of each step, [1, block_m] of the transposed scales.
+            scale_specs = [plgpu.BlockSpec((1, bm), lambda kk: (kk, 0))] if scaled else []
             return plgpu.emit_pipeline_warp_specialized(
                 mma,
                 grid=(depth // bk,),
                 memory_registers=40,
                 in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=transforms,
                                           collective_axes=("cluster",) if cluster > 1 else ()),
-                          w_spec],
+                          w_spec, *scale_specs],
                 wg_axis="wg",
                 num_compute_wgs=2,
                 max_concurrent_steps=config.max_concurrent_steps,
@@ -295,8 +328,9 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
 
         @functools.partial(
             pl.run_scoped,
-            allocations=pipeline(ignore, ignore).get_allocations(x_gmem.at[pl.ds(0, bm)],
-                                                                 w_gmem.at[0]),
+            allocations=pipeline(ignore, ignore).get_allocations(
+                x_gmem.at[pl.ds(0, bm)], w_gmem.at[0],
+                *([scale_gmem[0].at[:, pl.ds(0, bm)]] if scaled else [])),
             out_smem=plgpu.SMEM((2, 2, em, en), dtype),
             full_smem=plgpu.SMEM((2, 2, em, en), dtype, transforms=(
                 plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
@@ -359,38 +393,79 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
                             plgpu.commit_smem_to_gmem_group()
 
                 def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((wm, wn)))
-                    def _(acc_ref):
-                        eval_pipeline(acc_ref)
-                        acc = acc_ref[...].astype(dtype)
-                        epilogue(lambda i, j: acc[i * em:(i + 1) * em, j * en:(j + 1) * en])
+                    @functools.partial(pl.run_scoped,
+                                       acc_refs=[plgpu.ACC((sub, wn)) for _ in range(subs)])
+                    def _(acc_refs):
+                        eval_pipeline(tuple(acc_refs))
+                        accs = [acc_ref[...].astype(dtype) for acc_ref in acc_refs]
+                        epilogue(lambda i, j: accs[i * em // sub][
+                            i * em % sub:i * em % sub + em, j * en:(j + 1) * en])
 
-                def mma(_, x_smem, w_smem, acc_ref):
+                def operand_tiles(x_smem, w_smem):
+                    """This warpgroup's x rows and w columns of the step's tiles."""
                     if config.split == "m":
-                        x_tile = x_smem.at[pl.ds(wg * wm, wm)]
-                        w_tile = plgpu.transpose_ref(w_smem, (1, 0)) if transpose_w else w_smem
-                    else:
-                        x_tile = x_smem
-                        w_tile = (plgpu.transpose_ref(w_smem.at[pl.ds(wg * bn, bn)], (1, 0))
-                                  if transpose_w else w_smem.at[:, pl.ds(wg * bn, bn)])
+                        return (x_smem.at[pl.ds(wg * wm, wm)],
+                                plgpu.transpose_ref(w_smem, (1, 0)) if transpose_w else w_smem)
+                    return x_smem, (plgpu.transpose_ref(w_smem.at[pl.ds(wg * bn, bn)], (1, 0))
+                                    if transpose_w else w_smem.at[:, pl.ds(wg * bn, bn)])
 
-                    def product():
-                        plgpu.wgmma(acc_ref, x_tile, w_tile)
+                def scaled_context(eval_pipeline):
+                    acc = eval_pipeline(laid_out(jnp.zeros((wm, wn), jnp.float32),
+                                                 plgpu.Layout.WGMMA))
+                    acc = acc.astype(dtype)
+                    epilogue(lambda i, j: acc[i * em:(i + 1) * em, j * en:(j + 1) * en])
+
+                def scaled_mma(indices, x_smem, w_smem, x_scale_smem, acc):
+                    """acc + (x tile @ w tile) * (row scales x the w block's scale): one step
+                    of 128, its products into an accumulator of their own (DeepSeek-V3's
+                    promotion of each K block into float32)."""
+                    w_scale = scale_gmem[1][group, wg_col // FP8_TILE, indices[0]]
+                    x_tile, w_tile = operand_tiles(x_smem, w_smem)
+
+                    def block(part_ref):
+                        plgpu.wgmma(part_ref, x_tile, w_tile)
+                        return part_ref[...]
+
+                    part = pl.run_scoped(block, plgpu.ACC((wm, wn)))
+                    rows = x_scale_smem.at[0, pl.ds(wg * wm, wm)] if config.split == "m" else (
+                        x_scale_smem.at[0])
+                    row_scales = laid_out(rows[...], plgpu.Layout.WGMMA.reduce(1)) * w_scale
+                    return acc + part * lax.broadcast_in_dim(row_scales, (wm, wn), [0])
+
+                def mma(_, x_smem, w_smem, acc_refs):
+                    x_tile, w_tile = operand_tiles(x_smem, w_smem)
+
+                    def products(which):
+                        for s in which:
+                            plgpu.wgmma(acc_refs[s], x_tile.at[pl.ds(s * sub, sub)]
+                                        if subs > 1 else x_tile, w_tile)
                         plgpu.wgmma_wait(0)
 
-                    if config.split == "m":
-                        # A warpgroup whose rows hold none of the group's (the block's second
-                        # half, past a short group's end) skips its products: its result is
-                        # never stored, and the other has the tensor cores to itself.
-                        pl.when((end_row > 0) & (first_row < wm))(product)
+                    # An accumulator whose rows hold none of the group's (past a short group's
+                    # end, or the rows of the group before) gets no products: its rows are
+                    # never stored, and the other warpgroup has the tensor cores to itself.
+                    holds = [(end_row > s * sub) & (first_row < (s + 1) * sub)
+                             for s in range(subs)]
+                    if config.split == "n" and subs == 1:
+                        products([0])  # all of the block's rows: it holds some of the group's
+                    elif subs == 1:
+                        pl.when(holds[0])(lambda: products([0]))
                     else:
-                        product()
-                    return acc_ref
+                        every = functools.reduce(jnp.logical_and, holds)
+                        pl.when(every)(lambda: products(range(subs)))
+                        for s in range(subs):
+                            pl.when(holds[s] & ~every)(lambda s=s: products([s]))
+                    return acc_refs
 
                 @pl.when((group >= 0) & (group < num_groups))
                 def _product():
-                    pipeline(mma, compute_context, col)(
-                        x_gmem.at[pl.ds(row, bm)], w_gmem.at[group], allocations=allocations)
+                    if scaled:
+                        pipeline(scaled_mma, scaled_context, col)(
+                            x_gmem.at[pl.ds(row, bm)], w_gmem.at[group],
+                            scale_gmem[0].at[:, pl.ds(row, bm)], allocations=allocations)
+                    else:
+                        pipeline(mma, compute_context, col)(
+                            x_gmem.at[pl.ds(row, bm)], w_gmem.at[group], allocations=allocations)
 
                 @pl.when((group == num_groups) & compute_wg)
                 def _zeros():
@@ -399,8 +474,70 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), dtype), interpret,
-                       name=SCOPES["dx" if transpose_w else "forward"], cluster=cluster,
-                       warpgroups=3)(items, x, w)
+                       name=name or SCOPES["dx" if transpose_w else "forward"], cluster=cluster,
+                       warpgroups=3)(items, x, w, *((x_scales, w_scales) if scaled else ()))
+
+
+FP8_TILE = 128  # the scales' tiles: 1 x 128 of x's rows, 128 x 128 of w
+
+
+def check_fp8_shapes(x, x_scales, w, w_scales, group_sizes, *, config: Config):
+    """Raises a ValueError/TypeError naming what `grouped_matmul_fp8` cannot take."""
+    if x.ndim != 2 or w.ndim != 3:
+        raise ValueError(f"x must be [M, K] and w [G, N, K], got {x.shape} and {w.shape}")
+    if x.dtype != jnp.float8_e4m3fn or w.dtype != jnp.float8_e4m3fn:
+        raise TypeError(f"x and w must be float8_e4m3fn, got {x.dtype} and {w.dtype}")
+    (num_rows, depth), (num_groups, width) = x.shape, w.shape[:2]
+    if w.shape[2] != depth:
+        raise ValueError(f"w [G, N, K] must have x's K ({depth}) last, got {w.shape}")
+    if depth % FP8_TILE or width % FP8_TILE:
+        raise ValueError(f"K={depth} and N={width} must be multiples of {FP8_TILE}")
+    want = {"x_scales": (num_rows, depth // FP8_TILE),
+            "w_scales": (num_groups, width // FP8_TILE, depth // FP8_TILE)}
+    for name, scales in (("x_scales", x_scales), ("w_scales", w_scales)):
+        if scales.shape != want[name] or scales.dtype != jnp.float32:
+            raise ValueError(f"{name} must be float32{list(want[name])}, got "
+                             f"{scales.dtype}{list(scales.shape)}")
+    if group_sizes.shape != (num_groups,):
+        raise ValueError(f"group_sizes must be [{num_groups}], got {group_sizes.shape}")
+    warpgroup_n = config.block_n * (2 if config.split == "m" else 1)
+    if not (config.warp_specialized and config.cluster_n == 1 and config.block_k == FP8_TILE
+            and not config.acc_rows and FP8_TILE % warpgroup_n == 0):
+        raise ValueError(f"the FP8 kernel takes warp-specialized configs with cluster_n=1, "
+                         f"block_k={FP8_TILE}, acc_rows=0 and each warpgroup's columns inside "
+                         f"one scale block (block_n 64 or 128 split by columns, 64 by rows), "
+                         f"got {config}")
+    as_bf16 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    check_shapes(as_bf16(x.shape), as_bf16(w.shape), group_sizes, transpose_w=True,
+                 config=config)
+
+
+def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config,
+                       out_dtype=jnp.bfloat16, name: str | None = None,
+                       interpret: bool = False):
+    """y[M, N]: rows of group g of (x * x_scales) @ (w[g] * w_scales[g])^T, e4m3 operands
+    (DeepSeek-V3's FP8 recipe), rows past the groups zero.
+
+    Each 128-deep step's products go into a float32 accumulator of their own, which is then
+    scaled by its rows' x scales times the w block's scale and added to the tile's float32
+    sum; the sum is rounded once to `out_dtype`.
+
+    Args:
+      x: e4m3[M, K]; x_scales: f32[M, K / 128], one per 1 x 128 tile of x's rows.
+      w: e4m3[G, N, K], K-major (Hopper's FP8 products read both operands K-major): for
+        y = x @ v[g] with v [G, K, N], w is v transposed; for dx = dy @ v[g]^T, w is v itself.
+      w_scales: f32[G, N / 128, K / 128], one per 128 x 128 block of w[g].
+      group_sizes: i32[G]. config: warp-specialized, block_k 128 (see `check_fp8_shapes`).
+      name: the kernel's name in a profile.
+    """
+    check_fp8_shapes(x, x_scales, w, w_scales, group_sizes, config=config)
+    if interpret:  # the interpreter has no transposed shared-memory views: w as [G, K, N]
+        w, transpose_w = jnp.swapaxes(w, 1, 2), False
+    else:
+        transpose_w = True
+    return _grouped_matmul_ws(x, w, group_sizes, transpose_w=transpose_w, config=config,
+                              interpret=interpret, scales=(x_scales.T, w_scales),
+                              out_dtype=out_dtype, name=name)
 
 
 def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width, commit_group=True):

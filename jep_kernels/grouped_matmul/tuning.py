@@ -24,6 +24,7 @@ from jep_kernels.grouped_matmul import mgpu
 from jep_kernels.grouped_matmul.mgpu import Config, DwConfig
 
 OPS = ("forward", "dx", "dw")
+FP8 = "fp8"  # the FP8 kernel (forward and dx alike: x [M, K] times w [G, N, K] transposed)
 TABLE = pathlib.Path(__file__).with_name("table.json")
 
 
@@ -37,6 +38,9 @@ def default(op: str, k: int, n: int) -> Config | DwConfig:
     if op == "dw":
         return DwConfig(block_k=128, block_n=128, block_rows=64, max_concurrent_steps=4)
     block_n = 128 if n % 256 == 0 else 64
+    if op == FP8:  # two warpgroups of 64 rows x 128 columns
+        return Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=4,
+                      warp_specialized=True, split="m")
     return Config(block_m=128, block_n=block_n, block_k=64, max_concurrent_steps=4,
                   warp_specialized=True)
 
@@ -56,8 +60,8 @@ def _table(path: pathlib.Path = TABLE) -> dict[str, Config | DwConfig]:
 
 def config_for(op: str, k: int, n: int, groups: int) -> Config | DwConfig:
     """The tuned configuration for this product and shape, else `default(op, k, n)`."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if op not in (*OPS, FP8):
+        raise ValueError(f"op must be one of {(*OPS, FP8)}, got {op!r}")
     table = _table()
     if key(op, k, n, groups) in table:
         return table[key(op, k, n, groups)]
@@ -90,6 +94,14 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                       (128, 128, 64, 2, 128, 128), (128, 64, 64, 4, 128, 64),
                       (128, 64, 64, 6, 128, 64), (64, 128, 64, 4, 64, 128))]
         return [c for c in found if k % c.block_k == 0 and n % mgpu.dw_tile_n(c) == 0]
+    if op == FP8:  # warp-specialized, 128 deep (one scale block a step)
+        found = [Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=steps,
+                        warp_specialized=True, split=split, band=band, swizzled_epilogue=swz)
+                 for steps, split, band, swz in (
+                     (4, "n", 1, False), (5, "n", 1, False), (4, "m", 1, False),
+                     (5, "m", 1, False), (4, "m", 8, False), (4, "m", 1, True),
+                     (5, "m", 8, False))]
+        return [c for c in found if n % (2 * c.block_n) == 0]
     found = [Config(block_m=bm, block_n=128, block_k=64, max_concurrent_steps=steps)
              for bm, steps in ((128, 4), (128, 5), (192, 4))]
     found += [Config(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=steps,
@@ -100,6 +112,13 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                   (256, 64, 4, 1, "m", 1),
                   (128, 128, 3, 1, "n", 4), (128, 128, 3, 1, "n", 8), (128, 128, 4, 1, "n", 8),
                   (128, 128, 3, 1, "n", 16), (128, 128, 4, 2, "n", 8), (128, 128, 4, 1, "m", 8))]
+    # Accumulators of 64 rows (`Config.acc_rows`): blocks of 256 rows split by rows, and of
+    # 128 by columns.
+    found += [Config(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=steps,
+                     warp_specialized=True, split=split, band=band, acc_rows=64)
+              for bm, bn, steps, split, band in (
+                  (256, 64, 3, "m", 1), (256, 64, 4, "m", 1), (256, 64, 4, "m", 8),
+                  (128, 128, 3, "n", 1), (128, 128, 4, "n", 1), (128, 128, 4, "n", 8))]
     found += [dataclasses.replace(c, swizzled_epilogue=True) for c in found
               if c.warp_specialized and c.max_concurrent_steps == 3 and c.cluster_n == 1]
     tile_n = lambda c: c.block_n * (2 * c.cluster_n if c.warp_specialized else 1)  # noqa: E731
