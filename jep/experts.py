@@ -83,14 +83,19 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, backend: str = "aut
     `backend`'s grouped product, straight through the quantization to the master weights w
     (DeepSeek-V3 computes it in FP8 too; bf16 is the safer half of the issue's choice).
 
-    Emulated: the e4m3 values and scales are exact, the products run in float32 (XLA's
-    `ragged_dot`): the numerics of FP8 products, not their speed.
+    Where the bf16 Pallas kernels run (a Hopper GPU, bf16/f16 x, `backend` "auto" or
+    "pallas"), the forward and dx are FP8 tensor-core products
+    (`jep_kernels.grouped_matmul.grouped_matmul_fp8`). Elsewhere they are emulated: the e4m3
+    values and scales are exact and the products run in float32 (XLA's `ragged_dot`), the
+    numerics of FP8 products, not their speed. Both sum each 128-deep block's products in
+    float32 before scaling it.
 
     Args:
       x: f[C, K], K a multiple of 128; w: f[G, K, N], N a multiple of 128 (the master weights,
         which receive the gradient); group_sizes: i32[G].
-      quantized: `jep.fp8.quantize_blocks(w)` where already made (one quantization of a weight
-        for several products, e.g. a layer's chunks), else made here.
+      quantized: `jep.fp8.quantize_weight(w)` where already made (one quantization of a
+        weight for several products, e.g. a layer's chunks, or before a timed loop), else
+        made here.
       backend: the grouped product of the weight gradient (as for `grouped_matmul`).
     """
     _checks.rank(x, 2, "x")
@@ -98,37 +103,45 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, backend: str = "aut
     if x.shape[1] != w.shape[1] or x.shape[1] % fp8.TILE or w.shape[2] % fp8.TILE:
         raise ValueError(f"FP8 products take x [C, K] and w [G, K, N] with K and N multiples of "
                          f"{fp8.TILE}, got x {list(x.shape)} and w {list(w.shape)}")
+    grouped_matmul_backend(x, jax.ShapeDtypeStruct(w.shape, x.dtype), backend)  # refuses what
+    # cannot run here
     if quantized is None:
-        quantized = fp8.quantize_blocks(lax.stop_gradient(w))
-    return _fp8_product(x, w, *quantized, group_sizes, backend)
+        quantized = fp8.quantize_weight(lax.stop_gradient(w))
+    if not isinstance(quantized, fp8.QuantizedWeight):
+        raise TypeError(f"quantized must be a jep.fp8.QuantizedWeight (jep.fp8.quantize_weight), "
+                        f"got {type(quantized).__name__}")
+    return _fp8_product(x, w, quantized, group_sizes, backend)
 
 
-def _fp8_times(a, b_q, b_scales, group_sizes, transpose_b: bool):
-    """a quantized per 1 x 128 tile, times the dequantized b (transposed), in float32 -> a.dtype."""
-    a32 = fp8.dequantize_rows(*fp8.quantize_rows(a), jnp.float32)
-    b32 = fp8.dequantize_blocks(b_q, b_scales, jnp.float32)
-    if transpose_b:
-        b32 = jnp.swapaxes(b32, 1, 2)
+def _fp8_times(a, b_q, b_scales, group_sizes, backend: str):
+    """a quantized per 1 x 128 tile, times b^T (b e4m3[G, N, K] K-major, scaled per 128 x 128
+    block): [C, N] in a.dtype. The FP8 Pallas kernel where the bf16 ones run, else in float32."""
+    a_q, a_scales = fp8.quantize_rows(a)
+    if grouped_matmul_backend(a, jax.ShapeDtypeStruct(b_q.shape, a.dtype), backend) == "pallas":
+        return jep_kernels.grouped_matmul.grouped_matmul_fp8(a_q, a_scales, b_q, b_scales,
+                                                             group_sizes, out_dtype=a.dtype)
+    a32 = fp8.dequantize_rows(a_q, a_scales, jnp.float32)
+    b32 = jnp.swapaxes(fp8.dequantize_blocks(b_q, b_scales, jnp.float32), 1, 2)
     return lax.ragged_dot(a32, b32, group_sizes, precision=lax.Precision.HIGHEST).astype(a.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fp8_product(x, w, w_q, w_scales, group_sizes, backend):
-    return _fp8_times(x, w_q, w_scales, group_sizes, transpose_b=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fp8_product(x, w, quantized, group_sizes, backend):
+    return _fp8_times(x, quantized.q_t, quantized.scales_t, group_sizes, backend)
 
 
-def _fp8_product_fwd(x, w, w_q, w_scales, group_sizes, backend):
-    return _fp8_product(x, w, w_q, w_scales, group_sizes, backend), (x, w, w_q, w_scales,
-                                                                      group_sizes)
+def _fp8_product_fwd(x, w, quantized, group_sizes, backend):
+    return (_fp8_product(x, w, quantized, group_sizes, backend),
+            (x, w, quantized, group_sizes))
 
 
 def _fp8_product_bwd(backend, residuals, dy):
-    x, w, w_q, w_scales, group_sizes = residuals
+    x, w, quantized, group_sizes = residuals
     dy = dy.astype(x.dtype)
-    dx = _fp8_times(dy, w_q, w_scales, group_sizes, transpose_b=True)
+    dx = _fp8_times(dy, quantized.q, quantized.scales, group_sizes, backend)
     _, pullback = jax.vjp(lambda w: grouped_matmul(x, w.astype(x.dtype), group_sizes,
                                                    backend=backend), w)
-    return dx, pullback(dy)[0], None, None, None
+    return dx, pullback(dy)[0], None, None
 
 
 _fp8_product.defvjp(_fp8_product_fwd, _fp8_product_bwd)
@@ -163,7 +176,7 @@ def _matmul_of(precision: str, backend: str, group_sizes):
         return functools.partial(grouped_matmul, group_sizes=group_sizes, backend=backend)
 
     def matmul(rows, w):
-        quantized = fp8.quantize_blocks(lax.stop_gradient(w))
+        quantized = fp8.quantize_weight(lax.stop_gradient(w))
         if not isinstance(rows, tuple):
             return fp8_grouped_matmul(rows, w, group_sizes, quantized=quantized, backend=backend)
         return tuple(fp8_grouped_matmul(r, w, sizes, quantized=quantized, backend=backend)

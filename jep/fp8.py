@@ -22,6 +22,7 @@ This is the reference (jnp, runs everywhere): what the FP8 kernels must match.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,3 +156,20 @@ def dequantize_blocks(q, scales, dtype=jnp.bfloat16, *, block: int = TILE):
         jnp.float32)
     w = pieces.reshape(*q.shape[:-2], grid[0] * block, grid[1] * block)[..., :rows, :cols]
     return w.astype(dtype)
+
+
+class QuantizedWeight(NamedTuple):
+    """A grouped weight w f[G, K, N] in e4m3 with a scale per 128 x 128 block, in the two
+    layouts FP8 products read (`quantize_weight`): Hopper's FP8 tensor-core products take both
+    operands K-major, so x @ w[g] reads `q_t` and dy @ w[g]^T reads `q`."""
+
+    q: jax.Array  # e4m3[G, K, N]
+    scales: jax.Array  # f32[G, K / 128, N / 128]
+    q_t: jax.Array  # e4m3[G, N, K]: q transposed
+    scales_t: jax.Array  # f32[G, N / 128, K / 128]
+
+
+def quantize_weight(w) -> QuantizedWeight:
+    """w f[G, K, N] quantized once (`quantize_blocks`), in both layouts (`QuantizedWeight`)."""
+    q, scales = quantize_blocks(w)
+    return QuantizedWeight(q, scales, jnp.swapaxes(q, -1, -2), jnp.swapaxes(scales, -1, -2))

@@ -311,6 +311,7 @@ def test_profile_breakdown_finds_each_kind_by_its_scope():
 
 
 def test_grouped_products_run_under_their_scopes():
+    from jep import fp8
     from jep.bench import profile
     import jep_kernels.grouped_matmul as gm
 
@@ -322,8 +323,15 @@ def test_grouped_products_run_under_their_scopes():
     loss = lambda x, w: jnp.sum(gm.grouped_matmul(  # noqa: E731
         x, w, sizes, config=config, dw_config=dw_config, interpret=True).astype(jnp.float32))
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text(debug_info=True)
+    x_q, x_scales = fp8.quantize_rows(x)
+    weight = fp8.quantize_weight(w)
+    text += jax.jit(lambda x_q, x_scales, q, scales: gm.grouped_matmul_fp8(
+        x_q, x_scales, q, scales, sizes, interpret=True)).lower(
+        x_q, x_scales, weight.q_t, weight.scales_t).as_text(debug_info=True)
+    kinds = {"forward": "grouped forward", "dx": "grouped dx", "dw": "grouped dw",
+             "fp8": "grouped FP8 (forward and dx)"}
     for op, scope in gm.SCOPES.items():
         assert scope in text
         # ... and the breakdown takes an op under that scope for that product.
         kind = profile.kind_of({"name": "k", "args": {"hlo_op": "c.1"}}, {"c.1": f"f/{scope}/p"})
-        assert kind == f"grouped {op}"
+        assert kind == kinds[op]

@@ -30,8 +30,8 @@ def _ints(text):
 
 def _ops(text):
     names = text.split(",")
-    if unknown := [name for name in names if name not in tuning.OPS]:
-        raise argparse.ArgumentTypeError(f"{unknown} not among {tuning.OPS}")
+    if unknown := [name for name in names if name not in (*tuning.OPS, tuning.FP8)]:
+        raise argparse.ArgumentTypeError(f"{unknown} not among {(*tuning.OPS, tuning.FP8)}")
     return names
 
 
@@ -67,7 +67,8 @@ def parse_args(argv=None):
       help="transport: the devices as (node, local) axes of this many nodes; measures the flat "
            "and the hierarchical modes, with the bytes that cross the node axis")
     a("--tune-ops", type=_ops, default=list(tuning.OPS),
-      help=f"tune: the products to tune, comma-separated, of {','.join(tuning.OPS)}")
+      help=f"tune: the products to tune, comma-separated, of "
+           f"{','.join((*tuning.OPS, tuning.FP8))} (fp8: the FP8 kernel, forward and dx alike)")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")
     a("--repeats", type=int, default=5, help="timed loops; the median is reported")
     a("--min-seconds", type=float, default=0.0,

@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 
 import jep
-from jep import experts
+from jep import experts, fp8
 from jep.bench import timing, workloads
 
 
@@ -43,6 +43,19 @@ def _ops(matmul):
         return jax.vjp(lambda w: matmul(x, w, sizes), w)[1](dy)[0]
 
     return {"forward": forward, "dx": dx, "dw": dw}
+
+
+def _fp8_ops():
+    """forward and dx of `jep.experts.fp8_grouped_matmul` with the weight quantized beforehand
+    (the rotations' fifth element); dw is the bf16 product ("jep"'s)."""
+    def forward(x, w, dy, sizes, quantized):
+        return experts.fp8_grouped_matmul(x, w, sizes, quantized=quantized)
+
+    def dx(x, w, dy, sizes, quantized):
+        return jax.vjp(lambda x: experts.fp8_grouped_matmul(x, w, sizes, quantized=quantized),
+                       x)[1](dy)[0]
+
+    return {"forward": forward, "dx": dx}
 
 
 def _jax_pallas_ops():
@@ -129,8 +142,10 @@ def add_rooflines(results: list[dict], bytes_per_second: float) -> list[dict]:
     for r in results:
         if r["op"] != "dx":
             continue
-        dw = next(d for d in results if d["op"] == "dw" and d["variant"] == r["variant"]
-                  and key(d) == key(r))
+        dw = next((d for d in results if d["op"] == "dw" and d["variant"] == r["variant"]
+                   and key(d) == key(r)), None)
+        if dw is None:  # "jep fp8": its dw is jep's
+            continue
         entry = {k: v for k, v in r.items() if k not in ("error", "backend")} | {
             "op": "dx + dw", "roofline_seconds": None, "vs_roofline": None}
         timed = r["seconds"] is not None and dw["seconds"] is not None
@@ -164,7 +179,7 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
 
         runs, skipped = {}, {}
 
-        def record(variant, op, body):
+        def record(variant, op, body, rotations=rotations):
             run = jax.jit(lambda rotations: timing.repeat_rotated(body, rotations, iters))
             runs[variant, op] = (run, (rotations,))
 
@@ -176,6 +191,11 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
                         "materializes a product per group (56 GiB asked at 64)")
                 else:
                     record(variant, op, body)
+        if k % fp8.TILE == 0 and n % fp8.TILE == 0:
+            # FP8 forward and dx, each weight quantized before the loop (x and dy in it).
+            quantized = [(*r, fp8.quantize_weight(r[1])) for r in rotations]
+            for op, body in _fp8_ops().items():
+                record("jep fp8", op, body, quantized)
         if jax.default_backend() == "gpu":
             for op, body in _jax_pallas_ops().items():
                 record("jax.experimental.pallas.ops", op, body)

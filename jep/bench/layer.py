@@ -117,7 +117,7 @@ def receive_buffer_rows(*, tokens, experts, top_k, ep) -> dict:
 VARIANT_GROUPS = {"jep": ("jep",), "chunks": ("jep, 2 chunks", "jep, 4 chunks"),
                   "halves": ("jep exchanges only", "jep experts only"),
                   "capacity": ("capacity 1.25",), "ragged": ("ragged_all_to_all + ragged_dot",),
-                  "floor": ("dense floor",)}
+                  "floor": ("dense floor",), "fp8": ("jep fp8",)}
 
 
 def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dtype, iters: int,
@@ -173,7 +173,12 @@ def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dty
                 x, p["router"], p["w_gate"], p["w_up"], p["w_down"])
         return apply
 
+    # DeepSeek-V3's recipe: FP8 dispatch and FP8 expert products, each weight quantized in
+    # the step.
+    fp8_config = dataclasses.replace(config, expert_precision="fp8",
+                                     dispatch=jep.DispatchConfig(fp8=True))
     variants = {"jep": lambda x, p: jep.moe(x, p, config=config, mesh=mesh)[0],
+                "jep fp8": lambda x, p: jep.moe(x, p, config=fp8_config, mesh=mesh)[0],
                 "jep, 2 chunks": chunked(2), "jep, 4 chunks": chunked(4),
                 "jep exchanges only": halves("exchanges"), "jep experts only": halves("experts"),
                 "capacity 1.25": baseline(capacity_moe)}

@@ -63,6 +63,7 @@ KINDS = (
     ("grouped forward", ("jep_grouped_forward",)),
     ("grouped dx", ("jep_grouped_dx",)),
     ("grouped dw", ("jep_grouped_dw",)),
+    ("grouped FP8 (forward and dx)", ("jep_grouped_fp8",)),
     ("exchange", ("jep_exchange", "all-to-all", "all_to_all", "nccl", "RaggedAllToAll",
                   "MultiGpuBarrier")),
     ("routing and layout", ("jep_route", "jep_layout")),

@@ -14,8 +14,19 @@ import pathlib
 import jax
 import numpy as np
 
+from jep import fp8
 from jep.bench import gemm, timing, workloads
+import jep_kernels.grouped_matmul as gm
 from jep_kernels.grouped_matmul import mgpu, tuning
+
+
+def _fp8_operands(rotations):
+    """Each rotation (x, w, dy, sizes) as the FP8 kernel's forward takes it: x quantized per
+    1 x 128 tile, w per 128 x 128 block and transposed (K-major), as tuples."""
+    def quantized(x, w, dy, sizes):
+        weight = fp8.quantize_weight(w)
+        return fp8.quantize_rows(x), (weight.q_t, weight.scales_t), None, sizes
+    return [quantized(*r) for r in rotations]
 
 
 def _describe(op, config) -> str:
@@ -34,11 +45,16 @@ def _describe(op, config) -> str:
             kind += f" band {config.band}"
         if config.swizzled_epilogue:
             kind += " swizzled epilogue"
+        if config.acc_rows:
+            kind += f" acc rows {config.acc_rows}"
     return (f"{kind} {config.block_m}x{config.block_n}x{config.block_k} "
             f"s{config.max_concurrent_steps}")
 
 
 def _product(op, config, interpret: bool = False):
+    if op == tuning.FP8:  # operands quantized before the loop (`_fp8_operands`)
+        return lambda x, w, dy, sizes: gm.grouped_matmul_fp8(*x, *w, sizes, config=config,
+                                                             interpret=interpret)
     if op == "forward":
         return lambda x, w, dy, sizes: mgpu.grouped_matmul(x, w, sizes, config=config,
                                                            interpret=interpret)
@@ -68,9 +84,11 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
             pk, pn = tuning.product_shape(op, k, n)
             bodies = {_describe(op, c): (_product(op, c, interpret), c)
                       for c in tuning.candidates(op, pk, pn)}
-            bodies["dense matmul"] = (gemm.DENSE[op], None)
+            if op in gemm.DENSE:  # none for "fp8": the gemm suite times FP8 beside the dense
+                bodies["dense matmul"] = (gemm.DENSE[op], None)
+            operands = _fp8_operands(rotations) if op == tuning.FP8 else rotations
             runs = {name: (jax.jit(lambda rotations, body=body:
-                                   timing.repeat_rotated(body, rotations, iters)), (rotations,))
+                                   timing.repeat_rotated(body, rotations, iters)), (operands,))
                     for name, (body, _) in bodies.items()}
             # The candidates of one product timed in turn, round by round, so that each sees
             # the same power and clock states (seconds_interleaved).
