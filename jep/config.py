@@ -46,8 +46,8 @@ class DispatchConfig:
         the variable `JEP_FFI_TIMEOUT_S`, else 60. It is read when the layer is traced and
         belongs to the compiled program (a new value is a new config, so a new trace).
       fp8: tokens travel as e4m3 with a float32 scale per 128 channels (DeepSeek-V3's FP8
-        dispatch, `jep.fp8`), dequantized on arrival; combine stays in the tokens' dtype. Flat
-        and low-latency modes; H a multiple of 128.
+        dispatch, `jep.fp8`), dequantized on arrival (in hierarchical mode after the second
+        hop); combine stays in the tokens' dtype. H a multiple of 128.
     """
 
     capacity: int | None = None
@@ -80,9 +80,6 @@ class DispatchConfig:
             check_timeout(self.timeout_s, "DispatchConfig.timeout_s")
         if not isinstance(self.fp8, bool):
             raise TypeError(f"DispatchConfig.fp8 must be a bool, got {self.fp8!r}")
-        if self.fp8 and self.mode == "hierarchical":
-            raise ValueError("DispatchConfig: fp8 dispatch runs in flat and low-latency modes, "
-                             "not hierarchical")
 
     def capacity_for(self, num_tokens: int, top_k: int, num_local_experts: int) -> int | None:
         """The per-local-expert capacity for `num_tokens` tokens per rank, or None (dropless)."""

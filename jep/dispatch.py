@@ -58,7 +58,8 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
         DeepSeek-V3's tiles), quantized once at home, H + H / 32 bytes instead of 2 H, and is
         dequantized to x.dtype on arrival: recv_x equals a dispatch of the dequantized tokens,
         bit for bit. H must be a multiple of 128. The gradient passes straight through the
-        quantization (a combine in the cotangent's dtype). Flat mode.
+        quantization (a combine in the cotangent's dtype). In hierarchical mode the packed row
+        crosses both hops and is dequantized after the second.
 
     Returns:
       recv_x: [C, H], x.dtype: the rows of local expert 0, then 1, ...; within an expert by
@@ -75,7 +76,7 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     timeout_s = check_timeout(timeout_s)  # JEP_FFI_TIMEOUT_S read once, now, for both modes
-    check_fp8(fp8, x, mode)
+    check_fp8(fp8, x)
     if mode == "low_latency":
         raise ValueError("mode='low_latency' is jep.low_latency.dispatch, which takes the routing "
                          "weights with the tokens (and jep.low_latency.combine its handle)")
@@ -103,14 +104,14 @@ def _dispatch_program(x, expert_ids, site, *, num_experts, axis_name, capacity, 
     if mode == "hierarchical":
         return hierarchical.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
                                      capacity=capacity, backend=backend, permute=permute,
-                                     timeout_s=timeout_s, site=site)
+                                     timeout_s=timeout_s, fp8=fp8, site=site)
     return flat.dispatch(x, expert_ids, num_experts=num_experts, axis_name=axis_name,
                          capacity=capacity, backend=backend, permute=permute, timeout_s=timeout_s,
                          fp8=fp8, site=site)
 
 
-def check_fp8(fp8, x, mode: str) -> None:
-    """FP8 dispatch: a bool; tokens of 128-channel tiles; flat or low-latency mode."""
+def check_fp8(fp8, x) -> None:
+    """FP8 dispatch: a bool; tokens of 128-channel tiles."""
     if not isinstance(fp8, bool):
         raise TypeError(f"fp8 must be a bool, got {fp8!r}")
     if not fp8:
@@ -118,8 +119,6 @@ def check_fp8(fp8, x, mode: str) -> None:
     if x.shape[-1] % TILE:
         raise ValueError(f"fp8 dispatch quantizes tiles of {TILE} channels: x's H must be a "
                          f"multiple of {TILE}, got shape {x.shape}")
-    if mode == "hierarchical":
-        raise ValueError("fp8 dispatch runs in flat and low-latency modes, not hierarchical")
 
 
 def combine(y, handle: DispatchHandle, weights):

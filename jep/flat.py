@@ -390,13 +390,22 @@ def dispatch(x, expert_ids, *, num_experts: int, axis_name, capacity: int | None
     results (the handle a `DispatchHandle`). The arguments are the caller's to check
     (`jep.dispatch` does, with `check_dispatch_inputs`, before either mode). `site`: the first
     of the DISPATCH_OPS op ids its exchanges take (`op_id`), or None."""
-    backend = transport.resolve(backend, axis_name=axis_name)
-    handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
-                   backend=backend, permute=permute, timeout_s=timeout_s,
-                   op=op_id(site, 0))  # 0
-    check_ids(handle.num_invalid_ids, num_experts)
+    handle = plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
+                  backend=backend, permute=permute, timeout_s=timeout_s, site=site)  # 0
     rows = (_dispatch_fp8_rows if fp8 else _dispatch_rows)(x, handle, op_id(site, 1))  # 1, 2
     return rows, handle.group_sizes, handle
+
+
+def plan(expert_ids, *, num_experts: int, axis_name, capacity: int | None = None,
+         backend: str = "auto", permute: str = "auto", timeout_s: float | None = None,
+         site=None) -> DispatchHandle:
+    """The `DispatchHandle` of a flat `dispatch` (its first exchange, op id `site` + 0), without
+    moving any token: for a caller that moves its own rows with it (hierarchical FP8)."""
+    backend = transport.resolve(backend, axis_name=axis_name)
+    handle = _plan(expert_ids, num_experts=num_experts, axis_name=axis_name, capacity=capacity,
+                   backend=backend, permute=permute, timeout_s=timeout_s, op=op_id(site, 0))
+    check_ids(handle.num_invalid_ids, num_experts)
+    return handle
 
 
 DISPATCH_OPS = 1 + DISPATCH_ROWS_OPS

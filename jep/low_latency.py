@@ -254,7 +254,7 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
         raise TypeError(f"buffer must be a jep.low_latency.Buffer or None, got {type(buffer)}")
     if buffer.released:
         raise ValueError(f"buffer {buffer!r} was released: make a new jep.low_latency.Buffer")
-    check_fp8(fp8, x, "low_latency")
+    check_fp8(fp8, x)
     if isinstance(axis_name, list):
         axis_name = tuple(axis_name)
     recv_x, group_sizes, handle = _dispatch(

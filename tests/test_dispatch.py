@@ -254,15 +254,21 @@ def test_xla_transport_on_cpu_raises_naming_the_fallback():
 
 
 @functools.lru_cache(maxsize=None)
-def fp8_pair_fn(num_ranks, num_experts, capacity, backend):
+def fp8_pair_fn(num_ranks, num_experts, capacity, backend, nodes=None):
     """jit(shard_map) of an FP8 dispatch of x and a dispatch of x quantized and dequantized at
-    home, with the vjp of each."""
-    mesh = make_mesh((num_ranks,), ("ep",))
+    home, with the vjp of each; over `nodes` x (num_ranks / nodes) in hierarchical mode where
+    `nodes` is given."""
+    if nodes is None:
+        mesh, axis, mode = make_mesh((num_ranks,), ("ep",)), "ep", "flat"
+    else:
+        mesh = make_mesh((nodes, num_ranks // nodes), ("node", "local"))
+        axis, mode = ("node", "local"), "hierarchical"
 
     def local(x, ids, g):
         def run(x, fp8):
-            recv_x, sizes, _ = jep.dispatch(x, ids[0], num_experts=num_experts, axis_name="ep",
-                                            capacity=capacity, backend=backend, fp8=fp8)
+            recv_x, sizes, _ = jep.dispatch(x, ids[0], num_experts=num_experts, axis_name=axis,
+                                            capacity=capacity, backend=backend, fp8=fp8,
+                                            mode=mode)
             return recv_x, sizes
         x = x[0]
         home = jep.fp8.dequantize_rows(*jep.fp8.quantize_rows(x), x.dtype)
@@ -272,16 +278,19 @@ def fp8_pair_fn(num_ranks, num_experts, capacity, backend):
         return tuple(a[None] for a in (got, want, sizes, want_sizes, vjp((g[0], zero))[0],
                                        want_vjp((g[0], zero))[0]))
 
-    spec = P("ep")
+    spec = P(mesh.axis_names)
     mapped = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec,) * 6))
     return lambda *args: mapped(*(put(mesh, a, spec) for a in args))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("num_ranks, kind, capacity", [
-    (1, "random", None), (2, "one_hot", None), (4, "random", 3), (8, "skewed", None)])
+@pytest.mark.parametrize("num_ranks, kind, capacity, nodes", [
+    (1, "random", None, None), (2, "one_hot", None, None), (4, "random", 3, None),
+    (8, "skewed", None, None),
+    # Hierarchical: the packed rows cross both hops, dequantized after the second.
+    (4, "random", None, 2), (8, "skewed", 2, 2), (8, "one_hot", None, 4)])
 def test_fp8_dispatch_equals_a_dispatch_of_the_dequantized_tokens(rng, backend, num_ranks, kind,
-                                                                  capacity):
+                                                                  capacity, nodes):
     num_experts, num_tokens, top_k, hidden = 2 * num_ranks, 6, 2, 256
     ids = make_routing(kind, rng, num_ranks=num_ranks, num_tokens=num_tokens, top_k=top_k,
                        num_experts=num_experts)
@@ -292,7 +301,7 @@ def test_fp8_dispatch_equals_a_dispatch_of_the_dequantized_tokens(rng, backend, 
     g = rng.normal(size=(num_ranks, num_ranks * num_tokens * top_k if capacity is None
                          else num_experts // num_ranks * capacity, hidden))
     got, want, sizes, want_sizes, dx, want_dx = fp8_pair_fn(
-        num_ranks, num_experts, capacity, backend)(x, ids, jnp.asarray(g, jnp.bfloat16))
+        num_ranks, num_experts, capacity, backend, nodes)(x, ids, jnp.asarray(g, jnp.bfloat16))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     np.testing.assert_array_equal(sizes, want_sizes)
@@ -301,7 +310,7 @@ def test_fp8_dispatch_equals_a_dispatch_of_the_dequantized_tokens(rng, backend, 
     assert np.any(np.asarray(got, np.float32) != 0)
 
 
-def test_fp8_dispatch_needs_128_channel_tiles_and_flat_or_low_latency_mode():
+def test_fp8_dispatch_needs_128_channel_tiles():
     mesh = make_mesh((2,), ("ep",))
 
     def run(hidden, fp8=True):
@@ -313,8 +322,7 @@ def test_fp8_dispatch_needs_128_channel_tiles_and_flat_or_low_latency_mode():
         run(100)
     with pytest.raises(TypeError, match="fp8 must be a bool"):
         run(128, fp8="yes")
-    with pytest.raises(ValueError, match="not hierarchical"):
-        jep.DispatchConfig(fp8=True, mode="hierarchical")
+    assert jep.DispatchConfig(fp8=True, mode="hierarchical").fp8  # every mode takes it
 
 
 def test_eager_dispatch_and_combine_trace_once_per_shape(rng, monkeypatch):

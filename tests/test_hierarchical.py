@@ -151,6 +151,27 @@ def test_moe_over_node_and_local_axes_matches_the_reference(rng, mode):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_fp8_moe_over_node_and_local_axes_equals_the_flat_one(rng):
+    """FP8 dispatch in hierarchical mode (the packed rows cross both hops) gives the layer the
+    flat mode's FP8 dispatch gives it: forward and gradients, float32 rows."""
+    mesh = make_mesh((2, 4), AXES)
+    configs = {mode: jep.MoEConfig(num_experts=16, top_k=3, axis_name=AXES,
+                                   dispatch=jep.DispatchConfig(mode=mode, fp8=True))
+               for mode in ("flat", "hierarchical")}
+    params = jep.init_params(jax.random.key(2), hidden=128, ffn=16, config=configs["flat"])
+    x = jnp.asarray(rng.normal(size=(32, 128)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(32, 128)), jnp.float32)
+    run = {mode: jax.jit(jax.value_and_grad(
+        lambda p, x, config=config: jnp.sum(jep.moe(x, p, config=config, mesh=mesh)[0] * g),
+        argnums=(0, 1))) for mode, config in configs.items()}
+    got, want = run["hierarchical"](params, x), run["flat"](params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # ... and the quantization happened: the loss is not the unquantized layer's.
+    plain = jep.MoEConfig(num_experts=16, top_k=3, axis_name=AXES)
+    assert float(got[0]) != float(jnp.sum(jep.moe(x, params, config=plain, mesh=mesh)[0] * g))
+
+
 def test_hierarchical_config_needs_two_axes():
     with pytest.raises(ValueError, match="needs MoEConfig.axis_name = \\(node axis, local axis\\)"):
         jep.MoEConfig(num_experts=8, top_k=2, dispatch=jep.DispatchConfig(mode="hierarchical"))
