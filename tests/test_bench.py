@@ -61,6 +61,10 @@ def test_transport_times_fp8_dispatch_and_counts_its_bytes_as_deepep(tmp_path):
     for name in [v for v in dispatch if v.endswith(" fp8")]:
         ratio = dispatch[name]["bytes_per_rank"] / dispatch[name[:-4]]["bytes_per_rank"]
         assert ratio == (128 + 4) / (2 * 128), (name, ratio)
+    # The quantize pass alone, XLA's (and on Hopper the kernel's), over the rows it reads.
+    quantize = {r["variant"]: r for r in results if r["op"] == "quantize"}
+    assert quantize["fp8 quantize, XLA fusions"]["seconds"] > 0
+    assert quantize["fp8 quantize, XLA fusions"]["bytes_per_rank"] == 8 * 128 * 2
 
 
 def test_capacity_baseline_without_drops_equals_the_reference(rng):

@@ -7,6 +7,9 @@ Variants, all moving the same token rows over the EP axis (every device of the m
   all_to_all padded:  lax.all_to_all of per-peer blocks padded to the largest peer slice (what a
                       capacity-based MoE sends)
   ragged_all_to_all:  lax.ragged_all_to_all with one slice per peer (GPU/TPU only)
+  fp8 quantize, ...:  FP8 dispatch's quantize pass alone, x [T, H] to e4m3 and scales: XLA's
+                      fusions of `jep.fp8.quantize_rows`, and on Hopper the one-pass kernel
+                      `jep_kernels.quantize` (op "quantize", bytes = the rows read)
 GB/s per rank = bytes of the token rows a rank receives / time (DeepEP's count), the mean
 rank's rows: 2 H a row in bf16, H + 4 H / 128 in FP8 (e4m3 values and their scales, as DeepEP
 counts its FP8 dispatch).
@@ -26,7 +29,9 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jep
+import jep_kernels.quantize
 from jep import fp8
+from jep.platform import on_hopper
 from jep.bench import timing, workloads
 from jep.layout import get_dispatch_layout
 from jep.transport import xla
@@ -104,6 +109,16 @@ def measure(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routin
                                      mode="flat", iters=iters, fp8=True)
             record(f"jep/{backend} fp8", ["dispatch"], per_rank(fp8_loop), (put(x), put(ids)),
                    nbytes=rows.sum(0).mean() * fp8.packed_width(hidden) * 4)
+
+    if hidden % fp8.TILE == 0:
+        quantizers = {"fp8 quantize, XLA fusions": fp8.quantize_rows}
+        if on_hopper() and jep_kernels.quantize.kernel_takes(x[0, 0]):
+            quantizers["fp8 quantize, Pallas kernel"] = jep_kernels.quantize.quantize_rows
+        for name, quantize in quantizers.items():
+            def quantize_loop(x, quantize=quantize):
+                return timing.repeat_in_loop(lambda x: quantize(x[0]), (x,), iters)[None]
+            record(name, ["quantize"], per_rank(quantize_loop), (put(x),),
+                   nbytes=tokens * hidden * jnp.dtype(dtype).itemsize)
 
     # Peers move the same rows; the bytes counted stay the useful ones.
     block = int(rows.max())
