@@ -4,6 +4,9 @@
 of `mgpu`: the forward, dx (the same kernel reading w transposed) and dw[g] = x[rows of g]^T @
 dy[rows of g] (`mgpu.grouped_matmul_dw`, the group's rows as the contraction).
 
+`grouped_matmul_fp8` is the FP8 product (e4m3 operands with per-tile scales, not differentiable
+on its own: `jep.experts.fp8_grouped_matmul` makes it the forward and dx of one).
+
 Each product runs with its own configuration, looked up by shape in the tuning table (`tuning`)
 unless one is given: a `Config` for the forward and dx, a `DwConfig` (its own dimensions: K
 blocks, N blocks, rows a step) for dw. Runs on Hopper GPUs (`interpret=True`: Pallas's GPU

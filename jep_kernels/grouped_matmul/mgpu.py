@@ -8,7 +8,9 @@ stages and multiplied on the tensor cores (wgmma) into a float32 accumulator; th
 its group are then stored through shared memory with TMA (rows of a block that belong to the
 neighbouring groups are computed and not stored). Rows past the last group are stored as zeros.
 
-bf16 or f16 in, f32 accumulation, the output in the input dtype.
+bf16 or f16 in, f32 accumulation, the output in the input dtype. `grouped_matmul_fp8` is the
+warp-specialized kernel with e4m3 operands and DeepSeek-V3's scales, each 128-deep step scaled
+into the float32 accumulator.
 """
 
 from __future__ import annotations

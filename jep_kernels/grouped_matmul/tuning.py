@@ -6,6 +6,9 @@ The three products of one grouped matmul y = x @ w[g] (x [M, K], w [G, K, N]) ar
 - "dx": dx = dy @ w[g]^T, [M, N] x [N, K] (the forward kernel reading w transposed);
 - "dw": dw[g] = x[rows of g]^T @ dy[rows of g], [K, M_g] x [M_g, N].
 
+The FP8 kernel ("fp8", `grouped_matmul_fp8`) has entries of its own, keyed by its product's K
+(the contraction) and N.
+
 `table.json` (beside this file) holds the configuration a benchmark run picked for each measured
 (op, K, N, G), K and N named as in the list above (`python -m jep.bench tune` writes a new one;
 BENCHMARKS.md says how it was made). A shape whose (op, K, N) is in the table with another G
