@@ -288,7 +288,8 @@ def fp8_pair_fn(num_ranks, num_experts, capacity, backend, nodes=None):
     (1, "random", None, None), (2, "one_hot", None, None), (4, "random", 3, None),
     (8, "skewed", None, None),
     # Hierarchical: the packed rows cross both hops, dequantized after the second.
-    (4, "random", None, 2), (8, "skewed", 2, 2), (8, "one_hot", None, 4)])
+    (4, "random", None, 2), pytest.param(8, "skewed", 2, 2, marks=pytest.mark.slow),
+    (8, "one_hot", None, 4)])
 def test_fp8_dispatch_equals_a_dispatch_of_the_dequantized_tokens(rng, backend, num_ranks, kind,
                                                                   capacity, nodes):
     num_experts, num_tokens, top_k, hidden = 2 * num_ranks, 6, 2, 256

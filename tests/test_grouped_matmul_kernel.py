@@ -86,7 +86,8 @@ def numpy_grouped(x, w, sizes):
     pytest.param(CONFIG_WS_SWIZZLED, [64, 64, 72], marks=pytest.mark.slow),
     (CONFIG_WS_ACC_M, [70, 0, 130]),  # the second group's block: rows in 3 of its 4 accumulators
     pytest.param(CONFIG_WS_ACC_M, [0, 200, 0], marks=pytest.mark.slow),
-    (CONFIG_WS_ACC_N, [33, 100, 1]),  # a tail of 5 rows: one of its block's two accumulators
+    pytest.param(CONFIG_WS_ACC_N, [33, 100, 1],  # a tail of 5 rows: one of two accumulators
+                 marks=pytest.mark.slow),
 ], ids=lambda v: {id(CONFIG): "plain", id(CONFIG_WS): "ws", id(CONFIG_WS_CLUSTER): "ws-cluster",
                   id(CONFIG_WS_SPLIT_M): "ws-split-m",
                   id(CONFIG_WS_SPLIT_M_CLUSTER): "ws-split-m-cluster",
@@ -277,7 +278,8 @@ FP8_CONFIG_SPLIT_M = dataclasses.replace(FP8_CONFIG, split="m")
 
 
 @pytest.mark.parametrize("config, sizes", [
-    (FP8_CONFIG, [70, 0, 100]),  # an empty group, blocks straddling the boundaries, a zero tail
+    # An empty group, blocks straddling the boundaries, a zero tail.
+    pytest.param(FP8_CONFIG, [70, 0, 100], marks=pytest.mark.slow),
     pytest.param(FP8_CONFIG, [0, 200, 0], marks=pytest.mark.slow),  # every row to one group
     (FP8_CONFIG, [33, 31, 1]),  # boundaries inside an epilogue tile, a one-row group, a tail
     (FP8_CONFIG_SPLIT_M, [33, 31, 1]),
