@@ -103,8 +103,8 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, backend: str = "aut
     if x.shape[1] != w.shape[1] or x.shape[1] % fp8.TILE or w.shape[2] % fp8.TILE:
         raise ValueError(f"FP8 products take x [C, K] and w [G, K, N] with K and N multiples of "
                          f"{fp8.TILE}, got x {list(x.shape)} and w {list(w.shape)}")
-    grouped_matmul_backend(x, jax.ShapeDtypeStruct(w.shape, x.dtype), backend)  # refuses what
-    # cannot run here
+    # Refuses a backend that cannot run here, as the bf16 product does.
+    grouped_matmul_backend(x, jax.ShapeDtypeStruct(w.shape, x.dtype), backend)
     if quantized is None:
         quantized = fp8.quantize_weight(lax.stop_gradient(w))
     if not isinstance(quantized, fp8.QuantizedWeight):

@@ -20,11 +20,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jep_kernels.grouped_matmul.mgpu import interpret_params, named
+from jep_kernels.grouped_matmul.mgpu import FP8_TILE as TILE, interpret_params, named
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
-TILE = 128  # channels a scale covers
 
 
 def kernel_takes(x, block_rows: int = 64) -> bool:

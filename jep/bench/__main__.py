@@ -30,8 +30,8 @@ def _ints(text):
 
 def _ops(text):
     names = text.split(",")
-    if unknown := [name for name in names if name not in (*tuning.OPS, tuning.FP8)]:
-        raise argparse.ArgumentTypeError(f"{unknown} not among {(*tuning.OPS, tuning.FP8)}")
+    if unknown := [name for name in names if name not in tuning.TUNED]:
+        raise argparse.ArgumentTypeError(f"{unknown} not among {tuning.TUNED}")
     return names
 
 
@@ -68,7 +68,7 @@ def parse_args(argv=None):
            "and the hierarchical modes, with the bytes that cross the node axis")
     a("--tune-ops", type=_ops, default=list(tuning.OPS),
       help=f"tune: the products to tune, comma-separated, of "
-           f"{','.join((*tuning.OPS, tuning.FP8))} (fp8: the FP8 kernel, forward and dx alike)")
+           f"{','.join(tuning.TUNED)} (fp8: the FP8 kernel, forward and dx alike)")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")
     a("--repeats", type=int, default=5, help="timed loops; the median is reported")
     a("--min-seconds", type=float, default=0.0,

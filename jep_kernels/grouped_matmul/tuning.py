@@ -28,6 +28,7 @@ from jep_kernels.grouped_matmul.mgpu import Config, DwConfig
 
 OPS = ("forward", "dx", "dw")
 FP8 = "fp8"  # the FP8 kernel (forward and dx alike: x [M, K] times w [G, N, K] transposed)
+TUNED = (*OPS, FP8)  # every op with entries in the table
 TABLE = pathlib.Path(__file__).with_name("table.json")
 
 
@@ -63,8 +64,8 @@ def _table(path: pathlib.Path = TABLE) -> dict[str, Config | DwConfig]:
 
 def config_for(op: str, k: int, n: int, groups: int) -> Config | DwConfig:
     """The tuned configuration for this product and shape, else `default(op, k, n)`."""
-    if op not in (*OPS, FP8):
-        raise ValueError(f"op must be one of {(*OPS, FP8)}, got {op!r}")
+    if op not in TUNED:
+        raise ValueError(f"op must be one of {TUNED}, got {op!r}")
     table = _table()
     if key(op, k, n, groups) in table:
         return table[key(op, k, n, groups)]
