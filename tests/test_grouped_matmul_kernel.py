@@ -71,11 +71,11 @@ def numpy_grouped(x, w, sizes):
     (CONFIG, [150, 100, 90]),      # sums past M: the last group is cut at M
     (CONFIG_WS, [70, 0, 100]),
     pytest.param(CONFIG_WS_CLUSTER, [70, 0, 100], marks=ON_GPU_ONLY),
-    (CONFIG_WS, [0, 200, 0]),
+    pytest.param(CONFIG_WS, [0, 200, 0], marks=pytest.mark.slow),  # plain's runs in main
     (CONFIG_WS, [33, 31, 1]),      # boundaries inside one epilogue tile; a long zero tail
     pytest.param(CONFIG_WS_CLUSTER, [33, 31, 1], marks=ON_GPU_ONLY),
     pytest.param(CONFIG_WS, [0, 0, 0], marks=pytest.mark.slow),  # the plain kernel's case runs in the main job
-    (CONFIG_WS, [150, 100, 90]),
+    pytest.param(CONFIG_WS, [150, 100, 90], marks=pytest.mark.slow),  # as is plain's
     pytest.param(CONFIG_WS_SPLIT_M, [70, 0, 100], marks=pytest.mark.slow),
     (CONFIG_WS_SPLIT_M, [33, 31, 1]),
     pytest.param(CONFIG_WS_SPLIT_M, [0, 200, 0], marks=pytest.mark.slow),
@@ -281,7 +281,8 @@ FP8_CONFIG_SPLIT_M = dataclasses.replace(FP8_CONFIG, split="m")
     # An empty group, blocks straddling the boundaries, a zero tail.
     pytest.param(FP8_CONFIG, [70, 0, 100], marks=pytest.mark.slow),
     pytest.param(FP8_CONFIG, [0, 200, 0], marks=pytest.mark.slow),  # every row to one group
-    (FP8_CONFIG, [33, 31, 1]),  # boundaries inside an epilogue tile, a one-row group, a tail
+    pytest.param(FP8_CONFIG, [33, 31, 1],  # boundaries inside an epilogue tile, a one-row
+                 marks=pytest.mark.slow),  # group, a tail (split-m's runs in the main job)
     (FP8_CONFIG_SPLIT_M, [33, 31, 1]),
     pytest.param(FP8_CONFIG_SPLIT_M, [70, 0, 100], marks=pytest.mark.slow),
 ], ids=lambda v: {id(FP8_CONFIG): "split-n", id(FP8_CONFIG_SPLIT_M): "split-m"}.get(id(v)))
