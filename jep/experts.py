@@ -13,6 +13,7 @@ from jax import lax
 
 import jep_kernels.grouped_matmul
 import jep_kernels.grouped_matmul.reference
+import jep_kernels.quantize
 from jep import _checks, fp8
 from jep.config import ACTIVATIONS, PRECISIONS
 from jep.platform import current_platform, on_hopper
@@ -85,7 +86,10 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, backend: str = "aut
 
     Where the bf16 Pallas kernels run (a Hopper GPU, bf16/f16 x, `backend` "auto" or
     "pallas"), the forward and dx are FP8 tensor-core products
-    (`jep_kernels.grouped_matmul.grouped_matmul_fp8`). Elsewhere they are emulated: the e4m3
+    (`jep_kernels.grouped_matmul.grouped_matmul_fp8`), their rows quantized in one pass
+    (`jep_kernels.quantize`, where the rows are a multiple of 64; the same values as
+    `jep.fp8.quantize_rows`, 1.8x faster than XLA's fusions of it on an H200 at 32768 x 7168).
+    Elsewhere they are emulated: the e4m3
     values and scales are exact and the products run in float32 (XLA's `ragged_dot`), the
     numerics of FP8 products, not their speed. Both sum each 128-deep block's products in
     float32 before scaling it.
@@ -116,10 +120,14 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, backend: str = "aut
 def _fp8_times(a, b_q, b_scales, group_sizes, backend: str):
     """a quantized per 1 x 128 tile, times b^T (b e4m3[G, N, K] K-major, scaled per 128 x 128
     block): [C, N] in a.dtype. The FP8 Pallas kernel where the bf16 ones run, else in float32."""
-    a_q, a_scales = fp8.quantize_rows(a)
     if grouped_matmul_backend(a, jax.ShapeDtypeStruct(b_q.shape, a.dtype), backend) == "pallas":
+        # The one-pass quantize kernel where it takes the rows (a multiple of 64 of them).
+        quantize = (jep_kernels.quantize.quantize_rows if jep_kernels.quantize.kernel_takes(a)
+                    else fp8.quantize_rows)
+        a_q, a_scales = quantize(a)
         return jep_kernels.grouped_matmul.grouped_matmul_fp8(a_q, a_scales, b_q, b_scales,
                                                              group_sizes, out_dtype=a.dtype)
+    a_q, a_scales = fp8.quantize_rows(a)
     a32 = fp8.dequantize_rows(a_q, a_scales, jnp.float32)
     b32 = jnp.swapaxes(fp8.dequantize_blocks(b_q, b_scales, jnp.float32), 1, 2)
     return lax.ragged_dot(a32, b32, group_sizes, precision=lax.Precision.HIGHEST).astype(a.dtype)

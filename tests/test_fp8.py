@@ -115,11 +115,13 @@ def test_bad_input_raises():
         fp8.dequantize_rows(q, scales[:, :1])
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_quantize_kernel_equals_the_reference_bit_for_bit(rng, dtype):
+@pytest.mark.parametrize("dtype, splits", [(jnp.bfloat16, 1), (jnp.float32, 1),
+                                           (jnp.bfloat16, None)])
+def test_quantize_kernel_equals_the_reference_bit_for_bit(rng, dtype, splits):
     """jep_kernels.quantize (Pallas Mosaic GPU; interpreted on the CPU) against jep.fp8's
-    reference: two programs of 64 rows, three tiles a row (more than the 2 stages in flight),
-    rows of magnitudes 1e-3 to 1e3, a zero row and a zero tile."""
+    reference: two blocks of 64 rows, three tiles a row (more than the 2 stages in flight),
+    each block's tiles in one program or (as `column_splits` gives for three tiles) one a
+    program; rows of magnitudes 1e-3 to 1e3, a zero row and a zero tile."""
     import jax
     import jep_kernels.quantize
 
@@ -127,7 +129,8 @@ def test_quantize_kernel_equals_the_reference_bit_for_bit(rng, dtype):
     x[5] = 0
     x[9, 128:256] = 0
     x = jnp.asarray(x, dtype)
-    q, scales = jep_kernels.quantize.quantize_rows(x, stages=2,
+    assert jep_kernels.quantize.column_splits(x.shape[1]) == 3
+    q, scales = jep_kernels.quantize.quantize_rows(x, stages=2, splits=splits,
                                                    interpret=jax.default_backend() != "gpu")
     want_q, want_scales = fp8.quantize_rows(x)
     assert q.dtype == fp8.E4M3 and scales.shape == (128, 3)
@@ -145,3 +148,5 @@ def test_quantize_kernel_refuses_what_it_cannot_take():
         assert not jep_kernels.quantize.kernel_takes(jnp.zeros(shape, dtype))
         with pytest.raises(ValueError, match="multiple of 128"):
             jep_kernels.quantize.quantize_rows(jnp.zeros(shape, dtype), interpret=True)
+    with pytest.raises(ValueError, match="splits must divide"):
+        jep_kernels.quantize.quantize_rows(jnp.zeros((64, 384)), splits=2, interpret=True)
