@@ -32,7 +32,7 @@ from jax import lax
 
 from jep import _checks
 from jep.config import OVERFLOW  # noqa: F401 - the policies' names, documented above
-from jep.routing import best_k, expert_counts
+from jep.routing import best_k
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -119,6 +119,37 @@ def _ranks_within_expert(experts, num_experts: int, priority=None):
     return jnp.zeros((count,), jnp.int32).at[order].set(index - first, unique_indices=True)
 
 
+# Pairs a block of `_arrival_places`: each pair is compared with the block's earlier ones.
+_PLACES_BLOCK = 256
+
+
+def _arrival_places(experts, num_experts: int):
+    """(place i32[P], counts i32[E + 1]): each pair's place among the pairs to the same expert
+    in index order (as `_ranks_within_expert` without a priority), and the pairs each expert
+    gets (the last entry: those to no expert, expert == num_experts).
+
+    Without a sort (a sort of the EP group's pairs every reroute round was most of a round's
+    time on an H200): the pairs in blocks of S, a pair's place inside its block from comparing
+    it with the block's earlier pairs ([P / S, S, S] compares), plus the pairs to its expert in
+    the blocks before (per-block counts [P / S, E + 1], summed over blocks in order)."""
+    count = experts.shape[0]
+    size = min(_PLACES_BLOCK, count)
+    blocks = -(-count // size)
+    padded = jnp.pad(experts, (0, blocks * size - count), constant_values=num_experts)
+    padded = padded.reshape(blocks, size)
+    index = jnp.arange(size, dtype=jnp.int32)
+    earlier = index[None, :] < index[:, None]  # [S, S]: j before i
+    within = jnp.sum((padded[:, :, None] == padded[:, None, :]) & earlier, axis=-1,
+                     dtype=jnp.int32)
+    block = jnp.broadcast_to(jnp.arange(blocks, dtype=jnp.int32)[:, None], padded.shape)
+    per_block = jnp.zeros((blocks, num_experts + 1), jnp.int32).at[block, padded].add(1)
+    through = jnp.cumsum(per_block, axis=0, dtype=jnp.int32)
+    before = jnp.take_along_axis(through - per_block, padded, axis=1)
+    padding = jnp.where(jnp.arange(num_experts + 1) == num_experts, blocks * size - count, 0)
+    counts = through[-1] - padding.astype(jnp.int32)
+    return (within + before).reshape(-1)[:count], counts
+
+
 def _group_pairs(values, axis_name):
     """[T, k] on each rank -> [n * T * k] for the whole EP group, rank-major."""
     return lax.all_gather(values.reshape(-1), axis_name, tiled=True)
@@ -154,6 +185,10 @@ def _order_keys(values):
     return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
 
 
+# Reroute rounds run back to back in one iteration of its loop.
+ROUNDS_PER_ITERATION = 2
+
+
 def reroute(expert_ids, choice, *, capacity: int, num_experts: int, axis_name):
     """Places every pair within `capacity` rows per expert over the EP group, moving those whose
     expert is full to their token's next-best experts (see the module docstring).
@@ -180,11 +215,11 @@ def reroute(expert_ids, choice, *, capacity: int, num_experts: int, axis_name):
     def round_(state):
         ids, pending, mark_key, mark_id, taken, _ = state
         arriving = _group_pairs(jnp.where(pending, ids, num_experts), axis_name)
-        place = _ranks_within_expert(arriving, num_experts)
+        place, arrivals = _arrival_places(arriving, num_experts)
         room = jnp.concatenate([capacity - taken, jnp.zeros((1,), jnp.int32)])
         fits = place < room[arriving]  # [n * T * k]; never for no expert
         # Each expert takes as many of its arrivals as it has room for.
-        taken = jnp.minimum(taken + expert_counts(arriving, num_experts), capacity)
+        taken = jnp.minimum(taken + arrivals[:num_experts], capacity)
         full = pending & ~_mine(fits, axis_name, ids.size).reshape(ids.shape)
         # The m-th of a token's pairs that found their expert full takes the m-th expert past
         # its pointer, in its order, that has room now (others may take it first; then the
@@ -208,10 +243,17 @@ def reroute(expert_ids, choice, *, capacity: int, num_experts: int, axis_name):
         mark_id = jnp.where(moves, jnp.take_along_axis(candidates, last, axis=1)[:, 0], mark_id)
         return ids, pending, mark_key, mark_id, taken, lax.psum(jnp.sum(pending), axis_name)
 
+    def rounds(state):
+        # A round with nothing pending changes nothing, so several rounds an iteration give the
+        # same result; they save the device's round trips to the host for the loop's condition.
+        for _ in range(ROUNDS_PER_ITERATION):
+            state = round_(state)
+        return state
+
     # The first round outside the loop: its results carry the mesh-axis types the loop keeps.
     state = round_((expert_ids, valid, top_keys[:, -1], top_ids[:, -1],
                     jnp.zeros((num_experts,), jnp.int32), None))
-    ids = lax.while_loop(lambda s: s[-1] > 0, round_, state)[0]
+    ids = lax.while_loop(lambda s: s[-1] > 0, rounds, state)[0]
     num_rerouted = jnp.sum(valid & (ids != expert_ids) & (ids >= 0), dtype=jnp.int32)
     num_dropped = jnp.sum(valid & (ids < 0), dtype=jnp.int32)
     return ids, num_rerouted, num_dropped
