@@ -37,8 +37,8 @@ def kernel_takes(x, block_rows: int = 64) -> bool:
 
 
 def column_splits(hidden: int) -> int:
-    """Programs per block of rows by default: two 128-column tiles a program (one where the
-    tiles are odd). On an H200 this was as fast as any split tried and 12-15% faster than one
+    """Programs per block of rows by default: two 128-column tiles a program (one tile where
+    their count is odd). On an H200 this was as fast as any split tried and 12-15% faster than one
     program per block of rows, at 4096 and 32768 rows of 7168 (many small programs keep every
     SM busy to the end)."""
     tiles = hidden // TILE
