@@ -115,25 +115,28 @@ def test_bad_input_raises():
         fp8.dequantize_rows(q, scales[:, :1])
 
 
-@pytest.mark.parametrize("dtype, splits", [(jnp.bfloat16, 1), (jnp.float32, 1),
-                                           (jnp.bfloat16, None)])
-def test_quantize_kernel_equals_the_reference_bit_for_bit(rng, dtype, splits):
+@pytest.mark.parametrize("dtype, tiles, splits", [
+    (jnp.bfloat16, 3, 1), (jnp.float32, 3, 1),  # a block's 3 tiles in one program
+    (jnp.bfloat16, 3, None),  # one tile a program (`column_splits` for an odd count)
+    (jnp.bfloat16, 4, None),  # two tiles a program, two programs a block of rows
+])
+def test_quantize_kernel_equals_the_reference_bit_for_bit(rng, dtype, tiles, splits):
     """jep_kernels.quantize (Pallas Mosaic GPU; interpreted on the CPU) against jep.fp8's
-    reference: two blocks of 64 rows, three tiles a row (more than the 2 stages in flight),
-    each block's tiles in one program or (as `column_splits` gives for three tiles) one a
-    program; rows of magnitudes 1e-3 to 1e3, a zero row and a zero tile."""
+    reference: two blocks of 64 rows of 128-column tiles, more of them in one program than the
+    2 stages in flight, or shared by programs; rows of magnitudes 1e-3 to 1e3, a zero row and
+    a zero tile."""
     import jax
     import jep_kernels.quantize
 
-    x = magnitudes(rng, (128, 384))
+    x = magnitudes(rng, (128, 128 * tiles))
     x[5] = 0
     x[9, 128:256] = 0
     x = jnp.asarray(x, dtype)
-    assert jep_kernels.quantize.column_splits(x.shape[1]) == 3
+    assert jep_kernels.quantize.column_splits(x.shape[1]) == {3: 3, 4: 2}[tiles]
     q, scales = jep_kernels.quantize.quantize_rows(x, stages=2, splits=splits,
                                                    interpret=jax.default_backend() != "gpu")
     want_q, want_scales = fp8.quantize_rows(x)
-    assert q.dtype == fp8.E4M3 and scales.shape == (128, 3)
+    assert q.dtype == fp8.E4M3 and scales.shape == (128, tiles)
     np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)),
                                   np.asarray(want_q.astype(jnp.float32)))
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
