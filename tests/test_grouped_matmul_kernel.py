@@ -143,12 +143,19 @@ DW_WS_THREE_STAGES = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_conc
 # The whole tile stored from one buffer, waited for only before the next tile's store.
 DW_WS_ONE_BUFFER = gm.DwConfig(block_k=128, block_n=64, block_rows=64, max_concurrent_steps=2,
                                warp_specialized=True, epilogue_k=128, epilogue_n=64)
+# dy's rows held for a run of both K tiles where a group takes at most two steps (three dy
+# stages, two of x), else loaded for each tile; runs of one K tile.
+DW_WS_RESIDENT = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=2,
+                             warp_specialized=True, resident_steps=3)
+DW_WS_RESIDENT_RUNS = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=3,
+                                  warp_specialized=True, resident_steps=2, run_k_blocks=1)
 
 
 @pytest.mark.parametrize("config", [
     DW_PLAIN, DW_WS, pytest.param(DW_WS_THREE_STAGES, marks=pytest.mark.slow),
-    pytest.param(DW_WS_ONE_BUFFER, marks=pytest.mark.slow)],
-    ids=["plain", "ws", "ws-3-stages", "ws-one-buffer"])
+    pytest.param(DW_WS_ONE_BUFFER, marks=pytest.mark.slow), DW_WS_RESIDENT,
+    pytest.param(DW_WS_RESIDENT_RUNS, marks=pytest.mark.slow)],
+    ids=["plain", "ws", "ws-3-stages", "ws-one-buffer", "ws-resident", "ws-resident-runs"])
 @pytest.mark.parametrize("sizes", [
     [70, 0, 100, 30],      # an empty group; a zero tail past the last group
     [0, 200, 0, 0],        # every row in one group
@@ -177,8 +184,8 @@ def test_weight_gradient_matches_float64(config, sizes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [DW_PLAIN, DW_WS, DW_WS_THREE_STAGES],
-                         ids=["plain", "ws", "ws-3-stages"])
+@pytest.mark.parametrize("config", [DW_PLAIN, DW_WS, DW_WS_THREE_STAGES, DW_WS_RESIDENT],
+                         ids=["plain", "ws", "ws-3-stages", "ws-resident"])
 @pytest.mark.parametrize("chunk_rows, sizes", [
     ((100, 100), [[70, 0, 20, 10], [0, 50, 50, 0]]),  # chunk 1 starts off the 8-row tiling
     ((100, 100), [[0, 0, 0, 0], [25, 25, 25, 25]]),   # a chunk with nothing
@@ -371,6 +378,17 @@ def test_shapes_it_cannot_take_raise():
         gm.DwConfig(block_rows=32, block_n=64, warp_specialized=True)
     with pytest.raises(ValueError, match="DwConfig.block_k must be an int >= 1"):
         gm.DwConfig(block_k=0)
+    with pytest.raises(ValueError, match="resident_steps needs warp_specialized=True"):
+        gm.DwConfig(resident_steps=3)
+    with pytest.raises(ValueError, match="resident_steps must be 0 or at least 2, got 1"):
+        gm.DwConfig(warp_specialized=True, resident_steps=1)
+    with pytest.raises(ValueError, match="DwConfig.run_k_blocks must be an int >= 0"):
+        gm.DwConfig(warp_specialized=True, resident_steps=2, run_k_blocks=-1)
+    with pytest.raises(ValueError, match="K=384 must be a multiple of block_k x run_k_blocks = 256"):
+        mgpu.grouped_matmul_dw(jnp.zeros((64, 384), jnp.bfloat16), jnp.zeros((64, 128), jnp.bfloat16),
+                               jnp.zeros(2, jnp.int32),
+                               config=gm.DwConfig(block_k=128, block_n=64, warp_specialized=True,
+                                                  resident_steps=2, run_k_blocks=2))
     with pytest.raises(ValueError, match="split must be 'm' or 'n'"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 256), jnp.bfloat16), jnp.zeros(2, jnp.int32),
                           config=gm.Config(warp_specialized=True, split="k"))

@@ -34,8 +34,10 @@ def _describe(op, config) -> str:
         kind = "ws" if config.warp_specialized else "plain"
         epilogue = (f" e{config.epilogue_k}x{config.epilogue_n}"
                     if config.warp_specialized else "")
+        resident = (f" resident {config.resident_steps} run {config.run_k_blocks or 'K'}"
+                    if config.resident_steps else "")
         return (f"{kind} {config.block_k}x{config.block_n}x{config.block_rows} "
-                f"s{config.max_concurrent_steps}{epilogue}")
+                f"s{config.max_concurrent_steps}{epilogue}{resident}")
     kind = "plain"
     if config.warp_specialized:
         kind = f"ws split {config.split}"

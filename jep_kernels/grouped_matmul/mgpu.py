@@ -89,10 +89,24 @@ class DwConfig:
     warp_specialized: bool = False
     epilogue_k: int = 64
     epilogue_n: int = 64
+    # Warp-specialized only: a group's dy rows of up to `resident_steps` steps are loaded once
+    # for a run of `run_k_blocks` tiles along K (0: all of K) and stay in shared memory while
+    # x's rows stream past them; a group with more steps loads its dy rows for every tile.
+    # 0: dy's rows are loaded for every tile, in step with x's.
+    resident_steps: int = 0
+    run_k_blocks: int = 0
 
     def __post_init__(self):
         _positive(self, "block_k", "block_n", "block_rows", "max_concurrent_steps", "epilogue_k",
                   "epilogue_n")
+        for name in ("resident_steps", "run_k_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"DwConfig.{name} must be an int >= 0, got {value!r}")
+        if self.resident_steps and not self.warp_specialized:
+            raise ValueError("DwConfig: resident_steps needs warp_specialized=True")
+        if self.resident_steps == 1:
+            raise ValueError("DwConfig: resident_steps must be 0 or at least 2, got 1")
         if self.warp_specialized:
             if self.block_rows % 64 or self.block_n % 64:
                 raise ValueError(f"DwConfig: block_rows={self.block_rows} and block_n="
@@ -594,6 +608,14 @@ def dw_tile_n(config: DwConfig) -> int:
     return config.block_n * (2 if config.warp_specialized else 1)
 
 
+def dw_run_k(config: DwConfig, depth: int) -> int:
+    """K blocks of one run of the warp-specialized weight gradient (`DwConfig.run_k_blocks`):
+    1 without resident dy rows."""
+    if not config.resident_steps:
+        return 1
+    return config.run_k_blocks or depth // config.block_k
+
+
 def check_dw_shapes(x, dy, group_sizes, *, config: DwConfig):
     """Raises a ValueError/TypeError naming what the weight-gradient kernel cannot take."""
     if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
@@ -609,6 +631,10 @@ def check_dw_shapes(x, dy, group_sizes, *, config: DwConfig):
     if depth % config.block_k or width % dw_tile_n(config):
         raise ValueError(f"K={depth} must be a multiple of block_k={config.block_k} and N={width} "
                          f"of the tile width {dw_tile_n(config)} (the weight gradient's tiles)")
+    if config.run_k_blocks and config.resident_steps and (
+            depth % (config.block_k * config.run_k_blocks)):
+        raise ValueError(f"K={depth} must be a multiple of block_k x run_k_blocks = "
+                         f"{config.block_k * config.run_k_blocks} (the weight gradient's runs)")
 
 
 def grouped_matmul_dw(x, dy, group_sizes, *, config: DwConfig = DwConfig(), out_dtype=None,
@@ -728,22 +754,27 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
     """`grouped_matmul_dw` for many small groups: one pipeline across all of a program's tiles.
 
     A tile is (group, K block of block_k, N block of 2 block_n); two compute warpgroups take
-    block_n columns each. A third warpgroup only issues TMA loads: for each of the program's
-    tiles in turn, the group's rows in steps of block_rows from the group's first row rounded
-    down to a multiple of 8 (the tiling of the shared-memory tiles wants row offsets in
-    multiples of 8), into a ring of `max_concurrent_steps` stages that runs on from one tile
-    into the next. With 128 rows a group a tile is two or three steps, and the loads of the
-    next tiles are in flight while this one multiplies and while its result is stored.
+    block_n columns each. A program takes runs of tiles: a run is `dw_run_k` tiles along K of
+    one group and N block (one tile without `resident_steps`), runs ordered group, K, N. A
+    third warpgroup only issues TMA loads: for each tile in turn, the group's rows in steps of
+    block_rows from the group's first row rounded down to a multiple of 8 (the tiling of the
+    shared-memory tiles wants row offsets in multiples of 8), x's into a ring of
+    `max_concurrent_steps` stages and dy's into a ring of `resident_steps` stages (or as many
+    as x's), both running on from one tile into the next. dy's rows are loaded for the first
+    tile of a run only where all of the group's steps fit dy's ring (they are then held until
+    the run's last tile), else for every tile. With 128 rows a group a tile is two or three
+    steps, and the loads of the next tiles are in flight while this one multiplies and while
+    its result is stored.
 
     The compute warpgroups zero the rows of other groups (at most 7 before the group, and those
-    past its end) in their own half of dy's first and last steps, multiply (wgmma, float32
-    accumulators), and store their block_k x block_n result through a swizzled shared-memory
-    tile in pieces of epilogue_k x epilogue_n without waiting for the stores: two buffers of a
-    piece each, or with one piece the whole tile in one buffer, whose store is waited for only
-    before the next tile's result goes there (after the next tile's products). An empty group's
-    tiles are stored as zeros. A group's rows in several chunks (`segments`, from
-    `_segment_rows`) are its segments: a tile's steps are those of each segment in turn, all
-    into the one accumulator.
+    past its end) in their own half of dy's first and last steps when they arrive, multiply
+    (wgmma, float32 accumulators), and store their block_k x block_n result through a swizzled
+    shared-memory tile in pieces of epilogue_k x epilogue_n without waiting for the stores: two
+    buffers of a piece each, or with one piece the whole tile in one buffer, whose store is
+    waited for only before the next tile's result goes there (after the next tile's products).
+    An empty group's tiles are stored as zeros. A group's rows in several chunks (`segments`,
+    from `_segment_rows`) are its segments: a tile's steps are those of each segment in turn,
+    all into the one accumulator.
     """
     num_rows, depth = x.shape
     width = dy.shape[1]
@@ -751,11 +782,13 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
     # bm: the K block of a tile (the wgmma's M); br: rows a step.
     bm, bn, br = config.block_k, config.block_n, config.block_rows
     stages = config.max_concurrent_steps
+    dy_stages = config.resident_steps or stages
     em, en = min(config.epilogue_k, bm), min(config.epilogue_n, bn)
     pieces = (bm // em) * (bn // en)
     buffers = 1 if pieces == 1 else 2
-    k_blocks, n_blocks = depth // bm, width // (2 * bn)
-    num_tiles = num_groups * k_blocks * n_blocks
+    run_k = dw_run_k(config, depth)
+    k_runs, n_blocks = depth // (bm * run_k), width // (2 * bn)
+    num_runs = num_groups * k_runs * n_blocks
     dtype = x.dtype
     # i32[2 G C]: (first row, end row) of each group's segment in each chunk.
     bounds = jnp.stack(segments, axis=-1).reshape(-1)
@@ -767,10 +800,15 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
     def body(bounds_gmem, x_gmem, dy_gmem, out_gmem):
         wg = lax.axis_index("wg")
 
-        def tile_of(info):
-            """(group, K block, N block)."""
-            tile = info.index[0]
-            return tile // (k_blocks * n_blocks), tile // n_blocks % k_blocks, tile % n_blocks
+        def run_of(info):
+            """(group, its segments (`segment`), their steps in all, whether dy's rows stay
+            for the run, the run's first K block, N block)."""
+            run = info.index[0]
+            group = run // (k_runs * n_blocks)
+            segments = [segment(group, c) for c in range(num_chunks)]
+            steps = sum(s[-1] for s in segments)
+            kept = (steps <= config.resident_steps) if config.resident_steps else False
+            return group, segments, steps, kept, run // n_blocks % k_runs * run_k, run % n_blocks
 
         def segment(group, c):
             """(first row loaded, the group's rows [start, end) in chunk c, steps)."""
@@ -780,65 +818,111 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
             steps = jnp.where(end > start, (end - first_row + br - 1) // br, 0)
             return first_row, start, end, steps
 
+        def positions(j, steps, kept, dy_count):
+            """Whether tile j of a run loads dy's rows, whether it releases them, and the
+            position of its first step in dy's ring."""
+            if not config.resident_steps:  # every tile loads and releases its own
+                return True, True, dy_count
+            loads = (j == 0) | ~kept
+            return loads, (j == run_k - 1) | ~kept, jnp.where(loads, dy_count, dy_count - steps)
+
+        def drain(barriers, total, ring):
+            """The ring's last releases: no barrier is left with a phase unobserved."""
+            @pl.loop(jnp.maximum(total - ring, 0), total)
+            def _(position):
+                plgpu.barrier_wait(barriers.at[position % ring])
+
         @functools.partial(
             pl.run_scoped,
             x_smem=plgpu.SMEM((stages, *x_tile), dtype, transforms=_smem_transforms(x_tile[1], dtype)),
-            dy_smem=plgpu.SMEM((stages, 2, br, bn), dtype, transforms=_smem_transforms(bn, dtype)),
+            dy_smem=plgpu.SMEM((dy_stages, 2, br, bn), dtype, transforms=_smem_transforms(bn, dtype)),
             out_smem=plgpu.SMEM((2, buffers, em, en), out_dtype,
                                 transforms=_smem_transforms(en, out_dtype)),
-            loaded=plgpu.Barrier(num_arrivals=3, num_barriers=stages),
-            consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            x_loaded=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+            x_consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            dy_loaded=plgpu.Barrier(num_arrivals=2, num_barriers=dy_stages),
+            dy_consumed=plgpu.Barrier(num_arrivals=2, num_barriers=dy_stages),
             collective_axes="wg",
         )
-        def _scope(x_smem, dy_smem, out_smem, loaded, consumed):
+        def _scope(x_smem, dy_smem, out_smem, x_loaded, x_consumed, dy_loaded, dy_consumed):
             @pl.when(wg == 2)
             def _memory():
                 plgpu.set_max_registers(40, action="decrease")
 
-                def tile_loads(info, carry):
-                    group, ki, ni = tile_of(info)
-                    cols = pl.ds(pl.multiple_of(ki * bm, bm), bm)
-                    for c in range(num_chunks):
-                        first_row, _, _, steps = segment(group, c)
-                        carry = lax.fori_loop(
-                            0, steps, functools.partial(segment_loads, first_row, cols, ni), carry)
+                def run_loads(info, carry):
+                    group, segments, steps, kept, k0, ni = run_of(info)
+
+                    def tile_loads(j, counts):
+                        x_count, dy_count = counts
+                        loads, _, dy_at = positions(j, steps, kept, dy_count)
+                        cols = pl.ds(pl.multiple_of((k0 + j) * bm, bm), bm)
+                        offset = 0
+                        for first_row, _, _, segment_steps in segments:
+                            lax.fori_loop(0, segment_steps, functools.partial(
+                                step_loads, first_row, offset, cols, ni, loads, x_count, dy_at),
+                                None)
+                            offset = offset + segment_steps
+                        return x_count + steps, dy_at + steps
+
+                    return lax.fori_loop(0, run_k, tile_loads, carry)
+
+                def step_loads(first_row, offset, cols, ni, loads, x_count, dy_at, b, carry):
+                    rows = pl.ds(pl.multiple_of(first_row + b * br, 8), br)
+
+                    @pl.when(loads)
+                    def _():
+                        position = dy_at + offset + b
+                        slot = position % dy_stages
+
+                        @pl.when(position >= dy_stages)
+                        def _():
+                            plgpu.barrier_wait(dy_consumed.at[slot])
+
+                        for half in range(2):
+                            half_cols = pl.multiple_of((2 * ni + half) * bn, bn)
+                            plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(half_cols, bn)],
+                                                    dy_smem.at[slot, half], dy_loaded.at[slot])
+
+                    position = x_count + offset + b
+                    slot = position % stages
+
+                    @pl.when(position >= stages)
+                    def _():
+                        plgpu.barrier_wait(x_consumed.at[slot])
+
+                    x_src = x_gmem.at[cols, rows] if interpret else x_gmem.at[rows, cols]
+                    plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], x_loaded.at[slot])
                     return carry
 
-                def segment_loads(first_row, cols, ni, b, step):
-                    slot = step % stages
-
-                    @pl.when(step >= stages)
-                    def _():
-                        plgpu.barrier_wait(consumed.at[slot])
-
-                    rows = pl.ds(pl.multiple_of(first_row + b * br, 8), br)
-                    x_src = x_gmem.at[cols, rows] if interpret else x_gmem.at[rows, cols]
-                    plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], loaded.at[slot])
-                    for half in range(2):
-                        half_cols = pl.multiple_of((2 * ni + half) * bn, bn)
-                        plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(half_cols, bn)],
-                                                dy_smem.at[slot, half], loaded.at[slot])
-                    return step + 1
-
-                total = plgpu.nd_loop((num_tiles,), collective_axes="sm",
-                                      init_carry=jnp.int32(0))(tile_loads)
-
-                # The last stages' releases: no barrier is left with a phase unobserved.
-                @pl.loop(jnp.maximum(total - stages, 0), total)
-                def _(step):
-                    plgpu.barrier_wait(consumed.at[step % stages])
+                x_total, dy_total = plgpu.nd_loop(
+                    (num_runs,), collective_axes="sm",
+                    init_carry=(jnp.int32(0), jnp.int32(0)))(run_loads)
+                drain(x_consumed, x_total, stages)
+                drain(dy_consumed, dy_total, dy_stages)
 
             @pl.when(wg < 2)
             def _compute():
                 plgpu.set_max_registers(232, action="increase")
 
-                def segment_product(acc_ref, first_row, start, end, steps, step):
-                    """The segment's steps into the accumulator, from ring step `step` on;
-                    returns the step after them."""
-                    def step_product(b, step):
-                        slot = step % stages
-                        plgpu.barrier_wait(loaded.at[slot])
-                        dy_part = dy_smem.at[slot, wg]
+                def release(x_position, dy_position, releases):
+                    """A step's stages, its product finished: x's, and dy's where the tile
+                    releases them."""
+                    plgpu.barrier_arrive(x_consumed.at[x_position % stages])
+
+                    @pl.when(releases)
+                    def _():
+                        plgpu.barrier_arrive(dy_consumed.at[dy_position % dy_stages])
+
+                def step_product(acc_ref, segment, offset, loads, releases, x_count, dy_at,
+                                 b, carry):
+                    first_row, start, end, _ = segment
+                    t = offset + b  # the step's place in the tile
+                    plgpu.barrier_wait(x_loaded.at[(x_count + t) % stages])
+                    dy_part = dy_smem.at[(dy_at + t) % dy_stages, wg]
+
+                    @pl.when(loads)
+                    def _():
+                        plgpu.barrier_wait(dy_loaded.at[(dy_at + t) % dy_stages])
                         # The group's rows in this step: [lo, hi).
                         lo = start - first_row - b * br
                         hi = end - first_row - b * br
@@ -852,58 +936,64 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
                             dy_part[...] = dy_part[...] * keep.astype(dtype)
                             plgpu.commit_smem()
 
-                        lhs = (x_smem.at[slot] if interpret
-                               else plgpu.transpose_ref(x_smem.at[slot], (1, 0)))
-                        plgpu.wgmma(acc_ref, lhs, dy_part)
-                        # The product before this one has finished: its stage can be reloaded.
-                        plgpu.wgmma_wait(1)
+                    x_part = x_smem.at[(x_count + t) % stages]
+                    lhs = x_part if interpret else plgpu.transpose_ref(x_part, (1, 0))
+                    plgpu.wgmma(acc_ref, lhs, dy_part)
+                    # The product before this one has finished: its stages can be reloaded.
+                    plgpu.wgmma_wait(1)
 
-                        @pl.when(b > 0)
-                        def _():
-                            plgpu.barrier_arrive(consumed.at[(step - 1) % stages])
-
-                        return step + 1
-
-                    step = lax.fori_loop(0, steps, step_product, step)
-                    plgpu.wgmma_wait(0)
-
-                    @pl.when(steps > 0)
+                    @pl.when(t > 0)
                     def _():
-                        plgpu.barrier_arrive(consumed.at[(step - 1) % stages])
+                        release(x_count + t - 1, dy_at + t - 1, releases)
 
-                    return step
+                    return carry
 
-                def tile_product(info, carry):
-                    group, ki, ni = tile_of(info)
+                def run_product(info, carry):
+                    group, segments, steps, kept, k0, ni = run_of(info)
 
-                    def multiply(acc_ref):
-                        step = carry
-                        for c in range(num_chunks):
-                            step = segment_product(acc_ref, *segment(group, c), step)
-                        return acc_ref[...], step
+                    def tile_product(j, counts):
+                        x_count, dy_count = counts
+                        loads, releases, dy_at = positions(j, steps, kept, dy_count)
 
-                    # Zero where the group is empty (no steps): the accumulator starts at zero.
-                    acc, step = pl.run_scoped(multiply, plgpu.ACC((bm, bn)))
-                    acc = acc.astype(out_dtype)
-                    for i in range(bm // em):
-                        for j in range(bn // en):
-                            piece = i * (bn // en) + j
-                            slot = piece % buffers
-                            # The buffer's last store has read it. (With two buffers and an odd
-                            # number of pieces, the first piece's buffer was the last one used.)
-                            alone = buffers == 1 or (piece == 0 and pieces % 2)
-                            plgpu.wait_smem_to_gmem(0 if alone else 1, wait_read_only=True)
-                            out_smem[wg, slot] = acc[i * em:(i + 1) * em, j * en:(j + 1) * en]
-                            plgpu.commit_smem()
-                            row = pl.multiple_of(ki * bm + i * em, 8)
-                            col = pl.multiple_of((2 * ni + wg) * bn + j * en, en)
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot],
-                                out_gmem.at[group, pl.ds(row, em), pl.ds(col, en)])
-                    return step
+                        def multiply(acc_ref):
+                            offset = 0
+                            for segment in segments:
+                                lax.fori_loop(0, segment[-1], functools.partial(
+                                    step_product, acc_ref, segment, offset, loads, releases,
+                                    x_count, dy_at), None)
+                                offset = offset + segment[-1]
+                            plgpu.wgmma_wait(0)
 
-                plgpu.nd_loop((num_tiles,), collective_axes="sm",
-                              init_carry=jnp.int32(0))(tile_product)
+                            @pl.when(steps > 0)
+                            def _():
+                                release(x_count + steps - 1, dy_at + steps - 1, releases)
+
+                            return acc_ref[...]
+
+                        # Zero where the group is empty (no steps): the accumulator starts at zero.
+                        acc = pl.run_scoped(multiply, plgpu.ACC((bm, bn))).astype(out_dtype)
+                        for i in range(bm // em):
+                            for jj in range(bn // en):
+                                piece = i * (bn // en) + jj
+                                slot = piece % buffers
+                                # The buffer's last store has read it. (With two buffers and an
+                                # odd number of pieces, the first piece's buffer was the last
+                                # one used.)
+                                alone = buffers == 1 or (piece == 0 and pieces % 2)
+                                plgpu.wait_smem_to_gmem(0 if alone else 1, wait_read_only=True)
+                                out_smem[wg, slot] = acc[i * em:(i + 1) * em, jj * en:(jj + 1) * en]
+                                plgpu.commit_smem()
+                                row = pl.multiple_of((k0 + j) * bm + i * em, 8)
+                                col = pl.multiple_of((2 * ni + wg) * bn + jj * en, en)
+                                plgpu.copy_smem_to_gmem(
+                                    out_smem.at[wg, slot],
+                                    out_gmem.at[group, pl.ds(row, em), pl.ds(col, en)])
+                        return x_count + steps, dy_at + steps
+
+                    return lax.fori_loop(0, run_k, tile_product, carry)
+
+                plgpu.nd_loop((num_runs,), collective_axes="sm",
+                              init_carry=(jnp.int32(0), jnp.int32(0)))(run_product)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return _persistent(body, jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype),

@@ -97,7 +97,17 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                       (128, 64, 64, 6, 64, 64), (128, 128, 64, 3, 128, 128),
                       (128, 128, 64, 2, 128, 128), (128, 64, 64, 4, 128, 64),
                       (128, 64, 64, 6, 128, 64), (64, 128, 64, 4, 64, 128))]
-        return [c for c in found if k % c.block_k == 0 and n % mgpu.dw_tile_n(c) == 0]
+        # dy's rows held across a run of K tiles (`resident_steps`, `run_k_blocks`).
+        found += [DwConfig(block_k=128, block_n=bn, block_rows=64, max_concurrent_steps=steps,
+                           warp_specialized=True, epilogue_k=ek, epilogue_n=en,
+                           resident_steps=resident, run_k_blocks=run)
+                  for bn, steps, ek, en, resident, run in (
+                      (128, 4, 64, 64, 3, 0), (128, 6, 64, 64, 3, 0), (128, 4, 64, 64, 3, 8),
+                      (128, 5, 64, 64, 3, 8), (128, 4, 64, 64, 3, 4), (128, 4, 128, 128, 3, 0),
+                      (128, 4, 128, 128, 3, 8), (128, 3, 64, 64, 4, 0),
+                      (64, 4, 128, 64, 5, 0), (64, 6, 128, 64, 3, 0))]
+        return [c for c in found if k % (c.block_k * (c.run_k_blocks or 1)) == 0
+                and n % mgpu.dw_tile_n(c) == 0]
     if op == FP8:  # warp-specialized, 128 deep (one scale block a step)
         found = [Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=steps,
                         warp_specialized=True, split=split, band=band, swizzled_epilogue=swz)
