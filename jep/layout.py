@@ -65,6 +65,8 @@ def resolve_permute(permute: str, rows: jax.Array, op: str = "gather") -> str:
     GPUs where they take the rows and were measured faster."""
     if permute not in PERMUTES:
         raise ValueError(f"permute must be one of {PERMUTES}, got {permute!r}")
+    if permute == "xla":
+        return "xla"
     takes = (on_hopper() and jnp.issubdtype(rows.dtype, jnp.floating)
              and jep_kernels.permute.kernel_takes(rows, op))
     if permute == "pallas" and not takes:

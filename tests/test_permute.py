@@ -133,6 +133,22 @@ def test_pallas_permute_off_hopper_raises_naming_the_fallback():
     assert layout.resolve_permute("auto", jnp.zeros((4, 4096))) == "xla"
 
 
+def test_each_permute_resolves_to_its_mover_on_hopper(monkeypatch):
+    # As on an H200: "xla" stays XLA's whatever the rows, "pallas" takes the kernels, "auto"
+    # the gather kernel for rows of 8 KiB or more and XLA's sums.
+    monkeypatch.setattr(layout, "on_hopper", lambda: True)
+    wide, narrow = jnp.zeros((4, 4096), jnp.bfloat16), jnp.zeros((4, 256), jnp.bfloat16)
+    for rows in (wide, narrow):
+        assert layout.resolve_permute("xla", rows) == "xla"
+        assert layout.resolve_permute("xla", rows, "gather_sum") == "xla"
+        assert layout.resolve_permute("pallas", rows) == "pallas"
+        assert layout.resolve_permute("pallas", rows, "gather_sum") == "pallas"
+        assert layout.resolve_permute("auto", rows, "gather_sum") == "xla"
+    assert layout.resolve_permute("auto", wide) == "pallas"
+    assert layout.resolve_permute("auto", narrow) == "xla"
+    assert layout.resolve_permute("auto", jnp.zeros((4, 4096), jnp.int32)) == "xla"
+
+
 @pytest.mark.parametrize("dtype, hidden", [(jnp.bfloat16, 7168), (jnp.float32, 384)])
 def test_kernels_lower_for_hopper(dtype, hidden):
     """Lowered for CUDA (no GPU needed): Mosaic GPU's layout inference and the copies' shapes
