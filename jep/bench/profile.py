@@ -186,14 +186,14 @@ def report(run, args, title: str, steps: int = 1) -> dict:
     device = min(e["device"] for e in events)  # the one `breakdown` counts
     print(f"  per step, by kind ({device}):")
     print(breakdown_table(totals))
-    # The longest kernels of each kind, with the op behind each where it is known.
+    # The five longest kernels of each kind, with the op behind each where it is known.
     longest = collections.defaultdict(collections.Counter)
     for e in events:
         if e["device"] == device:
             op = (_op_name(e, names) or "?")[-70:]
             longest[kind_of(e, names)][(e["name"][:60], op)] += e["duration"]
     for kind in totals:
-        for (name, op_name), us in longest[kind].most_common(3):
+        for (name, op_name), us in longest[kind].most_common(5):
             print(f"    {kind}: {us / steps:9.1f} us  {name}  [{op_name}]")
     print(f"  (args of one kernel event: {sorted(events[0]['args'])})")
     return totals
