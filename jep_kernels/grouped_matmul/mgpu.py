@@ -631,8 +631,7 @@ def check_dw_shapes(x, dy, group_sizes, *, config: DwConfig):
     if depth % config.block_k or width % dw_tile_n(config):
         raise ValueError(f"K={depth} must be a multiple of block_k={config.block_k} and N={width} "
                          f"of the tile width {dw_tile_n(config)} (the weight gradient's tiles)")
-    if config.run_k_blocks and config.resident_steps and (
-            depth % (config.block_k * config.run_k_blocks)):
+    if depth % (config.block_k * dw_run_k(config, depth)):
         raise ValueError(f"K={depth} must be a multiple of block_k x run_k_blocks = "
                          f"{config.block_k * config.run_k_blocks} (the weight gradient's runs)")
 
