@@ -40,6 +40,12 @@ CONFIG_WS_ACC_M = gm.Config(block_m=256, block_n=64, block_k=64, max_concurrent_
                             acc_rows=64)
 CONFIG_WS_ACC_N = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
                             warp_specialized=True, epilogue_m=64, epilogue_n=64, acc_rows=64)
+# One ring of stages across all of a program's tiles: three stages for tiles of two steps,
+# so that a tile's steps start at every place in the ring; and with 64-row accumulators.
+CONFIG_WS_ACROSS = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=3,
+                             warp_specialized=True, epilogue_m=64, epilogue_n=64,
+                             across_tiles=True)
+CONFIG_WS_ACC_M_ACROSS = dataclasses.replace(CONFIG_WS_ACC_M, across_tiles=True)
 ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="clusters run on the GPU only")
 # The weight gradient beside them: the plain kernel in 64 x 64 tiles, and the warp-specialized
 # one (tiles 128 x 128) beside the warp-specialized products.
@@ -69,7 +75,7 @@ def numpy_grouped(x, w, sizes):
     (CONFIG, [64, 64, 72]),        # on block boundaries, then off; no tail
     (CONFIG, [0, 0, 0]),           # nothing: all zeros
     (CONFIG, [150, 100, 90]),      # sums past M: the last group is cut at M
-    (CONFIG_WS, [70, 0, 100]),
+    pytest.param(CONFIG_WS, [70, 0, 100], marks=pytest.mark.slow),  # as ws-across's in main
     pytest.param(CONFIG_WS_CLUSTER, [70, 0, 100], marks=ON_GPU_ONLY),
     pytest.param(CONFIG_WS, [0, 200, 0], marks=pytest.mark.slow),  # plain's runs in main
     (CONFIG_WS, [33, 31, 1]),      # boundaries inside one epilogue tile; a long zero tail
@@ -77,23 +83,33 @@ def numpy_grouped(x, w, sizes):
     pytest.param(CONFIG_WS, [0, 0, 0], marks=pytest.mark.slow),  # the plain kernel's case runs in the main job
     pytest.param(CONFIG_WS, [150, 100, 90], marks=pytest.mark.slow),  # as is plain's
     pytest.param(CONFIG_WS_SPLIT_M, [70, 0, 100], marks=pytest.mark.slow),
-    (CONFIG_WS_SPLIT_M, [33, 31, 1]),
+    pytest.param(CONFIG_WS_SPLIT_M, [33, 31, 1], marks=pytest.mark.slow),  # acc-rows-m: main
     pytest.param(CONFIG_WS_SPLIT_M, [0, 200, 0], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_SPLIT_M_CLUSTER, [33, 31, 1], marks=ON_GPU_ONLY),
-    (CONFIG_WS_BAND, [70, 0, 100]),
+    pytest.param(CONFIG_WS_BAND, [70, 0, 100], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_BAND, [33, 31, 1], marks=pytest.mark.slow),
-    (CONFIG_WS_SWIZZLED, [70, 0, 100]),
+    pytest.param(CONFIG_WS_SWIZZLED, [70, 0, 100], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_SWIZZLED, [64, 64, 72], marks=pytest.mark.slow),
-    (CONFIG_WS_ACC_M, [70, 0, 130]),  # the second group's block: rows in 3 of its 4 accumulators
+    # The first group's 70 rows shared out at 64 rows a warpgroup; the last group's block:
+    # rows in 3 of its 4 accumulators.
+    (CONFIG_WS_ACC_M, [70, 0, 130]),
     pytest.param(CONFIG_WS_ACC_M, [0, 200, 0], marks=pytest.mark.slow),
+    # Each group's block within its first 128 rows: shared out at 64 rows a warpgroup.
+    pytest.param(CONFIG_WS_ACC_M, [120, 80, 0], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACC_N, [33, 100, 1],  # a tail of 5 rows: one of two accumulators
                  marks=pytest.mark.slow),
+    (CONFIG_WS_ACROSS, [70, 0, 100]),
+    pytest.param(CONFIG_WS_ACROSS, [33, 31, 1], marks=pytest.mark.slow),
+    pytest.param(CONFIG_WS_ACROSS, [0, 0, 0], marks=pytest.mark.slow),
+    pytest.param(CONFIG_WS_ACC_M_ACROSS, [70, 0, 130], marks=pytest.mark.slow),
+    pytest.param(CONFIG_WS_ACC_M_ACROSS, [0, 200, 0], marks=pytest.mark.slow),
 ], ids=lambda v: {id(CONFIG): "plain", id(CONFIG_WS): "ws", id(CONFIG_WS_CLUSTER): "ws-cluster",
                   id(CONFIG_WS_SPLIT_M): "ws-split-m",
                   id(CONFIG_WS_SPLIT_M_CLUSTER): "ws-split-m-cluster",
                   id(CONFIG_WS_BAND): "ws-band",
                   id(CONFIG_WS_SWIZZLED): "ws-swizzled", id(CONFIG_WS_ACC_M): "ws-acc-rows-m",
-                  id(CONFIG_WS_ACC_N): "ws-acc-rows-n"}.get(id(v)))
+                  id(CONFIG_WS_ACC_N): "ws-acc-rows-n", id(CONFIG_WS_ACROSS): "ws-across",
+                  id(CONFIG_WS_ACC_M_ACROSS): "ws-acc-rows-m-across"}.get(id(v)))
 def test_forward_and_gradients_match_references(config, sizes):
     rng = np.random.default_rng(len(sizes) + sum(sizes))
     # The tile width of the warp-specialized kernel (2 block_n per cluster block) for N, and for
@@ -282,6 +298,8 @@ FP8_CONFIG = gm.Config(block_m=128, block_n=64, block_k=128, max_concurrent_step
                        warp_specialized=True, epilogue_m=64, epilogue_n=64)
 # Each warpgroup 64 rows of the 128 columns: its rows' scales, one w block's.
 FP8_CONFIG_SPLIT_M = dataclasses.replace(FP8_CONFIG, split="m")
+FP8_CONFIG_ACROSS = dataclasses.replace(FP8_CONFIG_SPLIT_M, max_concurrent_steps=3,
+                                        across_tiles=True)
 
 
 @pytest.mark.parametrize("config, sizes", [
@@ -289,10 +307,12 @@ FP8_CONFIG_SPLIT_M = dataclasses.replace(FP8_CONFIG, split="m")
     pytest.param(FP8_CONFIG, [70, 0, 100], marks=pytest.mark.slow),
     pytest.param(FP8_CONFIG, [0, 200, 0], marks=pytest.mark.slow),  # every row to one group
     pytest.param(FP8_CONFIG, [33, 31, 1],  # boundaries inside an epilogue tile, a one-row
-                 marks=pytest.mark.slow),  # group, a tail (split-m's runs in the main job)
-    (FP8_CONFIG_SPLIT_M, [33, 31, 1]),
+                 marks=pytest.mark.slow),  # group, a tail (across-tiles' in main)
+    pytest.param(FP8_CONFIG_SPLIT_M, [33, 31, 1], marks=pytest.mark.slow),
     pytest.param(FP8_CONFIG_SPLIT_M, [70, 0, 100], marks=pytest.mark.slow),
-], ids=lambda v: {id(FP8_CONFIG): "split-n", id(FP8_CONFIG_SPLIT_M): "split-m"}.get(id(v)))
+    (FP8_CONFIG_ACROSS, [70, 0, 100]),
+], ids=lambda v: {id(FP8_CONFIG): "split-n", id(FP8_CONFIG_SPLIT_M): "split-m",
+                  id(FP8_CONFIG_ACROSS): "across-tiles"}.get(id(v)))
 def test_fp8_kernel_matches_float64_of_its_quantized_operands(config, sizes):
     """grouped_matmul_fp8 against float64 products of the dequantized e4m3 operands: the
     kernel sums each 128-deep block in float32 and scales it, so the two agree to float32
@@ -389,6 +409,12 @@ def test_shapes_it_cannot_take_raise():
                                jnp.zeros(2, jnp.int32),
                                config=gm.DwConfig(block_k=128, block_n=64, warp_specialized=True,
                                                   resident_steps=2, run_k_blocks=2))
+    with pytest.raises(ValueError, match="across_tiles needs warp_specialized=True and cluster_n=1"):
+        gm.Config(across_tiles=True)
+    with pytest.raises(ValueError, match="across_tiles needs .* got warp_specialized=True, cluster_n=2"):
+        gm.Config(warp_specialized=True, cluster_n=2, across_tiles=True)
+    with pytest.raises(ValueError, match="Config.across_tiles must be a bool, got 'yes'"):
+        gm.Config(warp_specialized=True, across_tiles="yes")
     with pytest.raises(ValueError, match="split must be 'm' or 'n'"):
         gm.grouped_matmul(x, jnp.zeros((2, 128, 256), jnp.bfloat16), jnp.zeros(2, jnp.int32),
                           config=gm.Config(warp_specialized=True, split="k"))

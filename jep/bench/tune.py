@@ -49,6 +49,8 @@ def _describe(op, config) -> str:
             kind += " swizzled epilogue"
         if config.acc_rows:
             kind += f" acc rows {config.acc_rows}"
+        if config.across_tiles:
+            kind += " across tiles"
     return (f"{kind} {config.block_m}x{config.block_n}x{config.block_k} "
             f"s{config.max_concurrent_steps}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +61,15 @@ class Config:
     # tile in one. 64: in accumulators of 64 rows, and one that holds none of the item's rows
     # gets no products, so that the last block of a group a few rows past a multiple of
     # block_m computes about its rows only (with block_m 256, most groups of up to about 250
-    # rows take one block: one read of their weights).
+    # rows take one block: one read of their weights). Split by rows, two accumulators a
+    # warpgroup: an item within the block's first half is shared out at a quarter of the
+    # block a warpgroup, so that both multiply.
     acc_rows: int = 0
+    # Warp-specialized only: one pipeline across all of a program's tiles. The memory
+    # warpgroup loads the next tiles' first steps while the compute warpgroups finish a tile
+    # and store it, so a tile of few steps (K = 2048 is 32 steps of 64) does not begin with an
+    # empty pipeline. False: each tile starts a pipeline of its own. Not with cluster_n = 2.
+    across_tiles: bool = False
 
     def __post_init__(self):
         _positive(self, "block_m", "block_n", "block_k", "max_concurrent_steps", "epilogue_m",
@@ -72,6 +80,12 @@ class Config:
             raise ValueError(f"Config.cluster_n must be 1 or 2, got {self.cluster_n!r}")
         if self.split not in ("m", "n"):
             raise ValueError(f"Config.split must be 'm' or 'n', got {self.split!r}")
+        if self.across_tiles not in (False, True):
+            raise ValueError(f"Config.across_tiles must be a bool, got {self.across_tiles!r}")
+        if self.across_tiles and (not self.warp_specialized or self.cluster_n != 1):
+            raise ValueError("Config.across_tiles needs warp_specialized=True and cluster_n=1, "
+                             f"got warp_specialized={self.warp_specialized}, "
+                             f"cluster_n={self.cluster_n}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,16 +302,26 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
 
     With `scales` = (x's f32[K / 128, M] transposed, w's f32[G, N / 128, K / 128]), x and w
     are e4m3 (w transposed) and each 128-deep step's product is scaled into the float32
-    accumulator: `grouped_matmul_fp8`."""
+    accumulator: `grouped_matmul_fp8`.
+
+    A tile's steps (block_k of K each) go through a pipeline of `max_concurrent_steps` stages:
+    one of its own for each tile, or with `Config.across_tiles` one ring of stages for all of a
+    program's tiles, into which the memory warpgroup loads the next tiles' first steps while
+    the compute warpgroups finish a tile and store it."""
     num_rows, depth = x.shape
     num_groups = w.shape[0]
     width = w.shape[1] if transpose_w else w.shape[2]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
+    steps, stages = depth // bk, config.max_concurrent_steps
     # Each compute warpgroup's part of the block_m x (2 block_n) tile: wm x wn.
     wm, wn = (bm // 2, 2 * bn) if config.split == "m" else (bm, bn)
     em, en = min(config.epilogue_m, wm), min(config.epilogue_n, wn)
     sub = config.acc_rows or wm  # rows of one accumulator
     subs = wm // sub
+    # Split by rows into two accumulators each, an item whose rows all lie in the block's first
+    # wm is shared out at wm / 2 rows a warpgroup, one accumulator each, instead of leaving the
+    # second warpgroup without products (with block_m 256, a group of up to about 120 rows).
+    balanced = config.split == "m" and subs == 2 and scales is None
     items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
     num_items = items.shape[0] // 4
     x = _pad_for_blocks(x, bm, interpret)
@@ -307,11 +331,13 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
         x_scales = jnp.pad(x_scales, ((0, 0), (0, x.shape[0] - x_scales.shape[1])))
     cluster = config.cluster_n
     col_blocks = width // (2 * bn * cluster)
+    num_tiles = num_items * col_blocks
     in_dtype, dtype = x.dtype, out_dtype or x.dtype
     swizzle = plgpu.find_swizzle(bk * jnp.dtype(in_dtype).itemsize * 8)
     out_swizzle = plgpu.find_swizzle(en * jnp.dtype(dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(in_dtype).itemsize)),
                   plgpu.SwizzleTransform(swizzle))
+    w_block = (2 * bn, bk) if transpose_w else (bk, 2 * bn)
 
     # Register layouts (the interpreter has none).
     laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
@@ -319,179 +345,331 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
     def body(items_gmem, x_gmem, w_gmem, *refs):
         *scale_gmem, out_gmem = refs
         wg = lax.axis_index("wg")
-        compute_wg = wg < 2
+
+        def tile_of(tile) -> _Tile:
+            """Tile -> (item, column block): bands of `band` items, column-major inside."""
+            first_item = tile // (config.band * col_blocks) * config.band
+            in_band = tile % (config.band * col_blocks)
+            band_items = jnp.minimum(config.band, num_items - first_item)
+            item = first_item + in_band % band_items
+            col = (in_band // band_items) * cluster + (
+                lax.axis_index("cluster") if cluster > 1 else 0)
+            row = pl.multiple_of(items_gmem[4 * item + 1], schedule.ROW_ALIGN)
+            first_row, end_row = items_gmem[4 * item + 2], items_gmem[4 * item + 3]
+            wg_row = row
+            if config.split == "m":  # the warpgroup's `share` of rows: wm, or see `balanced`
+                share = jnp.where(end_row - row <= wm, wm // 2, wm) if balanced else wm
+                wg_row = row + wg * share
+                end_row = jnp.minimum(end_row, wg_row + share)
+            return _Tile(group=items_gmem[4 * item], row=row, col=col, wg_row=wg_row,
+                         wg_col=col * 2 * bn + (0 if config.split == "m" else wg * bn),
+                         first_row=first_row - wg_row, end_row=end_row - wg_row)
+
+        def multiplies(t: _Tile):
+            return (t.group >= 0) & (t.group < num_groups)
+
+        def operand_tiles(t: _Tile, x_smem, w_smem):
+            """This warpgroup's x rows and w columns of the step's tiles."""
+            if config.split == "m":
+                return (x_smem.at[pl.ds(t.wg_row - t.row, wm)],
+                        plgpu.transpose_ref(w_smem, (1, 0)) if transpose_w else w_smem)
+            return x_smem, (plgpu.transpose_ref(w_smem.at[pl.ds(wg * bn, bn)], (1, 0))
+                            if transpose_w else w_smem.at[:, pl.ds(wg * bn, bn)])
+
+        def issue(t: _Tile, x_smem, w_smem, acc_refs):
+            """One step's products into this warpgroup's accumulators, not waited for.
+
+            An accumulator whose rows hold none of the group's (past a short group's end, or
+            the rows of the group before) gets no products: its rows are never stored, and the
+            other warpgroup has the tensor cores to itself."""
+            x_tile, w_tile = operand_tiles(t, x_smem, w_smem)
+
+            def products(which):
+                for s in which:
+                    plgpu.wgmma(acc_refs[s], x_tile.at[pl.ds(s * sub, sub)]
+                                if subs > 1 else x_tile, w_tile)
+
+            holds = [(t.end_row > s * sub) & (t.first_row < (s + 1) * sub) for s in range(subs)]
+            if config.split == "n" and subs == 1:
+                products([0])  # all of the block's rows: it holds some of the group's
+            elif subs == 1:
+                pl.when(holds[0])(lambda: products([0]))
+            else:
+                every = functools.reduce(jnp.logical_and, holds)
+                pl.when(every)(lambda: products(range(subs)))
+                for s in range(subs):
+                    pl.when(holds[s] & ~every)(lambda s=s: products([s]))
+
+        def scaled_step(t: _Tile, k, x_smem, w_smem, x_scale_smem, acc):
+            """acc + (x tile @ w tile) * (row scales x the w block's scale): one step of 128,
+            its products into an accumulator of their own (DeepSeek-V3's promotion of each K
+            block into float32)."""
+            w_scale = scale_gmem[1][t.group, t.wg_col // FP8_TILE, k]
+            x_tile, w_tile = operand_tiles(t, x_smem, w_smem)
+
+            def block(part_ref):
+                plgpu.wgmma(part_ref, x_tile, w_tile)
+                return part_ref[...]
+
+            part = pl.run_scoped(block, plgpu.ACC((wm, wn)))
+            rows = x_scale_smem.at[0, pl.ds(t.wg_row - t.row, wm)] if config.split == "m" else (
+                x_scale_smem.at[0])
+            row_scales = laid_out(rows[...], plgpu.Layout.WGMMA.reduce(1)) * w_scale
+            return acc + part * lax.broadcast_in_dim(row_scales, (wm, wn), [0])
+
+        def zero_acc():
+            return laid_out(jnp.zeros((wm, wn), jnp.float32), plgpu.Layout.WGMMA)
+
+        acc_shapes = [plgpu.ACC((sub, wn)) for _ in range(subs)]
 
         def pipeline(mma, compute_context, col=0):
-            w_spec = (plgpu.BlockSpec((2 * bn, bk), lambda kk: (col, kk), transforms=transforms)
-                      if transpose_w else
-                      plgpu.BlockSpec((bk, 2 * bn), lambda kk: (kk, col), transforms=transforms))
+            """A tile's own pipeline (without `Config.across_tiles`)."""
+            w_spec = plgpu.BlockSpec(w_block, (lambda kk: (col, kk)) if transpose_w else
+                                     (lambda kk: (kk, col)), transforms=transforms)
             # FP8: the x tile's row scales of each step, [1, block_m] of the transposed scales.
             scale_specs = [plgpu.BlockSpec((1, bm), lambda kk: (kk, 0))] if scaled else []
             return plgpu.emit_pipeline_warp_specialized(
                 mma,
-                grid=(depth // bk,),
+                grid=(steps,),
                 memory_registers=40,
                 in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=transforms,
                                           collective_axes=("cluster",) if cluster > 1 else ()),
                           w_spec, *scale_specs],
                 wg_axis="wg",
                 num_compute_wgs=2,
-                max_concurrent_steps=config.max_concurrent_steps,
+                max_concurrent_steps=stages,
                 compute_context=compute_context,
             )
 
-        ignore = lambda *_, **__: None  # allocations depend on the block shapes only
+        if config.across_tiles:  # one ring of stages, loaded and released by barriers
+            stage_smem = dict(
+                x=plgpu.SMEM((stages, bm, bk), in_dtype, transforms=transforms),
+                w=plgpu.SMEM((stages, *w_block), in_dtype, transforms=transforms),
+                scale=plgpu.SMEM((stages, 1, bm), jnp.float32) if scaled else None,
+                loaded=plgpu.Barrier(num_arrivals=3 if scaled else 2, num_barriers=stages),
+                consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+        else:  # allocations depend on the block shapes only
+            ignore = lambda *_, **__: None  # noqa: E731
+            stage_smem = pipeline(ignore, ignore).get_allocations(
+                x_gmem.at[pl.ds(0, bm)], w_gmem.at[0],
+                *([scale_gmem[0].at[:, pl.ds(0, bm)]] if scaled else []))
 
         @functools.partial(
             pl.run_scoped,
-            allocations=pipeline(ignore, ignore).get_allocations(
-                x_gmem.at[pl.ds(0, bm)], w_gmem.at[0],
-                *([scale_gmem[0].at[:, pl.ds(0, bm)]] if scaled else [])),
+            stage_smem=stage_smem,
             out_smem=plgpu.SMEM((2, 2, em, en), dtype),
             full_smem=plgpu.SMEM((2, 2, em, en), dtype, transforms=(
                 plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
                 plgpu.SwizzleTransform(out_swizzle))) if config.swizzled_epilogue else None,
             collective_axes="wg",
         )
-        def _scope(allocations, out_smem, full_smem):
-            @plgpu.nd_loop((num_items * col_blocks,), collective_axes="sm")
-            def _tile(info):
-                # Tile -> (item, column block): bands of `band` items, column-major inside.
-                tile = info.index[0]
-                first_item = tile // (config.band * col_blocks) * config.band
-                in_band = tile % (config.band * col_blocks)
-                band_items = jnp.minimum(config.band, num_items - first_item)
-                item = first_item + in_band % band_items
-                col = (in_band // band_items) * cluster + (
-                    lax.axis_index("cluster") if cluster > 1 else 0)
-                group = items_gmem[4 * item]
-                row = pl.multiple_of(items_gmem[4 * item + 1], schedule.ROW_ALIGN)
-                # This warpgroup's wm x wn part of the tile: its first row and column.
-                wg_row = row + (wg * wm if config.split == "m" else 0)
-                wg_col = col * 2 * bn + (0 if config.split == "m" else wg * bn)
-                # The rows [first_row, end_row) of the item, relative to wg_row.
-                first_row = items_gmem[4 * item + 2] - wg_row
-                end_row = items_gmem[4 * item + 3] - wg_row
+        def _scope(stage_smem, out_smem, full_smem):
+            def epilogue(t: _Tile, tile_values):
+                """Stores rows [first_row, end_row) of this warpgroup's wm x wn tile."""
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                for i in range(wm // em):
+                    lo = jnp.clip(t.first_row - i * em, 0, em)
+                    hi = jnp.clip(t.end_row - i * em, 0, em)
+                    for j in range(wn // en):
+                        slot = (i * (wn // en) + j) % 2
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                        values = tile_values(i, j)
 
-                def epilogue(tile_values):
-                    """Stores rows [first_row, end_row) of this warpgroup's wm x wn tile."""
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for i in range(wm // em):
-                        lo = jnp.clip(first_row - i * em, 0, em)
-                        hi = jnp.clip(end_row - i * em, 0, em)
-                        for j in range(wn // en):
-                            slot = (i * (wn // en) + j) % 2
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            values = tile_values(i, j)
+                        def store_rows(values=values, i=i, j=j, slot=slot, lo=lo, hi=hi):
+                            out_smem[wg, slot] = values
+                            plgpu.commit_smem()
+                            _store_rows(out_smem.at[wg, slot], out_gmem, t.wg_row + i * em,
+                                        lo, jnp.maximum(hi - lo, 0), t.wg_col + j * en,
+                                        min(em, num_rows), en, commit_group=False)
 
-                            def store_rows(values=values, i=i, j=j, slot=slot, lo=lo, hi=hi):
-                                out_smem[wg, slot] = values
+                        if full_smem is None:
+                            store_rows()
+                        else:
+                            full = (lo == 0) & (hi == em)
+                            pl.when(~full)(store_rows)
+
+                            @pl.when(full)
+                            def _(values=values, i=i, j=j, slot=slot):
+                                full_smem[wg, slot] = values
                                 plgpu.commit_smem()
-                                _store_rows(out_smem.at[wg, slot], out_gmem, wg_row + i * em,
-                                            lo, jnp.maximum(hi - lo, 0), wg_col + j * en,
-                                            min(em, num_rows), en, commit_group=False)
+                                plgpu.copy_smem_to_gmem(
+                                    full_smem.at[wg, slot],
+                                    out_gmem.at[pl.ds(t.wg_row + i * em, em),
+                                                pl.ds(t.wg_col + j * en, en)],
+                                    commit_group=False)
+                        plgpu.commit_smem_to_gmem_group()
 
-                            if full_smem is None:
-                                store_rows()
-                            else:
-                                full = (lo == 0) & (hi == em)
-                                pl.when(~full)(store_rows)
+            def store_accs(t: _Tile, acc_refs):
+                accs = [acc_ref[...].astype(dtype) for acc_ref in acc_refs]
+                epilogue(t, lambda i, j: accs[i * em // sub][
+                    i * em % sub:i * em % sub + em, j * en:(j + 1) * en])
 
-                                @pl.when(full)
-                                def _(values=values, i=i, j=j, slot=slot):
-                                    full_smem[wg, slot] = values
-                                    plgpu.commit_smem()
-                                    plgpu.copy_smem_to_gmem(
-                                        full_smem.at[wg, slot],
-                                        out_gmem.at[pl.ds(wg_row + i * em, em),
-                                                    pl.ds(wg_col + j * en, en)],
-                                        commit_group=False)
-                            plgpu.commit_smem_to_gmem_group()
+            def store_acc(t: _Tile, acc):
+                acc = acc.astype(dtype)
+                epilogue(t, lambda i, j: acc[i * em:(i + 1) * em, j * en:(j + 1) * en])
 
-                def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped,
-                                       acc_refs=[plgpu.ACC((sub, wn)) for _ in range(subs)])
-                    def _(acc_refs):
-                        eval_pipeline(tuple(acc_refs))
-                        accs = [acc_ref[...].astype(dtype) for acc_ref in acc_refs]
-                        epilogue(lambda i, j: accs[i * em // sub][
-                            i * em % sub:i * em % sub + em, j * en:(j + 1) * en])
+            def store_zeros(t: _Tile):
+                """The rows past the last group."""
+                pl.when(t.group == num_groups)(
+                    lambda: epilogue(t, lambda i, j: jnp.zeros((em, en), dtype)))
 
-                def operand_tiles(x_smem, w_smem):
-                    """This warpgroup's x rows and w columns of the step's tiles."""
-                    if config.split == "m":
-                        return (x_smem.at[pl.ds(wg * wm, wm)],
-                                plgpu.transpose_ref(w_smem, (1, 0)) if transpose_w else w_smem)
-                    return x_smem, (plgpu.transpose_ref(w_smem.at[pl.ds(wg * bn, bn)], (1, 0))
-                                    if transpose_w else w_smem.at[:, pl.ds(wg * bn, bn)])
+            def pipelines():
+                """A pipeline of its own for each tile (`plgpu.emit_pipeline_warp_specialized`)."""
+                @plgpu.nd_loop((num_tiles,), collective_axes="sm")
+                def _tile(info):
+                    t = tile_of(info.index[0])
 
-                def scaled_context(eval_pipeline):
-                    acc = eval_pipeline(laid_out(jnp.zeros((wm, wn), jnp.float32),
-                                                 plgpu.Layout.WGMMA))
-                    acc = acc.astype(dtype)
-                    epilogue(lambda i, j: acc[i * em:(i + 1) * em, j * en:(j + 1) * en])
+                    def compute_context(eval_pipeline):
+                        def multiply(acc_refs):
+                            eval_pipeline(tuple(acc_refs))
+                            store_accs(t, acc_refs)
 
-                def scaled_mma(indices, x_smem, w_smem, x_scale_smem, acc):
-                    """acc + (x tile @ w tile) * (row scales x the w block's scale): one step
-                    of 128, its products into an accumulator of their own (DeepSeek-V3's
-                    promotion of each K block into float32)."""
-                    w_scale = scale_gmem[1][group, wg_col // FP8_TILE, indices[0]]
-                    x_tile, w_tile = operand_tiles(x_smem, w_smem)
+                        pl.run_scoped(multiply, acc_shapes)
 
-                    def block(part_ref):
-                        plgpu.wgmma(part_ref, x_tile, w_tile)
-                        return part_ref[...]
-
-                    part = pl.run_scoped(block, plgpu.ACC((wm, wn)))
-                    rows = x_scale_smem.at[0, pl.ds(wg * wm, wm)] if config.split == "m" else (
-                        x_scale_smem.at[0])
-                    row_scales = laid_out(rows[...], plgpu.Layout.WGMMA.reduce(1)) * w_scale
-                    return acc + part * lax.broadcast_in_dim(row_scales, (wm, wn), [0])
-
-                def mma(_, x_smem, w_smem, acc_refs):
-                    x_tile, w_tile = operand_tiles(x_smem, w_smem)
-
-                    def products(which):
-                        for s in which:
-                            plgpu.wgmma(acc_refs[s], x_tile.at[pl.ds(s * sub, sub)]
-                                        if subs > 1 else x_tile, w_tile)
+                    def mma(_, x_smem, w_smem, acc_refs):
+                        issue(t, x_smem, w_smem, acc_refs)
                         plgpu.wgmma_wait(0)
+                        return acc_refs
 
-                    # An accumulator whose rows hold none of the group's (past a short group's
-                    # end, or the rows of the group before) gets no products: its rows are
-                    # never stored, and the other warpgroup has the tensor cores to itself.
-                    holds = [(end_row > s * sub) & (first_row < (s + 1) * sub)
-                             for s in range(subs)]
-                    if config.split == "n" and subs == 1:
-                        products([0])  # all of the block's rows: it holds some of the group's
-                    elif subs == 1:
-                        pl.when(holds[0])(lambda: products([0]))
-                    else:
-                        every = functools.reduce(jnp.logical_and, holds)
-                        pl.when(every)(lambda: products(range(subs)))
-                        for s in range(subs):
-                            pl.when(holds[s] & ~every)(lambda s=s: products([s]))
-                    return acc_refs
+                    @pl.when(multiplies(t))
+                    def _product():
+                        if scaled:
+                            pipeline(lambda indices, *refs: scaled_step(t, indices[0], *refs),
+                                     lambda evaluate: store_acc(t, evaluate(zero_acc())), t.col)(
+                                x_gmem.at[pl.ds(t.row, bm)], w_gmem.at[t.group],
+                                scale_gmem[0].at[:, pl.ds(t.row, bm)], allocations=stage_smem)
+                        else:
+                            pipeline(mma, compute_context, t.col)(
+                                x_gmem.at[pl.ds(t.row, bm)], w_gmem.at[t.group],
+                                allocations=stage_smem)
 
-                @pl.when((group >= 0) & (group < num_groups))
-                def _product():
+                    pl.when(wg < 2)(lambda: store_zeros(t))
+
+            def ring():
+                """One ring of stages for all of a program's tiles (`Config.across_tiles`): the
+                memory warpgroup loads step after step of tile after tile, each stage as soon as
+                both compute warpgroups have released it."""
+                x_smem, w_smem, scale_smem = (stage_smem[name] for name in ("x", "w", "scale"))
+                loaded, consumed = stage_smem["loaded"], stage_smem["consumed"]
+
+                def step_loads(t: _Tile, count, k):
+                    slot = _free_stage(consumed, count * steps + k, stages)
+                    ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+                    cols = pl.ds(pl.multiple_of(t.col * 2 * bn, 2 * bn), 2 * bn)
+                    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(t.row, bm), ks], x_smem.at[slot],
+                                            loaded.at[slot])
+                    plgpu.copy_gmem_to_smem(w_gmem.at[t.group, cols, ks] if transpose_w else
+                                            w_gmem.at[t.group, ks, cols], w_smem.at[slot],
+                                            loaded.at[slot])
                     if scaled:
-                        pipeline(scaled_mma, scaled_context, col)(
-                            x_gmem.at[pl.ds(row, bm)], w_gmem.at[group],
-                            scale_gmem[0].at[:, pl.ds(row, bm)], allocations=allocations)
-                    else:
-                        pipeline(mma, compute_context, col)(
-                            x_gmem.at[pl.ds(row, bm)], w_gmem.at[group], allocations=allocations)
+                        plgpu.copy_gmem_to_smem(scale_gmem[0].at[pl.ds(k, 1), pl.ds(t.row, bm)],
+                                                scale_smem.at[slot], loaded.at[slot])
 
-                @pl.when((group == num_groups) & compute_wg)
-                def _zeros():
-                    epilogue(lambda i, j: jnp.zeros((em, en), dtype))
+                def tile_products(t: _Tile, count):
+                    first = count * steps
 
+                    def arrived(k):
+                        """The stage of the tile's step k, once loaded."""
+                        slot = (first + k) % stages
+                        plgpu.barrier_wait(loaded.at[slot])
+                        return slot
+
+                    if scaled:
+                        def scaled_product(k, acc):
+                            slot = arrived(k)
+                            acc = scaled_step(t, k, x_smem.at[slot], w_smem.at[slot],
+                                              scale_smem.at[slot], acc)
+                            plgpu.barrier_arrive(consumed.at[slot])
+                            return acc
+
+                        store_acc(t, lax.fori_loop(0, steps, scaled_product, zero_acc()))
+                        return
+
+                    def multiply(acc_refs):
+                        @pl.loop(0, steps)
+                        def _(k):
+                            slot = arrived(k)
+                            issue(t, x_smem.at[slot], w_smem.at[slot], acc_refs)
+                            # The step before has finished: its stage can be reloaded.
+                            plgpu.wgmma_wait(1)
+
+                            @pl.when(k > 0)
+                            def _():
+                                plgpu.barrier_arrive(consumed.at[(slot + stages - 1) % stages])
+
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(consumed.at[(first + steps - 1) % stages])
+                        store_accs(t, acc_refs)
+
+                    pl.run_scoped(multiply, acc_shapes)
+
+                def each_tile(work, other=lambda t: None):
+                    """`work(tile, count)` for each of the program's tiles that multiplies,
+                    `count` those before it, and `other(tile)` for every tile; returns the
+                    number that multiply."""
+                    def tile(info, carry):
+                        t = tile_of(info.index[0])
+                        pl.when(multiplies(t))(lambda: work(t, carry))
+                        other(t)
+                        return carry + multiplies(t).astype(jnp.int32)
+
+                    return plgpu.nd_loop((num_tiles,), collective_axes="sm",
+                                         init_carry=jnp.int32(0))(tile)
+
+                @pl.when(wg == 2)
+                def _memory():
+                    plgpu.set_max_registers(40, action="decrease")
+                    total = each_tile(lambda t, count: pl.loop(0, steps)(
+                        functools.partial(step_loads, t, count)))
+                    _drain(consumed, total * steps, stages)
+
+                @pl.when(wg < 2)
+                def _compute():
+                    plgpu.set_max_registers(232, action="increase")
+
+                    each_tile(tile_products, store_zeros)
+
+            (ring if config.across_tiles else pipelines)()
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), dtype), interpret,
                        name=name or SCOPES["dx" if transpose_w else "forward"], cluster=cluster,
                        warpgroups=3)(items, x, w, *((x_scales, w_scales) if scaled else ()))
+
+
+class _Tile(NamedTuple):
+    """One output tile of the forward/dx kernel as a warpgroup sees it: the item's group, its
+    block's first row, the column block, this warpgroup's first row and column, and the item's
+    rows [first_row, end_row) relative to the warpgroup's first row (split by rows, up to the
+    end of the warpgroup's share)."""
+    group: jax.Array
+    row: jax.Array
+    col: jax.Array
+    wg_row: jax.Array
+    wg_col: jax.Array
+    first_row: jax.Array
+    end_row: jax.Array
+
+
+def _free_stage(consumed, position, stages: int):
+    """The stage of ring position `position`, once it is free: the first `stages` positions
+    are; each later one waits until the products of the position `stages` before it have
+    released the stage (`consumed`)."""
+    slot = position % stages
+
+    @pl.when(position >= stages)
+    def _():
+        plgpu.barrier_wait(consumed.at[slot])
+
+    return slot
+
+
+def _drain(barriers, total, ring: int):
+    """A ring's last releases: waited for, so that no barrier is left with a phase unobserved
+    (`total` positions went through a ring of `ring` stages)."""
+    @pl.loop(jnp.maximum(total - ring, 0), total)
+    def _(position):
+        plgpu.barrier_wait(barriers.at[position % ring])
 
 
 FP8_TILE = 128  # the scales' tiles: 1 x 128 of x's rows, 128 x 128 of w
@@ -825,12 +1003,6 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
             loads = (j == 0) | ~kept
             return loads, (j == run_k - 1) | ~kept, jnp.where(loads, dy_count, dy_count - steps)
 
-        def drain(barriers, total, ring):
-            """The ring's last releases: no barrier is left with a phase unobserved."""
-            @pl.loop(jnp.maximum(total - ring, 0), total)
-            def _(position):
-                plgpu.barrier_wait(barriers.at[position % ring])
-
         @functools.partial(
             pl.run_scoped,
             x_smem=plgpu.SMEM((stages, *x_tile), dtype, transforms=_smem_transforms(x_tile[1], dtype)),
@@ -870,25 +1042,13 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
 
                     @pl.when(loads)
                     def _():
-                        position = dy_at + offset + b
-                        slot = position % dy_stages
-
-                        @pl.when(position >= dy_stages)
-                        def _():
-                            plgpu.barrier_wait(dy_consumed.at[slot])
-
+                        slot = _free_stage(dy_consumed, dy_at + offset + b, dy_stages)
                         for half in range(2):
                             half_cols = pl.multiple_of((2 * ni + half) * bn, bn)
                             plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(half_cols, bn)],
                                                     dy_smem.at[slot, half], dy_loaded.at[slot])
 
-                    position = x_count + offset + b
-                    slot = position % stages
-
-                    @pl.when(position >= stages)
-                    def _():
-                        plgpu.barrier_wait(x_consumed.at[slot])
-
+                    slot = _free_stage(x_consumed, x_count + offset + b, stages)
                     x_src = x_gmem.at[cols, rows] if interpret else x_gmem.at[rows, cols]
                     plgpu.copy_gmem_to_smem(x_src, x_smem.at[slot], x_loaded.at[slot])
                     return carry
@@ -896,8 +1056,8 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
                 x_total, dy_total = plgpu.nd_loop(
                     (num_runs,), collective_axes="sm",
                     init_carry=(jnp.int32(0), jnp.int32(0)))(run_loads)
-                drain(x_consumed, x_total, stages)
-                drain(dy_consumed, dy_total, dy_stages)
+                _drain(x_consumed, x_total, stages)
+                _drain(dy_consumed, dy_total, dy_stages)
 
             @pl.when(wg < 2)
             def _compute():

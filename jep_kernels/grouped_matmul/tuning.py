@@ -115,6 +115,8 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                      (4, "n", 1, False), (5, "n", 1, False), (4, "m", 1, False),
                      (5, "m", 1, False), (4, "m", 8, False), (4, "m", 1, True),
                      (5, "m", 8, False))]
+        found += [dataclasses.replace(c, across_tiles=True) for c in found
+                  if c.split == "m" and c.band == 1 and not c.swizzled_epilogue]
         return [c for c in found if n % (2 * c.block_n) == 0]
     found = [Config(block_m=bm, block_n=128, block_k=64, max_concurrent_steps=steps)
              for bm, steps in ((128, 4), (128, 5), (192, 4))]
@@ -135,6 +137,11 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                   (128, 128, 3, "n", 1), (128, 128, 4, "n", 1), (128, 128, 4, "n", 8))]
     found += [dataclasses.replace(c, swizzled_epilogue=True) for c in found
               if c.warp_specialized and c.max_concurrent_steps == 3 and c.cluster_n == 1]
+    # One ring of stages across a program's tiles (`Config.across_tiles`), for the
+    # one-program-per-cluster-of-one candidates taken in item order.
+    found += [dataclasses.replace(c, across_tiles=True) for c in found
+              if c.warp_specialized and c.cluster_n == 1 and c.band == 1
+              and not c.swizzled_epilogue]
     tile_n = lambda c: c.block_n * (2 * c.cluster_n if c.warp_specialized else 1)  # noqa: E731
     return [c for c in found if k % c.block_k == 0 and n % tile_n(c) == 0]
 
