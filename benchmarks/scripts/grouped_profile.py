@@ -2,11 +2,12 @@
 configuration, for Nsight Compute:
 
     ncu --set full -k regex:jep_grouped -c 4 -o dw python benchmarks/scripts/grouped_profile.py \\
-        32768x7168x2048x256 dw,forward
+        32768x7168x2048x256 dw,forward [random]
     ncu -i dw.ncu-rep --page details --print-units base
 
 The kernels are named after their product (`jep_grouped_forward_mosaic_gpu_kernel`, `..._dx_...`,
-`..._dw_...`); the operands (uniform group sizes, bf16) are drawn on the device first.
+`..._dw_...`); the operands (bf16, group sizes after the routing given, uniform by default:
+`jep.bench.workloads.ROUTINGS`) are drawn on the device first.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from jep.bench import workloads
 from jep_kernels.grouped_matmul import mgpu, tuning
 
 
-def main(shape: str, ops: str):
+def main(shape: str, ops: str, routing: str = "uniform"):
     m, k, n, g = (int(v) for v in shape.split("x"))
-    x, w, dy, sizes = workloads.gemm_operands("uniform", np.random.default_rng(0), (m, k, n, g),
+    x, w, dy, sizes = workloads.gemm_operands(routing, np.random.default_rng(0), (m, k, n, g),
                                               jnp.bfloat16, rotation=1)[0]
     jax.block_until_ready((x, w, dy, sizes))
     for op in ops.split(","):
@@ -43,4 +44,4 @@ def main(shape: str, ops: str):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
