@@ -46,6 +46,9 @@ CONFIG_WS_ACROSS = gm.Config(block_m=128, block_n=64, block_k=64, max_concurrent
                              warp_specialized=True, epilogue_m=64, epilogue_n=64,
                              across_tiles=True)
 CONFIG_WS_ACC_M_ACROSS = dataclasses.replace(CONFIG_WS_ACC_M, across_tiles=True)
+# Blocks of 192 rows split by columns: three 64-row accumulators a warpgroup.
+CONFIG_WS_ACC_192 = gm.Config(block_m=192, block_n=64, block_k=64, max_concurrent_steps=2,
+                              warp_specialized=True, epilogue_m=64, epilogue_n=64, acc_rows=64)
 ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="clusters run on the GPU only")
 # The weight gradient beside them: the plain kernel in 64 x 64 tiles, and the warp-specialized
 # one (tiles 128 x 128) beside the warp-specialized products.
@@ -98,6 +101,7 @@ def numpy_grouped(x, w, sizes):
     pytest.param(CONFIG_WS_ACC_M, [120, 80, 0], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACC_N, [33, 100, 1],  # a tail of 5 rows: one of two accumulators
                  marks=pytest.mark.slow),
+    (CONFIG_WS_ACC_192, [70, 0, 130]),  # rows in 2 of 3 accumulators, then 3 of 3
     (CONFIG_WS_ACROSS, [70, 0, 100]),
     pytest.param(CONFIG_WS_ACROSS, [33, 31, 1], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACROSS, [0, 0, 0], marks=pytest.mark.slow),
@@ -109,7 +113,8 @@ def numpy_grouped(x, w, sizes):
                   id(CONFIG_WS_BAND): "ws-band",
                   id(CONFIG_WS_SWIZZLED): "ws-swizzled", id(CONFIG_WS_ACC_M): "ws-acc-rows-m",
                   id(CONFIG_WS_ACC_N): "ws-acc-rows-n", id(CONFIG_WS_ACROSS): "ws-across",
-                  id(CONFIG_WS_ACC_M_ACROSS): "ws-acc-rows-m-across"}.get(id(v)))
+                  id(CONFIG_WS_ACC_M_ACROSS): "ws-acc-rows-m-across",
+                  id(CONFIG_WS_ACC_192): "ws-acc-rows-192"}.get(id(v)))
 def test_forward_and_gradients_match_references(config, sizes):
     rng = np.random.default_rng(len(sizes) + sum(sizes))
     # The tile width of the warp-specialized kernel (2 block_n per cluster block) for N, and for

@@ -129,12 +129,14 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                   (128, 128, 3, 1, "n", 4), (128, 128, 3, 1, "n", 8), (128, 128, 4, 1, "n", 8),
                   (128, 128, 3, 1, "n", 16), (128, 128, 4, 2, "n", 8), (128, 128, 4, 1, "m", 8))]
     # Accumulators of 64 rows (`Config.acc_rows`): blocks of 256 rows split by rows, and of
-    # 128 by columns.
+    # 128 and 192 by columns (192: a group of up to about 185 rows in one block, and 96 KB of
+    # weights in flight, three stages of 32 KB, where 256 x 64 tiles hold four of 16 KB).
     found += [Config(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=steps,
-                     warp_specialized=True, split=split, band=band, acc_rows=64)
-              for bm, bn, steps, split, band in (
-                  (256, 64, 3, "m", 1), (256, 64, 4, "m", 1), (256, 64, 4, "m", 8),
-                  (128, 128, 3, "n", 1), (128, 128, 4, "n", 1), (128, 128, 4, "n", 8))]
+                     warp_specialized=True, split=split, band=band, acc_rows=64, cluster_n=cluster)
+              for bm, bn, steps, split, band, cluster in (
+                  (256, 64, 3, "m", 1, 1), (256, 64, 4, "m", 1, 1), (256, 64, 4, "m", 8, 1),
+                  (256, 64, 4, "m", 1, 2), (128, 128, 3, "n", 1, 1), (128, 128, 4, "n", 1, 1),
+                  (128, 128, 4, "n", 8, 1), (192, 128, 3, "n", 1, 1), (192, 128, 3, "n", 1, 2))]
     found += [dataclasses.replace(c, swizzled_epilogue=True) for c in found
               if c.warp_specialized and c.max_concurrent_steps == 3 and c.cluster_n == 1]
     # One ring of stages across a program's tiles (`Config.across_tiles`), for the
