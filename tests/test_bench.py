@@ -14,7 +14,7 @@ from jep.bench import layer, workloads
 
 
 def test_cpu_smoke_run_of_every_suite_writes_json_table_and_plots(tmp_path, capsys):
-    results = bench.main(["all", "--tokens", "8,16", "--hidden", "16", "--ffn", "8", "--experts", "8",
+    results = bench.main(["all", "--tokens", "16", "--hidden", "16", "--ffn", "8", "--experts", "8",
                           "--topk", "2", "--gemm-shapes", "32x16x8x4", "--experts-sweep", "8,16",
                           "--iters", "2", "--repeats", "1",
                           "--out", str(tmp_path)])

@@ -78,7 +78,7 @@ def numpy_grouped(x, w, sizes):
     (CONFIG, [64, 64, 72]),        # on block boundaries, then off; no tail
     (CONFIG, [0, 0, 0]),           # nothing: all zeros
     (CONFIG, [150, 100, 90]),      # sums past M: the last group is cut at M
-    pytest.param(CONFIG_WS, [70, 0, 100], marks=pytest.mark.slow),  # as ws-across's in main
+    pytest.param(CONFIG_WS, [70, 0, 100], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_CLUSTER, [70, 0, 100], marks=ON_GPU_ONLY),
     pytest.param(CONFIG_WS, [0, 200, 0], marks=pytest.mark.slow),  # plain's runs in main
     (CONFIG_WS, [33, 31, 1]),      # boundaries inside one epilogue tile; a long zero tail
@@ -86,7 +86,7 @@ def numpy_grouped(x, w, sizes):
     pytest.param(CONFIG_WS, [0, 0, 0], marks=pytest.mark.slow),  # the plain kernel's case runs in the main job
     pytest.param(CONFIG_WS, [150, 100, 90], marks=pytest.mark.slow),  # as is plain's
     pytest.param(CONFIG_WS_SPLIT_M, [70, 0, 100], marks=pytest.mark.slow),
-    pytest.param(CONFIG_WS_SPLIT_M, [33, 31, 1], marks=pytest.mark.slow),  # acc-rows-m: main
+    pytest.param(CONFIG_WS_SPLIT_M, [33, 31, 1], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_SPLIT_M, [0, 200, 0], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_SPLIT_M_CLUSTER, [33, 31, 1], marks=ON_GPU_ONLY),
     pytest.param(CONFIG_WS_BAND, [70, 0, 100], marks=pytest.mark.slow),
@@ -95,14 +95,15 @@ def numpy_grouped(x, w, sizes):
     pytest.param(CONFIG_WS_SWIZZLED, [64, 64, 72], marks=pytest.mark.slow),
     # The first group's 70 rows shared out at 64 rows a warpgroup; the last group's block:
     # rows in 3 of its 4 accumulators.
-    (CONFIG_WS_ACC_M, [70, 0, 130]),
+    pytest.param(CONFIG_WS_ACC_M, [70, 0, 130], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACC_M, [0, 200, 0], marks=pytest.mark.slow),
     # Each group's block within its first 128 rows: shared out at 64 rows a warpgroup.
     pytest.param(CONFIG_WS_ACC_M, [120, 80, 0], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACC_N, [33, 100, 1],  # a tail of 5 rows: one of two accumulators
                  marks=pytest.mark.slow),
     (CONFIG_WS_ACC_192, [70, 0, 130]),  # rows in 2 of 3 accumulators, then 3 of 3
-    (CONFIG_WS_ACROSS, [70, 0, 100]),
+    pytest.param(CONFIG_WS_ACROSS, [70, 0, 100],  # the FP8 kernel's ring: main job
+                 marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACROSS, [33, 31, 1], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACROSS, [0, 0, 0], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACC_M_ACROSS, [70, 0, 130], marks=pytest.mark.slow),

@@ -65,6 +65,7 @@ def test_same_loss_on_every_mesh_at_step_0_and_after_3_steps(example):
             want, rtol=2e-5, err_msg=f"--nodes 2 --dispatch-mode {mode}")
 
 
+@pytest.mark.slow  # FP8 layers against bf16 ones: test_fp8.py and test_hierarchical.py, main job
 def test_fp8_training_steps_stay_close_to_the_default_ones(example):
     """--fp8 (FP8 dispatch and experts): the same model and batches, losses within FP8's error
     of the default precision's over a few steps, and not identical to them."""
