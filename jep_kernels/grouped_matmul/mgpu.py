@@ -318,10 +318,6 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
     em, en = min(config.epilogue_m, wm), min(config.epilogue_n, wn)
     sub = config.acc_rows or wm  # rows of one accumulator
     subs = wm // sub
-    # Split by rows into two accumulators each, an item whose rows all lie in the block's first
-    # wm is shared out at wm / 2 rows a warpgroup, one accumulator each, instead of leaving the
-    # second warpgroup without products (with block_m 256, a group of up to about 120 rows).
-    balanced = config.split == "m" and subs == 2 and scales is None
     items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
     num_items = items.shape[0] // 4
     x = _pad_for_blocks(x, bm, interpret)
@@ -329,6 +325,10 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
     if scaled:
         x_scales, w_scales = scales
         x_scales = jnp.pad(x_scales, ((0, 0), (0, x.shape[0] - x_scales.shape[1])))
+    # Split by rows into two accumulators each, an item whose rows all lie in the block's first
+    # wm is shared out at wm / 2 rows a warpgroup, one accumulator each, instead of leaving the
+    # second warpgroup without products (with block_m 256, a group of up to about 120 rows).
+    balanced = config.split == "m" and subs == 2 and not scaled
     cluster = config.cluster_n
     col_blocks = width // (2 * bn * cluster)
     num_tiles = num_items * col_blocks
@@ -609,9 +609,10 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
                     number that multiply."""
                     def tile(info, carry):
                         t = tile_of(info.index[0])
-                        pl.when(multiplies(t))(lambda: work(t, carry))
+                        multiplied = multiplies(t)
+                        pl.when(multiplied)(lambda: work(t, carry))
                         other(t)
-                        return carry + multiplies(t).astype(jnp.int32)
+                        return carry + multiplied.astype(jnp.int32)
 
                     return plgpu.nd_loop((num_tiles,), collective_axes="sm",
                                          init_carry=jnp.int32(0))(tile)
