@@ -201,6 +201,24 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
     assert [r["picked"] for r in results] == [r is fastest for r in results[:2]] + [False]
 
 
+def test_tune_times_the_summed_dx_on_two_weights(monkeypatch):
+    """The summed dx ("dx_sum") tuned on the CPU in interpret mode: its candidate runs on a
+    pair of weights, counted at the flops of two products, and keyed as dx is."""
+    from jep.bench import tune
+    from jep_kernels.grouped_matmul import mgpu, tuning
+
+    config = mgpu.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                         warp_specialized=True, across_tiles=True)
+    monkeypatch.setattr(tuning, "candidates", lambda op, k, n: [config])
+    results, picks = tune.measure(shapes=[(96, 128, 64, 3)], dtype=jnp.bfloat16,
+                                  routing="zipf", iters=1, repeats=1, ops=(tuning.DX_SUM,),
+                                  interpret=True)
+    assert [r["variant"] for r in results] == [tune._describe(tuning.DX_SUM, config)]
+    (r,) = results
+    assert r["picked"] and r["tflop_per_s"] == pytest.approx(4 * 96 * 128 * 64 / r["seconds"] / 1e12)
+    assert picks == {tuning.key(tuning.DX_SUM, 64, 128, 3): config}
+
+
 def test_unrolled_calls_take_each_rotation_in_turn():
     from jep.bench import timing
 

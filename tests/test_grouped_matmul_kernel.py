@@ -286,6 +286,78 @@ def test_chunks_equal_a_product_per_chunk_with_one_weight_gradient():
     assert dw.dtype == jnp.bfloat16
 
 
+# The summing kernel: the ring of CONFIG_WS_ACROSS (three stages; pairs of two and one steps,
+# so that a pair's steps start at every place in the ring), and 192-row blocks.
+@pytest.mark.parametrize("config, sizes, transpose_w", [
+    (CONFIG_WS_ACROSS, [70, 0, 100], True),
+    pytest.param(CONFIG_WS_ACROSS, [33, 31, 1], False, marks=pytest.mark.slow),
+    pytest.param(CONFIG_WS_ACROSS, [0, 0, 0], True, marks=pytest.mark.slow),
+    pytest.param(dataclasses.replace(CONFIG_WS_ACC_192, max_concurrent_steps=3, across_tiles=True),
+                 [0, 200, 0], True, marks=pytest.mark.slow),
+], ids=["across", "across-plain-w", "across-empty", "acc-rows-192-across"])
+def test_sum_of_products_matches_float64(config, sizes, transpose_w):
+    rng = np.random.default_rng(sum(sizes) + transpose_w)
+    m, n, depths = 200, 128, (128, 64)
+    xs = [jnp.asarray(rng.normal(size=(m, d)), jnp.bfloat16) for d in depths]
+    ws = [jnp.asarray(rng.normal(size=(len(sizes), d, n)) / np.sqrt(d), jnp.bfloat16)
+          for d in depths]
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    given = [jnp.swapaxes(w, 1, 2) for w in ws] if transpose_w and ON_GPU else ws
+    y = mgpu.grouped_matmul_sum(xs, given, group_sizes, transpose_w=transpose_w and ON_GPU,
+                                config=config, interpret=not ON_GPU)
+    want = sum(numpy_grouped(np.asarray(x, np.float64), np.asarray(w, np.float64), sizes)
+               for x, w in zip(xs, ws))
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-2, atol=3e-2)
+    assert not np.asarray(y[sum(sizes):]).any()
+
+
+def test_sum_of_products_refuses_what_it_cannot_take():
+    x, w, sizes = jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((2, 128, 128), jnp.bfloat16), (
+        jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match="needs a warp-specialized config with across_tiles"):
+        mgpu.grouped_matmul_sum([x, x], [w, w], sizes, config=CONFIG_WS)
+    with pytest.raises(ValueError, match="xs and ws must be as many"):
+        mgpu.grouped_matmul_sum([x, x], [w], sizes, config=CONFIG_WS_ACROSS)
+    with pytest.raises(ValueError, match="ws must have the same N"):
+        mgpu.grouped_matmul_sum([x, x], [w, jnp.zeros((2, 128, 256), jnp.bfloat16)], sizes,
+                                config=CONFIG_WS_ACROSS)
+    with pytest.raises(ValueError, match="ws must be one or more weights of one shape"):
+        gm.grouped_matmul_weights([x], [w, jnp.zeros((2, 128, 256), jnp.bfloat16)], [sizes])
+
+
+@pytest.mark.parametrize("num_chunks", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_products_with_several_weights_equal_one_product_each(num_chunks):
+    # The gate and up products of a SwiGLU expert: the forward as one product each, dx summed
+    # in one kernel (against float64: the separate products round each dx, then sum), each
+    # weight's gradient as grouped_matmul's. The plain kernels (fast to interpret) for the
+    # forward and dw; the summed dx takes the warp-specialized default made to sum.
+    config, dw_config = CONFIG, DW_SMALL
+    rng = np.random.default_rng(11 + num_chunks)
+    k, n = 128, 128
+    rows, sizes = ((100, 60), ([40, 0, 50], [20, 40, 0]))
+    rows, sizes = rows[:num_chunks], sizes[:num_chunks]
+    xs = [jnp.asarray(rng.normal(size=(r, k)), jnp.bfloat16) for r in rows]
+    ws = [jnp.asarray(rng.normal(size=(3, k, n)) / np.sqrt(k), jnp.bfloat16) for _ in range(2)]
+    dys = [[jnp.asarray(rng.normal(size=(r, n)), jnp.bfloat16) for r in rows] for _ in ws]
+    group_sizes = [jnp.asarray(s, jnp.int32) for s in sizes]
+    ys, vjp = jax.vjp(lambda xs, ws: gm.grouped_matmul_weights(
+        xs, ws, group_sizes, config=config, dw_config=dw_config, interpret=not ON_GPU), xs, ws)
+    dxs, dws = vjp(tuple(tuple(d) for d in dys))
+    for j, w in enumerate(ws):
+        each, each_vjp = jax.vjp(lambda xs, w: gm.grouped_matmul_chunks(
+            xs, w, group_sizes, config=config, dw_config=dw_config, interpret=not ON_GPU), xs, w)
+        _, dw_each = each_vjp(tuple(dys[j]))
+        for got, want in zip(ys[j], each):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(dws[j]), np.asarray(dw_each))
+    as64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    for c, (dx, chunk) in enumerate(zip(dxs, sizes)):
+        want = sum(numpy_grouped(as64(dys[j][c]), np.swapaxes(as64(w), 1, 2), chunk)
+                   for j, w in enumerate(ws))
+        np.testing.assert_allclose(as64(dx), want, rtol=1e-2, atol=3e-2)
+        assert dx.dtype == jnp.bfloat16
+
+
 def test_weight_gradient_in_the_weights_dtype_rounds_once():
     # dw comes out of the kernel in the dtype asked for: in bf16 it is the float32 result
     # rounded once.
@@ -478,10 +550,11 @@ def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_1
                             config=config)
     for k, n in [(128, 128), (384, 640), (7168, 2048), (1024, 512)]:
         configs = gm.configs_for((4, k, n))  # table entries or defaults; they must take the shape
-        assert tuple(f.name for f in dataclasses.fields(configs)) == tuning.OPS
-        for op in tuning.OPS:
+        assert tuple(f.name for f in dataclasses.fields(configs)) == (*tuning.OPS, tuning.DX_SUM)
+        assert configs.dx_sum.across_tiles and configs.dx_sum.cluster_n == 1
+        for op in (*tuning.OPS, tuning.DX_SUM):
             pk, pn = tuning.product_shape(op, k, n)
-            c = configs[op]
+            c = configs.dx_sum if op == tuning.DX_SUM else configs[op]
             tile_n = (mgpu.dw_tile_n(c) if op == "dw"
                       else c.block_n * (2 * c.cluster_n if c.warp_specialized else 1))
             assert pn % tile_n == 0 and pk % c.block_k == 0

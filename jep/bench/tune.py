@@ -29,6 +29,23 @@ def _fp8_operands(rotations):
     return [quantized(*r) for r in rotations]
 
 
+def _paired_operands(rotations):
+    """For "dx_sum": each rotation (x, w, dy, sizes) with the next rotation's w and dy beside its
+    own, as tuples (two weights in buffers of their own, as the gate and up weights are)."""
+    return [(x, (w, rotations[(i + 1) % len(rotations)][1]),
+             (dy, rotations[(i + 1) % len(rotations)][2]), sizes)
+            for i, (x, w, dy, sizes) in enumerate(rotations)]
+
+
+def _two_dx(config):
+    """The summed dx as two dx kernels (`config`, the table's "dx") and XLA's sum of them: what
+    the summing kernel replaces."""
+    def body(x, ws, dys, sizes):
+        return sum(mgpu.grouped_matmul(dy, w, sizes, transpose_w=True, config=config)
+                   for dy, w in zip(dys, ws))
+    return body
+
+
 def _describe(op, config) -> str:
     if op == "dw":  # a DwConfig: K block x N block x rows a step
         kind = "ws" if config.warp_specialized else "plain"
@@ -65,6 +82,11 @@ def _product(op, config, interpret: bool = False):
     if op == "dx":
         return lambda x, w, dy, sizes: mgpu.grouped_matmul(dy, w, sizes, transpose_w=True,
                                                            config=config, interpret=interpret)
+    if op == tuning.DX_SUM:  # operands paired (`_paired_operands`)
+        # The interpreter has no transposed shared-memory views: there w is transposed in memory.
+        return lambda x, ws, dys, sizes: mgpu.grouped_matmul_sum(
+            dys, [jax.numpy.swapaxes(w, 1, 2) for w in ws] if interpret else ws, sizes,
+            transpose_w=not interpret, config=config, interpret=interpret)
     return lambda x, w, dy, sizes: mgpu.grouped_matmul_dw(x, dy, sizes, config=config,
                                                           interpret=interpret)
 
@@ -83,14 +105,18 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
     results, picks = [], {}
     for m, k, n, g in shapes:
         rotations = workloads.gemm_operands(routing, rng, (m, k, n, g), dtype)
-        flops = 2.0 * m * k * n
         for op in ops:
+            flops = 2.0 * m * k * n * (2 if op == tuning.DX_SUM else 1)
             pk, pn = tuning.product_shape(op, k, n)
             bodies = {_describe(op, c): (_product(op, c, interpret), c)
                       for c in tuning.candidates(op, pk, pn)}
             if op in gemm.DENSE:  # none for "fp8": the gemm suite times FP8 beside the dense
                 bodies["dense matmul"] = (gemm.DENSE[op], None)
-            operands = _fp8_operands(rotations) if op == tuning.FP8 else rotations
+            if op == tuning.DX_SUM and not interpret:
+                bodies["two dx and their sum"] = (_two_dx(tuning.config_for("dx", pk, pn, g)),
+                                                  None)
+            operands = (_fp8_operands(rotations) if op == tuning.FP8 else
+                        _paired_operands(rotations) if op == tuning.DX_SUM else rotations)
             runs = {name: (jax.jit(lambda rotations, body=body:
                                    timing.repeat_rotated(body, rotations, iters)), (operands,))
                     for name, (body, _) in bodies.items()}

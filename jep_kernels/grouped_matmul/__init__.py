@@ -3,6 +3,8 @@
 `grouped_matmul` is differentiable (`jax.custom_vjp`), all three products Pallas Mosaic GPU kernels
 of `mgpu`: the forward, dx (the same kernel reading w transposed) and dw[g] = x[rows of g]^T @
 dy[rows of g] (`mgpu.grouped_matmul_dw`, the group's rows as the contraction).
+`grouped_matmul_weights` is the products of one x with several weights (gate and up), whose dx
+is one kernel summing them (`mgpu.grouped_matmul_sum`).
 
 `grouped_matmul_fp8` is the FP8 product (e4m3 operands with per-tile scales, not differentiable
 on its own: `jep.experts.fp8_grouped_matmul` makes it the forward and dx of one).
@@ -26,7 +28,8 @@ from jep_kernels.grouped_matmul.mgpu import SCOPES, Config, DwConfig, check_shap
 from jep_kernels.vma import vary_like
 
 __all__ = ["Config", "Configs", "DwConfig", "SCOPES", "SHAPE_MULTIPLE", "check_shapes",
-           "configs_for", "grouped_matmul", "grouped_matmul_chunks", "grouped_matmul_fp8"]
+           "configs_for", "grouped_matmul", "grouped_matmul_chunks", "grouped_matmul_fp8",
+           "grouped_matmul_weights"]
 
 
 ROW_TILE = 8  # TMA wants the row count of an array a multiple of this
@@ -56,27 +59,47 @@ def _weight_gradient(x, dy, group_sizes, *, config, out_dtype, interpret, chunk_
         return vary_like(dw, x, dy, group_sizes)
 
 
+def _summed_dx(dys, ws, group_sizes, *, config, interpret):
+    """sum over j of dys[j] @ ws[j]^T in one kernel (`mgpu.grouped_matmul_sum`)."""
+    with jax.named_scope(SCOPES["dx"]):
+        if interpret:  # no transposed shared-memory views there: transposed in memory
+            ws, transpose_w = [jnp.swapaxes(w, 1, 2) for w in ws], False
+        else:
+            transpose_w = True
+        dx = mgpu.grouped_matmul_sum([_pad_rows(dy) for dy in dys], ws, group_sizes,
+                                     transpose_w=transpose_w, config=config,
+                                     interpret=interpret)
+        return vary_like(dx[:dys[0].shape[0]], *dys, *ws, group_sizes)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _grouped_matmul_chunks(xs, w, group_sizes, configs, interpret):
-    return tuple(_product(x, w, sizes, transpose_w=False, config=configs["forward"],
-                          interpret=interpret) for x, sizes in zip(xs, group_sizes))
+def _grouped_matmul_chunks(xs, ws, group_sizes, configs, interpret):
+    """ys[j][c] = xs[c] @ ws[j] for each weight j and chunk c."""
+    return tuple(tuple(_product(x, w, sizes, transpose_w=False, config=configs["forward"],
+                                interpret=interpret) for x, sizes in zip(xs, group_sizes))
+                 for w in ws)
 
 
-def _chunks_fwd(xs, w, group_sizes, configs, interpret):
-    return _grouped_matmul_chunks(xs, w, group_sizes, configs, interpret), (xs, w, group_sizes)
+def _chunks_fwd(xs, ws, group_sizes, configs, interpret):
+    return _grouped_matmul_chunks(xs, ws, group_sizes, configs, interpret), (xs, ws, group_sizes)
 
 
 def _chunks_bwd(configs, interpret, residuals, dys):
-    xs, w, group_sizes = residuals
-    dys = tuple(dy.astype(x.dtype) for x, dy in zip(xs, dys))
-    dxs = tuple(_product(dy, w, sizes, transpose_w=True, config=configs["dx"], interpret=interpret)
-                for dy, sizes in zip(dys, group_sizes))
+    xs, ws, group_sizes = residuals
+    dys = tuple(tuple(dy.astype(x.dtype) for x, dy in zip(xs, each)) for each in dys)
+    if len(ws) == 1:
+        dxs = tuple(_product(dy, ws[0], sizes, transpose_w=True, config=configs["dx"],
+                             interpret=interpret) for dy, sizes in zip(dys[0], group_sizes))
+    else:  # each chunk's dx from every weight in one kernel, written once
+        dxs = tuple(_summed_dx([each[c] for each in dys], ws, sizes, config=configs.dx_sum,
+                               interpret=interpret) for c, sizes in enumerate(group_sizes))
     # One weight gradient over the rows of every chunk: each group's rows are its rows of
     # each chunk in turn, summed in one accumulator.
-    dw = _weight_gradient(jnp.concatenate(xs), jnp.concatenate(dys), jnp.stack(group_sizes),
-                          config=configs["dw"], out_dtype=w.dtype, interpret=interpret,
-                          chunk_rows=tuple(x.shape[0] for x in xs))
-    return dxs, vary_like(dw, w), None
+    dws = tuple(vary_like(_weight_gradient(
+        jnp.concatenate(xs), jnp.concatenate(each), jnp.stack(group_sizes), config=configs["dw"],
+        out_dtype=w.dtype, interpret=interpret, chunk_rows=tuple(x.shape[0] for x in xs)), w)
+        for w, each in zip(ws, dys))
+    return dxs, dws, None
 
 
 _grouped_matmul_chunks.defvjp(_chunks_fwd, _chunks_bwd)
@@ -90,6 +113,8 @@ class Configs:
     forward: Config
     dx: Config
     dw: DwConfig
+    # The dx of several weights of w's shape summed in one kernel (`grouped_matmul_weights`).
+    dx_sum: Config | None = None
 
     def __getitem__(self, op: str) -> Config | DwConfig:
         if op not in tuning.OPS:
@@ -109,14 +134,18 @@ def configs_for(w_shape, config: Config | None = None,
                         f"{type(dw_config).__name__}")
     groups, k, n = w_shape
     given = {"forward": config, "dx": config, "dw": dw_config}
-    return Configs(**{op: given[op] or tuning.config_for(op, *tuning.product_shape(op, k, n),
-                                                         groups)
-                      for op in tuning.OPS})
+    chosen = {op: given[op] or tuning.config_for(op, *tuning.product_shape(op, k, n), groups)
+              for op in tuning.OPS}
+    dx_k, dx_n = tuning.product_shape(tuning.DX_SUM, k, n)
+    dx_sum = (tuning.summing(config, dx_k, dx_n) if config is not None else
+              tuning.config_for(tuning.DX_SUM, dx_k, dx_n, groups))
+    return Configs(**chosen, dx_sum=dx_sum)
 
 
-def _checked_configs(xs, w, group_sizes, config, dw_config) -> Configs:
+def _checked_configs(xs, w, group_sizes, config, dw_config, summed: bool) -> Configs:
     """`configs_for(w.shape, config, dw_config)`, after checking each x and its group sizes
-    against the forward's tiles and w's K and N against the tiles of dx and dw."""
+    against the forward's tiles and w's K and N against the tiles of dx (`summed`: of the
+    summed dx too) and dw."""
     if w.ndim != 3:
         raise ValueError(f"w must be [G, K, N], got {w.shape}")
     configs = configs_for(w.shape, config, dw_config)
@@ -128,6 +157,10 @@ def _checked_configs(xs, w, group_sizes, config, dw_config) -> Configs:
     if n % dx.block_k or k % dx_tile_n:
         raise ValueError(f"N={n} must be a multiple of block_k={dx.block_k} and K={k} of the tile "
                          f"width {dx_tile_n} (the tiles of dx = dy @ w^T)")
+    dx_sum = configs.dx_sum
+    if summed and (n % dx_sum.block_k or k % (2 * dx_sum.block_n)):
+        raise ValueError(f"N={n} must be a multiple of block_k={dx_sum.block_k} and K={k} of "
+                         f"the tile width {2 * dx_sum.block_n} (the tiles of the summed dx)")
     if k % dw.block_k or n % mgpu.dw_tile_n(dw):
         raise ValueError(f"K={k} must be a multiple of the dw_config's block_k={dw.block_k} and "
                          f"N={n} of its tile width {mgpu.dw_tile_n(dw)} (the tiles of the weight "
@@ -163,19 +196,41 @@ def grouped_matmul_chunks(xs, w, group_sizes, *, config: Config | None = None,
       w: [G, K, N]; group_sizes: C arrays i32[G].
       config, dw_config, interpret: as for `grouped_matmul`.
     """
-    xs, group_sizes = tuple(xs), tuple(group_sizes)
+    return grouped_matmul_weights(xs, [w], group_sizes, config=config, dw_config=dw_config,
+                                  interpret=interpret)[0]
+
+
+def grouped_matmul_weights(xs, ws, group_sizes, *, config: Config | None = None,
+                           dw_config: DwConfig | None = None, interpret: bool = False):
+    """The products of the same rows with several weights of one shape (a SwiGLU expert's gate
+    and up): ys[j][c] = `grouped_matmul(xs[c], ws[j], group_sizes[c])`, as a tuple (weights) of
+    tuples (chunks). The forward is one kernel a product; in the backward each chunk's dx,
+    sum over j of dy[j][c] @ ws[j]^T, is one kernel (`mgpu.grouped_matmul_sum`) that writes it
+    once, and each weight's gradient is computed once over every chunk's rows.
+
+    Args:
+      xs: C arrays bf16/f16 [M_c, K], each grouped by its own group sizes.
+      ws: P arrays [G, K, N] of x's dtype; group_sizes: C arrays i32[G].
+      config, dw_config, interpret: as for `grouped_matmul`; the summed dx takes `config` made
+        to sum (`tuning.summing`) where given, else the tuning table's "dx_sum" entry.
+    """
+    xs, ws, group_sizes = tuple(xs), tuple(ws), tuple(group_sizes)
     if not xs or len(xs) != len(group_sizes):
         raise ValueError(f"xs and group_sizes must be as many chunks (at least one), got "
                          f"{len(xs)} and {len(group_sizes)}")
-    configs = _checked_configs(xs, w, group_sizes, config, dw_config)
+    if not ws or any(w.shape != ws[0].shape or w.dtype != ws[0].dtype for w in ws):
+        raise ValueError(f"ws must be one or more weights of one shape and dtype, got "
+                         f"{[(w.shape, str(w.dtype)) for w in ws]}")
+    configs = _checked_configs(xs, ws[0], group_sizes, config, dw_config, len(ws) > 1)
     # Inside shard_map: give them all the same mesh-axis type, so that each result and cotangent
     # has one type; where w is replicated over an axis x varies over, the cast's transpose sums
     # dw over that axis.
-    prepared = [vary_like(a, *xs, w, *group_sizes)
-                for a in (*xs, w, *(s.astype(jnp.int32) for s in group_sizes))]
-    num = len(xs)
-    xs, w, group_sizes = tuple(prepared[:num]), prepared[num], tuple(prepared[num + 1:])
-    return _grouped_matmul_chunks(xs, w, group_sizes, configs, interpret)
+    prepared = [vary_like(a, *xs, *ws, *group_sizes)
+                for a in (*xs, *ws, *(s.astype(jnp.int32) for s in group_sizes))]
+    num, num_ws = len(xs), len(ws)
+    xs, ws = tuple(prepared[:num]), tuple(prepared[num:num + num_ws])
+    group_sizes = tuple(prepared[num + num_ws:])
+    return _grouped_matmul_chunks(xs, ws, group_sizes, configs, interpret)
 
 
 def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config | None = None,

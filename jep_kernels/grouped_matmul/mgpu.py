@@ -234,8 +234,8 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
     """
     check_shapes(x, w, group_sizes, transpose_w=transpose_w, config=config)
     if config.warp_specialized:
-        return _grouped_matmul_ws(x, w, group_sizes, transpose_w=transpose_w, config=config,
-                                  interpret=interpret)
+        return _grouped_matmul_ws([x], [w], group_sizes, transpose_w=transpose_w,
+                                  config=config, interpret=interpret)
     num_rows, depth = x.shape
     num_groups = w.shape[0]
     width = w.shape[1] if transpose_w else w.shape[2]
@@ -296,9 +296,47 @@ def grouped_matmul(x, w, group_sizes, *, transpose_w: bool = False, config: Conf
                        name=SCOPES["dx" if transpose_w else "forward"])(items, x, w)
 
 
-def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, scales=None,
+def grouped_matmul_sum(xs, ws, group_sizes, *, transpose_w: bool = False, config: Config,
+                       interpret: bool = False):
+    """y[M, N] = sum over i of xs[i][rows of g] @ ws[i][g]: several grouped products of the
+    same rows and groups into one float32 accumulator, rounded once (the gate and up
+    products' dx of a SwiGLU expert, dg @ w_gate[g]^T + du @ w_up[g]^T, in one kernel that
+    writes dx once instead of two partial dx and their sum).
+
+    Args:
+      xs: P arrays bf16/f16 [M, K_i] (the same M and dtype); ws: P arrays [G, K_i, N] (or
+        [G, N, K_i] when `transpose_w`), the same N; each K_i a multiple of block_k.
+      group_sizes: i32[G]. config: warp-specialized with `across_tiles` where P > 1 (the
+        kernel whose memory warpgroup loads each step from its own pair), cluster_n 1.
+    """
+    xs, ws = list(xs), list(ws)
+    if not xs or len(xs) != len(ws):
+        raise ValueError(f"xs and ws must be as many (at least one), got {len(xs)} and {len(ws)}")
+    for x, w in zip(xs, ws):
+        check_shapes(x, w, group_sizes, transpose_w=transpose_w, config=config)
+        if x.shape[0] != xs[0].shape[0] or x.dtype != xs[0].dtype or w.shape[0] != ws[0].shape[0]:
+            raise ValueError(f"xs must have the same rows and dtype and ws the same groups, got "
+                             f"{[(x.shape, str(x.dtype)) for x in xs]} and "
+                             f"{[w.shape for w in ws]}")
+        if (w.shape[1] if transpose_w else w.shape[2]) != (
+                ws[0].shape[1] if transpose_w else ws[0].shape[2]):
+            raise ValueError(f"ws must have the same N, got {[w.shape for w in ws]}")
+    if len(xs) == 1:
+        return grouped_matmul(xs[0], ws[0], group_sizes, transpose_w=transpose_w,
+                              config=config, interpret=interpret)
+    if not (config.warp_specialized and config.across_tiles):
+        raise ValueError(f"a sum of {len(xs)} products needs a warp-specialized config with "
+                         f"across_tiles=True (one ring of stages, loaded from each pair in "
+                         f"turn), got {config}")
+    return _grouped_matmul_ws(xs, ws, group_sizes, transpose_w=transpose_w, config=config,
+                              interpret=interpret)
+
+
+def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, scales=None,
                        out_dtype=None, name=None):
-    """`grouped_matmul` with warp specialization: see `Config.warp_specialized`.
+    """`grouped_matmul` with warp specialization: see `Config.warp_specialized`; the sum of
+    the products xs[i] @ ws[i] (`grouped_matmul_sum`), each pair's steps in turn into one
+    accumulator (more than one pair only with `Config.across_tiles`).
 
     With `scales` = (x's f32[K / 128, M] transposed, w's f32[G, N / 128, K / 128]), x and w
     are e4m3 (w transposed) and each 128-deep step's product is scaled into the float32
@@ -308,11 +346,12 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
     one of its own for each tile, or with `Config.across_tiles` one ring of stages for all of a
     program's tiles, into which the memory warpgroup loads the next tiles' first steps while
     the compute warpgroups finish a tile and store it."""
-    num_rows, depth = x.shape
-    num_groups = w.shape[0]
-    width = w.shape[1] if transpose_w else w.shape[2]
+    num_rows = xs[0].shape[0]
+    num_groups = ws[0].shape[0]
+    width = ws[0].shape[1] if transpose_w else ws[0].shape[2]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    steps, stages = depth // bk, config.max_concurrent_steps
+    pair_steps = [x.shape[1] // bk for x in xs]  # each product's steps, in turn
+    steps, stages = sum(pair_steps), config.max_concurrent_steps
     # Each compute warpgroup's part of the block_m x (2 block_n) tile: wm x wn.
     wm, wn = (bm // 2, 2 * bn) if config.split == "m" else (bm, bn)
     em, en = min(config.epilogue_m, wm), min(config.epilogue_n, wn)
@@ -320,11 +359,11 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
     subs = wm // sub
     items = schedule.work_items(group_sizes, num_rows, bm).reshape(-1)
     num_items = items.shape[0] // 4
-    x = _pad_for_blocks(x, bm, interpret)
+    xs = [_pad_for_blocks(x, bm, interpret) for x in xs]
     scaled = scales is not None
     if scaled:
         x_scales, w_scales = scales
-        x_scales = jnp.pad(x_scales, ((0, 0), (0, x.shape[0] - x_scales.shape[1])))
+        x_scales = jnp.pad(x_scales, ((0, 0), (0, xs[0].shape[0] - x_scales.shape[1])))
     # Split by rows into two accumulators each, an item whose rows all lie in the block's first
     # wm is shared out at wm / 2 rows a warpgroup, one accumulator each, instead of leaving the
     # second warpgroup without products (with block_m 256, a group of up to about 120 rows).
@@ -332,7 +371,8 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
     cluster = config.cluster_n
     col_blocks = width // (2 * bn * cluster)
     num_tiles = num_items * col_blocks
-    in_dtype, dtype = x.dtype, out_dtype or x.dtype
+    in_dtype = xs[0].dtype
+    dtype = out_dtype or in_dtype
     swizzle = plgpu.find_swizzle(bk * jnp.dtype(in_dtype).itemsize * 8)
     out_swizzle = plgpu.find_swizzle(en * jnp.dtype(dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(in_dtype).itemsize)),
@@ -342,8 +382,10 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
     # Register layouts (the interpreter has none).
     laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
 
-    def body(items_gmem, x_gmem, w_gmem, *refs):
-        *scale_gmem, out_gmem = refs
+    def body(items_gmem, *refs):
+        x_gmems, w_gmems = refs[0:2 * len(xs):2], refs[1:2 * len(xs):2]
+        x_gmem, w_gmem = x_gmems[0], w_gmems[0]
+        *scale_gmem, out_gmem = refs[2 * len(xs):]
         wg = lax.axis_index("wg")
 
         def tile_of(tile) -> _Tile:
@@ -554,13 +596,24 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
 
                 def step_loads(t: _Tile, count, k):
                     slot = _free_stage(consumed, count * steps + k, stages)
-                    ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
                     cols = pl.ds(pl.multiple_of(t.col * 2 * bn, 2 * bn), 2 * bn)
-                    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(t.row, bm), ks], x_smem.at[slot],
-                                            loaded.at[slot])
-                    plgpu.copy_gmem_to_smem(w_gmem.at[t.group, cols, ks] if transpose_w else
-                                            w_gmem.at[t.group, ks, cols], w_smem.at[slot],
-                                            loaded.at[slot])
+
+                    def pair_loads(x_gmem, w_gmem, kk):
+                        ks = pl.ds(pl.multiple_of(kk * bk, bk), bk)
+                        plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(t.row, bm), ks],
+                                                x_smem.at[slot], loaded.at[slot])
+                        plgpu.copy_gmem_to_smem(w_gmem.at[t.group, cols, ks] if transpose_w else
+                                                w_gmem.at[t.group, ks, cols], w_smem.at[slot],
+                                                loaded.at[slot])
+
+                    if len(xs) == 1:
+                        pair_loads(x_gmem, w_gmem, k)
+                    else:  # the step of the pair whose steps [first, first + count) hold k
+                        first = 0
+                        for x_pair, w_pair, count in zip(x_gmems, w_gmems, pair_steps):
+                            pl.when((k >= first) & (k < first + count))(functools.partial(
+                                pair_loads, x_pair, w_pair, k - first))
+                            first += count
                     if scaled:
                         plgpu.copy_gmem_to_smem(scale_gmem[0].at[pl.ds(k, 1), pl.ds(t.row, bm)],
                                                 scale_smem.at[slot], loaded.at[slot])
@@ -633,9 +686,11 @@ def _grouped_matmul_ws(x, w, group_sizes, *, transpose_w, config, interpret, sca
             (ring if config.across_tiles else pipelines)()
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    operands = [a for pair in zip(xs, ws) for a in pair]
     return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), dtype), interpret,
                        name=name or SCOPES["dx" if transpose_w else "forward"], cluster=cluster,
-                       warpgroups=3)(items, x, w, *((x_scales, w_scales) if scaled else ()))
+                       warpgroups=3)(items, *operands,
+                                     *((x_scales, w_scales) if scaled else ()))
 
 
 class _Tile(NamedTuple):
@@ -730,7 +785,7 @@ def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config,
         w, transpose_w = jnp.swapaxes(w, 1, 2), False
     else:
         transpose_w = True
-    return _grouped_matmul_ws(x, w, group_sizes, transpose_w=transpose_w, config=config,
+    return _grouped_matmul_ws([x], [w], group_sizes, transpose_w=transpose_w, config=config,
                               interpret=interpret, scales=(x_scales.T, w_scales),
                               out_dtype=out_dtype, name=name)
 

@@ -7,7 +7,10 @@ The three products of one grouped matmul y = x @ w[g] (x [M, K], w [G, K, N]) ar
 - "dw": dw[g] = x[rows of g]^T @ dy[rows of g], [K, M_g] x [M_g, N].
 
 The FP8 kernel ("fp8", `grouped_matmul_fp8`) has entries of its own, keyed by its product's K
-(the contraction) and N.
+(the contraction) and N; so has the dx of several weights of one shape summed in one kernel
+("dx_sum", `mgpu.grouped_matmul_sum`: the gate and up products' dx), keyed as "dx" is (one
+product's K and N), whose shapes without an entry take the "dx" configuration made to sum
+(`summing`).
 
 `table.json` (beside this file) holds the configuration a benchmark run picked for each measured
 (op, K, N, G), K and N named as in the list above (`python -m jep.bench tune` writes a new one;
@@ -28,7 +31,8 @@ from jep_kernels.grouped_matmul.mgpu import Config, DwConfig
 
 OPS = ("forward", "dx", "dw")
 FP8 = "fp8"  # the FP8 kernel (forward and dx alike: x [M, K] times w [G, N, K] transposed)
-TUNED = (*OPS, FP8)  # every op with entries in the table
+DX_SUM = "dx_sum"  # dy_a @ w_a[g]^T + dy_b @ w_b[g]^T, ... in one kernel (`mgpu.grouped_matmul_sum`)
+TUNED = (*OPS, FP8, DX_SUM)  # every op with entries in the table
 TABLE = pathlib.Path(__file__).with_name("table.json")
 
 
@@ -46,7 +50,16 @@ def default(op: str, k: int, n: int) -> Config | DwConfig:
         return Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=4,
                       warp_specialized=True, split="m")
     return Config(block_m=128, block_n=block_n, block_k=64, max_concurrent_steps=4,
-                  warp_specialized=True)
+                  warp_specialized=True, across_tiles=op == DX_SUM)
+
+
+def summing(config: Config, k: int, n: int) -> Config:
+    """A forward/dx `config` as the summing kernel (`mgpu.grouped_matmul_sum`) takes it: one
+    ring of stages across tiles, no cluster; `default(DX_SUM, k, n)` for one that is not
+    warp-specialized."""
+    if not config.warp_specialized:
+        return default(DX_SUM, k, n)
+    return dataclasses.replace(config, across_tiles=True, cluster_n=1)
 
 
 def config_class(op: str) -> type:
@@ -72,12 +85,16 @@ def config_for(op: str, k: int, n: int, groups: int) -> Config | DwConfig:
     prefix = key(op, k, n, 0)[:-1]
     near = [(abs(math.log(int(name[len(prefix):]) / max(groups, 1))), name)
             for name in table if name.startswith(prefix)]
-    return table[min(near)[1]] if near else default(op, k, n)
+    if near:
+        return table[min(near)[1]]
+    if op == DX_SUM:
+        return summing(config_for("dx", k, n, groups), k, n)
+    return default(op, k, n)
 
 
 def product_shape(op: str, k: int, n: int) -> tuple[int, int]:
     """(K, N) of `op`'s own product, for a grouped matmul whose w is [G, k, n]."""
-    return (n, k) if op == "dx" else (k, n)
+    return (n, k) if op in ("dx", DX_SUM) else (k, n)
 
 
 def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
@@ -144,6 +161,8 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
     found += [dataclasses.replace(c, across_tiles=True) for c in found
               if c.warp_specialized and c.cluster_n == 1 and c.band == 1
               and not c.swizzled_epilogue]
+    if op == DX_SUM:  # the ring's candidates only
+        found = [c for c in found if c.across_tiles]
     tile_n = lambda c: c.block_n * (2 * c.cluster_n if c.warp_specialized else 1)  # noqa: E731
     return [c for c in found if k % c.block_k == 0 and n % tile_n(c) == 0]
 
