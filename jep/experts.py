@@ -1,4 +1,5 @@
-"""Grouped expert FFN (SwiGLU) on the rows `dispatch` delivered, one grouped matmul per weight.
+"""Grouped expert FFN (SwiGLU) on the rows `dispatch` delivered: a grouped matmul per weight (on the
+Pallas kernels the gate and up products' dx summed in one).
 
 Shapes: C rows, H hidden, F expert hidden, G = E_local groups.
 """
@@ -173,7 +174,24 @@ def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "
     """
     _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation, precision)
     return _swiglu(_matmul_of(precision, backend, group_sizes), recv_x, w_gate, w_up, w_down,
-                   activation)
+                   activation, _gate_up_of(precision, backend, recv_x, w_gate, [group_sizes]))
+
+
+def _gate_up_of(precision: str, backend: str, rows, w_gate, group_sizes):
+    """The gate and up products in one call where the bf16 Pallas kernels run:
+    `gate_up(rows, (w_gate, w_up))` -> (gate, up), whose dx is one kernel
+    (`jep_kernels.grouped_matmul.grouped_matmul_weights`); rows one array or a tuple of chunks
+    (group_sizes a list of the chunks' sizes). None elsewhere: a product a weight."""
+    if precision != "bf16" or grouped_matmul_backend(
+            rows, w_gate.astype(rows.dtype), backend) != "pallas":
+        return None
+
+    def gate_up(rows, weights):
+        chunks = rows if isinstance(rows, tuple) else (rows,)
+        outs = jep_kernels.grouped_matmul.grouped_matmul_weights(chunks, weights, group_sizes)
+        return tuple(out if isinstance(rows, tuple) else out[0] for out in outs)
+
+    return gate_up
 
 
 def _matmul_of(precision: str, backend: str, group_sizes):
@@ -212,14 +230,16 @@ def _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation, precision
                          f"and F ({ffn}) must be multiples of {fp8.TILE}")
 
 
-def _swiglu(matmul, rows, w_gate, w_up, w_down, activation):
+def _swiglu(matmul, rows, w_gate, w_up, w_down, activation, gate_up=None):
     """`(act(rows @ w_gate) * (rows @ w_up)) @ w_down` with `matmul(rows, w)` the grouped product;
-    `rows` an array, or a tuple of arrays (chunks) for a `matmul` that takes them."""
+    `rows` an array, or a tuple of arrays (chunks) for a `matmul` that takes them;
+    `gate_up(rows, (w_gate, w_up))` the first two products in one call where given
+    (`_gate_up_of`)."""
     act = ACTIVATION_FNS[activation]
     first = rows[0] if isinstance(rows, tuple) else rows
     dtype, accumulator = first.dtype, jep_kernels.grouped_matmul.reference.accumulator(first)
-    gate = matmul(rows, w_gate.astype(dtype))
-    up = matmul(rows, w_up.astype(dtype))
+    weights = (w_gate.astype(dtype), w_up.astype(dtype))
+    gate, up = (gate_up or (lambda rows, ws: tuple(matmul(rows, w) for w in ws)))(rows, weights)
     hidden = jax.tree.map(
         lambda g, u: (act(g.astype(accumulator)) * u.astype(accumulator)).astype(dtype), gate, up)
     return matmul(hidden, w_down.astype(dtype))
@@ -251,4 +271,5 @@ def expert_ffn_chunks(recv_xs, group_sizes, w_gate, w_up, w_down, *, activation:
     def matmul(rows, w):
         return jep_kernels.grouped_matmul.grouped_matmul_chunks(rows, w, group_sizes)
 
-    return _swiglu(matmul, recv_xs, w_gate, w_up, w_down, activation)
+    return _swiglu(matmul, recv_xs, w_gate, w_up, w_down, activation,
+                   _gate_up_of(precision, backend, recv_xs[0], w_gate, group_sizes))

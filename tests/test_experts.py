@@ -170,8 +170,8 @@ def test_moe_with_the_pallas_experts_matches_the_reference():
 @pytest.mark.slow
 def test_chunks_equal_expert_ffn_of_each_chunk_forward_and_backward(rng, monkeypatch):
     """expert_ffn_chunks on the Pallas kernels (in interpret mode off a GPU: one weight gradient
-    over every chunk's rows) against expert_ffn of each chunk on the reference backend; and
-    elsewhere a call a chunk."""
+    over every chunk's rows, the gate and up products' dx summed in one kernel), and expert_ffn
+    of each chunk on them, against expert_ffn of each chunk on the reference backend."""
     import functools
 
     import jep_kernels.grouped_matmul as gm
@@ -179,8 +179,8 @@ def test_chunks_equal_expert_ffn_of_each_chunk_forward_and_backward(rng, monkeyp
     if not ON_HOPPER:
         monkeypatch.setattr(experts, "grouped_matmul_backend",
                             lambda x, w, backend: "pallas" if backend == "auto" else backend)
-        monkeypatch.setattr(gm, "grouped_matmul_chunks",
-                            functools.partial(gm.grouped_matmul_chunks, interpret=True))
+        for name in ("grouped_matmul", "grouped_matmul_chunks", "grouped_matmul_weights"):
+            monkeypatch.setattr(gm, name, functools.partial(getattr(gm, name), interpret=True))
     hidden, ffn = 128, 128
     sizes = [jnp.asarray(s, jnp.int32) for s in ([30, 0], [5, 19])]  # rows past the groups
     xs = tuple(jnp.asarray(rng.normal(size=(r, hidden)), jnp.bfloat16) for r in (32, 24))
@@ -188,25 +188,26 @@ def test_chunks_equal_expert_ffn_of_each_chunk_forward_and_backward(rng, monkeyp
                     for _ in range(2))
     w_down = jnp.asarray(rng.normal(size=(2, ffn, hidden)) / 11, jnp.bfloat16)
 
-    def loss(chunked, xs, *weights):
-        if chunked:
+    def loss(call, xs, *weights):
+        if call == "chunks":
             outs = experts.expert_ffn_chunks(xs, sizes, *weights)
-        else:
-            outs = [experts.expert_ffn(x, s, *weights, backend="reference")
+        else:  # expert_ffn a chunk: on the Pallas kernels ("auto"), or the reference
+            outs = [experts.expert_ffn(x, s, *weights, backend=call)
                     for x, s in zip(xs, sizes)]
         return sum(jnp.sum(o.astype(jnp.float32) * (i + 1)) for i, o in enumerate(outs)), outs
 
     grad = jax.grad(loss, argnums=(1, 2, 3, 4), has_aux=True)
-    (got, outs), (want, want_outs) = (grad(chunked, xs, w_gate, w_up, w_down)
-                                      for chunked in (True, False))
-    # bf16 throughout; the per-chunk weight gradients are each rounded, then summed in bf16:
-    # within 1e-2 of each array's largest value.
-    for a, b in zip(jax.tree.leaves((got, outs)), jax.tree.leaves((want, want_outs))):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        b = np.asarray(b, np.float32)
-        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0,
-                                   atol=1e-2 * max(np.abs(b).max(), 1e-3))
-    assert not np.asarray(outs[0][30:]).any()
+    want, want_outs = grad("reference", xs, w_gate, w_up, w_down)
+    for call in ("chunks", "auto"):
+        got, outs = grad(call, xs, w_gate, w_up, w_down)
+        # bf16 throughout; the per-chunk weight gradients are each rounded, then summed in bf16:
+        # within 1e-2 of each array's largest value.
+        for a, b in zip(jax.tree.leaves((got, outs)), jax.tree.leaves((want, want_outs))):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            b = np.asarray(b, np.float32)
+            np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0,
+                                       atol=1e-2 * max(np.abs(b).max(), 1e-3))
+        assert not np.asarray(outs[0][30:]).any()
     with pytest.raises(ValueError, match="as many chunks"):
         experts.expert_ffn_chunks(xs, sizes[:1], w_gate, w_up, w_down)
 

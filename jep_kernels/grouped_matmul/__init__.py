@@ -87,12 +87,15 @@ def _chunks_fwd(xs, ws, group_sizes, configs, interpret):
 def _chunks_bwd(configs, interpret, residuals, dys):
     xs, ws, group_sizes = residuals
     dys = tuple(tuple(dy.astype(x.dtype) for x, dy in zip(xs, each)) for each in dys)
-    if len(ws) == 1:
-        dxs = tuple(_product(dy, ws[0], sizes, transpose_w=True, config=configs["dx"],
-                             interpret=interpret) for dy, sizes in zip(dys[0], group_sizes))
-    else:  # each chunk's dx from every weight in one kernel, written once
+    if len(ws) > 1 and configs.dx_sum is not None:
+        # Each chunk's dx from every weight in one kernel, written once.
         dxs = tuple(_summed_dx([each[c] for each in dys], ws, sizes, config=configs.dx_sum,
                                interpret=interpret) for c, sizes in enumerate(group_sizes))
+    else:
+        dxs = tuple(functools.reduce(jnp.add, (
+            _product(each[c], w, sizes, transpose_w=True, config=configs["dx"],
+                     interpret=interpret) for each, w in zip(dys, ws)))
+            for c, sizes in enumerate(group_sizes))
     # One weight gradient over the rows of every chunk: each group's rows are its rows of
     # each chunk in turn, summed in one accumulator.
     dws = tuple(vary_like(_weight_gradient(
@@ -113,7 +116,8 @@ class Configs:
     forward: Config
     dx: Config
     dw: DwConfig
-    # The dx of several weights of w's shape summed in one kernel (`grouped_matmul_weights`).
+    # The dx of several weights of w's shape summed in one kernel (`grouped_matmul_weights`);
+    # None: a dx kernel a weight, summed by XLA.
     dx_sum: Config | None = None
 
     def __getitem__(self, op: str) -> Config | DwConfig:
@@ -138,7 +142,7 @@ def configs_for(w_shape, config: Config | None = None,
               for op in tuning.OPS}
     dx_k, dx_n = tuning.product_shape(tuning.DX_SUM, k, n)
     dx_sum = (tuning.summing(config, dx_k, dx_n) if config is not None else
-              tuning.config_for(tuning.DX_SUM, dx_k, dx_n, groups))
+              tuning.entry_for(tuning.DX_SUM, dx_k, dx_n, groups))
     return Configs(**chosen, dx_sum=dx_sum)
 
 
@@ -158,7 +162,7 @@ def _checked_configs(xs, w, group_sizes, config, dw_config, summed: bool) -> Con
         raise ValueError(f"N={n} must be a multiple of block_k={dx.block_k} and K={k} of the tile "
                          f"width {dx_tile_n} (the tiles of dx = dy @ w^T)")
     dx_sum = configs.dx_sum
-    if summed and (n % dx_sum.block_k or k % (2 * dx_sum.block_n)):
+    if summed and dx_sum and (n % dx_sum.block_k or k % (2 * dx_sum.block_n)):
         raise ValueError(f"N={n} must be a multiple of block_k={dx_sum.block_k} and K={k} of "
                          f"the tile width {2 * dx_sum.block_n} (the tiles of the summed dx)")
     if k % dw.block_k or n % mgpu.dw_tile_n(dw):
@@ -212,7 +216,8 @@ def grouped_matmul_weights(xs, ws, group_sizes, *, config: Config | None = None,
       xs: C arrays bf16/f16 [M_c, K], each grouped by its own group sizes.
       ws: P arrays [G, K, N] of x's dtype; group_sizes: C arrays i32[G].
       config, dw_config, interpret: as for `grouped_matmul`; the summed dx takes `config` made
-        to sum (`tuning.summing`) where given, else the tuning table's "dx_sum" entry.
+        to sum (`tuning.summing`) where given, else the tuning table's "dx_sum" entry; where
+        neither is, each chunk's dx is a dx kernel a weight, summed by XLA.
     """
     xs, ws, group_sizes = tuple(xs), tuple(ws), tuple(group_sizes)
     if not xs or len(xs) != len(group_sizes):

@@ -9,8 +9,8 @@ The three products of one grouped matmul y = x @ w[g] (x [M, K], w [G, K, N]) ar
 The FP8 kernel ("fp8", `grouped_matmul_fp8`) has entries of its own, keyed by its product's K
 (the contraction) and N; so has the dx of several weights of one shape summed in one kernel
 ("dx_sum", `mgpu.grouped_matmul_sum`: the gate and up products' dx), keyed as "dx" is (one
-product's K and N), whose shapes without an entry take the "dx" configuration made to sum
-(`summing`).
+product's K and N). `tune` writes a "dx_sum" entry only where its pick beat two dx kernels and
+their sum, timed beside it; where the table has none, `grouped_matmul_weights` runs those.
 
 `table.json` (beside this file) holds the configuration a benchmark run picked for each measured
 (op, K, N, G), K and N named as in the list above (`python -m jep.bench tune` writes a new one;
@@ -75,8 +75,9 @@ def _table(path: pathlib.Path = TABLE) -> dict[str, Config | DwConfig]:
     return {name: config_class(name.split()[0])(**fields) for name, fields in entries.items()}
 
 
-def config_for(op: str, k: int, n: int, groups: int) -> Config | DwConfig:
-    """The tuned configuration for this product and shape, else `default(op, k, n)`."""
+def entry_for(op: str, k: int, n: int, groups: int) -> Config | DwConfig | None:
+    """The table's entry for this product and shape, or for its (op, K, N) at the nearest G;
+    None where the table has no (op, K, N)."""
     if op not in TUNED:
         raise ValueError(f"op must be one of {TUNED}, got {op!r}")
     table = _table()
@@ -85,8 +86,15 @@ def config_for(op: str, k: int, n: int, groups: int) -> Config | DwConfig:
     prefix = key(op, k, n, 0)[:-1]
     near = [(abs(math.log(int(name[len(prefix):]) / max(groups, 1))), name)
             for name in table if name.startswith(prefix)]
-    if near:
-        return table[min(near)[1]]
+    return table[min(near)[1]] if near else None
+
+
+def config_for(op: str, k: int, n: int, groups: int) -> Config | DwConfig:
+    """The tuned configuration for this product and shape (`entry_for`), else
+    `default(op, k, n)`; for "dx_sum" else the "dx" configuration made to sum."""
+    found = entry_for(op, k, n, groups)
+    if found is not None:
+        return found
     if op == DX_SUM:
         return summing(config_for("dx", k, n, groups), k, n)
     return default(op, k, n)
