@@ -643,15 +643,13 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                         def _(k):
                             slot = arrived(k)
                             issue(t, x_smem.at[slot], w_smem.at[slot], acc_refs)
-                            # The step before has finished: its stage can be reloaded.
-                            plgpu.wgmma_wait(1)
+                            # Released as soon as its products finish (the other warpgroup
+                            # keeps the tensor cores busy meanwhile): holding it until the
+                            # next step's products are issued would leave a ring of three
+                            # stages one load ahead instead of two.
+                            plgpu.wgmma_wait(0)
+                            plgpu.barrier_arrive(consumed.at[slot])
 
-                            @pl.when(k > 0)
-                            def _():
-                                plgpu.barrier_arrive(consumed.at[(slot + stages - 1) % stages])
-
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(consumed.at[(first + steps - 1) % stages])
                         store_accs(t, acc_refs)
 
                     pl.run_scoped(multiply, acc_shapes)
