@@ -201,6 +201,7 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
     assert [r["picked"] for r in results] == [r is fastest for r in results[:2]] + [False]
 
 
+@pytest.mark.slow
 def test_tune_times_the_summed_dx_on_two_weights(monkeypatch):
     """The summed dx ("dx_sum") tuned on the CPU in interpret mode: its candidate runs on a
     pair of weights, counted at the flops of two products, and keyed as dx is."""

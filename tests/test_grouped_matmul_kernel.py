@@ -101,7 +101,8 @@ def numpy_grouped(x, w, sizes):
     pytest.param(CONFIG_WS_ACC_M, [120, 80, 0], marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACC_N, [33, 100, 1],  # a tail of 5 rows: one of two accumulators
                  marks=pytest.mark.slow),
-    (CONFIG_WS_ACC_192, [70, 0, 130]),  # rows in 2 of 3 accumulators, then 3 of 3
+    pytest.param(CONFIG_WS_ACC_192, [70, 0, 130],  # rows in 2 of 3 accumulators, then 3 of 3
+                 marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACROSS, [70, 0, 100],  # the FP8 kernel's ring: main job
                  marks=pytest.mark.slow),
     pytest.param(CONFIG_WS_ACROSS, [33, 31, 1], marks=pytest.mark.slow),
@@ -325,7 +326,8 @@ def test_sum_of_products_refuses_what_it_cannot_take():
         gm.grouped_matmul_weights([x], [w, jnp.zeros((2, 128, 256), jnp.bfloat16)], [sizes])
 
 
-@pytest.mark.parametrize("num_chunks", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("num_chunks", [1, 2])
 def test_products_with_several_weights_equal_one_product_each(num_chunks):
     # The gate and up products of a SwiGLU expert: the forward as one product each, dx summed
     # in one kernel (against float64: the separate products round each dx, then sum), each
