@@ -40,10 +40,8 @@ def _paired_operands(rotations):
 def _two_dx(config):
     """The summed dx as two dx kernels (`config`, the table's "dx") and XLA's sum of them: what
     the summing kernel replaces."""
-    def body(x, ws, dys, sizes):
-        return sum(mgpu.grouped_matmul(dy, w, sizes, transpose_w=True, config=config)
-                   for dy, w in zip(dys, ws))
-    return body
+    dx = _product("dx", config)
+    return lambda x, ws, dys, sizes: sum(dx(x, w, dy, sizes) for dy, w in zip(dys, ws))
 
 
 def _describe(op, config) -> str:

@@ -41,14 +41,16 @@ def _pad_rows(a):
     return jnp.pad(a, ((0, extra), (0, 0))) if extra else a
 
 
-def _product(x, w, group_sizes, *, transpose_w, config, interpret):
+def _product(xs, ws, group_sizes, *, transpose_w, config, interpret):
+    """sum over i of xs[i] @ ws[i] (w transposed where `transpose_w`): one product, or with
+    several pairs the summing kernel (`mgpu.grouped_matmul_sum`)."""
     with jax.named_scope(SCOPES["dx" if transpose_w else "forward"]):
         if transpose_w and interpret:
             # The interpreter has no transposed shared-memory views: transpose in memory instead.
-            w, transpose_w = jnp.swapaxes(w, 1, 2), False
-        y = mgpu.grouped_matmul(_pad_rows(x), w, group_sizes, transpose_w=transpose_w,
-                                config=config, interpret=interpret)
-        return vary_like(y[:x.shape[0]], x, w, group_sizes)
+            ws, transpose_w = [jnp.swapaxes(w, 1, 2) for w in ws], False
+        y = mgpu.grouped_matmul_sum([_pad_rows(x) for x in xs], ws, group_sizes,
+                                    transpose_w=transpose_w, config=config, interpret=interpret)
+        return vary_like(y[:xs[0].shape[0]], *xs, *ws, group_sizes)
 
 
 def _weight_gradient(x, dy, group_sizes, *, config, out_dtype, interpret, chunk_rows=None):
@@ -59,23 +61,10 @@ def _weight_gradient(x, dy, group_sizes, *, config, out_dtype, interpret, chunk_
         return vary_like(dw, x, dy, group_sizes)
 
 
-def _summed_dx(dys, ws, group_sizes, *, config, interpret):
-    """sum over j of dys[j] @ ws[j]^T in one kernel (`mgpu.grouped_matmul_sum`)."""
-    with jax.named_scope(SCOPES["dx"]):
-        if interpret:  # no transposed shared-memory views there: transposed in memory
-            ws, transpose_w = [jnp.swapaxes(w, 1, 2) for w in ws], False
-        else:
-            transpose_w = True
-        dx = mgpu.grouped_matmul_sum([_pad_rows(dy) for dy in dys], ws, group_sizes,
-                                     transpose_w=transpose_w, config=config,
-                                     interpret=interpret)
-        return vary_like(dx[:dys[0].shape[0]], *dys, *ws, group_sizes)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped_matmul_chunks(xs, ws, group_sizes, configs, interpret):
     """ys[j][c] = xs[c] @ ws[j] for each weight j and chunk c."""
-    return tuple(tuple(_product(x, w, sizes, transpose_w=False, config=configs["forward"],
+    return tuple(tuple(_product([x], [w], sizes, transpose_w=False, config=configs["forward"],
                                 interpret=interpret) for x, sizes in zip(xs, group_sizes))
                  for w in ws)
 
@@ -87,15 +76,16 @@ def _chunks_fwd(xs, ws, group_sizes, configs, interpret):
 def _chunks_bwd(configs, interpret, residuals, dys):
     xs, ws, group_sizes = residuals
     dys = tuple(tuple(dy.astype(x.dtype) for x, dy in zip(xs, each)) for each in dys)
-    if len(ws) > 1 and configs.dx_sum is not None:
-        # Each chunk's dx from every weight in one kernel, written once.
-        dxs = tuple(_summed_dx([each[c] for each in dys], ws, sizes, config=configs.dx_sum,
-                               interpret=interpret) for c, sizes in enumerate(group_sizes))
-    else:
-        dxs = tuple(functools.reduce(jnp.add, (
-            _product(each[c], w, sizes, transpose_w=True, config=configs["dx"],
-                     interpret=interpret) for each, w in zip(dys, ws)))
-            for c, sizes in enumerate(group_sizes))
+    def chunk_dx(c, sizes):
+        chunk_dys = [each[c] for each in dys]
+        if len(ws) > 1 and configs.dx_sum is not None:  # every weight's in one kernel
+            return _product(chunk_dys, ws, sizes, transpose_w=True, config=configs.dx_sum,
+                            interpret=interpret)
+        return functools.reduce(jnp.add, (
+            _product([dy], [w], sizes, transpose_w=True, config=configs["dx"],
+                     interpret=interpret) for dy, w in zip(chunk_dys, ws)))
+
+    dxs = tuple(chunk_dx(c, sizes) for c, sizes in enumerate(group_sizes))
     # One weight gradient over the rows of every chunk: each group's rows are its rows of
     # each chunk in turn, summed in one accumulator.
     dws = tuple(vary_like(_weight_gradient(

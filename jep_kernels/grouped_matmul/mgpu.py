@@ -312,6 +312,9 @@ def grouped_matmul_sum(xs, ws, group_sizes, *, transpose_w: bool = False, config
     xs, ws = list(xs), list(ws)
     if not xs or len(xs) != len(ws):
         raise ValueError(f"xs and ws must be as many (at least one), got {len(xs)} and {len(ws)}")
+    if len(xs) == 1:  # checks its shapes
+        return grouped_matmul(xs[0], ws[0], group_sizes, transpose_w=transpose_w,
+                              config=config, interpret=interpret)
     for x, w in zip(xs, ws):
         check_shapes(x, w, group_sizes, transpose_w=transpose_w, config=config)
         if x.shape[0] != xs[0].shape[0] or x.dtype != xs[0].dtype or w.shape[0] != ws[0].shape[0]:
@@ -321,9 +324,6 @@ def grouped_matmul_sum(xs, ws, group_sizes, *, transpose_w: bool = False, config
         if (w.shape[1] if transpose_w else w.shape[2]) != (
                 ws[0].shape[1] if transpose_w else ws[0].shape[2]):
             raise ValueError(f"ws must have the same N, got {[w.shape for w in ws]}")
-    if len(xs) == 1:
-        return grouped_matmul(xs[0], ws[0], group_sizes, transpose_w=transpose_w,
-                              config=config, interpret=interpret)
     if not (config.warp_specialized and config.across_tiles):
         raise ValueError(f"a sum of {len(xs)} products needs a warp-specialized config with "
                          f"across_tiles=True (one ring of stages, loaded from each pair in "
