@@ -48,6 +48,9 @@ class DispatchConfig:
       fp8: tokens travel as e4m3 with a float32 scale per 128 channels (DeepSeek-V3's FP8
         dispatch, `jep.fp8`), dequantized on arrival (in hierarchical mode after the second
         hop); combine stays in the tokens' dtype. H a multiple of 128.
+      check_ids: expert ids >= E (a routing bug; always counted) an error under
+        `jax.experimental.checkify.checkify` (`jep.dispatch`'s `check_ids`). Off by default: the
+        check keeps every call of the jitted step off jax's fast dispatch path.
     """
 
     capacity: int | None = None
@@ -59,6 +62,7 @@ class DispatchConfig:
     num_chunks: int = 1
     timeout_s: float | None = None
     fp8: bool = False
+    check_ids: bool = False
 
     def __post_init__(self):
         if self.capacity is not None and self.capacity_factor is not None:
@@ -80,6 +84,8 @@ class DispatchConfig:
             check_timeout(self.timeout_s, "DispatchConfig.timeout_s")
         if not isinstance(self.fp8, bool):
             raise TypeError(f"DispatchConfig.fp8 must be a bool, got {self.fp8!r}")
+        if not isinstance(self.check_ids, bool):
+            raise TypeError(f"DispatchConfig.check_ids must be a bool, got {self.check_ids!r}")
 
     def capacity_for(self, num_tokens: int, top_k: int, num_local_experts: int) -> int | None:
         """The per-local-expert capacity for `num_tokens` tokens per rank, or None (dropless)."""

@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jep import _checks
+from jep import _checks, flat
 from jep.dispatch import check_fp8
-from jep.flat import check_dispatch_inputs, check_ids, ep_size, merge_repeated_experts
+from jep.flat import check_dispatch_inputs, ep_size, merge_repeated_experts
 from jep.fp8 import pack_rows, unpack_rows
 from jep.layout import get_dispatch_layout
 from jep.platform import concrete_mesh, current_platform
@@ -211,7 +211,7 @@ def _forward_only(call, name):
 
 def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: int | None = None,
              mesh=None, buffer: Buffer | None = None, timeout_s: float | None = None,
-             fp8: bool = False):
+             fp8: bool = False, check_ids: bool = False):
     """Sends each token to the ranks of its experts, with its routing weights, in one call.
 
     Call inside `jax.shard_map` over `axis_name` (on every mesh axis of size > 1).
@@ -233,6 +233,8 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
         `JEP_FFI_TIMEOUT_S`, else 60), fixed when the call is traced; combine waits as long.
       fp8: each token travels as e4m3 with its per-128-channel scales and is dequantized to
         x.dtype on arrival, as in `jep.dispatch(..., fp8=True)`; combine stays in y's dtype.
+      check_ids: ids >= E an error under `jax.experimental.checkify.checkify`, as in
+        `jep.dispatch`.
 
     Returns:
       recv_x: [C, H], the rows of local expert 0, then 1, ..., zeros past the kept rows (the same
@@ -255,6 +257,7 @@ def dispatch(x, expert_ids, weights, *, num_experts: int, axis_name, capacity: i
     if buffer.released:
         raise ValueError(f"buffer {buffer!r} was released: make a new jep.low_latency.Buffer")
     check_fp8(fp8, x)
+    flat.check_ids(check_ids, expert_ids, num_experts)
     if isinstance(axis_name, list):
         axis_name = tuple(axis_name)
     recv_x, group_sizes, handle = _dispatch(
@@ -276,7 +279,6 @@ def _dispatch(x, expert_ids, weights, *, num_experts, axis_name, capacity, coord
                 else num_local * capacity)
 
     num_invalid = jnp.sum(expert_ids >= num_experts, dtype=jnp.int32)
-    check_ids(num_invalid, num_experts)
     expert_ids, weights = merge_repeated_experts(expert_ids.astype(jnp.int32), weights)
     layout = get_dispatch_layout(expert_ids, num_experts=num_experts, num_ranks=n)
     row = jnp.arange(num_tokens, dtype=jnp.int32)

@@ -349,13 +349,15 @@ def _dispatch_chunk(plan: _Plan, x, expert_ids, weights, scores, bias, placement
         recv_x, group_sizes, handle = low_latency.dispatch(
             x, slot_ids, weights, num_experts=plan.num_slots, axis_name=config.axis_name,
             capacity=plan.capacity, mesh=plan.low_latency_mesh,
-            timeout_s=config.dispatch.timeout_s, fp8=config.dispatch.fp8)
+            timeout_s=config.dispatch.timeout_s, fp8=config.dispatch.fp8,
+            check_ids=config.dispatch.check_ids)
     else:
         recv_x, group_sizes, handle = dispatch(
             x, slot_ids, num_experts=plan.num_slots, axis_name=config.axis_name,
             capacity=plan.capacity, backend=config.dispatch.backend,
             permute=config.dispatch.permute, mode=config.dispatch.mode,
-            timeout_s=config.dispatch.timeout_s, fp8=config.dispatch.fp8)
+            timeout_s=config.dispatch.timeout_s, fp8=config.dispatch.fp8,
+            check_ids=config.dispatch.check_ids)
     return (recv_x, group_sizes, handle, weights, slot_ids,
             handle.num_dropped + num_policy_dropped, num_rerouted)
 

@@ -109,7 +109,7 @@ def test_ids_past_e_are_an_error_under_checkify():
     mesh = make_mesh((2,), ("ep",), explicit=False)  # checkify of shard_map: auto axes
 
     def local(x, ids):
-        recv_x, _, _ = jep.dispatch(x, ids, num_experts=4, axis_name="ep")
+        recv_x, _, _ = jep.dispatch(x, ids, num_experts=4, axis_name="ep", check_ids=True)
         return recv_x
 
     run = jax.jit(checkify.checkify(jax.shard_map(local, mesh=mesh, in_specs=(P("ep"), P("ep")),
@@ -120,6 +120,31 @@ def test_ids_past_e_are_an_error_under_checkify():
     error, _ = run(x, put(mesh, np.full((8, 2), 4, np.int32), P("ep")))
     with pytest.raises(checkify.JaxRuntimeError, match="8 expert ids >= num_experts=4"):
         error.throw()
+
+
+def test_a_step_has_no_effects_unless_ids_are_checked():
+    """Without check_ids a jitted layer step holds no effect, so jax dispatches its calls on the
+    fast C++ path; the invalid ids are still counted."""
+    mesh = make_mesh((2,), ("ep",), explicit=False)
+
+    def local(x, ids, check_ids):
+        _, _, handle = jep.dispatch(x, ids, num_experts=4, axis_name="ep", check_ids=check_ids)
+        return handle.num_invalid_ids[None]
+
+    x = put(mesh, np.ones((8, 3), np.float32), P("ep"))
+    ids = put(mesh, np.full((8, 2), 4, np.int32), P("ep"))
+    for check_ids in (False, True):
+        run = jax.jit(jax.shard_map(functools.partial(local, check_ids=check_ids), mesh=mesh,
+                                    in_specs=(P("ep"), P("ep")), out_specs=P("ep")))
+        assert bool(jax.make_jaxpr(run)(x, ids).effects) == check_ids
+    np.testing.assert_array_equal(run(x, ids), [8, 8])
+
+    config = jep.MoEConfig(num_experts=4, top_k=2, axis_name="ep")
+    params = jep.init_params(jax.random.key(0), hidden=3, ffn=4, config=config)
+    step = jax.grad(lambda p: jnp.sum(jep.moe(x, p, config=config, mesh=mesh)[0]))
+    assert not jax.make_jaxpr(step)(params).effects
+    with pytest.raises(TypeError, match="check_ids must be a bool"):
+        jep.DispatchConfig(check_ids=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
