@@ -242,6 +242,23 @@ def test_profile_summary_counts_busy_time_and_overlap_per_device():
     assert "stream 1: busy 20.0 us, 2 kernels" in text and "x2" in text
 
 
+def test_profile_finds_the_idle_time_between_kernels():
+    from jep.bench import profile
+
+    def kernel(name, start, duration, stream="1"):
+        return {"device": "/device:GPU:0", "stream": stream, "name": name, "start": start,
+                "duration": duration}
+
+    # a 0-10, b 12-20 on another stream, c 14-16 inside b, d 120-130: idle 2 and 100 us.
+    events = [kernel("a", 0.0, 10.0), kernel("b", 12.0, 8.0, "2"), kernel("c", 14.0, 2.0),
+              kernel("d", 120.0, 10.0)]
+    assert profile.idle_gaps(events) == [(2.0, "a", "b"), (100.0, "b", "d")]
+    text = profile.summary(events)
+    assert "idle 102.0 us in 2 gaps: 0 of 0-2 us, 1 of 2-5 us" in text
+    assert "1 of 100 us or more" in text and "idle    100.0 us after b before d" in text
+    assert profile.idle_gaps(events[:1]) == []
+
+
 def test_rooflines_take_the_larger_ceiling_and_sum_the_backward():
     from jep.bench import gemm
 
@@ -281,6 +298,9 @@ def test_layer_times_the_variants_asked_for_against_the_dense_floor():
     assert timed["jep"]["over_dense_floor"] == pytest.approx(
         timed["jep"]["seconds"] / timed["dense floor"]["seconds"])
     assert timed["jep"]["vs_capacity"] is None and timed["jep"]["model"] == "test"
+    assert timed["jep"]["seconds_dispatched"] > 0
+    assert timed["jep"]["over_dense_floor_dispatched"] == pytest.approx(
+        timed["jep"]["seconds_dispatched"] / timed["dense floor"]["seconds_dispatched"])
 
 
 def test_dense_floor_is_one_swiglu_with_the_first_expert():

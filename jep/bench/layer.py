@@ -14,7 +14,9 @@
              same expert flops with no routing and no data movement, whose backward still
              writes the weight gradients of all experts, as every variant must
 All use the same router (softmax top-k) and SwiGLU experts; tokens are split over the EP axis
-(every device). `MODELS` holds the expert shapes of real models (`--model`).
+(every device). Each step is timed twice: `iters` steps in a loop inside one program
+("seconds"), and `iters` calls of the jitted step dispatched from Python as a training loop
+makes them ("seconds_dispatched": no wait on the host between steps). `MODELS` holds the expert shapes of real models (`--model`).
 """
 
 from __future__ import annotations
@@ -206,6 +208,10 @@ def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dty
             entry["memory_bytes"] = timing.compiled_bytes(compiled)
             seconds = timing.seconds_per_iteration(compiled, inputs, iters=iters, repeats=repeats)
             entry |= {"seconds": seconds, "tokens_per_s": n * tokens / seconds}
+            # The same step as a training loop runs it: one call a step from Python.
+            one_step = jax.jit(step).lower(inputs[0][0], params).compile()
+            entry["seconds_dispatched"] = timing.seconds_dispatched(
+                one_step, [(rows, params) for rows in inputs[0]], steps=iters, repeats=repeats)
             if profile and name.startswith("jep"):
                 entry["breakdown"] = jep.bench.profile.report(
                     compiled, inputs, f"layer: {name}, {iters} steps", steps=iters)
@@ -214,12 +220,14 @@ def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dty
         results.append(entry)
     # vs_capacity: the capacity MoE's time over this one's (above 1: faster than it);
     # over_dense_floor: this time over the dense floor's (1: at the floor).
-    timed = {r["variant"]: r["seconds"] for r in results}
-    capacity, floor = timed.get("capacity 1.25"), timed.get("dense floor")
-    for r in results:
-        ok = r["seconds"] is not None
-        r["vs_capacity"] = capacity / r["seconds"] if ok and capacity is not None else None
-        r["over_dense_floor"] = r["seconds"] / floor if ok and floor is not None else None
+    # The same from the dispatched steps: "vs_capacity_dispatched", "over_dense_floor_dispatched".
+    for field, suffix in (("seconds", ""), ("seconds_dispatched", "_dispatched")):
+        timed = {r["variant"]: r.get(field) for r in results}
+        capacity, floor = timed.get("capacity 1.25"), timed.get("dense floor")
+        for r in results:
+            ok = r.get(field) is not None
+            r["vs_capacity" + suffix] = capacity / r[field] if ok and capacity else None
+            r["over_dense_floor" + suffix] = r[field] / floor if ok and floor else None
     for ep in (4, 8, 64):
         if experts % ep == 0:
             rows = receive_buffer_rows(tokens=tokens, experts=experts, top_k=top_k, ep=ep)

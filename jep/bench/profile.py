@@ -141,9 +141,10 @@ def _union(spans) -> float:
     return total
 
 
-def summary(events: list[dict], top: int = 12) -> str:
+def summary(events: list[dict], top: int = 12, gaps: int = 8) -> str:
     """Per device: each stream's busy time, the time any stream was busy, the time two or more
-    were (overlap), the span from first to last kernel, and the longest kernels."""
+    were (overlap), the span from first to last kernel, the `top` longest kernels, and the idle
+    time between kernels with its `gaps` longest spans (`idle_gaps`)."""
     lines = []
     by_device = collections.defaultdict(list)
     for e in events:
@@ -167,7 +168,38 @@ def summary(events: list[dict], top: int = 12) -> str:
             counts[e["name"][:90]] += 1
         for name, total in kernels.most_common(top):
             lines.append(f"    {total:9.1f} us  x{counts[name]:<4d} {name}")
+        lines += _gap_lines(device_events_, top=gaps)
     return "\n".join(lines)
+
+
+def idle_gaps(events: list[dict]) -> list[tuple[float, str, str]]:
+    """The spans of one device's time between its first and last kernel when no stream ran a
+    kernel: (microseconds, the kernel that ended before, the kernel that started after), in
+    time order."""
+    found, reach, last = [], None, ""
+    for e in sorted(events, key=lambda e: e["start"]):
+        end = e["start"] + e["duration"]
+        if reach is not None and e["start"] > reach:
+            found.append((e["start"] - reach, last, e["name"]))
+        if reach is None or end >= reach:
+            reach, last = end, e["name"]
+    return found
+
+
+def _gap_lines(events: list[dict], top: int) -> list[str]:
+    """The device's idle time between kernels: in all, by size, and the longest spans with the
+    kernels on either side (the kernels' launches, or a wait on the host, are behind them)."""
+    gaps = idle_gaps(events)
+    if not gaps:
+        return []
+    sizes = [us for us, _, _ in gaps]
+    lines = [f"  idle {sum(sizes):.1f} us in {len(sizes)} gaps: "
+             + ", ".join(f"{sum(1 for s in sizes if lo <= s < hi)} of {lo:g}-{hi:g} us"
+                         for lo, hi in ((0, 2), (2, 5), (5, 20), (20, 100)))
+             + f", {sum(1 for s in sizes if s >= 100)} of 100 us or more"]
+    for us, before, after in sorted(gaps, key=lambda g: -g[0])[:top]:
+        lines.append(f"    idle {us:8.1f} us after {before[:50]} before {after[:50]}")
+    return lines
 
 
 def report(run, args, title: str, steps: int = 1) -> dict:

@@ -87,14 +87,16 @@ def table(results: list[dict]) -> str:
         lines.append("")
     layer = [r for r in results if r["suite"] == "layer" and r["variant"] != "receive buffer"]
     if layer:
-        lines += ["| T/rank, H, F, E, k | variant | fwd+bwd (ms) | tokens/s | memory (GiB) | "
-                  "vs capacity | over dense floor |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| T/rank, H, F, E, k | variant | fwd+bwd (ms) | dispatched steps (ms) | "
+                  "tokens/s | memory (GiB) | vs capacity | over dense floor |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in layer:
             memory = None if r["memory_bytes"] is None else r["memory_bytes"] / 2**30
             shape = (f"{r['tokens_per_rank']}, {r['hidden']}, {r['ffn']}, {r['experts']}, "
                      f"{r['top_k']}" + (f" ({r['model']})" if r.get("model") else ""))
+            dispatched = r.get("seconds_dispatched")
             lines.append(f"| {shape} | {r['variant']} | {_time_cell(r, 1e3, '.2f')} | "
+                         f"{_fmt(dispatched and dispatched * 1e3, '.2f')} | "
                          f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(memory, '.3g')} | "
                          f"{_times(r.get('vs_capacity'))} | {_times(r.get('over_dense_floor'))} |")
         for r in layer:

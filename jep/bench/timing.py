@@ -119,6 +119,25 @@ def seconds_interleaved(runs: dict, *, iters: int, repeats: int, min_seconds: fl
     return seconds
 
 
+def seconds_dispatched(step, variants, *, steps: int, repeats: int) -> float:
+    """Seconds per call of the jitted `step`, called as a training loop calls its step: `steps`
+    calls dispatched one after another from Python (`step(*variants[i % R])`), the host running
+    ahead of the device, then one wait for all of their outputs; the median over `repeats`
+    such runs, after one warm-up call. Unlike a loop inside one program (`repeat_in_loop`),
+    nothing waits on the host between steps: on a GPU each step of a `fori_loop` waits for its
+    predicate to reach the host, and the device idles while the next step's first kernels are
+    launched. Raises what the step raises."""
+    jax.block_until_ready(step(*variants[0]))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outs = [step(*variants[i % len(variants)]) for i in range(steps)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - start) / steps)
+        del outs
+    return statistics.median(times)
+
+
 def compiled_bytes(compiled) -> int | None:
     """Device memory a compiled program needs per device (arguments, outputs and temporaries), as
     XLA's memory analysis reports it; None where the backend does not say."""
