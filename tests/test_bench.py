@@ -281,6 +281,22 @@ def test_rooflines_take_the_larger_ceiling_and_sum_the_backward():
     assert all(r["roofline_seconds"] is None for r in results if r["variant"] == "dense matmul")
 
 
+def test_gemm_times_only_the_peers_asked_for():
+    from jep.bench import gemm
+
+    results = gemm.measure(shapes=[(64, 16, 8, 4)], dtype=jnp.float32, routing="uniform",
+                           iters=1, repeats=1, peers=())
+    timed = {r["variant"] for r in results if r["variant"] != "copy"}
+    assert timed == {"jep", "dense matmul"}
+    assert bench.parse_args(["gemm", "--gemm-peers", "none"]).gemm_peers == []
+    assert bench.parse_args(["gemm"]).gemm_peers == list(gemm.PEERS)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["gemm", "--gemm-peers", "cublas"])
+    with pytest.raises(ValueError, match="peers must be among"):
+        gemm.measure(shapes=[], dtype=jnp.float32, routing="uniform", iters=1, repeats=1,
+                     peers=("cublas",))
+
+
 def test_model_presets_set_the_layer_shape():
     args = bench.parse_args(["layer", "--model", "qwen3-30b-a3b", "--hidden", "16"])
     assert (args.hidden, args.ffn, args.experts, args.topk) == (2048, 768, 128, 8)

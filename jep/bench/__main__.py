@@ -42,6 +42,13 @@ def _layer_variants(text):
     return names
 
 
+def _gemm_peers(text):
+    names = [] if text == "none" else text.split(",")
+    if unknown := [name for name in names if name not in gemm.PEERS]:
+        raise argparse.ArgumentTypeError(f"{unknown} not among {gemm.PEERS}")
+    return names
+
+
 def _shapes(text):
     return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
 
@@ -61,6 +68,9 @@ def parse_args(argv=None):
     a("--routing", default="uniform", choices=workloads.ROUTINGS, help="routing of tokens (and group sizes)")
     a("--gemm-shapes", type=_shapes, default=_shapes("32768x7168x2048x8,32768x7168x2048x64,32768x1024x512x8"),
       help="grouped GEMM shapes MxKxNxG, comma-separated")
+    a("--gemm-peers", type=_gemm_peers, default=list(gemm.PEERS),
+      help="gemm: the variants timed beside jep and the dense matmul, comma-separated, of "
+           f"{','.join(gemm.PEERS)}, or none (default: all that run here)")
     a("--experts-sweep", type=_ints, default=[64, 4096],
       help="numbers of experts the routing suite compares, comma-separated")
     a("--nodes", type=int, default=1,
@@ -137,7 +147,8 @@ def main(argv=None):
                                       profile=args.profile, transports=args.transports, **common)
         elif suite == "gemm":
             results += gemm.measure(shapes=args.gemm_shapes, routing=args.routing,
-                                    min_seconds=args.min_seconds, **common)
+                                    min_seconds=args.min_seconds, peers=args.gemm_peers,
+                                    **common)
         elif suite == "permute":
             results += permute.measure(tokens=tokens, hidden=args.hidden, top_k=args.topk, **common)
         elif suite == "routing":

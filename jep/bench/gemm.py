@@ -17,7 +17,11 @@ operands and write its result once, (M K + G K N + M N) elements whichever produ
     roofline = max(dense matmul time, (M K + G K N + M N) * itemsize / copy rate)
 
 and `vs_roofline` = roofline / measured time (1.0: at the roofline). Each variant also gets a
-"dx + dw" row: the backward, the two products' times and rooflines summed."""
+"dx + dw" row: the backward, the two products' times and rooflines summed.
+
+jep and the dense matmul are always timed; the peers (`PEERS`) where asked (`peers`): on a
+GPU each is a compile of its own per shape and product, and all of them for five large shapes
+take longer than one 10-minute device call."""
 
 from __future__ import annotations
 
@@ -93,6 +97,9 @@ DENSE = {"forward": lambda x, w, dy, sizes: x @ w[0], "dx": lambda x, w, dy, siz
 
 COPY_BYTES = 2**30
 RAGGED_DOT_MAX_GROUPS = 32
+# The variants besides jep and the dense matmul; "tokamax" and "jax.experimental.pallas.ops"
+# run on GPUs only (and tokamax where installed), "jep fp8" where K and N are multiples of 128.
+PEERS = ("lax.ragged_dot", "tokamax", "jep fp8", "jax.experimental.pallas.ops")
 
 
 def copy_rates(*, iters: int, repeats: int, size: int = COPY_BYTES, min_seconds: float = 0.0,
@@ -159,17 +166,19 @@ def add_rooflines(results: list[dict], bytes_per_second: float) -> list[dict]:
 
 
 def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
-            min_seconds: float = 0.0, seed: int = 0) -> list[dict]:
+            min_seconds: float = 0.0, seed: int = 0, peers=PEERS) -> list[dict]:
+    if unknown := set(peers) - set(PEERS):
+        raise ValueError(f"peers must be among {PEERS}, got {sorted(unknown)}")
     rng = np.random.default_rng(seed)
     # 1 GiB, well past the caches, on a GPU; a small array elsewhere (a CPU smoke run).
     copy_bytes = COPY_BYTES if jax.default_backend() == "gpu" else 2**22
     rates = copy_rates(iters=iters, repeats=repeats, size=copy_bytes, min_seconds=min_seconds)
     bytes_per_second = max(rates.values())
-    variants = {
-        "jep": jep.grouped_matmul,
-        "lax.ragged_dot": lambda x, w, s: lax.ragged_dot(x, w, s),
-    }
-    if jax.default_backend() == "gpu" and (tokamax := _tokamax_ragged_dot()) is not None:
+    variants = {"jep": jep.grouped_matmul}
+    if "lax.ragged_dot" in peers:
+        variants["lax.ragged_dot"] = lambda x, w, s: lax.ragged_dot(x, w, s)
+    if ("tokamax" in peers and jax.default_backend() == "gpu"
+            and (tokamax := _tokamax_ragged_dot()) is not None):
         variants["tokamax"] = tokamax
     results = []
     for m, k, n, g in shapes:
@@ -191,12 +200,12 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
                         "materializes a product per group (56 GiB asked at 64)")
                 else:
                     record(variant, op, body)
-        if k % fp8.TILE == 0 and n % fp8.TILE == 0:
+        if "jep fp8" in peers and k % fp8.TILE == 0 and n % fp8.TILE == 0:
             # FP8 forward and dx, each weight quantized before the loop (x and dy in it).
             quantized = [(*r, fp8.quantize_weight(r[1])) for r in rotations]
             for op, body in _fp8_ops().items():
                 record("jep fp8", op, body, quantized)
-        if jax.default_backend() == "gpu":
+        if "jax.experimental.pallas.ops" in peers and jax.default_backend() == "gpu":
             for op, body in _jax_pallas_ops().items():
                 record("jax.experimental.pallas.ops", op, body)
         for op, body in DENSE.items():
