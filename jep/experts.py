@@ -174,24 +174,42 @@ def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "
     """
     _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation, precision)
     return _swiglu(_matmul_of(precision, backend, group_sizes), recv_x, w_gate, w_up, w_down,
-                   activation, _gate_up_of(precision, backend, recv_x, w_gate, [group_sizes]))
+                   activation, _hidden_of(precision, backend, recv_x, w_gate, [group_sizes]))
 
 
-def _gate_up_of(precision: str, backend: str, rows, w_gate, group_sizes):
-    """The gate and up products in one call where the bf16 Pallas kernels run:
-    `gate_up(rows, (w_gate, w_up))` -> (gate, up), whose dx is one kernel
-    (`jep_kernels.grouped_matmul.grouped_matmul_weights`); rows one array or a tuple of chunks
-    (group_sizes a list of the chunks' sizes). None elsewhere: a product a weight."""
+def _hidden_of(precision: str, backend: str, rows, w_gate, group_sizes):
+    """act(rows @ w_gate) * (rows @ w_up) in as few kernels as the bf16 Pallas kernels allow:
+    `hidden(rows, (w_gate, w_up), activation)`; rows one array or a tuple of chunks
+    (group_sizes a list of the chunks' sizes). Where the tuning table has a "gated" entry for
+    w_gate's shape, both products and the activation in one kernel a chunk
+    (`jep_kernels.grouped_matmul.grouped_matmul_gated`); else the two products in one call
+    whose dx is one kernel (`grouped_matmul_weights`) and the activation by XLA. None where
+    the Pallas kernels do not run (a product a weight)."""
     if precision != "bf16" or grouped_matmul_backend(
             rows, w_gate.astype(rows.dtype), backend) != "pallas":
         return None
+    groups, k, n = w_gate.shape
+    gated = jep_kernels.grouped_matmul.tuning.entry_for("gated", k, n, groups) is not None
 
-    def gate_up(rows, weights):
+    def hidden(rows, weights, activation):
         chunks = rows if isinstance(rows, tuple) else (rows,)
-        outs = jep_kernels.grouped_matmul.grouped_matmul_weights(chunks, weights, group_sizes)
-        return tuple(out if isinstance(rows, tuple) else out[0] for out in outs)
+        if gated:
+            hs = jep_kernels.grouped_matmul.grouped_matmul_gated(
+                chunks, *weights, group_sizes, activation=activation)
+        else:
+            gates, ups = jep_kernels.grouped_matmul.grouped_matmul_weights(
+                chunks, weights, group_sizes)
+            hs = tuple(_activate(g, u, activation, g.dtype) for g, u in zip(gates, ups))
+        return hs if isinstance(rows, tuple) else hs[0]
 
-    return gate_up
+    return hidden
+
+
+def _activate(gate, up, activation, dtype):
+    """act(gate) * up in `dtype`, computed in float32 (float64 for float64 rows)."""
+    accumulator = jep_kernels.grouped_matmul.reference.accumulator(jnp.zeros((), dtype))
+    return (ACTIVATION_FNS[activation](gate.astype(accumulator))
+            * up.astype(accumulator)).astype(dtype)
 
 
 def _matmul_of(precision: str, backend: str, group_sizes):
@@ -230,18 +248,19 @@ def _check_args(recv_x, group_sizes, w_gate, w_up, w_down, activation, precision
                          f"and F ({ffn}) must be multiples of {fp8.TILE}")
 
 
-def _swiglu(matmul, rows, w_gate, w_up, w_down, activation, gate_up=None):
+def _swiglu(matmul, rows, w_gate, w_up, w_down, activation, hidden_of=None):
     """`(act(rows @ w_gate) * (rows @ w_up)) @ w_down` with `matmul(rows, w)` the grouped product;
     `rows` an array, or a tuple of arrays (chunks) for a `matmul` that takes them;
-    `gate_up(rows, (w_gate, w_up))` the first two products in one call where given
-    (`_gate_up_of`)."""
-    act = ACTIVATION_FNS[activation]
+    `hidden_of(rows, (w_gate, w_up), activation)` the first half in fewer kernels where given
+    (`_hidden_of`)."""
     first = rows[0] if isinstance(rows, tuple) else rows
-    dtype, accumulator = first.dtype, jep_kernels.grouped_matmul.reference.accumulator(first)
+    dtype = first.dtype
     weights = (w_gate.astype(dtype), w_up.astype(dtype))
-    gate, up = (gate_up or (lambda rows, ws: tuple(matmul(rows, w) for w in ws)))(rows, weights)
-    hidden = jax.tree.map(
-        lambda g, u: (act(g.astype(accumulator)) * u.astype(accumulator)).astype(dtype), gate, up)
+    if hidden_of is not None:
+        hidden = hidden_of(rows, weights, activation)
+    else:
+        gate, up = (matmul(rows, w) for w in weights)
+        hidden = jax.tree.map(lambda g, u: _activate(g, u, activation, dtype), gate, up)
     return matmul(hidden, w_down.astype(dtype))
 
 
@@ -272,4 +291,4 @@ def expert_ffn_chunks(recv_xs, group_sizes, w_gate, w_up, w_down, *, activation:
         return jep_kernels.grouped_matmul.grouped_matmul_chunks(rows, w, group_sizes)
 
     return _swiglu(matmul, recv_xs, w_gate, w_up, w_down, activation,
-                   _gate_up_of(precision, backend, recv_xs[0], w_gate, group_sizes))
+                   _hidden_of(precision, backend, recv_xs[0], w_gate, group_sizes))

@@ -168,10 +168,13 @@ def test_moe_with_the_pallas_experts_matches_the_reference():
 
 
 @pytest.mark.slow
-def test_chunks_equal_expert_ffn_of_each_chunk_forward_and_backward(rng, monkeypatch):
+@pytest.mark.parametrize("gated", [False, True], ids=["gate-up-apart", "gated-kernel"])
+def test_chunks_equal_expert_ffn_of_each_chunk_forward_and_backward(rng, monkeypatch, gated):
     """expert_ffn_chunks on the Pallas kernels (in interpret mode off a GPU: one weight gradient
     over every chunk's rows, the gate and up products' dx summed in one kernel), and expert_ffn
-    of each chunk on them, against expert_ffn of each chunk on the reference backend."""
+    of each chunk on them, against expert_ffn of each chunk on the reference backend. `gated`:
+    with a "gated" entry in the tuning table, the gate and up products and the activation in
+    one kernel a chunk (`grouped_matmul_gated`)."""
     import functools
 
     import jep_kernels.grouped_matmul as gm
@@ -181,6 +184,17 @@ def test_chunks_equal_expert_ffn_of_each_chunk_forward_and_backward(rng, monkeyp
                             lambda x, w, backend: "pallas" if backend == "auto" else backend)
         for name in ("grouped_matmul", "grouped_matmul_chunks", "grouped_matmul_weights"):
             monkeypatch.setattr(gm, name, functools.partial(getattr(gm, name), interpret=True))
+    entry_for, gated_calls = gm.tuning.entry_for, []
+    monkeypatch.setattr(gm.tuning, "entry_for", lambda op, k, n, groups: (
+        (gm.tuning.default(op, k, n) if gated else None) if op == gm.tuning.GATED
+        else entry_for(op, k, n, groups)))
+    gated_kernel = gm.grouped_matmul_gated
+
+    def counted(*args, **kwargs):
+        gated_calls.append(1)
+        return gated_kernel(*args, **kwargs, interpret=not ON_HOPPER)
+
+    monkeypatch.setattr(gm, "grouped_matmul_gated", counted)
     hidden, ffn = 128, 128
     sizes = [jnp.asarray(s, jnp.int32) for s in ([30, 0], [5, 19])]  # rows past the groups
     xs = tuple(jnp.asarray(rng.normal(size=(r, hidden)), jnp.bfloat16) for r in (32, 24))
@@ -208,6 +222,7 @@ def test_chunks_equal_expert_ffn_of_each_chunk_forward_and_backward(rng, monkeyp
             np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0,
                                        atol=1e-2 * max(np.abs(b).max(), 1e-3))
         assert not np.asarray(outs[0][30:]).any()
+    assert bool(gated_calls) == gated  # the gated kernel ran where the table has its entry
     with pytest.raises(ValueError, match="as many chunks"):
         experts.expert_ffn_chunks(xs, sizes[:1], w_gate, w_up, w_down)
 

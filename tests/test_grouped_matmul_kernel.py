@@ -312,6 +312,96 @@ def test_sum_of_products_matches_float64(config, sizes, transpose_w):
     assert not np.asarray(y[sum(sizes):]).any()
 
 
+# The gated kernel (gate and up from one load of x, act(gate) * up in the epilogue): the ring
+# of CONFIG_WS_ACROSS, and 64-row accumulators in blocks split by rows.
+@pytest.mark.parametrize("config, sizes, activation", [
+    (CONFIG_WS_ACROSS, [70, 0, 100], "silu"),   # an empty group, a zero tail
+    pytest.param(CONFIG_WS_ACROSS, [0, 200, 0], "gelu", marks=pytest.mark.slow),  # one group
+    pytest.param(CONFIG_WS_ACC_M_ACROSS, [1, 33, 150], "relu", marks=pytest.mark.slow),
+], ids=["across-silu", "across-gelu-one-group", "acc-rows-split-m-relu"])
+def test_gated_products_match_float64(config, sizes, activation):
+    rng = np.random.default_rng(len(activation) + sum(sizes))
+    m, k, n = 200, 128, 128
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    w_gate, w_up = (jnp.asarray(rng.normal(size=(len(sizes), k, n)) / np.sqrt(k), jnp.bfloat16)
+                    for _ in range(2))
+    h, gate, up = mgpu.grouped_matmul_gated(x, w_gate, w_up, jnp.asarray(sizes, jnp.int32),
+                                            activation=activation, config=config,
+                                            interpret=not ON_GPU)
+    x64 = np.asarray(x, np.float64)
+    gate64 = numpy_grouped(x64, np.asarray(w_gate, np.float64), sizes)
+    up64 = numpy_grouped(x64, np.asarray(w_up, np.float64), sizes)
+    act = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}[activation]
+    h64 = np.asarray(act(jnp.asarray(gate64, jnp.float32)), np.float64) * up64
+    for got, want in ((gate, gate64), (up, up64), (h, h64)):
+        assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2, atol=3e-2)
+        assert not np.asarray(got[min(sum(sizes), m):]).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_chunks", [1, 2])
+def test_gated_expert_half_and_its_gradients_match_float64(num_chunks):
+    # act(x @ w_gate) * (x @ w_up) in one kernel a chunk, and its backward (the activation's
+    # gradient, then dx summed and each weight's gradient once over the chunks), against
+    # float64 forward and gradients of a random projection of the outputs.
+    rng = np.random.default_rng(5 + num_chunks)
+    k, n = 128, 128
+    rows, sizes = ((40, 24), ([16, 0, 20], [10, 8, 0]))  # empty groups, zero tails
+    rows, sizes = rows[:num_chunks], sizes[:num_chunks]
+    xs = tuple(jnp.asarray(rng.normal(size=(r, k)), jnp.bfloat16) for r in rows)
+    w_gate, w_up = (jnp.asarray(rng.normal(size=(3, k, n)) / np.sqrt(k), jnp.bfloat16)
+                    for _ in range(2))
+    probes = [rng.normal(size=(r, n)) for r in rows]
+    group_sizes = [jnp.asarray(s, jnp.int32) for s in sizes]
+
+    def loss(xs, w_gate, w_up):
+        hs = gm.grouped_matmul_gated(xs, w_gate, w_up, group_sizes, config=CONFIG_WS_ACROSS,
+                                     interpret=not ON_GPU)
+        return sum(jnp.sum(h.astype(jnp.float32) * p) for h, p in zip(hs, probes)), hs
+
+    (_, hs), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(xs, w_gate, w_up)
+
+    def loss64(xs, w_gate, w_up):
+        total = 0.0
+        for x, p, chunk in zip(xs, probes, sizes):
+            ends = np.cumsum(chunk)
+            group = jnp.searchsorted(jnp.asarray(ends), jnp.arange(x.shape[0]), side="right")
+            inside = (group < len(chunk))[:, None]
+            g = jnp.einsum("mk,mkn->mn", x, w_gate[jnp.minimum(group, len(chunk) - 1)])
+            u = jnp.einsum("mk,mkn->mn", x, w_up[jnp.minimum(group, len(chunk) - 1)])
+            total = total + jnp.sum(jnp.where(inside, jax.nn.silu(g) * u, 0.0) * p)
+        return total
+
+    with jax.enable_x64():
+        as64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+        want = jax.grad(loss64, argnums=(0, 1, 2))(tuple(as64(x) for x in xs), as64(w_gate),
+                                                    as64(w_up))
+        for h, x, p, chunk in zip(hs, xs, probes, sizes):
+            x64 = np.asarray(x, np.float64)
+            g64 = numpy_grouped(x64, np.asarray(w_gate, np.float64), chunk)
+            u64 = numpy_grouped(x64, np.asarray(w_up, np.float64), chunk)
+            h64 = np.asarray(jax.nn.silu(jnp.asarray(g64)), np.float64) * u64
+            np.testing.assert_allclose(np.asarray(h, np.float64), h64, rtol=1e-2, atol=3e-2)
+        for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+            assert got.dtype == jnp.bfloat16
+            scale = np.abs(np.asarray(expected)).max()
+            np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(expected),
+                                       atol=2e-2 * scale)
+
+
+def test_gated_products_refuse_what_they_cannot_take():
+    x, w, sizes = jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((2, 128, 128), jnp.bfloat16), (
+        jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match="needs a warp-specialized config with across_tiles"):
+        mgpu.grouped_matmul_gated(x, w, w, sizes, config=CONFIG_WS)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mgpu.grouped_matmul_gated(x, w, w, sizes, activation="tanh", config=CONFIG_WS_ACROSS)
+    with pytest.raises(ValueError, match="w_up must be w_gate's shape"):
+        mgpu.grouped_matmul_gated(x, w, jnp.zeros((2, 128, 256), jnp.bfloat16), sizes,
+                                  config=CONFIG_WS_ACROSS)
+
+
 def test_sum_of_products_refuses_what_it_cannot_take():
     x, w, sizes = jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((2, 128, 128), jnp.bfloat16), (
         jnp.zeros(2, jnp.int32))

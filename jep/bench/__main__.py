@@ -79,7 +79,8 @@ def parse_args(argv=None):
     a("--tune-ops", type=_ops, default=list(tuning.OPS),
       help=f"tune: the products to tune, comma-separated, of "
            f"{','.join(tuning.TUNED)} (fp8: the FP8 kernel, forward and dx alike; dx_sum: "
-           f"the dx of two weights summed in one kernel, as of the gate and up products)")
+           f"the dx of two weights summed in one kernel, as of the gate and up products; "
+           f"gated: the gate and up products and the activation in one kernel)")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")
     a("--repeats", type=int, default=5, help="timed loops; the median is reported")
     a("--min-seconds", type=float, default=0.0,

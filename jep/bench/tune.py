@@ -30,8 +30,9 @@ def _fp8_operands(rotations):
 
 
 def _paired_operands(rotations):
-    """For "dx_sum": each rotation (x, w, dy, sizes) with the next rotation's w and dy beside its
-    own, as tuples (two weights in buffers of their own, as the gate and up weights are)."""
+    """For "dx_sum" and "gated": each rotation (x, w, dy, sizes) with the next rotation's w and
+    dy beside its own, as tuples (two weights in buffers of their own, as the gate and up
+    weights are)."""
     return [(x, (w, rotations[(i + 1) % len(rotations)][1]),
              (dy, rotations[(i + 1) % len(rotations)][2]), sizes)
             for i, (x, w, dy, sizes) in enumerate(rotations)]
@@ -42,6 +43,18 @@ def _two_dx(config):
     the summing kernel replaces."""
     dx = _product("dx", config)
     return lambda x, ws, dys, sizes: sum(dx(x, w, dy, sizes) for dy, w in zip(dys, ws))
+
+
+def _apart(config):
+    """The gated product as two forward kernels (`config`, the table's "forward") and XLA's
+    SiLU of one times the other: what the gated kernel replaces."""
+    forward = _product("forward", config)
+
+    def apart(x, ws, dys, sizes):
+        gate, up = (forward(x, w, None, sizes) for w in ws)
+        return (jax.nn.silu(gate.astype(np.float32)) * up.astype(np.float32)).astype(x.dtype)
+
+    return apart
 
 
 def _describe(op, config) -> str:
@@ -80,6 +93,9 @@ def _product(op, config, interpret: bool = False):
     if op == "dx":
         return lambda x, w, dy, sizes: mgpu.grouped_matmul(dy, w, sizes, transpose_w=True,
                                                            config=config, interpret=interpret)
+    if op == tuning.GATED:  # operands paired (`_paired_operands`); h, gate and up kept
+        return lambda x, ws, dys, sizes: mgpu.grouped_matmul_gated(
+            x, *ws, sizes, config=config, interpret=interpret)
     if op == tuning.DX_SUM:  # operands paired (`_paired_operands`)
         # The interpreter has no transposed shared-memory views: there w is transposed in memory.
         return lambda x, ws, dys, sizes: mgpu.grouped_matmul_sum(
@@ -104,17 +120,22 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
     for m, k, n, g in shapes:
         rotations = workloads.gemm_operands(routing, rng, (m, k, n, g), dtype)
         for op in ops:
-            flops = 2.0 * m * k * n * (2 if op == tuning.DX_SUM else 1)
+            flops = 2.0 * m * k * n * (2 if op in (tuning.DX_SUM, tuning.GATED) else 1)
             pk, pn = tuning.product_shape(op, k, n)
             bodies = {_describe(op, c): (_product(op, c, interpret), c)
                       for c in tuning.candidates(op, pk, pn)}
             if op in gemm.DENSE:  # none for "fp8": the gemm suite times FP8 beside the dense
                 bodies["dense matmul"] = (gemm.DENSE[op], None)
+            # What the one-kernel ops replace, timed beside them (an entry only where beaten).
+            baseline_name = {tuning.DX_SUM: "two dx and their sum",
+                             tuning.GATED: "two forwards and the activation"}.get(op)
             if op == tuning.DX_SUM and not interpret:
-                bodies["two dx and their sum"] = (_two_dx(tuning.config_for("dx", pk, pn, g)),
-                                                  None)
+                bodies[baseline_name] = (_two_dx(tuning.config_for("dx", pk, pn, g)), None)
+            if op == tuning.GATED and not interpret:
+                bodies[baseline_name] = (_apart(tuning.config_for("forward", pk, pn, g)), None)
             operands = (_fp8_operands(rotations) if op == tuning.FP8 else
-                        _paired_operands(rotations) if op == tuning.DX_SUM else rotations)
+                        _paired_operands(rotations) if op in (tuning.DX_SUM, tuning.GATED)
+                        else rotations)
             runs = {name: (jax.jit(lambda rotations, body=body:
                                    timing.repeat_rotated(body, rotations, iters)), (operands,))
                     for name, (body, _) in bodies.items()}
@@ -136,10 +157,9 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
                     if config is not None and (best is None or seconds < best[0]):
                         best = (seconds, config)
                 results.append(entry)
-            baseline = timed.get("two dx and their sum")
-            if op == tuning.DX_SUM and isinstance(baseline, float) and best is not None and (
-                    best[0] >= baseline):
-                best = None  # no entry: the two dx kernels stay (`tuning.entry_for`)
+            baseline = timed.get(baseline_name)
+            if isinstance(baseline, float) and best is not None and best[0] >= baseline:
+                best = None  # no entry: the kernels it replaces stay (`tuning.entry_for`)
             if best is not None:
                 picks[tuning.key(op, pk, pn, g)] = best[1]
     for r in results:

@@ -4,7 +4,9 @@
 of `mgpu`: the forward, dx (the same kernel reading w transposed) and dw[g] = x[rows of g]^T @
 dy[rows of g] (`mgpu.grouped_matmul_dw`, the group's rows as the contraction).
 `grouped_matmul_weights` is the products of one x with several weights (gate and up), whose dx
-is one kernel summing them (`mgpu.grouped_matmul_sum`).
+is one kernel summing them (`mgpu.grouped_matmul_sum`). `grouped_matmul_gated` is act(x @
+w_gate) * (x @ w_up) with both products and the activation in one kernel
+(`mgpu.grouped_matmul_gated`), and the backward of `grouped_matmul_weights`.
 
 `grouped_matmul_fp8` is the FP8 product (e4m3 operands with per-tile scales, not differentiable
 on its own: `jep.experts.fp8_grouped_matmul` makes it the forward and dx of one).
@@ -29,7 +31,7 @@ from jep_kernels.vma import vary_like
 
 __all__ = ["Config", "Configs", "DwConfig", "SCOPES", "SHAPE_MULTIPLE", "check_shapes",
            "configs_for", "grouped_matmul", "grouped_matmul_chunks", "grouped_matmul_fp8",
-           "grouped_matmul_weights"]
+           "grouped_matmul_gated", "grouped_matmul_weights"]
 
 
 ROW_TILE = 8  # TMA wants the row count of an array a multiple of this
@@ -96,6 +98,49 @@ def _chunks_bwd(configs, interpret, residuals, dys):
 
 
 _grouped_matmul_chunks.defvjp(_chunks_fwd, _chunks_bwd)
+
+# The activations of `grouped_matmul_gated`, as the kernel computes them (`mgpu.GATED_ACTIVATIONS`):
+# their gradients in the backward.
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+
+
+def _gated(x, ws, group_sizes, *, activation, config, interpret):
+    """(h, gate, up) of one chunk, each [M_c, N] (`mgpu.grouped_matmul_gated`)."""
+    with jax.named_scope(SCOPES["forward"]):
+        outs = mgpu.grouped_matmul_gated(_pad_rows(x), *ws, group_sizes, activation=activation,
+                                         config=config, interpret=interpret)
+        return tuple(vary_like(out[:x.shape[0]], x, *ws, group_sizes) for out in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _gated_chunks(xs, ws, group_sizes, activation, config, configs, interpret):
+    """hs[c] = act(xs[c] @ ws[0]) * (xs[c] @ ws[1]) for each chunk c."""
+    return _gated_chunks_fwd(xs, ws, group_sizes, activation, config, configs, interpret)[0]
+
+
+def _gated_chunks_fwd(xs, ws, group_sizes, activation, config, configs, interpret):
+    outs = [_gated(x, ws, sizes, activation=activation, config=config, interpret=interpret)
+            for x, sizes in zip(xs, group_sizes)]
+    hs, gates, ups = (tuple(out[i] for out in outs) for i in range(3))
+    return hs, (xs, ws, group_sizes, gates, ups)
+
+
+def _gated_chunks_bwd(activation, config, configs, interpret, residuals, dhs):
+    xs, ws, group_sizes, gates, ups = residuals
+    act = ACTIVATIONS[activation]
+    dgates, dups = [], []
+    for x, gate, up, dh in zip(xs, gates, ups, dhs):  # the activation's gradient, by XLA
+        _, vjp = jax.vjp(lambda g, u: act(g) * u, gate.astype(jnp.float32),
+                         up.astype(jnp.float32))
+        dgate, dup = vjp(dh.astype(jnp.float32))
+        dgates.append(dgate.astype(x.dtype))
+        dups.append(dup.astype(x.dtype))
+    # Then the two products' backward: each chunk's dx in one summing kernel, each weight's
+    # gradient once over every chunk.
+    return _chunks_bwd(configs, interpret, (xs, ws, group_sizes), (tuple(dgates), tuple(dups)))
+
+
+_gated_chunks.defvjp(_gated_chunks_fwd, _gated_chunks_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +271,44 @@ def grouped_matmul_weights(xs, ws, group_sizes, *, config: Config | None = None,
     xs, ws = tuple(prepared[:num]), tuple(prepared[num:num + num_ws])
     group_sizes = tuple(prepared[num + num_ws:])
     return _grouped_matmul_chunks(xs, ws, group_sizes, configs, interpret)
+
+
+def grouped_matmul_gated(xs, w_gate, w_up, group_sizes, *, activation: str = "silu",
+                         config: Config | None = None, interpret: bool = False):
+    """act(xs[c] @ w_gate[g]) * (xs[c] @ w_up[g]) for each chunk c, as a tuple: a gated
+    (SwiGLU-style) expert's first half, each chunk's in one kernel (`mgpu.grouped_matmul_gated`:
+    each step of x loaded once for both products, the activation applied in the epilogue to
+    the float32 products, gate and up kept for the backward). The backward is
+    `grouped_matmul_weights`' with the activation's gradient before it (by XLA): each chunk's
+    dx one summing kernel, each weight's gradient once over every chunk's rows.
+
+    Args:
+      xs: C arrays bf16/f16 [M_c, K], each grouped by its own group sizes.
+      w_gate, w_up: [G, K, N] of x's dtype; group_sizes: C arrays i32[G].
+      activation: "silu", "gelu" (tanh approximation) or "relu".
+      config: the gated kernel's tiles (warp-specialized, across tiles); by default the tuning
+        table's "gated" entry for (K, N, G), else `tuning.default("gated", K, N)`. The backward's
+        products take their table entries.
+      interpret: Pallas's GPU interpret mode (CPU; tests).
+    """
+    xs, group_sizes = tuple(xs), tuple(group_sizes)
+    if not xs or len(xs) != len(group_sizes):
+        raise ValueError(f"xs and group_sizes must be as many chunks (at least one), got "
+                         f"{len(xs)} and {len(group_sizes)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
+        raise ValueError(f"w_up must be w_gate's shape and dtype, got {w_up.dtype}{w_up.shape} "
+                         f"and {w_gate.dtype}{w_gate.shape}")
+    configs = _checked_configs(xs, w_gate, group_sizes, None, None, True)
+    if config is None:
+        groups, k, n = w_gate.shape
+        config = tuning.config_for(tuning.GATED, k, n, groups)
+    prepared = [vary_like(a, *xs, w_gate, w_up, *group_sizes)
+                for a in (*xs, w_gate, w_up, *(s.astype(jnp.int32) for s in group_sizes))]
+    num = len(xs)
+    return _gated_chunks(tuple(prepared[:num]), tuple(prepared[num:num + 2]),
+                         tuple(prepared[num + 2:]), activation, config, configs, interpret)
 
 
 def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config | None = None,

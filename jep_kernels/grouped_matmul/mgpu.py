@@ -332,8 +332,45 @@ def grouped_matmul_sum(xs, ws, group_sizes, *, transpose_w: bool = False, config
                               interpret=interpret)
 
 
+# The activations the gated kernel applies in its epilogue, on float32 values, written with the
+# operations Mosaic GPU lowers (jax.nn.gelu's default is its tanh approximation).
+GATED_ACTIVATIONS = {
+    "silu": lambda v: v / (1.0 + jnp.exp(-v)),
+    "gelu": lambda v: 0.5 * v * (1.0 + jnp.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))),
+    "relu": lambda v: jnp.maximum(v, 0.0),
+}
+
+
+def grouped_matmul_gated(x, w_gate, w_up, group_sizes, *, activation: str = "silu",
+                         config: Config, interpret: bool = False):
+    """(h, gate, up), each [M, N] in x's dtype: gate = x[rows of g] @ w_gate[g], up = x[rows of
+    g] @ w_up[g] and h = act(gate) * up, in one kernel: each step of x is loaded once for both
+    products, and h is computed in the epilogue from the two float32 accumulators (a SwiGLU
+    expert's first half; gate and up are what its backward needs). Rows past the groups are
+    zero.
+
+    Args:
+      x: bf16/f16 [M, K]; w_gate, w_up: [G, K, N], x's dtype; group_sizes: i32[G].
+      activation: "silu", "gelu" (its tanh approximation, jax.nn.gelu's default) or "relu".
+      config: warp-specialized with `across_tiles` (the ring's stages hold a step of x and of
+        both weights), cluster_n 1.
+    """
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(GATED_ACTIVATIONS)}, got "
+                         f"{activation!r}")
+    check_shapes(x, w_gate, group_sizes, transpose_w=False, config=config)
+    if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
+        raise ValueError(f"w_up must be w_gate's shape and dtype, got {w_up.dtype}{w_up.shape} "
+                         f"and {w_gate.dtype}{w_gate.shape}")
+    if not (config.warp_specialized and config.across_tiles):
+        raise ValueError(f"the gated kernel needs a warp-specialized config with "
+                         f"across_tiles=True (one ring of stages), got {config}")
+    return _grouped_matmul_ws([x], [w_gate, w_up], group_sizes, transpose_w=False,
+                              config=config, interpret=interpret, gated=activation)
+
+
 def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, scales=None,
-                       out_dtype=None, name=None):
+                       out_dtype=None, name=None, gated=None):
     """`grouped_matmul` with warp specialization: see `Config.warp_specialized`; the sum of
     the products xs[i] @ ws[i] (`grouped_matmul_sum`), each pair's steps in turn into one
     accumulator (more than one pair only with `Config.across_tiles`).
@@ -345,12 +382,18 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
     A tile's steps (block_k of K each) go through a pipeline of `max_concurrent_steps` stages:
     one of its own for each tile, or with `Config.across_tiles` one ring of stages for all of a
     program's tiles, into which the memory warpgroup loads the next tiles' first steps while
-    the compute warpgroups finish a tile and store it."""
+    the compute warpgroups finish a tile and store it.
+
+    With `gated` (an activation of `GATED_ACTIVATIONS`), xs is [x] and ws [w_gate, w_up]: each
+    step loads x's tile once and both weights' (ring only), each compute warpgroup keeps an
+    accumulator of each product, and the epilogue stores (act(gate) * up, gate, up)
+    (`grouped_matmul_gated`)."""
     num_rows = xs[0].shape[0]
     num_groups = ws[0].shape[0]
     width = ws[0].shape[1] if transpose_w else ws[0].shape[2]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     pair_steps = [x.shape[1] // bk for x in xs]  # each product's steps, in turn
+    products_of = len(ws) if gated else 1  # accumulators a row block: one per weight if gated
     steps, stages = sum(pair_steps), config.max_concurrent_steps
     # Each compute warpgroup's part of the block_m x (2 block_n) tile: wm x wn.
     wm, wn = (bm // 2, 2 * bn) if config.split == "m" else (bm, bn)
@@ -383,9 +426,14 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
     laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
 
     def body(items_gmem, *refs):
-        x_gmems, w_gmems = refs[0:2 * len(xs):2], refs[1:2 * len(xs):2]
+        if gated:  # x, the weights, and the outputs (h, gate, up)
+            x_gmems, w_gmems = refs[:1], refs[1:1 + len(ws)]
+            scale_gmem, out_gmems = [], refs[1 + len(ws):]
+        else:
+            x_gmems, w_gmems = refs[0:2 * len(xs):2], refs[1:2 * len(xs):2]
+            *scale_gmem, out_gmem = refs[2 * len(xs):]
+            out_gmems = [out_gmem]
         x_gmem, w_gmem = x_gmems[0], w_gmems[0]
-        *scale_gmem, out_gmem = refs[2 * len(xs):]
         wg = lax.axis_index("wg")
 
         def tile_of(tile) -> _Tile:
@@ -423,13 +471,15 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
 
             An accumulator whose rows hold none of the group's (past a short group's end, or
             the rows of the group before) gets no products: its rows are never stored, and the
-            other warpgroup has the tensor cores to itself."""
-            x_tile, w_tile = operand_tiles(t, x_smem, w_smem)
+            other warpgroup has the tensor cores to itself. Gated, `w_smem` is a list of the
+            weights' tiles, the products of weight p going into acc_refs[p * subs:]."""
+            tiles = [operand_tiles(t, x_smem, w) for w in (w_smem if gated else [w_smem])]
 
             def products(which):
-                for s in which:
-                    plgpu.wgmma(acc_refs[s], x_tile.at[pl.ds(s * sub, sub)]
-                                if subs > 1 else x_tile, w_tile)
+                for p, (x_tile, w_tile) in enumerate(tiles):
+                    for s in which:
+                        plgpu.wgmma(acc_refs[p * subs + s], x_tile.at[pl.ds(s * sub, sub)]
+                                    if subs > 1 else x_tile, w_tile)
 
             holds = [(t.end_row > s * sub) & (t.first_row < (s + 1) * sub) for s in range(subs)]
             if config.split == "n" and subs == 1:
@@ -462,7 +512,7 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
         def zero_acc():
             return laid_out(jnp.zeros((wm, wn), jnp.float32), plgpu.Layout.WGMMA)
 
-        acc_shapes = [plgpu.ACC((sub, wn)) for _ in range(subs)]
+        acc_shapes = [plgpu.ACC((sub, wn)) for _ in range(subs * products_of)]
 
         def pipeline(mma, compute_context, col=0):
             """A tile's own pipeline (without `Config.across_tiles`)."""
@@ -487,8 +537,12 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
             stage_smem = dict(
                 x=plgpu.SMEM((stages, bm, bk), in_dtype, transforms=transforms),
                 w=plgpu.SMEM((stages, *w_block), in_dtype, transforms=transforms),
+                # Gated: the up weight's tile of each step.
+                w_up=plgpu.SMEM((stages, *w_block), in_dtype, transforms=transforms)
+                if gated else None,
                 scale=plgpu.SMEM((stages, 1, bm), jnp.float32) if scaled else None,
-                loaded=plgpu.Barrier(num_arrivals=3 if scaled else 2, num_barriers=stages),
+                loaded=plgpu.Barrier(num_arrivals=3 if scaled or gated else 2,
+                                     num_barriers=stages),
                 consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages))
         else:  # allocations depend on the block shapes only
             ignore = lambda *_, **__: None  # noqa: E731
@@ -506,7 +560,7 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
             collective_axes="wg",
         )
         def _scope(stage_smem, out_smem, full_smem):
-            def epilogue(t: _Tile, tile_values):
+            def epilogue(t: _Tile, tile_values, out_gmem=out_gmems[0]):
                 """Stores rows [first_row, end_row) of this warpgroup's wm x wn tile."""
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 for i in range(wm // em):
@@ -542,18 +596,36 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                         plgpu.commit_smem_to_gmem_group()
 
             def store_accs(t: _Tile, acc_refs):
+                if gated:
+                    store_gated(t, [ref[...] for ref in acc_refs])
+                    return
                 accs = [acc_ref[...].astype(dtype) for acc_ref in acc_refs]
                 epilogue(t, lambda i, j: accs[i * em // sub][
                     i * em % sub:i * em % sub + em, j * en:(j + 1) * en])
+
+            def store_gated(t: _Tile, accs):
+                """Gate and up from their float32 accumulators, then act(gate) * up computed
+                a piece at a time."""
+                def piece(p, i, j):
+                    acc = accs[p * subs + i * em // sub]
+                    return acc[i * em % sub:i * em % sub + em, j * en:(j + 1) * en]
+
+                act = GATED_ACTIVATIONS[gated]
+                epilogue(t, lambda i, j: piece(0, i, j).astype(dtype), out_gmems[1])
+                epilogue(t, lambda i, j: piece(1, i, j).astype(dtype), out_gmems[2])
+                epilogue(t, lambda i, j: (act(piece(0, i, j)) * piece(1, i, j)).astype(dtype),
+                         out_gmems[0])
 
             def store_acc(t: _Tile, acc):
                 acc = acc.astype(dtype)
                 epilogue(t, lambda i, j: acc[i * em:(i + 1) * em, j * en:(j + 1) * en])
 
             def store_zeros(t: _Tile):
-                """The rows past the last group."""
-                pl.when(t.group == num_groups)(
-                    lambda: epilogue(t, lambda i, j: jnp.zeros((em, en), dtype)))
+                """The rows past the last group (of each output)."""
+                @pl.when(t.group == num_groups)
+                def _():
+                    for out in out_gmems:
+                        epilogue(t, lambda i, j: jnp.zeros((em, en), dtype), out)
 
             def pipelines():
                 """A pipeline of its own for each tile (`plgpu.emit_pipeline_warp_specialized`)."""
@@ -591,7 +663,8 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                 """One ring of stages for all of a program's tiles (`Config.across_tiles`): the
                 memory warpgroup loads step after step of tile after tile, each stage as soon as
                 both compute warpgroups have released it."""
-                x_smem, w_smem, scale_smem = (stage_smem[name] for name in ("x", "w", "scale"))
+                x_smem, w_smem, w_up_smem, scale_smem = (
+                    stage_smem[name] for name in ("x", "w", "w_up", "scale"))
                 loaded, consumed = stage_smem["loaded"], stage_smem["consumed"]
 
                 def step_loads(t: _Tile, count, k):
@@ -606,7 +679,12 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                                                 w_gmem.at[t.group, ks, cols], w_smem.at[slot],
                                                 loaded.at[slot])
 
-                    if len(xs) == 1:
+                    if gated:  # x's tile once, then the up weight's
+                        pair_loads(x_gmem, w_gmem, k)
+                        ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+                        plgpu.copy_gmem_to_smem(w_gmems[1].at[t.group, ks, cols],
+                                                w_up_smem.at[slot], loaded.at[slot])
+                    elif len(xs) == 1:
                         pair_loads(x_gmem, w_gmem, k)
                     else:  # the step of the pair whose steps [first, first + count) hold k
                         first = 0
@@ -642,7 +720,8 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                         @pl.loop(0, steps)
                         def _(k):
                             slot = arrived(k)
-                            issue(t, x_smem.at[slot], w_smem.at[slot], acc_refs)
+                            issue(t, x_smem.at[slot], [w_smem.at[slot], w_up_smem.at[slot]]
+                                  if gated else w_smem.at[slot], acc_refs)
                             # Released as soon as its products finish (the other warpgroup
                             # keeps the tensor cores busy meanwhile): holding it until the
                             # next step's products are issued would leave a ring of three
@@ -684,8 +763,9 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
             (ring if config.across_tiles else pipelines)()
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    operands = [a for pair in zip(xs, ws) for a in pair]
-    return _persistent(body, jax.ShapeDtypeStruct((num_rows, width), dtype), interpret,
+    operands = [xs[0], *ws] if gated else [a for pair in zip(xs, ws) for a in pair]
+    out_type = jax.ShapeDtypeStruct((num_rows, width), dtype)
+    return _persistent(body, (out_type,) * 3 if gated else out_type, interpret,
                        name=name or SCOPES["dx" if transpose_w else "forward"], cluster=cluster,
                        warpgroups=3)(items, *operands,
                                      *((x_scales, w_scales) if scaled else ()))

@@ -11,6 +11,10 @@ The FP8 kernel ("fp8", `grouped_matmul_fp8`) has entries of its own, keyed by it
 ("dx_sum", `mgpu.grouped_matmul_sum`: the gate and up products' dx), keyed as "dx" is (one
 product's K and N). `tune` writes a "dx_sum" entry only where its pick beat two dx kernels and
 their sum, timed beside it; where the table has none, `grouped_matmul_weights` runs those.
+Likewise "gated" (`mgpu.grouped_matmul_gated`: the gate and up products from one load of x,
+act(gate) * up in the epilogue), keyed as "forward" is: written only where it beat the two
+forward products and the activation timed beside it; where the table has none,
+`grouped_matmul_gated` is not taken (`jep.experts` runs the products apart).
 
 `table.json` (beside this file) holds the configuration a benchmark run picked for each measured
 (op, K, N, G), K and N named as in the list above (`python -m jep.bench tune` writes a new one;
@@ -32,7 +36,8 @@ from jep_kernels.grouped_matmul.mgpu import Config, DwConfig
 OPS = ("forward", "dx", "dw")
 FP8 = "fp8"  # the FP8 kernel (forward and dx alike: x [M, K] times w [G, N, K] transposed)
 DX_SUM = "dx_sum"  # dy_a @ w_a[g]^T + dy_b @ w_b[g]^T, ... in one kernel (`mgpu.grouped_matmul_sum`)
-TUNED = (*OPS, FP8, DX_SUM)  # every op with entries in the table
+GATED = "gated"  # act(x @ w_gate[g]) * (x @ w_up[g]) in one kernel (`mgpu.grouped_matmul_gated`)
+TUNED = (*OPS, FP8, DX_SUM, GATED)  # every op with entries in the table
 TABLE = pathlib.Path(__file__).with_name("table.json")
 
 
@@ -49,6 +54,9 @@ def default(op: str, k: int, n: int) -> Config | DwConfig:
     if op == FP8:  # two warpgroups of 64 rows x 128 columns
         return Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=4,
                       warp_specialized=True, split="m")
+    if op == GATED:  # a stage holds a step of x and of both weights: 64 columns a warpgroup
+        return Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=4,
+                      warp_specialized=True, across_tiles=True)
     return Config(block_m=128, block_n=block_n, block_k=64, max_concurrent_steps=4,
                   warp_specialized=True, across_tiles=op == DX_SUM)
 
@@ -133,6 +141,14 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                       (64, 4, 128, 64, 5, 0), (64, 6, 128, 64, 3, 0))]
         return [c for c in found if k % (c.block_k * (c.run_k_blocks or 1)) == 0
                 and n % mgpu.dw_tile_n(c) == 0]
+    if op == GATED:  # the ring, 64 columns of each weight a warpgroup (shared memory: a
+        # stage of 128 rows is 48 KB, of 192 rows 56 KB, of 256 rows 64 KB)
+        found = [Config(block_m=bm, block_n=64, block_k=64, max_concurrent_steps=steps,
+                        warp_specialized=True, split=split, acc_rows=acc_rows, across_tiles=True)
+                 for bm, steps, split, acc_rows in (
+                     (128, 3, "n", 0), (128, 4, "n", 0), (128, 4, "n", 64), (192, 3, "n", 64),
+                     (256, 3, "m", 64), (128, 4, "m", 0))]
+        return [c for c in found if k % c.block_k == 0 and n % (2 * c.block_n) == 0]
     if op == FP8:  # warp-specialized, 128 deep (one scale block a step)
         found = [Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=steps,
                         warp_specialized=True, split=split, band=band, swizzled_epilogue=swz)
