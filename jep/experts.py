@@ -19,7 +19,7 @@ from jep import _checks, fp8
 from jep.config import ACTIVATIONS, PRECISIONS
 from jep.platform import current_platform, on_hopper
 
-ACTIVATION_FNS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+ACTIVATION_FNS = jep_kernels.grouped_matmul.ACTIVATIONS
 
 
 def _grouped_matmul_xla(x, w, group_sizes):

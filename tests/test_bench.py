@@ -202,41 +202,26 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
 
 
 @pytest.mark.slow
-def test_tune_times_the_summed_dx_on_two_weights(monkeypatch):
-    """The summed dx ("dx_sum") tuned on the CPU in interpret mode: its candidate runs on a
-    pair of weights, counted at the flops of two products, and keyed as dx is."""
+@pytest.mark.parametrize("op, shape, key_k, key_n", [
+    ("dx_sum", (96, 128, 64, 3), 64, 128),   # keyed as dx is: its own K and N
+    ("gated", (96, 128, 128, 3), 128, 128),  # keyed as the forward is
+])
+def test_tune_times_the_ops_on_two_weights(monkeypatch, op, shape, key_k, key_n):
+    """The summed dx ("dx_sum") and the gated kernel ("gated") tuned on the CPU in interpret
+    mode: each candidate runs on a pair of weights, counted at the flops of two products."""
     from jep.bench import tune
     from jep_kernels.grouped_matmul import mgpu, tuning
 
     config = mgpu.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
                          warp_specialized=True, across_tiles=True)
     monkeypatch.setattr(tuning, "candidates", lambda op, k, n: [config])
-    results, picks = tune.measure(shapes=[(96, 128, 64, 3)], dtype=jnp.bfloat16,
-                                  routing="zipf", iters=1, repeats=1, ops=(tuning.DX_SUM,),
-                                  interpret=True)
-    assert [r["variant"] for r in results] == [tune._describe(tuning.DX_SUM, config)]
+    results, picks = tune.measure(shapes=[shape], dtype=jnp.bfloat16, routing="zipf", iters=1,
+                                  repeats=1, ops=(op,), interpret=True)
+    assert [r["variant"] for r in results] == [tune._describe(op, config)]
     (r,) = results
-    assert r["picked"] and r["tflop_per_s"] == pytest.approx(4 * 96 * 128 * 64 / r["seconds"] / 1e12)
-    assert picks == {tuning.key(tuning.DX_SUM, 64, 128, 3): config}
-
-
-@pytest.mark.slow
-def test_tune_times_the_gated_kernel_on_two_weights(monkeypatch):
-    """The gated kernel ("gated") tuned on the CPU in interpret mode: its candidate runs on a
-    pair of weights, counted at the flops of two products, and keyed as the forward is."""
-    from jep.bench import tune
-    from jep_kernels.grouped_matmul import mgpu, tuning
-
-    config = mgpu.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
-                         warp_specialized=True, across_tiles=True)
-    monkeypatch.setattr(tuning, "candidates", lambda op, k, n: [config])
-    results, picks = tune.measure(shapes=[(96, 128, 128, 3)], dtype=jnp.bfloat16,
-                                  routing="zipf", iters=1, repeats=1, ops=(tuning.GATED,),
-                                  interpret=True)
-    (r,) = results
-    assert r["variant"] == tune._describe(tuning.GATED, config) and r["picked"]
-    assert r["tflop_per_s"] == pytest.approx(4 * 96 * 128 * 128 / r["seconds"] / 1e12)
-    assert picks == {tuning.key(tuning.GATED, 128, 128, 3): config}
+    m, k, n, groups = shape
+    assert r["picked"] and r["tflop_per_s"] == pytest.approx(4 * m * k * n / r["seconds"] / 1e12)
+    assert picks == {tuning.key(op, key_k, key_n, groups): config}
 
 
 def test_unrolled_calls_take_each_rotation_in_turn():

@@ -99,8 +99,8 @@ def _chunks_bwd(configs, interpret, residuals, dys):
 
 _grouped_matmul_chunks.defvjp(_chunks_fwd, _chunks_bwd)
 
-# The activations of `grouped_matmul_gated`, as the kernel computes them (`mgpu.GATED_ACTIVATIONS`):
-# their gradients in the backward.
+# The experts' activations (`jep.experts.ACTIVATION_FNS` is this), as `grouped_matmul_gated`'s
+# kernel computes them (`mgpu.GATED_ACTIVATIONS`): its backward takes their gradients.
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
 
@@ -295,11 +295,7 @@ def grouped_matmul_gated(xs, w_gate, w_up, group_sizes, *, activation: str = "si
     if not xs or len(xs) != len(group_sizes):
         raise ValueError(f"xs and group_sizes must be as many chunks (at least one), got "
                          f"{len(xs)} and {len(group_sizes)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
-        raise ValueError(f"w_up must be w_gate's shape and dtype, got {w_up.dtype}{w_up.shape} "
-                         f"and {w_gate.dtype}{w_gate.shape}")
+    # The activation and w_up are checked by `mgpu.grouped_matmul_gated` as the forward traces.
     configs = _checked_configs(xs, w_gate, group_sizes, None, None, True)
     if config is None:
         groups, k, n = w_gate.shape
