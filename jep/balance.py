@@ -32,6 +32,7 @@ from jax import lax
 
 from jep import _checks
 from jep.config import OVERFLOW  # noqa: F401 - the policies' names, documented above
+from jep.layout import arrival_places
 from jep.routing import best_k
 
 
@@ -103,51 +104,17 @@ def update_bias(bias: jax.Array, tokens_per_expert: jax.Array, *, rate: float) -
 
 # --- capacity policies -------------------------------------------------------------------------
 
-def _ranks_within_expert(experts, num_experts: int, priority=None):
+def _ranks_within_expert(experts, num_experts: int, priority):
     """i32[P]: each pair's place among the pairs to the same expert, lowest `priority` first
-    (ties, or without a priority, by index). Pairs with expert == num_experts (none) get places
-    too, never used."""
+    (ties by index). Pairs with expert == num_experts (none) get places too, never used. (In
+    index order alone, without a sort: `jep.layout.arrival_places`.)"""
     count = experts.shape[0]
     index = jnp.arange(count, dtype=jnp.int32)
-    if priority is None:  # index order: a stable sort on the experts alone
-        sorted_experts, order = lax.sort((experts, index), num_keys=1, is_stable=True)
-    else:
-        sorted_experts, _, order = lax.sort((experts, priority, index), num_keys=3)
+    sorted_experts, _, order = lax.sort((experts, priority, index), num_keys=3)
     # Where each expert's pairs start in the sorted order.
     counts = jnp.zeros((num_experts + 1,), jnp.int32).at[experts].add(1, mode="drop")
     first = (jnp.cumsum(counts) - counts)[sorted_experts]
     return jnp.zeros((count,), jnp.int32).at[order].set(index - first, unique_indices=True)
-
-
-# Pairs a block of `_arrival_places`: each pair is compared with the block's earlier ones.
-_PLACES_BLOCK = 256
-
-
-def _arrival_places(experts, num_experts: int):
-    """(place i32[P], counts i32[E + 1]): each pair's place among the pairs to the same expert
-    in index order (as `_ranks_within_expert` without a priority), and the pairs each expert
-    gets (the last entry: those to no expert, expert == num_experts).
-
-    Without a sort (a sort of the EP group's pairs every reroute round was most of a round's
-    time on an H200): the pairs in blocks of S, a pair's place inside its block from comparing
-    it with the block's earlier pairs ([P / S, S, S] compares), plus the pairs to its expert in
-    the blocks before (per-block counts [P / S, E + 1], summed over blocks in order)."""
-    count = experts.shape[0]
-    size = min(_PLACES_BLOCK, count)
-    blocks = -(-count // size)
-    padded = jnp.pad(experts, (0, blocks * size - count), constant_values=num_experts)
-    padded = padded.reshape(blocks, size)
-    index = jnp.arange(size, dtype=jnp.int32)
-    earlier = index[None, :] < index[:, None]  # [S, S]: j before i
-    within = jnp.sum((padded[:, :, None] == padded[:, None, :]) & earlier, axis=-1,
-                     dtype=jnp.int32)
-    block = jnp.broadcast_to(jnp.arange(blocks, dtype=jnp.int32)[:, None], padded.shape)
-    per_block = jnp.zeros((blocks, num_experts + 1), jnp.int32).at[block, padded].add(1)
-    through = jnp.cumsum(per_block, axis=0, dtype=jnp.int32)
-    before = jnp.take_along_axis(through - per_block, padded, axis=1)
-    padding = jnp.where(jnp.arange(num_experts + 1) == num_experts, blocks * size - count, 0)
-    counts = through[-1] - padding.astype(jnp.int32)
-    return (within + before).reshape(-1)[:count], counts
 
 
 def _group_pairs(values, axis_name):
@@ -215,7 +182,7 @@ def reroute(expert_ids, choice, *, capacity: int, num_experts: int, axis_name):
     def round_(state):
         ids, pending, mark_key, mark_id, taken, _ = state
         arriving = _group_pairs(jnp.where(pending, ids, num_experts), axis_name)
-        place, arrivals = _arrival_places(arriving, num_experts)
+        place, arrivals = arrival_places(arriving, num_experts)
         room = jnp.concatenate([capacity - taken, jnp.zeros((1,), jnp.int32)])
         fits = place < room[arriving]  # [n * T * k]; never for no expert
         # Each expert takes as many of its arrivals as it has room for.

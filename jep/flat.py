@@ -31,7 +31,8 @@ from jax.experimental import checkify
 
 from jep import _checks, transport
 from jep.fp8 import pack_rows, unpack_rows
-from jep.layout import exclusive_cumsum, get_dispatch_layout, max_send_rows, sum_rows, take_rows
+from jep.layout import (arrival_places, exclusive_cumsum, get_dispatch_layout, max_send_rows,
+                        sum_rows, take_rows)
 
 
 @functools.partial(
@@ -247,27 +248,25 @@ def _plan(expert_ids, *, num_experts, axis_name, capacity, backend, permute,
     pair_first = first_slots(pair_expert)
     pair_expert = jnp.where(pair_first == jnp.arange(top_k), pair_expert, -1)
 
-    # Pairs sorted by local expert, stably: within an expert by source rank, then source token.
+    # Rows grouped by local expert, within an expert by source rank, then source token: a
+    # pair's row is its expert's first row plus its place among the expert's pairs (counted
+    # without a sort: `arrival_places`). With a capacity, an expert keeps its first `capacity`.
     pair_expert = jnp.where(pair_expert >= 0, pair_expert, experts_per_rank).reshape(-1)
     num_pairs = pair_expert.shape[0]
-    order = jnp.argsort(pair_expert, stable=True).astype(jnp.int32)
-    counts = jnp.zeros((experts_per_rank,), jnp.int32).at[pair_expert].add(1, mode="drop")
+    place, counts = arrival_places(pair_expert, experts_per_rank)
+    counts = counts[:experts_per_rank]
     if capacity is None:
         num_rows = num_ranks * num_tokens * min(top_k, experts_per_rank)
         group_sizes = counts
     else:
         num_rows = experts_per_rank * capacity
         group_sizes = jnp.minimum(counts, capacity)
-    # Row q of recv_x is the r-th kept pair of its expert e: the r-th of e's pairs in `order`.
-    row = jnp.arange(num_rows, dtype=jnp.int32)
-    expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")
-    expert = jnp.minimum(expert, experts_per_rank - 1)
-    rank_in_expert = row - exclusive_cumsum(group_sizes)[expert]
-    position = exclusive_cumsum(counts)[expert] + rank_in_expert
-    kept = row < group_sizes.sum()
-    recv_pair = jnp.where(kept, take_rows(order, position), num_pairs)
-    pair_row = jnp.full((num_pairs,), num_rows, jnp.int32)
-    pair_row = pair_row.at[recv_pair].set(jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
+    expert = jnp.minimum(pair_expert, experts_per_rank - 1)
+    kept = (pair_expert < experts_per_rank) & (place < group_sizes[expert])
+    pair_row = jnp.where(kept, exclusive_cumsum(group_sizes)[expert] + place, num_rows)
+    # i32[C]: the pair each row holds; num_pairs past the last kept row.
+    recv_pair = jnp.full((num_rows,), num_pairs, jnp.int32).at[pair_row].set(
+        jnp.arange(num_pairs, dtype=jnp.int32), mode="drop")
     return DispatchHandle(
         send_token=layout.send_token, send_sizes=send_sizes, recv_sizes=recv_sizes,
         slot_send_row=layout.slot_send_row, slot_is_first=layout.slot_is_first,

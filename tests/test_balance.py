@@ -105,20 +105,6 @@ def test_reroute_takes_tied_and_minus_inf_scores_in_lax_top_k_order(rng, num_exp
     assert dropped == np.sum(got < 0)
 
 
-@pytest.mark.parametrize("count, num_experts", [(1, 4), (256, 8), (1000, 64), (700, 4096)])
-def test_arrival_places_count_earlier_pairs_to_the_same_expert(rng, count, num_experts):
-    """The reroute rounds' places without a sort: for each pair, the earlier pairs to its
-    expert (num_experts: to none); and each expert's arrivals. Random pairs, and a third of
-    them to one expert; blocks of 256 pairs, the last one partial."""
-    for experts in (rng.integers(0, num_experts + 1, size=count),
-                    np.where(np.arange(count) < count // 3, 1, rng.integers(0, num_experts + 1,
-                                                                          size=count))):
-        place, counts = balance._arrival_places(jnp.asarray(experts, jnp.int32), num_experts)
-        want = [np.sum(experts[:i] == experts[i]) for i in range(count)]
-        np.testing.assert_array_equal(place, want)
-        np.testing.assert_array_equal(counts, np.bincount(experts, minlength=num_experts + 1))
-
-
 def test_keep_by_probability_matches_numpy(rng):
     num_tokens, num_experts, top_k = 64, 8, 2
     ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from routings import KINDS, make_routing
 
-from jep.layout import get_dispatch_layout
+from jep.layout import arrival_places, get_dispatch_layout
 
 
 @pytest.mark.parametrize("num_ranks, top_k", [(1, 2), (4, 1), (4, 3), (8, 4)])
@@ -50,3 +50,17 @@ def test_tokens_per_rank_counts_a_token_once_per_rank():
     layout = get_dispatch_layout(ids, num_experts=256, num_ranks=4)
     np.testing.assert_array_equal(layout.tokens_per_rank, [1, 1, 1, 1])
     assert layout.send_token.shape == (4,)
+
+
+@pytest.mark.parametrize("count, num_experts", [(1, 4), (256, 8), (1000, 64), (700, 4096)])
+def test_arrival_places_count_earlier_pairs_to_the_same_expert(rng, count, num_experts):
+    """Places without a sort (the dispatch plan's rows, the reroute rounds): for each pair,
+    the earlier pairs to its expert (num_experts: to none); and each expert's arrivals. Random
+    pairs, and a third of them to one expert; blocks of 256 pairs, the last one partial."""
+    for experts in (rng.integers(0, num_experts + 1, size=count),
+                    np.where(np.arange(count) < count // 3, 1, rng.integers(0, num_experts + 1,
+                                                                          size=count))):
+        place, counts = arrival_places(jnp.asarray(experts, jnp.int32), num_experts)
+        want = [np.sum(experts[:i] == experts[i]) for i in range(count)]
+        np.testing.assert_array_equal(place, want)
+        np.testing.assert_array_equal(counts, np.bincount(experts, minlength=num_experts + 1))
