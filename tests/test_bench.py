@@ -249,17 +249,19 @@ def test_profile_summary_counts_busy_time_and_overlap_per_device():
 def test_profile_finds_the_idle_time_between_kernels():
     from jep.bench import profile
 
-    def kernel(name, start, duration, stream="1"):
+    def kernel(name, start, duration, stream="1", graph=None):
         return {"device": "/device:GPU:0", "stream": stream, "name": name, "start": start,
-                "duration": duration}
+                "duration": duration, "args": {"cuda_graph_id": graph} if graph else {}}
 
     # a 0-10, b 12-20 on another stream, c 14-16 inside b, d 120-130: idle 2 and 100 us.
-    events = [kernel("a", 0.0, 10.0), kernel("b", 12.0, 8.0, "2"), kernel("c", 14.0, 2.0),
-              kernel("d", 120.0, 10.0)]
+    # a and b from graph 7, c on its own, d from graph 7 again: two launches of one graph.
+    events = [kernel("a", 0.0, 10.0, graph=7), kernel("b", 12.0, 8.0, "2", graph=7),
+              kernel("c", 14.0, 2.0), kernel("d", 120.0, 10.0, graph=7)]
     assert profile.idle_gaps(events) == [(2.0, "a", "b"), (100.0, "b", "d")]
     text = profile.summary(events)
+    assert "launched: 2 CUDA graph launches (1 graphs), 1 of 4 kernels on their own" in text
     assert "idle 102.0 us in 2 gaps: 0 of 0-2 us, 1 of 2-5 us" in text
-    assert "1 of 100 us or more" in text and "idle    100.0 us after b before d" in text
+    assert "1 of 100 us or more" in text and "idle    100.0 us after b [7] before d [7]" in text
     assert profile.idle_gaps(events[:1]) == []
 
 

@@ -172,33 +172,58 @@ def summary(events: list[dict], top: int = 12, gaps: int = 8) -> str:
     return "\n".join(lines)
 
 
+def graph_of(event: dict):
+    """The CUDA graph that launched a kernel event (XLA's command buffers), or None for a
+    kernel launched on its own."""
+    return event.get("args", {}).get("cuda_graph_id") or None
+
+
+def _gaps(events: list[dict]) -> list[tuple[float, dict, dict]]:
+    found, reach, last = [], None, None
+    for e in sorted(events, key=lambda e: e["start"]):
+        end = e["start"] + e["duration"]
+        if reach is not None and e["start"] > reach:
+            found.append((e["start"] - reach, last, e))
+        if reach is None or end >= reach:
+            reach, last = end, e
+    return found
+
+
 def idle_gaps(events: list[dict]) -> list[tuple[float, str, str]]:
     """The spans of one device's time between its first and last kernel when no stream ran a
     kernel: (microseconds, the kernel that ended before, the kernel that started after), in
     time order."""
-    found, reach, last = [], None, ""
-    for e in sorted(events, key=lambda e: e["start"]):
-        end = e["start"] + e["duration"]
-        if reach is not None and e["start"] > reach:
-            found.append((e["start"] - reach, last, e["name"]))
-        if reach is None or end >= reach:
-            reach, last = end, e["name"]
-    return found
+    return [(us, before["name"], after["name"]) for us, before, after in _gaps(events)]
+
+
+def _graph_line(events: list[dict]) -> str:
+    """How the device's kernels were launched: CUDA graphs (distinct, and launches: runs of
+    one graph's kernels in time order) and kernels launched on their own."""
+    graphs = [graph_of(e) for e in sorted(events, key=lambda e: e["start"])]
+    launches = sum(1 for i, g in enumerate(graphs) if g is not None
+                   and (i == 0 or graphs[i - 1] != g))
+    alone = sum(1 for g in graphs if g is None)
+    return (f"  launched: {launches} CUDA graph launches ({len(set(graphs) - {None})} graphs), "
+            f"{alone} of {len(graphs)} kernels on their own")
 
 
 def _gap_lines(events: list[dict], top: int) -> list[str]:
     """The device's idle time between kernels: in all, by size, and the longest spans with the
-    kernels on either side (the kernels' launches, or a wait on the host, are behind them)."""
-    gaps = idle_gaps(events)
+    kernels on either side and the CUDA graph of each (-: launched on its own); the kernels'
+    launches, or a wait on the host, are behind them."""
+    gaps = _gaps(events)
+    lines = [_graph_line(events)]
     if not gaps:
-        return []
+        return lines
     sizes = [us for us, _, _ in gaps]
-    lines = [f"  idle {sum(sizes):.1f} us in {len(sizes)} gaps: "
-             + ", ".join(f"{sum(1 for s in sizes if lo <= s < hi)} of {lo:g}-{hi:g} us"
-                         for lo, hi in ((0, 2), (2, 5), (5, 20), (20, 100)))
-             + f", {sum(1 for s in sizes if s >= 100)} of 100 us or more"]
+    lines.append(f"  idle {sum(sizes):.1f} us in {len(sizes)} gaps: "
+                 + ", ".join(f"{sum(1 for s in sizes if lo <= s < hi)} of {lo:g}-{hi:g} us"
+                             for lo, hi in ((0, 2), (2, 5), (5, 20), (20, 100)))
+                 + f", {sum(1 for s in sizes if s >= 100)} of 100 us or more")
+    graph = lambda e: graph_of(e) or "-"  # noqa: E731
     for us, before, after in sorted(gaps, key=lambda g: -g[0])[:top]:
-        lines.append(f"    idle {us:8.1f} us after {before[:50]} before {after[:50]}")
+        lines.append(f"    idle {us:8.1f} us after {before['name'][:50]} [{graph(before)}] "
+                     f"before {after['name'][:50]} [{graph(after)}]")
     return lines
 
 
