@@ -122,14 +122,16 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                                              (128, 128, 128, 3), (64, 128, 64, 4),
                                              (128, 64, 64, 4))]
         # Warp-specialized: block_n is each compute warpgroup's width (tiles of 2 block_n).
-        # epilogue_k/n = block_k/n: the whole tile stored from one buffer.
+        # epilogue_k/n = block_k/n: the whole tile stored from one buffer; fewer: pieces in
+        # two buffers.
         found += [DwConfig(block_k=bk, block_n=bn, block_rows=rows, max_concurrent_steps=steps,
                            warp_specialized=True, epilogue_k=ek, epilogue_n=en)
                   for bk, bn, rows, steps, ek, en in (
                       (128, 128, 64, 3, 64, 64), (128, 128, 64, 4, 64, 64),
                       (128, 64, 64, 6, 64, 64), (128, 128, 64, 3, 128, 128),
                       (128, 128, 64, 2, 128, 128), (128, 64, 64, 4, 128, 64),
-                      (128, 64, 64, 6, 128, 64), (64, 128, 64, 4, 64, 128))]
+                      (128, 64, 64, 6, 128, 64), (64, 128, 64, 4, 64, 128),
+                      (128, 128, 64, 3, 64, 128))]
         # dy's rows held across a run of K tiles (`resident_steps`, `run_k_blocks`).
         found += [DwConfig(block_k=128, block_n=bn, block_rows=64, max_concurrent_steps=steps,
                            warp_specialized=True, epilogue_k=ek, epilogue_n=en,
@@ -138,7 +140,16 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                       (128, 4, 64, 64, 3, 0), (128, 6, 64, 64, 3, 0), (128, 4, 64, 64, 3, 8),
                       (128, 5, 64, 64, 3, 8), (128, 4, 64, 64, 3, 4), (128, 4, 128, 128, 3, 0),
                       (128, 4, 128, 128, 3, 8), (128, 3, 64, 64, 4, 0),
-                      (64, 4, 128, 64, 5, 0), (64, 6, 128, 64, 3, 0))]
+                      (64, 4, 128, 64, 5, 0), (64, 6, 128, 64, 3, 0), (128, 4, 64, 128, 3, 8),
+                      (128, 4, 64, 128, 3, 0))]
+        # The compute warpgroups taking turns (`DwConfig.ping_pong`): one stores while the
+        # other multiplies. Pieces of half a tile in two buffers (64 x 128) keep a store in
+        # flight while the next tile's first half is written.
+        found += [dataclasses.replace(c, ping_pong=True) for c in found if c.warp_specialized
+                  and (c.epilogue_k, c.epilogue_n, c.max_concurrent_steps, c.resident_steps,
+                       c.run_k_blocks) in ((64, 64, 4, 0, 0), (128, 128, 3, 0, 0),
+                                           (128, 128, 4, 3, 8), (64, 128, 4, 3, 8),
+                                           (64, 64, 4, 3, 0), (128, 64, 4, 5, 0))]
         return [c for c in found if k % (c.block_k * (c.run_k_blocks or 1)) == 0
                 and n % mgpu.dw_tile_n(c) == 0]
     if op == GATED:  # the ring, 64 columns of each weight a warpgroup (shared memory: a
