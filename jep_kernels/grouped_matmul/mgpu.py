@@ -1261,7 +1261,8 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
                         # ping_pong: a tile whose steps all fit both rings (else the
                         # warpgroup waiting its turn would hold back stages the other needs)
                         # waits for the other warpgroup's products before its own.
-                        takes_turns = steps <= min(stages, dy_stages)
+                        takes_turns = (steps <= min(stages, dy_stages) if config.ping_pong
+                                       else None)
 
                         def multiply(acc_ref):
                             if config.ping_pong:
