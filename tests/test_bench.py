@@ -201,6 +201,19 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
     assert [r["picked"] for r in results] == [r is fastest for r in results[:2]] + [False]
 
 
+@pytest.mark.parametrize("op", ["forward", "dx", "dw", "fp8", "dx_sum", "gated"])
+def test_tune_names_every_candidate_apart(op):
+    """The tune suite keys its runs by the candidates' names: two configurations with one name
+    would time one of them only (ping-pong copies of the dw candidates once were)."""
+    from jep.bench import tune
+    from jep_kernels.grouped_matmul import tuning
+
+    for k, n in ((7168, 2048), (2048, 7168), (2048, 768), (768, 2048)):
+        found = tuning.candidates(op, k, n)
+        names = [tune._describe(op, c) for c in found]
+        assert found and len(set(names)) == len(names) == len(set(map(repr, found)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("op, shape, key_k, key_n", [
     ("dx_sum", (96, 128, 64, 3), 64, 128),   # keyed as dx is: its own K and N
