@@ -172,19 +172,13 @@ DW_WS_RESIDENT = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_concurre
                              warp_specialized=True, resident_steps=3)
 DW_WS_RESIDENT_RUNS = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_concurrent_steps=3,
                                   warp_specialized=True, resident_steps=2, run_k_blocks=1)
-# The compute warpgroups taking turns at the products (ping-pong): with epilogue pieces, and
-# with dy's rows held across a run of two K tiles.
-DW_WS_PING_PONG = dataclasses.replace(DW_WS, ping_pong=True)
-DW_WS_RESIDENT_PING_PONG = dataclasses.replace(DW_WS_RESIDENT, ping_pong=True)
 
 
 @pytest.mark.parametrize("config", [
     DW_PLAIN, DW_WS, pytest.param(DW_WS_THREE_STAGES, marks=pytest.mark.slow),
     pytest.param(DW_WS_ONE_BUFFER, marks=pytest.mark.slow), DW_WS_RESIDENT,
-    pytest.param(DW_WS_RESIDENT_RUNS, marks=pytest.mark.slow), DW_WS_PING_PONG,
-    pytest.param(DW_WS_RESIDENT_PING_PONG, marks=pytest.mark.slow)],
-    ids=["plain", "ws", "ws-3-stages", "ws-one-buffer", "ws-resident", "ws-resident-runs",
-         "ws-ping-pong", "ws-resident-ping-pong"])
+    pytest.param(DW_WS_RESIDENT_RUNS, marks=pytest.mark.slow)],
+    ids=["plain", "ws", "ws-3-stages", "ws-one-buffer", "ws-resident", "ws-resident-runs"])
 @pytest.mark.parametrize("sizes", [
     [70, 0, 100, 30],      # an empty group; a zero tail past the last group
     [0, 200, 0, 0],        # every row in one group
@@ -213,9 +207,8 @@ def test_weight_gradient_matches_float64(config, sizes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [DW_PLAIN, DW_WS, DW_WS_THREE_STAGES, DW_WS_RESIDENT,
-                                    DW_WS_RESIDENT_PING_PONG],
-                         ids=["plain", "ws", "ws-3-stages", "ws-resident", "ws-resident-ping-pong"])
+@pytest.mark.parametrize("config", [DW_PLAIN, DW_WS, DW_WS_THREE_STAGES, DW_WS_RESIDENT],
+                         ids=["plain", "ws", "ws-3-stages", "ws-resident"])
 @pytest.mark.parametrize("chunk_rows, sizes", [
     ((100, 100), [[70, 0, 20, 10], [0, 50, 50, 0]]),  # chunk 1 starts off the 8-row tiling
     ((100, 100), [[0, 0, 0, 0], [25, 25, 25, 25]]),   # a chunk with nothing
@@ -581,8 +574,6 @@ def test_shapes_it_cannot_take_raise():
         gm.DwConfig(warp_specialized=True, resident_steps=1)
     with pytest.raises(ValueError, match="DwConfig.run_k_blocks must be an int >= 0"):
         gm.DwConfig(warp_specialized=True, resident_steps=2, run_k_blocks=-1)
-    with pytest.raises(ValueError, match="ping_pong needs warp_specialized=True"):
-        gm.DwConfig(ping_pong=True)
     with pytest.raises(ValueError, match="K=384 must be a multiple of block_k x run_k_blocks = 256"):
         mgpu.grouped_matmul_dw(jnp.zeros((64, 384), jnp.bfloat16), jnp.zeros((64, 128), jnp.bfloat16),
                                jnp.zeros(2, jnp.int32),

@@ -64,9 +64,8 @@ def _describe(op, config) -> str:
                     if config.warp_specialized else "")
         resident = (f" resident {config.resident_steps} run {config.run_k_blocks or 'K'}"
                     if config.resident_steps else "")
-        turns = " ping-pong" if config.ping_pong else ""
         return (f"{kind} {config.block_k}x{config.block_n}x{config.block_rows} "
-                f"s{config.max_concurrent_steps}{epilogue}{resident}{turns}")
+                f"s{config.max_concurrent_steps}{epilogue}{resident}")
     kind = "plain"
     if config.warp_specialized:
         kind = f"ws split {config.split}"

@@ -109,17 +109,10 @@ class DwConfig:
     # 0: dy's rows are loaded for every tile, in step with x's.
     resident_steps: int = 0
     run_k_blocks: int = 0
-    # Warp-specialized only: the two compute warpgroups take turns at the tensor cores, a
-    # tile's products of one after the other's (CUTLASS's ping-pong), so that one stores its
-    # result while the other multiplies, in tiles whose row steps all fit the rings of stages;
-    # False: both multiply, then both store, at once.
-    ping_pong: bool = False
 
     def __post_init__(self):
         _positive(self, "block_k", "block_n", "block_rows", "max_concurrent_steps", "epilogue_k",
                   "epilogue_n")
-        if self.ping_pong and not self.warp_specialized:
-            raise ValueError("DwConfig: ping_pong needs warp_specialized=True")
         for name in ("resident_steps", "run_k_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -1154,12 +1147,9 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
             x_consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             dy_loaded=plgpu.Barrier(num_arrivals=2, num_barriers=dy_stages),
             dy_consumed=plgpu.Barrier(num_arrivals=2, num_barriers=dy_stages),
-            # ping_pong: turn[w] lets compute warpgroup w start a tile's products.
-            turn=plgpu.Barrier(num_arrivals=1, num_barriers=2),
             collective_axes="wg",
         )
-        def _scope(x_smem, dy_smem, out_smem, x_loaded, x_consumed, dy_loaded, dy_consumed,
-                   turn):
+        def _scope(x_smem, dy_smem, out_smem, x_loaded, x_consumed, dy_loaded, dy_consumed):
             @pl.when(wg == 2)
             def _memory():
                 plgpu.set_max_registers(40, action="decrease")
@@ -1258,15 +1248,7 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
                         x_count, dy_count = counts
                         loads, releases, dy_at = positions(j, steps, kept, dy_count)
 
-                        # ping_pong: a tile whose steps all fit both rings (else the
-                        # warpgroup waiting its turn would hold back stages the other needs)
-                        # waits for the other warpgroup's products before its own.
-                        takes_turns = (steps <= min(stages, dy_stages) if config.ping_pong
-                                       else None)
-
                         def multiply(acc_ref):
-                            if config.ping_pong:
-                                pl.when(takes_turns)(lambda: plgpu.barrier_wait(turn.at[wg]))
                             offset = 0
                             for segment in segments:
                                 lax.fori_loop(0, segment[-1], functools.partial(
@@ -1274,9 +1256,6 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
                                     x_count, dy_at), None)
                                 offset = offset + segment[-1]
                             plgpu.wgmma_wait(0)
-                            if config.ping_pong:  # its turn, while this one stores
-                                pl.when(takes_turns)(
-                                    lambda: plgpu.barrier_arrive(turn.at[1 - wg]))
 
                             @pl.when(steps > 0)
                             def _():
@@ -1306,18 +1285,8 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
 
                     return lax.fori_loop(0, run_k, tile_product, carry)
 
-                if config.ping_pong:  # the first tile's products: warpgroup 0's
-                    @pl.when(wg == 1)
-                    def _():
-                        plgpu.barrier_arrive(turn.at[0])
-
                 plgpu.nd_loop((num_runs,), collective_axes="sm",
                               init_carry=(jnp.int32(0), jnp.int32(0)))(run_product)
-                if config.ping_pong:  # warpgroup 1's turn after its last tile, taken
-                    @pl.when(wg == 0)
-                    def _():
-                        plgpu.barrier_wait(turn.at[0])
-
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     return _persistent(body, jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype),

@@ -142,14 +142,6 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                       (128, 4, 128, 128, 3, 8), (128, 3, 64, 64, 4, 0),
                       (64, 4, 128, 64, 5, 0), (64, 6, 128, 64, 3, 0), (128, 4, 64, 128, 3, 8),
                       (128, 4, 64, 128, 3, 0))]
-        # The compute warpgroups taking turns (`DwConfig.ping_pong`): one stores while the
-        # other multiplies. Pieces of half a tile in two buffers (64 x 128) keep a store in
-        # flight while the next tile's first half is written.
-        found += [dataclasses.replace(c, ping_pong=True) for c in found if c.warp_specialized
-                  and (c.epilogue_k, c.epilogue_n, c.max_concurrent_steps, c.resident_steps,
-                       c.run_k_blocks) in ((64, 64, 4, 0, 0), (128, 128, 3, 0, 0),
-                                           (128, 128, 4, 3, 8), (64, 128, 4, 3, 8),
-                                           (64, 64, 4, 3, 0), (128, 64, 4, 5, 0))]
         return [c for c in found if k % (c.block_k * (c.run_k_blocks or 1)) == 0
                 and n % mgpu.dw_tile_n(c) == 0]
     if op == GATED:  # the ring, 64 columns of each weight a warpgroup (shared memory: a
