@@ -227,10 +227,11 @@ def _gap_lines(events: list[dict], top: int) -> list[str]:
     return lines
 
 
-def report(run, args, title: str, steps: int = 1) -> dict:
-    """Prints `summary` of one run of the compiled `run(*args)` (a loop of `steps` steps) and its
-    `breakdown` per step, under `title`; returns the breakdown ({} where there are no device
-    events: the CPU has no device streams)."""
+def report(run, args, title: str, steps: int = 1, compiled=None) -> dict:
+    """Prints `summary` of one run of `run(*args)` (`steps` steps) and its `breakdown` per step,
+    under `title`; returns the breakdown ({} where there are no device events: the CPU has no
+    device streams). `compiled`: the compiled program whose HLO names the kernels (`op_names`),
+    where `run` is not one (a Python loop calling it); by default `run` itself."""
     with tempfile.TemporaryDirectory() as log_dir:
         events = device_events(trace(run, args, log_dir))
     print(f"--- profile: {title}")
@@ -238,7 +239,7 @@ def report(run, args, title: str, steps: int = 1) -> dict:
         print("(no device events: the CPU has no device streams)")
         return {}
     print(summary(events))
-    names = op_names(run)
+    names = op_names(run if compiled is None else compiled)
     totals = breakdown(events, names, steps)
     device = min(e["device"] for e in events)  # the one `breakdown` counts
     print(f"  per step, by kind ({device}):")
