@@ -32,7 +32,7 @@ from jax.experimental import checkify
 from jep import _checks, transport
 from jep.fp8 import pack_rows, unpack_rows
 from jep.layout import (arrival_places, exclusive_cumsum, get_dispatch_layout, max_send_rows,
-                        sum_rows, take_rows)
+                        sum_rows, take_rows, take_rows_dots, take_rows_scaled)
 
 
 @functools.partial(
@@ -348,18 +348,15 @@ def _combine_rows_bwd(residuals, g):
     # fuses with the scaling into one pass over the rows (the Pallas gather and then the
     # scaling are two: 0.34 against 0.52 ms at 32768 x 7168 bf16 rows on an H200).
     row_weight = take_rows(pair_weights.reshape(-1), h.recv_pair)
-    dy = take_rows(g_received, _source_rows(h)).astype(jnp.float32) * row_weight[:, None]
+    dy = take_rows_scaled(g_received, _source_rows(h), row_weight)
     # dweights[t, j] = <g[t], y[row of (t, j)]>, taken on the expert rank, sent home per slot
     # (a repeated expert's slots all read its one row).
-    g32 = g_received.astype(jnp.float32)
     slot_row = jnp.take_along_axis(h.pair_row, h.pair_first, axis=1)
-    dots = jnp.stack([
-        jnp.sum(take_rows(y, slot_row[:, j]).astype(jnp.float32) * g32, axis=-1)
-        for j in range(h.top_k)], axis=1)  # f32[R, k]
+    dots = take_rows_dots(y, slot_row, g_received)  # f32[R, k]
     dots_home = _to_home(h, dots, op=op_id(site, 3))  # 3: [S, k]
     flat = h.slot_send_row * h.top_k + jnp.arange(h.top_k, dtype=jnp.int32)[None, :]
     dweights = take_rows(dots_home.reshape(-1), flat)
-    return dy.astype(y.dtype), dweights.astype(weights.dtype), None, None
+    return dy, dweights.astype(weights.dtype), None, None
 
 
 _combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)

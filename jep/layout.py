@@ -122,7 +122,19 @@ def take_rows(rows: jax.Array, index: jax.Array, permute: str = "xla") -> jax.Ar
     permute: "xla" (`jnp.take`), "pallas" (`jep_kernels.permute.gather`, 2-D rows) or "auto"."""
     if resolve_permute(permute, rows) == "pallas":
         return jep_kernels.permute.gather(rows, index)
-    return jep_kernels.permute.reference.gather(rows, index)
+    return jep_kernels.permute.xla.gather(rows, index)
+
+
+def take_rows_scaled(rows: jax.Array, index: jax.Array, scale: jax.Array) -> jax.Array:
+    """[M, H] in rows.dtype: rows[index[i]] * scale[i], multiplied in float32 and rounded once,
+    zero where index is outside [0, N) (XLA's gather, `jep_kernels.permute.xla`)."""
+    return jep_kernels.permute.xla.gather_scaled(rows, index, scale)
+
+
+def take_rows_dots(rows: jax.Array, index: jax.Array, other: jax.Array) -> jax.Array:
+    """f32[M, k]: the dot product of rows[index[i, j]] with other[i] in float32, 0 where
+    index[i, j] is outside [0, N) (XLA's gather, `jep_kernels.permute.xla`)."""
+    return jep_kernels.permute.xla.gather_dots(rows, index, other)
 
 
 def sum_rows(rows: jax.Array, index: jax.Array, weights: jax.Array | None = None,

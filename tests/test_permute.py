@@ -69,6 +69,40 @@ def test_gather_sum_matches_float64_and_the_reference(rng, dtype, tol, same, kin
                                rtol=same, atol=same)
 
 
+@pytest.mark.parametrize("dtype, hidden", [(jnp.bfloat16, 256), (jnp.float16, 64),
+                                           (jnp.float32, 64), (jnp.bfloat16, 7)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_xla_gathers_are_the_reference(rng, dtype, hidden, kind):
+    """jep_kernels.permute.xla (2-byte rows moved as 32-bit words; other rows, and an odd H,
+    the reference's way): the gather and the scaled gather bit for bit what the reference
+    gives and casts (zero rows where the index is out of range, whatever the scale), the dots those of float64 numpy. The rows hold values that round (scaled
+    by random weights), a NaN, an infinity and a negative zero; two scales are NaNs whose low
+    bits would carry into the exponent if rounded as numbers."""
+    rows = rng.normal(size=(50, hidden)) * 4
+    rows[3, :3] = [np.nan, np.inf, -0.0]
+    rows = jnp.asarray(rows, dtype)
+    index = jnp.asarray(indices(kind, rng, 50, (120,)), jnp.int32)
+    scale = rng.normal(size=120).astype(np.float32)
+    scale[:2] = np.array([0x7FFFFFFF, 0xFFC00001], np.uint32).view(np.float32)  # NaN payloads
+    scale = jnp.asarray(scale)
+    want = permute.reference.gather(rows, index)
+    np.testing.assert_array_equal(np.asarray(permute.xla.gather(rows, index), np.float32),
+                                  np.asarray(want, np.float32))
+    valid = ((index >= 0) & (index < 50))[:, None]
+    want_scaled = jnp.where(valid, want.astype(jnp.float32) * scale[:, None], 0).astype(dtype)
+    np.testing.assert_array_equal(
+        np.asarray(permute.xla.gather_scaled(rows, index, scale), np.float32),
+        np.asarray(want_scaled, np.float32))
+    finite = jnp.where(jnp.isfinite(rows), rows, 1).astype(dtype)
+    pairs = jnp.asarray(indices(kind, rng, 50, (120, 3)), jnp.int32)
+    other = jnp.asarray(rng.normal(size=(120, hidden)), dtype)
+    dots = permute.xla.gather_dots(finite, pairs, other)
+    r64, o64, p = np.asarray(finite, np.float64), np.asarray(other, np.float64), np.asarray(pairs)
+    want_dots = np.where((p >= 0) & (p < 50), np.einsum("ijh,ih->ij", r64[np.clip(p, 0, 49)], o64), 0)
+    assert dots.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dots), want_dots, rtol=1e-5, atol=1e-5 * hidden)
+
+
 def test_gather_sum_without_weights_adds_the_rows(rng):
     rows = jnp.asarray(rng.normal(size=(16, 128)), jnp.float32)
     index = rng.integers(-1, 16, size=(10, 4))

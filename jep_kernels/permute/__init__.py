@@ -6,18 +6,20 @@ round, as a gather: `gather_sum` reads, for each output row, the k rows that add
 inverse index the dispatch plan already holds), so no two programs write one row, nothing needs
 atomics, and the sum is taken in a fixed order.
 
-`mgpu` holds the Pallas Mosaic GPU kernels (Hopper), `reference` the same in plain JAX. Neither
-is differentiable on its own: `jep.dispatch` and `jep.combine` define the gradients.
+`mgpu` holds the Pallas Mosaic GPU kernels (Hopper), `reference` the same in plain JAX, `xla`
+the gathers as XLA runs them fastest (2-byte rows moved as 32-bit words; `jep.layout.take_rows`
+takes them where the Pallas kernels are not taken). None is differentiable on its own:
+`jep.dispatch` and `jep.combine` define the gradients.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jep_kernels.permute import mgpu, reference
+from jep_kernels.permute import mgpu, reference, xla
 from jep_kernels.vma import vary_like
 
-__all__ = ["OPS", "gather", "gather_sum", "kernel_takes", "reference"]
+__all__ = ["OPS", "gather", "gather_sum", "kernel_takes", "reference", "xla"]
 
 _PIECE_BYTES = 16384  # the widest row piece one copy moves
 _STAGE_BYTES = 192 * 1024  # shared memory for the copies in flight
