@@ -2,7 +2,8 @@
 device.
 
   expand:  out[i] = rows[index[i]] (`gather`), as dispatch's local expansion: M rows out of M,
-           a quarter of them empty (zero), the others a random permutation of the rows;
+           a quarter of them empty (zero), the others a random permutation of the rows; also
+           jep's XLA gather of 2-byte rows as 32-bit words ("jep/xla", `permute.xla.gather`);
   combine: out[i] = sum_j weights[i, j] * rows[index[i, j]] (`gather_sum`, k = --topk), as the
            sums of combine: two valid entries a row, as at EP=4 with top-8 (the rest empty).
 
@@ -47,6 +48,7 @@ def measure(*, tokens: int, hidden: int, top_k: int, dtype, iters: int, repeats:
     ops = {
         "expand": ((jnp.asarray(expand),), (int((expand >= 0).sum()) + m) * row_bytes,
                    {"xla": jep_kernels.permute.reference.gather,
+                    "jep/xla": jep_kernels.permute.xla.gather,
                     "jep/pallas": jep_kernels.permute.gather}),
         "combine": ((jnp.asarray(combine), weights), (m * valid + m) * row_bytes,
                     {"xla": jep_kernels.permute.reference.gather_sum,
