@@ -170,6 +170,27 @@ class QuantizedWeight(NamedTuple):
 
 
 def quantize_weight(w) -> QuantizedWeight:
-    """w f[G, K, N] quantized once (`quantize_blocks`), in both layouts (`QuantizedWeight`)."""
-    q, scales = quantize_blocks(w)
-    return QuantizedWeight(q, scales, jnp.swapaxes(q, -1, -2), jnp.swapaxes(scales, -1, -2))
+    """w f[G, K, N] quantized once (`quantize_blocks`), in both layouts (`QuantizedWeight`), bit
+    for bit `quantize_blocks(w)` and its transpose.
+
+    Where K and N are whole blocks, each layout is rounded from w by one element-wise pass
+    over [G, K, N] (q_t's reading w transposed, in w's dtype) after one pass for the scales:
+    the 5-D blocks of `quantize_blocks` and a transpose of the e4m3 result cost two more
+    passes on an H200, one of them a 1-byte transpose."""
+    _checks.floating(w, "w")
+    groups, k, n = w.shape
+    if k % TILE or n % TILE:
+        q, scales = quantize_blocks(w)
+        return QuantizedWeight(q, scales, jnp.swapaxes(q, -1, -2), jnp.swapaxes(scales, -1, -2))
+    amax = jnp.max(jnp.abs(w.reshape(groups, k // TILE, TILE, n // TILE, TILE)), axis=(2, 4))
+    scales = _scales(amax.astype(jnp.float32), False)
+
+    def rounded(values, block_scales):  # values [G, R, C] over their [G, R/128, C/128] scales
+        rows, cols = values.shape[1:]
+        blocks = values.astype(jnp.float32).reshape(groups, rows // TILE, TILE, cols // TILE, TILE)
+        # The division as quantize_blocks writes it, which XLA rewrites as quantize_blocks'.
+        return _to_e4m3((blocks / block_scales[:, :, None, :, None]).reshape(groups, rows, cols))
+
+    scales_t = jnp.swapaxes(scales, 1, 2)
+    return QuantizedWeight(rounded(w, scales), scales, rounded(jnp.swapaxes(w, 1, 2), scales_t),
+                           scales_t)

@@ -1,5 +1,6 @@
 """jep.fp8: DeepSeek-V3's tile-wise e4m3 quantization, against float64 and e4m3's error bound."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -70,6 +71,22 @@ def test_blocks_round_trip_with_partial_blocks(rng, shape):
             want = np.where(amax == 0, 1, amax / 448).astype(np.float32)
             # (float32 division: XLA may multiply by 1/448, an ulp apart)
             np.testing.assert_allclose(np.asarray(scales)[..., i, j], want, rtol=2.5e-7)
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 256, 384), jnp.bfloat16),
+                                          ((2, 128, 256), jnp.float32),
+                                          ((2, 200, 130), jnp.bfloat16)])  # partial blocks
+def test_weight_in_both_layouts_is_the_blocks_and_their_transpose(rng, shape, dtype):
+    """quantize_weight: quantize_blocks and its transpose bit for bit, eagerly and under jit,
+    a block of zeros and values down to e4m3's subnormals included."""
+    w = jnp.asarray(magnitudes(rng, shape), dtype).at[0, :128, :128].set(0)
+    q, scales = fp8.quantize_blocks(w)
+    want = (q, scales, jnp.swapaxes(q, 1, 2), jnp.swapaxes(scales, 1, 2))
+    for quantize in (fp8.quantize_weight, jax.jit(fp8.quantize_weight)):
+        for got, expected in zip(quantize(w), want):
+            assert got.shape == expected.shape and got.dtype == expected.dtype
+            np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                          np.asarray(expected, np.float32))
 
 
 def test_values_on_the_e4m3_grid_times_a_power_of_two_come_back_exactly(rng):
