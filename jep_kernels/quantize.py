@@ -12,6 +12,13 @@ end.
 Built for DeepSeek-V3's FP8 recipe, where every expert product quantizes its rows first:
 `jep.experts.fp8_grouped_matmul` calls it on Hopper. FP8 dispatch still packs its rows with
 XLA's fusions (`jep.fp8.pack_rows`, the quantize and the packing in one program).
+
+`quantize_weight(w)` is `jep.fp8.quantize_weight(w)` as one kernel: each 128 x 128 block of a
+bf16/f16 weight read once, its max-abs taken in registers, and the block stored in e4m3 in
+both layouts, the second read out of shared memory transposed (Mosaic GPU's transposed
+register layout). XLA's fusions of it read w twice, for the scales and then for both
+layouts. Not yet timed on a GPU and not taken by `jep.experts`: it waits for a visit that
+times it against `jep.fp8.quantize_weight` and runs its tests compiled.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jep_kernels.grouped_matmul.mgpu import FP8_TILE as TILE, interpret_params, named
+from jep_kernels.grouped_matmul.mgpu import FP8_TILE as TILE, interpret_params, named, smem_transforms
 from jep_kernels.vma import vary_like
 
 E4M3 = jnp.float8_e4m3fn
@@ -108,3 +115,103 @@ def quantize_rows(x, *, block_rows: int = 64, stages: int = 4, splits: int | Non
         interpret=interpret_params() if interpret else None,
     )(x)
     return vary_like(q, x), vary_like(scales_t.T, x)
+
+
+def weight_kernel_takes(w) -> bool:
+    """Whether `quantize_weight` takes w: [G, K, N] bf16/f16 (read exactly by the transposed
+    loads), K and N multiples of 128, G at least 1."""
+    return (w.ndim == 3 and w.dtype in (jnp.bfloat16, jnp.float16) and w.shape[0] > 0
+            and w.shape[1] > 0 and w.shape[1] % TILE == 0 and w.shape[2] > 0
+            and w.shape[2] % TILE == 0)
+
+
+def quantize_weight(w, *, stages: int = 2, interpret: bool = False):
+    """(q e4m3[G, K, N], scales f32[G, K / 128, N / 128], q_t e4m3[G, N, K], scales_t
+    f32[G, N / 128, K / 128]): `jep.fp8.quantize_weight(w)`, the same values for finite w.
+
+    Each program takes one band of 128 rows of one group's weight and walks its blocks of 128
+    columns through a pipeline of `stages` TMA loads; a block's scale is its max-abs over 448
+    (1 for a block of zeros), its two layouts are stored from two slots each, and the band's
+    scales once at its end.
+
+    Args:
+      w: [G, K, N] bf16 or f16, K and N multiples of 128.
+      stages: blocks in flight per program.
+      interpret: Pallas's GPU interpret mode (CPU, for tests).
+    """
+    if not weight_kernel_takes(w) or stages < 1:
+        raise ValueError(f"w must be [G, K, N] bf16/f16 with K and N multiples of {TILE} "
+                         f"(stages={stages} >= 1), got {w.dtype}{list(w.shape)}")
+    groups, depth, width = w.shape
+    row_blocks, col_blocks = depth // TILE, width // TILE
+    half = TILE // 2  # the rows of one warpgroup register tile
+
+    def rows_of(w_smem, h):
+        """Rows h * 64 .. of the block, f32 [64, 128]."""
+        if interpret:  # no register layouts
+            return w_smem[pl.ds(h * half, half)].astype(jnp.float32)
+        return plgpu.load(w_smem.at[pl.ds(h * half, half)], (),
+                          layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+
+    def columns_of(w_smem, h):
+        """Columns h * 64 .. of the block as rows, f32 [64, 128]: read out of shared memory
+        transposed, then moved to the layout `rows_of` gives."""
+        if interpret:  # no transposed views
+            return w_smem[:, pl.ds(h * half, half)].T.astype(jnp.float32)
+        read = plgpu.load(plgpu.transpose_ref(w_smem.at[:, pl.ds(h * half, half)], (1, 0)), (),
+                          layout=plgpu.Layout.WGMMA_TRANSPOSED)
+        return plgpu.layout_cast(read.astype(jnp.float32), plgpu.Layout.WGMMA)
+
+    def body(w_gmem, q_gmem, q_t_gmem, scales_gmem, q_smem, q_t_smem, scales_smem):
+        group, band = lax.axis_index("groups"), lax.axis_index("rows")
+        rows = pl.ds(band * TILE, TILE)
+
+        def step(indices, w_smem):
+            block = indices[0]
+            slot = block % 2
+            parts = [rows_of(w_smem, h) for h in range(2)]
+            # The block's max-abs: each row's, then theirs (Mosaic GPU reduces one axis at a
+            # time).
+            amax = jnp.max(jnp.maximum(jnp.max(jnp.abs(parts[0]), axis=1),
+                                       jnp.max(jnp.abs(parts[1]), axis=1)), axis=0)
+            scale = jnp.where(amax == 0, 1.0, amax / E4M3_MAX)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's stores are done
+            for h in range(2):
+                q_smem[slot, pl.ds(h * half, half)] = (parts[h] / scale).astype(E4M3)
+            for h in range(2):  # read after the rows are stored: fewer registers live
+                q_t_smem[slot, pl.ds(h * half, half)] = (
+                    columns_of(w_smem, h) / scale).astype(E4M3)
+            scales_smem[block] = jnp.full((TILE,), scale, jnp.float32)
+            plgpu.commit_smem()
+            columns = pl.ds(block * TILE, TILE)
+            plgpu.copy_smem_to_gmem(q_smem.at[slot], q_gmem.at[group, rows, columns],
+                                    commit_group=False)
+            plgpu.copy_smem_to_gmem(q_t_smem.at[slot], q_t_gmem.at[group, columns, rows])
+
+        plgpu.emit_pipeline(
+            step, grid=(col_blocks,),
+            in_specs=[plgpu.BlockSpec((TILE, TILE), lambda t: (0, t),
+                                      transforms=() if interpret
+                                      else smem_transforms(TILE, w.dtype))],
+            max_concurrent_steps=stages)(w_gmem.at[group, rows])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(scales_smem, scales_gmem.at[group, band])
+        plgpu.wait_smem_to_gmem(0)
+
+    # Each scale is stored as a row of 128 copies (a register vector; 1/128 of the bytes).
+    q, q_t, spread = plgpu.kernel(
+        named(body, "jep_fp8_quantize_weight"),
+        out_type=(jax.ShapeDtypeStruct((groups, depth, width), E4M3),
+                  jax.ShapeDtypeStruct((groups, width, depth), E4M3),
+                  jax.ShapeDtypeStruct((groups, row_blocks, col_blocks, TILE), jnp.float32)),
+        grid=(groups, row_blocks),
+        grid_names=("groups", "rows"),
+        scratch_types=[plgpu.SMEM((2, TILE, TILE), E4M3), plgpu.SMEM((2, TILE, TILE), E4M3),
+                       plgpu.SMEM((col_blocks, TILE), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params() if interpret else None,
+    )(w)
+    scales = spread[..., 0]
+    return (vary_like(q, w), vary_like(scales, w), vary_like(q_t, w),
+            vary_like(jnp.swapaxes(scales, 1, 2), w))

@@ -170,3 +170,53 @@ def test_quantize_kernel_refuses_what_it_cannot_take():
             jep_kernels.quantize.quantize_rows(jnp.zeros(shape, dtype), interpret=True)
     with pytest.raises(ValueError, match="splits must divide"):
         jep_kernels.quantize.quantize_rows(jnp.zeros((64, 384)), splits=2, interpret=True)
+
+
+@pytest.mark.parametrize("shape, dtype, stages", [
+    ((2, 256, 384), jnp.bfloat16, 2),  # three blocks a band: more than the stages in flight
+    ((1, 128, 256), jnp.float16, 1),
+])
+def test_weight_kernel_is_the_definition_bit_for_bit(rng, shape, dtype, stages):
+    """jep_kernels.quantize.quantize_weight (Pallas Mosaic GPU; interpreted on the CPU): the
+    scales of jep.fp8's reference, and q = e4m3(w / scale) as numpy rounds it, in both
+    layouts. Magnitudes 1e-3 to 1e3 a row (e4m3 subnormals among them), a block of zeros.
+    Against the definition, not the reference's values: XLA on the CPU divides some fusions
+    by a reciprocal, an e4m3 step apart near ties; on the GPU the
+    kernel is also held to the reference."""
+    import jax
+    import jep_kernels.quantize
+
+    w = magnitudes(rng, shape)
+    w[0, :128, :128] = 0
+    w = jnp.asarray(w, dtype)
+    q, scales, q_t, scales_t = jep_kernels.quantize.quantize_weight(
+        w, stages=stages, interpret=jax.default_backend() != "gpu")
+    want_scales = fp8.quantize_blocks(w)[1]
+    np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
+    np.testing.assert_array_equal(np.asarray(scales_t), np.swapaxes(np.asarray(want_scales), 1, 2))
+    spread = np.repeat(np.repeat(np.asarray(want_scales), 128, axis=1), 128, axis=2)
+    want = (np.asarray(w, np.float32) / spread).astype(ml_dtypes.float8_e4m3fn)
+    assert q.dtype == q_t.dtype == fp8.E4M3 and q_t.shape == (shape[0], shape[2], shape[1])
+    np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)), want.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(q_t.astype(jnp.float32)),
+                                  np.swapaxes(want, 1, 2).astype(np.float32))
+    assert float(scales[0, 0, 0]) == 1.0
+    if jax.default_backend() == "gpu":
+        for got, reference in zip((q, scales, q_t, scales_t), fp8.quantize_weight(w)):
+            np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                          np.asarray(reference.astype(jnp.float32)))
+
+
+def test_weight_kernel_lowers_for_hopper_and_refuses_what_it_cannot_take():
+    """The weight kernel at DeepSeek-V3's expert shape lowers for an H100/H200 (layouts and
+    shared memory), from any platform; f32, 3-D-less and partial-block weights are refused."""
+    import jax
+    import jep_kernels.quantize
+
+    spec = jax.ShapeDtypeStruct((256, 7168, 2048), jnp.bfloat16)
+    jax.jit(jep_kernels.quantize.quantize_weight).trace(spec).lower(lowering_platforms=("cuda",))
+    for shape, dtype in [((2, 128, 128), jnp.float32), ((128, 128), jnp.bfloat16),
+                         ((2, 200, 128), jnp.bfloat16), ((2, 128, 100), jnp.bfloat16)]:
+        assert not jep_kernels.quantize.weight_kernel_takes(jnp.zeros(shape, dtype))
+        with pytest.raises(ValueError, match="multiples of 128"):
+            jep_kernels.quantize.quantize_weight(jnp.zeros(shape, dtype), interpret=True)

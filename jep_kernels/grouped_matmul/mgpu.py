@@ -1054,7 +1054,7 @@ def grouped_matmul_dw(x, dy, group_sizes, *, config: DwConfig = DwConfig(), out_
                        interpret, name=SCOPES["dw"])(table, x_in, dy)
 
 
-def _smem_transforms(minor: int, dtype):
+def smem_transforms(minor: int, dtype):
     """The tiling and swizzle of a shared-memory tile whose rows are `minor` elements long."""
     itemsize = jnp.dtype(dtype).itemsize
     swizzle = plgpu.find_swizzle(minor * itemsize * 8)
@@ -1139,10 +1139,10 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
 
         @functools.partial(
             pl.run_scoped,
-            x_smem=plgpu.SMEM((stages, *x_tile), dtype, transforms=_smem_transforms(x_tile[1], dtype)),
-            dy_smem=plgpu.SMEM((dy_stages, 2, br, bn), dtype, transforms=_smem_transforms(bn, dtype)),
+            x_smem=plgpu.SMEM((stages, *x_tile), dtype, transforms=smem_transforms(x_tile[1], dtype)),
+            dy_smem=plgpu.SMEM((dy_stages, 2, br, bn), dtype, transforms=smem_transforms(bn, dtype)),
             out_smem=plgpu.SMEM((2, buffers, em, en), out_dtype,
-                                transforms=_smem_transforms(en, out_dtype)),
+                                transforms=smem_transforms(en, out_dtype)),
             x_loaded=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
             x_consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             dy_loaded=plgpu.Barrier(num_arrivals=2, num_barriers=dy_stages),
