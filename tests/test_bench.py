@@ -20,8 +20,9 @@ def test_cpu_smoke_run_of_every_suite_writes_json_table_and_plots(tmp_path, caps
                           "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["environment"]["jax"] == jax.__version__ and saved["results"]
-    assert {r["suite"] for r in results} == {"transport", "decode", "gemm", "permute", "layer",
-                                             "routing"}
+    assert {r["suite"] for r in results} == {"transport", "decode", "gemm", "permute", "quantize",
+                                             "layer", "routing"}
+    assert [r["shape"] for r in results if r["suite"] == "quantize"] == [[8, 16, 8], [8, 8, 16]]
     assert {r["op"] for r in results if r["suite"] == "permute"} == {"expand", "combine", "elementwise"}
     assert {r["op"] for r in results if r["suite"] == "routing"} == {
         "read logits", "route", "layout + stats", "route + layout", "reroute"}

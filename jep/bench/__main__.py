@@ -1,4 +1,4 @@
-"""python -m jep.bench transport|decode|gemm|permute|layer|routing|all|tune [flags]; see `--help`.
+"""python -m jep.bench transport|decode|gemm|permute|quantize|layer|routing|all|tune [flags]; see `--help`.
 
 `tune` (GPU only, not part of `all`) times the Pallas grouped GEMM's candidate configurations on
 the --gemm-shapes and writes the tuning table the fastest make (OUT/table.json)."""
@@ -17,11 +17,11 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jep.bench import (decode, gemm, layer, permute, report, routing, timing,  # noqa: E402
-                       transport, tune, workloads)
+from jep.bench import (decode, gemm, layer, permute, quantize, report, routing,  # noqa: E402
+                       timing, transport, tune, workloads)
 from jep_kernels.grouped_matmul import tuning  # noqa: E402
 
-SUITES = ("transport", "decode", "gemm", "permute", "layer", "routing")
+SUITES = ("transport", "decode", "gemm", "permute", "quantize", "layer", "routing")
 
 
 def _ints(text):
@@ -126,6 +126,8 @@ def main(argv=None):
         jobs.append(("gemm", None))
     if "permute" in suites:
         jobs.append(("permute", args.tokens[-1]))
+    if "quantize" in suites:
+        jobs.append(("quantize", None))
     if "layer" in suites:
         jobs.append(("layer", args.tokens[-1]))
     if "routing" in suites:
@@ -152,6 +154,9 @@ def main(argv=None):
                                     **common)
         elif suite == "permute":
             results += permute.measure(tokens=tokens, hidden=args.hidden, top_k=args.topk, **common)
+        elif suite == "quantize":
+            results += quantize.measure(hidden=args.hidden, ffn=args.ffn, experts=args.experts,
+                                        **common)
         elif suite == "routing":
             results += routing.measure(tokens=tokens, experts_sweep=args.experts_sweep,
                                        top_k=args.topk, iters=args.iters, repeats=args.repeats)

@@ -77,6 +77,13 @@ def table(results: list[dict]) -> str:
         lines += [f"| {r['rows']} x {r['hidden']}, {r['top_k']} | {r['variant']} | {r['op']} | "
                   f"{_time_cell(r, 1e6, '.1f')} | {_fmt(r['gb_per_s'], '.4g')} |" for r in permute]
         lines.append("")
+    quantized = [r for r in results if r["suite"] == "quantize"]
+    if quantized:
+        lines += ["| weight | variant | time (ms) | GB/s |", "| --- | --- | --- | --- |"]
+        lines += [f"| {' x '.join(map(str, r['shape']))} | {r['variant']} | "
+                  f"{_time_cell(r, 1e3, '.3f')} | {_fmt(r['gb_per_s'], '.4g')} |"
+                  for r in quantized]
+        lines.append("")
     tune = [r for r in results if r["suite"] == "tune"]
     if tune:
         lines += ["| M x K x N, G | op | configuration | time (ms) | TFLOP/s | picked |",
