@@ -178,6 +178,7 @@ def quantize_weight(w) -> QuantizedWeight:
     the 5-D blocks of `quantize_blocks` and a transpose of the e4m3 result cost two more
     passes on an H200, one of them a 1-byte transpose."""
     _checks.floating(w, "w")
+    _checks.rank(w, 3, "w")
     groups, k, n = w.shape
     if k % TILE or n % TILE:
         q, scales = quantize_blocks(w)

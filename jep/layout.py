@@ -119,7 +119,8 @@ def resolve_permute(permute: str, rows: jax.Array, op: str = "gather") -> str:
 def take_rows(rows: jax.Array, index: jax.Array, permute: str = "xla") -> jax.Array:
     """rows[index] along axis 0, zero where index is outside [0, N) (also from an empty array).
 
-    permute: "xla" (`jnp.take`), "pallas" (`jep_kernels.permute.gather`, 2-D rows) or "auto"."""
+    permute: "xla" (XLA's gather, 2-byte rows moved as 32-bit words: `jep_kernels.permute.xla`),
+    "pallas" (`jep_kernels.permute.gather`, 2-D rows) or "auto"."""
     if resolve_permute(permute, rows) == "pallas":
         return jep_kernels.permute.gather(rows, index)
     return jep_kernels.permute.xla.gather(rows, index)

@@ -124,6 +124,8 @@ def test_bad_input_raises():
         fp8.quantize_rows(jnp.ones((2, 128), jnp.int32))
     with pytest.raises(TypeError, match="w must be a floating-point array"):
         fp8.quantize_blocks(jnp.ones((2, 128), jnp.int32))
+    with pytest.raises(ValueError, match="w must have rank 3"):
+        fp8.quantize_weight(jnp.ones((128, 128)))
     q, scales = fp8.quantize_blocks(jnp.ones((256, 256)))
     with pytest.raises(ValueError, match="scales must be"):
         fp8.dequantize_blocks(q, scales[:1])
