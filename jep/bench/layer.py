@@ -128,14 +128,6 @@ VARIANT_GROUPS = {"jep": ("jep",), "chunks": ("jep, 2 chunks", "jep, 4 chunks"),
 DISPATCHED_STEPS = 20
 
 
-def _dispatch_steps(step, rotations, steps: int):
-    """`steps` calls of `step`, one after another from Python (`timing.seconds_dispatched`);
-    the last call's outputs."""
-    for i in range(steps):
-        out = step(*rotations[i % len(rotations)])
-    return out
-
-
 def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dtype, iters: int,
             repeats: int, seed: int = 0, profile: bool = False, model: str | None = None,
             groups=tuple(VARIANT_GROUPS)) -> list[dict]:
@@ -229,7 +221,7 @@ def measure(*, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, dty
                 one_step, rotations, steps=max(iters, DISPATCHED_STEPS), repeats=repeats)
             if profile and name.startswith("jep"):  # the dispatched steps, as training runs
                 entry["breakdown"] = jep.bench.profile.report(
-                    lambda: _dispatch_steps(one_step, rotations, iters), (),
+                    lambda: timing.dispatch_steps(one_step, rotations, iters), (),
                     f"layer: {name}, {iters} dispatched steps", steps=iters, compiled=one_step)
         except Exception as error:  # noqa: BLE001 - an out-of-memory peer is a result, not a crash
             entry |= {"seconds": None, "tokens_per_s": None, "error": str(error).splitlines()[0][:200]}

@@ -127,6 +127,14 @@ def seconds_interleaved(runs: dict, *, iters: int, repeats: int, min_seconds: fl
     return seconds
 
 
+def dispatch_steps(step, variants, steps: int):
+    """`steps` calls of `step(*variants[i % R])`, one after another from Python, without
+    waiting for any; the last call's outputs."""
+    for i in range(steps):
+        out = step(*variants[i % len(variants)])
+    return out
+
+
 def seconds_dispatched(step, variants, *, steps: int, repeats: int) -> float:
     """Seconds per call of the jitted `step`, called as a training loop calls its step: `steps`
     calls dispatched one after another from Python (`step(*variants[i % R])`), the host running
@@ -142,8 +150,7 @@ def seconds_dispatched(step, variants, *, steps: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for i in range(steps):
-            out = step(*variants[i % len(variants)])
+        out = dispatch_steps(step, variants, steps)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / steps)
         del out
