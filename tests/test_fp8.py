@@ -144,7 +144,6 @@ def test_quantize_kernel_equals_the_reference_bit_for_bit(rng, dtype, tiles, spl
     reference: two blocks of 64 rows of 128-column tiles, more of them in one program than the
     2 stages in flight, or shared by programs; rows of magnitudes 1e-3 to 1e3, a zero row and
     a zero tile."""
-    import jax
     import jep_kernels.quantize
 
     x = magnitudes(rng, (128, 128 * tiles))
@@ -185,7 +184,6 @@ def test_weight_kernel_is_the_definition_bit_for_bit(rng, shape, dtype, stages):
     Against the definition, not the reference's values: XLA on the CPU divides some fusions
     by a reciprocal, an e4m3 step apart near ties; on the GPU the
     kernel is also held to the reference."""
-    import jax
     import jep_kernels.quantize
 
     w = magnitudes(rng, shape)
@@ -212,7 +210,6 @@ def test_weight_kernel_is_the_definition_bit_for_bit(rng, shape, dtype, stages):
 def test_weight_kernel_lowers_for_hopper_and_refuses_what_it_cannot_take():
     """The weight kernel at DeepSeek-V3's expert shape lowers for an H100/H200 (layouts and
     shared memory), from any platform; f32, 3-D-less and partial-block weights are refused."""
-    import jax
     import jep_kernels.quantize
 
     spec = jax.ShapeDtypeStruct((256, 7168, 2048), jnp.bfloat16)
