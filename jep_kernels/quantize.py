@@ -9,16 +9,21 @@ scales and rounds it, and TMA stores the e4m3 tile. Each program (a block of row
 its tiles, `column_splits`) keeps its scales in shared memory and stores them once, at its
 end.
 
-Built for DeepSeek-V3's FP8 recipe, where every expert product quantizes its rows first:
-`jep.experts.fp8_grouped_matmul` calls it on Hopper. FP8 dispatch still packs its rows with
-XLA's fusions (`jep.fp8.pack_rows`, the quantize and the packing in one program).
+Built for DeepSeek-V3's FP8 recipe, where every expert product quantizes its rows first: on
+Hopper `jep.experts.fp8_grouped_matmul` quantizes its rows with it, and FP8 dispatch packs the
+kernel's rows and scales (`jep.fp8.pack_rows`).
 
 `quantize_weight(w)` is `jep.fp8.quantize_weight(w)` as one kernel: each 128 x 128 block of a
 bf16/f16 weight read once, its max-abs taken in registers, and the block stored in e4m3 in
 both layouts, the second read out of shared memory transposed (Mosaic GPU's transposed
 register layout). XLA's fusions of it read w twice, for the scales and then for both
-layouts. Not yet timed on a GPU and not taken by `jep.experts`: it waits for a visit that
-times it against `jep.fp8.quantize_weight` and runs its tests compiled.
+layouts: on an H200, [256, 7168, 2048] bf16 took 4.2 ms against 9.5 (3.55 against 1.58
+TB/s). `jep.experts` takes it for the FP8 products on Hopper.
+
+Division on the GPU is PTX's div.full.f32 (within 2 ulps; XLA's too), and with one divisor a
+block ptxas may take its reciprocal once: a quotient that lies on an e4m3 tie may round to
+either neighbour, so the weight kernel and XLA's fusions may differ there (the scales never
+do). The rows kernel has given XLA's bytes exactly in every run so far.
 """
 
 from __future__ import annotations
@@ -127,7 +132,9 @@ def weight_kernel_takes(w) -> bool:
 
 def quantize_weight(w, *, stages: int = 2, interpret: bool = False):
     """(q e4m3[G, K, N], scales f32[G, K / 128, N / 128], q_t e4m3[G, N, K], scales_t
-    f32[G, N / 128, K / 128]): `jep.fp8.quantize_weight(w)`, the same values for finite w.
+    f32[G, N / 128, K / 128]): `jep.fp8.quantize_weight(w)` (the same scales; the same q but
+    where the GPU's division rounds a quotient at an e4m3 tie the other way), q_t exactly q
+    transposed.
 
     Each program takes one band of 128 rows of one group's weight and walks its blocks of 128
     columns through a pipeline of `stages` TMA loads; a block's scale is its max-abs over 448

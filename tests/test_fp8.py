@@ -23,6 +23,21 @@ def assert_within_e4m3(x, back, scale):
     assert np.all(np.abs(x - back) <= bound * (1 + 1e-6)), np.max(np.abs(x - back) / bound)
 
 
+def assert_rounded_from(q, quotient, ulps: int = 2):
+    """q (e4m3) is e4m3(quotient) rounded to nearest even, or where quotient lies within `ulps`
+    float32 ulps of a rounding boundary, either neighbour: GPU code divides with PTX's
+    div.full.f32 (XLA's and Mosaic GPU's f32 division, within 2 ulps; with a divisor the same
+    throughout, ptxas takes its reciprocal once), so a quotient at an e4m3 tie may land on
+    either side of it. `quotient` is float64."""
+    q = np.asarray(q.astype(jnp.float32), np.float64)
+    give = np.abs(quotient) * ulps * 2.0**-23
+    below, above = ((quotient + d).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+                    for d in (-give, give))
+    assert np.all((q == below) | (q == above)), np.argwhere((q != below) & (q != above))[:5]
+    exact = below == above
+    assert exact.mean() > 0.99  # the window is taken at ties only
+
+
 def magnitudes(rng, shape):
     """Normal values times a scale per row spanning 1e-3 .. 1e3, with some exact zeros."""
     x = rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 3, size=shape[:-1] + (1,))
@@ -179,11 +194,11 @@ def test_quantize_kernel_refuses_what_it_cannot_take():
 ])
 def test_weight_kernel_is_the_definition_bit_for_bit(rng, shape, dtype, stages):
     """jep_kernels.quantize.quantize_weight (Pallas Mosaic GPU; interpreted on the CPU): the
-    scales of jep.fp8's reference, and q = e4m3(w / scale) as numpy rounds it, in both
-    layouts. Magnitudes 1e-3 to 1e3 a row (e4m3 subnormals among them), a block of zeros.
-    Against the definition, not the reference's values: XLA on the CPU divides some fusions
-    by a reciprocal, an e4m3 step apart near ties; on the GPU the
-    kernel is also held to the reference."""
+    scales of jep.fp8's reference bit for bit, q = e4m3(w / scale) (`assert_rounded_from`:
+    exact but at ties, where the GPU's division may land either side; XLA's fusions of the
+    reference too, so the kernel is held to the definition, not to them), and q_t exactly q
+    transposed. Magnitudes 1e-3 to 1e3 a row: e4m3 subnormals, and within a block values 2^16
+    apart, whose quotients sit on e4m3 ties; a block of zeros."""
     import jep_kernels.quantize
 
     w = magnitudes(rng, shape)
@@ -194,17 +209,12 @@ def test_weight_kernel_is_the_definition_bit_for_bit(rng, shape, dtype, stages):
     want_scales = fp8.quantize_blocks(w)[1]
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
     np.testing.assert_array_equal(np.asarray(scales_t), np.swapaxes(np.asarray(want_scales), 1, 2))
-    spread = np.repeat(np.repeat(np.asarray(want_scales), 128, axis=1), 128, axis=2)
-    want = (np.asarray(w, np.float32) / spread).astype(ml_dtypes.float8_e4m3fn)
+    spread = np.repeat(np.repeat(np.asarray(want_scales, np.float64), 128, axis=1), 128, axis=2)
     assert q.dtype == q_t.dtype == fp8.E4M3 and q_t.shape == (shape[0], shape[2], shape[1])
-    np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)), want.astype(np.float32))
+    assert_rounded_from(q, np.asarray(w, np.float64) / spread)
     np.testing.assert_array_equal(np.asarray(q_t.astype(jnp.float32)),
-                                  np.swapaxes(want, 1, 2).astype(np.float32))
+                                  np.swapaxes(np.asarray(q.astype(jnp.float32)), 1, 2))
     assert float(scales[0, 0, 0]) == 1.0
-    if jax.default_backend() == "gpu":
-        for got, reference in zip((q, scales, q_t, scales_t), fp8.quantize_weight(w)):
-            np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
-                                          np.asarray(reference.astype(jnp.float32)))
 
 
 def test_weight_kernel_lowers_for_hopper_and_refuses_what_it_cannot_take():
