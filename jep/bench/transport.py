@@ -7,9 +7,11 @@ Variants, all moving the same token rows over the EP axis (every device of the m
   all_to_all padded:  lax.all_to_all of per-peer blocks padded to the largest peer slice (what a
                       capacity-based MoE sends)
   ragged_all_to_all:  lax.ragged_all_to_all with one slice per peer (GPU/TPU only)
-  fp8 quantize, ...:  FP8 dispatch's quantize pass alone, x [T, H] to e4m3 and scales: XLA's
-                      fusions of `jep.fp8.quantize_rows`, and on Hopper the one-pass kernel
-                      `jep_kernels.quantize` (op "quantize", bytes = the rows read)
+  fp8 quantize, ...:  FP8 dispatch's quantize pass alone, x [T, H] to packed e4m3 rows and
+                      scales (`jep.fp8.pack_rows`): XLA's fusions of `jep.fp8.quantize_rows`,
+                      and on Hopper the one-pass kernel `jep_kernels.quantize` (what
+                      `pack_rows` takes there), each then packed (op "quantize", bytes = the
+                      rows read)
 GB/s per rank = bytes of the token rows a rank receives / time (DeepEP's count), the mean
 rank's rows: 2 H a row in bf16, H + 4 H / 128 in FP8 (e4m3 values and their scales, as DeepEP
 counts its FP8 dispatch).
@@ -111,12 +113,16 @@ def measure(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routin
                    nbytes=rows.sum(0).mean() * fp8.packed_width(hidden) * 4)
 
     if hidden % fp8.TILE == 0:
-        quantizers = {"fp8 quantize, XLA fusions": fp8.quantize_rows}
+        quantizers = {"fp8 quantize, XLA fusions": lambda x: fp8.pack(*fp8.quantize_rows(x))}
         if on_hopper() and jep_kernels.quantize.kernel_takes(x[0, 0]):
-            quantizers["fp8 quantize, Pallas kernel"] = jep_kernels.quantize.quantize_rows
+            quantizers["fp8 quantize, Pallas kernel"] = lambda x: fp8.pack(
+                *jep_kernels.quantize.quantize_rows(x))
         for name, quantize in quantizers.items():
+            # Rotations in buffers of their own: a slice of the stacked x that feeds the
+            # kernel (a custom call) would be copied out on every iteration and timed with it.
             def quantize_loop(x, quantize=quantize):
-                return timing.repeat_in_loop(lambda x: quantize(x[0]), (x,), iters)[None]
+                return timing.repeat_rotated(quantize, [(x[i, 0],) for i in range(rotation)],
+                                             iters)[None]
             record(name, ["quantize"], per_rank(quantize_loop), (put(x),),
                    nbytes=tokens * hidden * jnp.dtype(dtype).itemsize)
 
