@@ -68,6 +68,20 @@ def test_transport_times_fp8_dispatch_and_counts_its_bytes_as_deepep(tmp_path):
     assert quantize["fp8 quantize, XLA fusions"]["bytes_per_rank"] == 8 * 128 * 2
 
 
+def test_quantize_times_token_rows_and_counts_their_bytes(tmp_path):
+    """Rows of H a multiple of 128 are timed too, quantized and packed (FP8 dispatch's pass):
+    x read (2 bytes an element), e4m3 and a float32 scale per 128 written."""
+    results = bench.main(["quantize", "--tokens", "8,16", "--hidden", "256", "--ffn", "128",
+                          "--experts", "2", "--topk", "1", "--iters", "2", "--repeats", "1",
+                          "--out", str(tmp_path)])
+    rows = [r for r in results if r["op"] == "rows"]
+    assert {(r["variant"], tuple(r["shape"])) for r in rows} >= {
+        (v, (t, 256)) for v in ("jep.fp8 (XLA)", "jep.fp8.pack_rows (XLA)") for t in (8, 16)}
+    assert all(r["bytes"] == r["shape"][0] * (256 * 3 + 2 * 4) and r["seconds"] > 0
+               for r in rows)
+    assert [r["shape"] for r in results if r["op"] != "rows"] == [[2, 256, 128], [2, 128, 256]]
+
+
 def test_capacity_baseline_without_drops_equals_the_reference(rng):
     mesh = make_mesh((4,), ("ep",))
     config = jep.MoEConfig(num_experts=8, top_k=2)

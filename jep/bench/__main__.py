@@ -155,8 +155,8 @@ def main(argv=None):
         elif suite == "permute":
             results += permute.measure(tokens=tokens, hidden=args.hidden, top_k=args.topk, **common)
         elif suite == "quantize":
-            results += quantize.measure(hidden=args.hidden, ffn=args.ffn, experts=args.experts,
-                                        **common)
+            results += quantize.measure(tokens=args.tokens, hidden=args.hidden, ffn=args.ffn,
+                                        experts=args.experts, **common)
         elif suite == "routing":
             results += routing.measure(tokens=tokens, experts_sweep=args.experts_sweep,
                                        top_k=args.topk, iters=args.iters, repeats=args.repeats)

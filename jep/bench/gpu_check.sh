@@ -55,8 +55,9 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
       python3 -m jep.bench decode --tokens "$t" --iters 10 --repeats 5 --transports xla \
       --out "$out/decode_$t" 2>&1 | tee -a "$out/bench.txt"
   done
-  # The experts' FP8 weight quantization at DeepSeek-V3's shape (issue 21): XLA and the kernel.
-  python3 -m jep.bench quantize --model deepseek-v3 --iters 10 --repeats 5 \
+  # FP8 quantization at DeepSeek-V3's shape (issue 21), XLA and the kernels: the experts'
+  # weights, and token rows as dispatch (4096) and the expert products (32768) quantize them.
+  python3 -m jep.bench quantize --model deepseek-v3 --tokens 4096,32768 --iters 10 --repeats 5 \
     --out "$out/quantize" 2>&1 | tee -a "$out/bench.txt"
   # The grouped products against their rooflines (issue 19): many small groups, then few.
   python3 -m jep.bench gemm --gemm-shapes 32768x7168x2048x256,32768x2048x7168x256,32768x2048x768x128,32768x7168x2048x32,32768x7168x2048x8 \

@@ -1,11 +1,14 @@
-"""The experts' weights quantized to FP8, as each step of an FP8 layer does it (issue 21), on one
-device: `jep.fp8.quantize_weight` (XLA's fusions: a pass for the scales, then one that writes
-both layouts) against the kernel that reads each weight once (`jep_kernels.quantize`, Hopper,
-bf16/f16 weights whose K and N are multiples of 128).
+"""FP8 quantization as each step of an FP8 layer does it (issue 21), on one device, XLA's
+fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
 
-Weights: a layer's gate/up shape [E, H, F] and its down shape [E, F, H]. Bytes = the weight read
-once and its two e4m3 layouts written (the scales, 1/16384 of that, left out): 2 bytes an element
-for bf16, 4 in all.
+- the experts' weights: `jep.fp8.quantize_weight` (a pass for the scales, then one that writes
+  both layouts) against the kernel that reads each weight once (bf16/f16, K and N multiples of
+  128). A layer's gate/up shape [E, H, F] and its down shape [E, F, H]. Bytes = the weight read
+  once and its two e4m3 layouts written (the scales, 1/16384 of that, left out): 2 bytes an
+  element for bf16, 4 in all.
+- token rows [T, H] for each of `tokens`: `jep.fp8.quantize_rows` against the rows kernel, and
+  FP8 dispatch's `jep.fp8.pack_rows` (rows and scales packed into one row each), where H is a
+  multiple of 128. Bytes = x read, the e4m3 rows and their scales written.
 """
 
 from __future__ import annotations
@@ -21,9 +24,42 @@ from jep.platform import on_hopper
 VARIANTS = ("jep.fp8 (XLA)", "jep kernel")
 
 
-def measure(*, hidden: int, ffn: int, experts: int, dtype, iters: int, repeats: int,
-            seed: int = 0) -> list[dict]:
+def _timed(runs, *, iters, repeats, about, moved):
+    """Each of `runs` timed interleaved, as entries of `about` with bytes `moved`."""
     results = []
+    for name, seconds in timing.seconds_interleaved(runs, iters=iters, repeats=repeats).items():
+        entry = {"suite": "quantize", "variant": name, **about, "bytes": moved}
+        if isinstance(seconds, Exception):
+            entry |= {"seconds": None, "gb_per_s": None,
+                      "error": str(seconds).splitlines()[0][:200]}
+        else:
+            entry |= {"seconds": seconds, "gb_per_s": moved / seconds / 1e9}
+        results.append(entry)
+    return results
+
+
+def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int,
+                 seed: int = 0) -> list[dict]:
+    results = []
+    for count in tokens if hidden % fp8.TILE == 0 else ():
+        x = jax.random.normal(jax.random.key(seed + count), (count, hidden),
+                              jnp.float32).astype(dtype)
+        quantizers = {VARIANTS[0]: fp8.quantize_rows, "jep.fp8.pack_rows (XLA)": fp8.pack_rows}
+        if on_hopper() and jep_kernels.quantize.kernel_takes(x):
+            quantizers[VARIANTS[1]] = jep_kernels.quantize.quantize_rows
+        runs = {name: (jax.jit(lambda x, quantize=quantize: timing.repeat_rotated(
+                           lambda x: quantize(x), [(x,)], iters)), (x,))
+                for name, quantize in quantizers.items()}
+        moved = x.size * (jnp.dtype(dtype).itemsize + 1) + 4 * x.size // fp8.TILE
+        results += _timed(runs, iters=iters, repeats=repeats, moved=moved,
+                          about={"op": "rows", "shape": [count, hidden]})
+    return results
+
+
+def measure(*, tokens, hidden: int, ffn: int, experts: int, dtype, iters: int, repeats: int,
+            seed: int = 0) -> list[dict]:
+    results = measure_rows(tokens=tokens, hidden=hidden, dtype=dtype, iters=iters,
+                           repeats=repeats, seed=seed)
     key = jax.random.key(seed)
     for shape in ((experts, hidden, ffn), (experts, ffn, hidden)):
         # Drawn on the device: DeepSeek-V3's weights are 3.8 G elements.
@@ -34,16 +70,8 @@ def measure(*, hidden: int, ffn: int, experts: int, dtype, iters: int, repeats: 
         runs = {name: (jax.jit(lambda w, quantize=quantize: timing.repeat_rotated(
                            lambda w: tuple(quantize(w)), [(w,)], iters)), (w,))
                 for name, quantize in quantizers.items()}
-        timed = timing.seconds_interleaved(runs, iters=iters, repeats=repeats)
-        moved = w.size * (jnp.dtype(dtype).itemsize + 2)
-        for name, seconds in timed.items():
-            entry = {"suite": "quantize", "variant": name, "op": "weight, both layouts",
-                     "shape": list(shape), "bytes": moved}
-            if isinstance(seconds, Exception):
-                entry |= {"seconds": None, "gb_per_s": None,
-                          "error": str(seconds).splitlines()[0][:200]}
-            else:
-                entry |= {"seconds": seconds, "gb_per_s": moved / seconds / 1e9}
-            results.append(entry)
+        results += _timed(runs, iters=iters, repeats=repeats,
+                          moved=w.size * (jnp.dtype(dtype).itemsize + 2),
+                          about={"op": "weight, both layouts", "shape": list(shape)})
         del w
     return results
