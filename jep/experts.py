@@ -75,7 +75,8 @@ def grouped_matmul_backend(x, w, backend: str = "auto") -> str:
     return backend
 
 
-def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, backend: str = "auto"):
+def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, quantized_rows=None,
+                       backend: str = "auto"):
     """`grouped_matmul` in DeepSeek-V3's FP8 recipe: [C, N] in x.dtype.
 
     x is quantized to e4m3 with a scale per 1 x 128 tile of each row (`jep.fp8.quantize_rows`)
@@ -102,6 +103,9 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, backend: str = "aut
       quantized: `jep.fp8.quantize_weight(w)` where already made (one quantization of a
         weight for several products, e.g. a layer's chunks, or before a timed loop), else
         made here.
+      quantized_rows: `jep.fp8.quantize_rows(x)` (q e4m3[C, K], scales f32[C, K / 128]) where
+        already made (one quantization of x for several products, e.g. the gate and up
+        projections), else made here. x itself still receives the gradient.
       backend: the grouped product of the weight gradient (as for `grouped_matmul`).
     """
     _checks.rank(x, 2, "x")
@@ -116,7 +120,21 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, backend: str = "aut
     if not isinstance(quantized, fp8.QuantizedWeight):
         raise TypeError(f"quantized must be a jep.fp8.QuantizedWeight (jep.fp8.quantize_weight), "
                         f"got {type(quantized).__name__}")
-    return _fp8_product(x, w, quantized, group_sizes, backend)
+    if quantized_rows is not None:
+        _check_quantized_rows(quantized_rows, x)
+    return _fp8_product(x, w, quantized, quantized_rows, group_sizes, backend)
+
+
+def _check_quantized_rows(quantized_rows, x) -> None:
+    want = ((x.shape, fp8.E4M3), ((x.shape[0], x.shape[1] // fp8.TILE), jnp.float32))
+    if not (isinstance(quantized_rows, tuple) and len(quantized_rows) == 2 and all(
+            a.shape == shape and a.dtype == dtype for a, (shape, dtype) in
+            zip(quantized_rows, want))):
+        got = (f"({', '.join(f'{a.dtype}{list(a.shape)}' for a in quantized_rows)})"
+               if isinstance(quantized_rows, tuple) else type(quantized_rows).__name__)
+        raise ValueError(f"quantized_rows must be (q float8_e4m3fn{list(want[0][0])}, scales "
+                         f"float32{list(want[1][0])}) for x {list(x.shape)} "
+                         f"(jep.fp8.quantize_rows), got {got}")
 
 
 def _quantize_weight(w, rows, backend: str) -> fp8.QuantizedWeight:
@@ -125,35 +143,48 @@ def _quantize_weight(w, rows, backend: str) -> fp8.QuantizedWeight:
     [256, 7168, 2048]) where the FP8 products of `rows` run on the Pallas kernels and it takes w,
     else by XLA's fusions of the reference."""
     w = lax.stop_gradient(w)
-    if (grouped_matmul_backend(rows, jax.ShapeDtypeStruct(w.shape, rows.dtype), backend)
-            == "pallas" and jep_kernels.quantize.weight_kernel_takes(w)):
+    if _runs_fp8_kernel(rows, w.shape, backend) and jep_kernels.quantize.weight_kernel_takes(w):
         return fp8.QuantizedWeight(*jep_kernels.quantize.quantize_weight(w))
     return fp8.quantize_weight(w)
 
 
-def _fp8_times(a, b_q, b_scales, group_sizes, backend: str):
-    """a quantized per 1 x 128 tile, times b^T (b e4m3[G, N, K] K-major, scaled per 128 x 128
-    block): [C, N] in a.dtype. The FP8 Pallas kernel where the bf16 ones run, else in float32."""
-    if grouped_matmul_backend(a, jax.ShapeDtypeStruct(b_q.shape, a.dtype), backend) == "pallas":
-        # The one-pass quantize kernel where it takes the rows (a multiple of 64 of them).
-        quantize = (jep_kernels.quantize.quantize_rows if jep_kernels.quantize.kernel_takes(a)
-                    else fp8.quantize_rows)
-        a_q, a_scales = quantize(a)
+def _runs_fp8_kernel(rows, w_shape, backend: str) -> bool:
+    """Whether the FP8 products of `rows` with a weight of `w_shape` run on the Pallas kernels
+    (where the bf16 ones would)."""
+    return grouped_matmul_backend(rows, jax.ShapeDtypeStruct(w_shape, rows.dtype),
+                                  backend) == "pallas"
+
+
+def _quantize_rows(a, kernel: bool):
+    """`jep.fp8.quantize_rows(a)`: by the one-pass kernel where the products run on the Pallas
+    kernels (`kernel`) and it takes the rows (a multiple of 64 of them), else by XLA's fusions
+    of the reference."""
+    if kernel and jep_kernels.quantize.kernel_takes(a):
+        return jep_kernels.quantize.quantize_rows(a)
+    return fp8.quantize_rows(a)
+
+
+def _fp8_times(a, b_q, b_scales, group_sizes, backend: str, a_quantized=None):
+    """a quantized per 1 x 128 tile (`a_quantized`, else made here), times b^T (b e4m3[G, N, K]
+    K-major, scaled per 128 x 128 block): [C, N] in a.dtype. The FP8 Pallas kernel where the
+    bf16 ones run, else in float32."""
+    kernel = _runs_fp8_kernel(a, b_q.shape, backend)
+    a_q, a_scales = a_quantized if a_quantized is not None else _quantize_rows(a, kernel)
+    if kernel:
         return jep_kernels.grouped_matmul.grouped_matmul_fp8(a_q, a_scales, b_q, b_scales,
                                                              group_sizes, out_dtype=a.dtype)
-    a_q, a_scales = fp8.quantize_rows(a)
     a32 = fp8.dequantize_rows(a_q, a_scales, jnp.float32)
     b32 = jnp.swapaxes(fp8.dequantize_blocks(b_q, b_scales, jnp.float32), 1, 2)
     return lax.ragged_dot(a32, b32, group_sizes, precision=lax.Precision.HIGHEST).astype(a.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fp8_product(x, w, quantized, group_sizes, backend):
-    return _fp8_times(x, quantized.q_t, quantized.scales_t, group_sizes, backend)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fp8_product(x, w, quantized, x_quantized, group_sizes, backend):
+    return _fp8_times(x, quantized.q_t, quantized.scales_t, group_sizes, backend, x_quantized)
 
 
-def _fp8_product_fwd(x, w, quantized, group_sizes, backend):
-    return (_fp8_product(x, w, quantized, group_sizes, backend),
+def _fp8_product_fwd(x, w, quantized, x_quantized, group_sizes, backend):
+    return (_fp8_product(x, w, quantized, x_quantized, group_sizes, backend),
             (x, w, quantized, group_sizes))
 
 
@@ -163,7 +194,7 @@ def _fp8_product_bwd(backend, residuals, dy):
     dx = _fp8_times(dy, quantized.q, quantized.scales, group_sizes, backend)
     _, pullback = jax.vjp(lambda w: grouped_matmul(x, w.astype(x.dtype), group_sizes,
                                                    backend=backend), w)
-    return dx, pullback(dy)[0], None, None
+    return dx, pullback(dy)[0], None, None, None
 
 
 _fp8_product.defvjp(_fp8_product_fwd, _fp8_product_bwd)
@@ -198,9 +229,12 @@ def _hidden_of(precision: str, backend: str, rows, w_gate, group_sizes):
     w_gate's shape, both products and the activation in one kernel a chunk
     (`jep_kernels.grouped_matmul.grouped_matmul_gated`); else the two products in one call
     whose dx is one kernel (`grouped_matmul_weights`) and the activation by XLA. None where
-    the Pallas kernels do not run (a product a weight)."""
-    if precision != "bf16" or grouped_matmul_backend(
-            rows, w_gate.astype(rows.dtype), backend) != "pallas":
+    the Pallas kernels do not run (a product a weight).
+
+    In FP8, each chunk's rows are quantized once for both products (`_fp8_hidden`)."""
+    if precision == "fp8":
+        return functools.partial(_fp8_hidden, backend=backend, group_sizes=group_sizes)
+    if grouped_matmul_backend(rows, w_gate.astype(rows.dtype), backend) != "pallas":
         return None
     groups, k, n = w_gate.shape
     gated = jep_kernels.grouped_matmul.tuning.entry_for("gated", k, n, groups) is not None
@@ -217,6 +251,22 @@ def _hidden_of(precision: str, backend: str, rows, w_gate, group_sizes):
         return hs if isinstance(rows, tuple) else hs[0]
 
     return hidden
+
+
+def _fp8_hidden(rows, weights, activation, *, backend, group_sizes):
+    """act(rows @ w_gate) * (rows @ w_up) in FP8 (`fp8_grouped_matmul`), rows an array or a
+    tuple of chunks (group_sizes a list of the chunks' sizes): each weight quantized once for
+    all chunks, each chunk's rows once for both products."""
+    chunks = rows if isinstance(rows, tuple) else (rows,)
+    quantized = [_quantize_weight(w, chunks[0], backend) for w in weights]
+    hs = []
+    for chunk, sizes in zip(chunks, group_sizes):
+        chunk_q = _quantize_rows(lax.stop_gradient(chunk),
+                                 _runs_fp8_kernel(chunk, weights[0].shape, backend))
+        gate, up = (fp8_grouped_matmul(chunk, w, sizes, quantized=q, quantized_rows=chunk_q,
+                                       backend=backend) for w, q in zip(weights, quantized))
+        hs.append(_activate(gate, up, activation, chunk.dtype))
+    return tuple(hs) if isinstance(rows, tuple) else hs[0]
 
 
 def _activate(gate, up, activation, dtype):
@@ -296,7 +346,8 @@ def expert_ffn_chunks(recv_xs, group_sizes, w_gate, w_up, w_down, *, activation:
         _check_args(x, sizes, w_gate, w_up, w_down, activation, precision)
     if precision == "fp8":
         return _swiglu(_matmul_of(precision, backend, group_sizes), recv_xs, w_gate, w_up,
-                       w_down, activation)
+                       w_down, activation,
+                       _hidden_of(precision, backend, recv_xs[0], w_gate, group_sizes))
     if grouped_matmul_backend(recv_xs[0], w_gate.astype(recv_xs[0].dtype), backend) != "pallas":
         return tuple(expert_ffn(x, sizes, w_gate, w_up, w_down, activation=activation,
                                 backend=backend) for x, sizes in zip(recv_xs, group_sizes))

@@ -297,6 +297,38 @@ def test_fp8_kernel_path_equals_the_emulated_one_in_bf16(rng):
     assert not np.asarray(results["auto"][0][950:], np.float32).any()  # the zero tail
 
 
+def test_fp8_rows_quantized_once_for_gate_and_up(rng, monkeypatch):
+    """Given the rows' quantization, an FP8 product is the same, value and gradients, as one
+    that makes it; the FP8 experts quantize each chunk's rows once for the gate and up
+    products (the forward: rows, hidden), and a wrong quantization is refused by name."""
+    x = jnp.asarray(rng.normal(size=(24, 128)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 128, 256)) * 0.1, jnp.float32)
+    sizes = jnp.asarray([10, 0, 11], jnp.int32)
+    dy = jnp.asarray(rng.normal(size=(24, 256)), jnp.float32)
+
+    def run(**given):
+        y, pullback = jax.vjp(lambda x, w: experts.fp8_grouped_matmul(x, w, sizes, **given), x, w)
+        return (y, *pullback(dy))
+
+    for got, want in zip(run(quantized_rows=jep.fp8.quantize_rows(x)), run()):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match=r"quantized_rows must be \(q float8_e4m3fn\[24, 128\]"):
+        experts.fp8_grouped_matmul(x, w, sizes, quantized_rows=jep.fp8.quantize_rows(x[:8]))
+
+    calls = []
+    quantize_rows = jep.fp8.quantize_rows
+    monkeypatch.setattr(jep.fp8, "quantize_rows",
+                        lambda a, **kw: calls.append(a.shape) or quantize_rows(a, **kw))
+    w_down = jnp.asarray(rng.normal(size=(3, 256, 128)) * 0.1, jnp.float32)
+    jax.eval_shape(lambda x: jep.expert_ffn(x, sizes, w, w, w_down, precision="fp8"), x)
+    assert calls == [(24, 128), (24, 256)]
+    calls.clear()
+    jax.eval_shape(lambda x: experts.expert_ffn_chunks(
+        (x, x[:8]), (sizes, jnp.asarray([8, 0, 0], jnp.int32)), w, w, w_down,
+        precision="fp8"), x)
+    assert calls == [(24, 128), (8, 128), (24, 256), (8, 256)]
+
+
 def test_fp8_expert_ffn_is_the_swiglu_of_fp8_products_and_needs_128_channel_tiles(rng):
     num_rows, hidden, ffn, groups = 24, 128, 256, 3
     x = jnp.asarray(rng.normal(size=(num_rows, hidden)), jnp.float32)
