@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import jep.platform
 from jep import fp8
 
 
@@ -174,6 +175,17 @@ def test_quantize_kernel_equals_the_reference_bit_for_bit(rng, dtype, tiles, spl
                                   np.asarray(want_q.astype(jnp.float32)))
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
     assert float(scales[5, 0]) == 1.0 and float(scales[9, 1]) == 1.0
+
+
+@pytest.mark.skipif(not jep.platform.on_hopper(), reason="pack_rows takes the kernel on Hopper")
+def test_pack_rows_with_the_kernel_is_the_reference_packed(rng):
+    """On Hopper, FP8 dispatch's pack_rows quantizes with the rows kernel (rows a multiple of
+    64): the same words as the reference quantization packed, a zero row included."""
+    x = magnitudes(rng, (192, 7168))
+    x[7] = 0
+    x = jnp.asarray(x, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(fp8.pack_rows(x)),
+                                  np.asarray(fp8.pack(*fp8.quantize_rows(x))))
 
 
 def test_quantize_kernel_refuses_what_it_cannot_take():
