@@ -7,7 +7,8 @@ fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
   once and its two e4m3 layouts written (the scales, 1/16384 of that, left out): 2 bytes an
   element for bf16, 4 in all.
 - token rows [T, H] for each of `tokens`: `jep.fp8.quantize_rows` against the rows kernel, and
-  FP8 dispatch's `jep.fp8.pack_rows` (rows and scales packed into one row each), where H is a
+  FP8 dispatch's `jep.fp8.pack_rows` (rows and scales packed into one row each) against the
+  kernel storing into the packed rows (`jep_kernels.quantize.pack_rows`), where H is a
   multiple of 128. Bytes = x read, the e4m3 rows and their scales written.
 """
 
@@ -47,6 +48,8 @@ def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int,
         quantizers = {VARIANTS[0]: fp8.quantize_rows, "jep.fp8.pack_rows (XLA)": fp8.pack_rows}
         if on_hopper() and jep_kernels.quantize.kernel_takes(x):
             quantizers[VARIANTS[1]] = jep_kernels.quantize.quantize_rows
+        if on_hopper() and jep_kernels.quantize.pack_kernel_takes(x):
+            quantizers["jep kernel into packed rows"] = jep_kernels.quantize.pack_rows
         runs = {name: (jax.jit(lambda x, quantize=quantize: timing.repeat_rotated(
                            lambda x: quantize(x), [(x,)], iters)), (x,))
                 for name, quantize in quantizers.items()}

@@ -10,8 +10,9 @@ Variants, all moving the same token rows over the EP axis (every device of the m
   fp8 quantize, ...:  FP8 dispatch's quantize pass alone, x [T, H] to packed e4m3 rows and
                       scales (`jep.fp8.pack_rows`): XLA's fusions of `jep.fp8.quantize_rows`,
                       and on Hopper the one-pass kernel `jep_kernels.quantize` (what
-                      `pack_rows` takes there), each then packed (op "quantize", bytes = the
-                      rows read)
+                      `pack_rows` takes there), each then packed, and the kernel storing
+                      straight into the packed rows (`jep_kernels.quantize.pack_rows`; op
+                      "quantize", bytes = the rows read)
 GB/s per rank = bytes of the token rows a rank receives / time (DeepEP's count), the mean
 rank's rows: 2 H a row in bf16, H + 4 H / 128 in FP8 (e4m3 values and their scales, as DeepEP
 counts its FP8 dispatch).
@@ -117,6 +118,9 @@ def measure(*, tokens: int, hidden: int, experts: int, top_k: int, dtype, routin
         if on_hopper() and jep_kernels.quantize.kernel_takes(x[0, 0]):
             quantizers["fp8 quantize, Pallas kernel"] = lambda x: fp8.pack(
                 *jep_kernels.quantize.quantize_rows(x))
+        if on_hopper() and jep_kernels.quantize.pack_kernel_takes(x[0, 0]):
+            quantizers["fp8 quantize, Pallas kernel into packed rows"] = (
+                jep_kernels.quantize.pack_rows)
         for name, quantize in quantizers.items():
             # Rotations in buffers of their own: a slice of the stacked x that feeds the
             # kernel (a custom call) would be copied out on every iteration and timed with it.
