@@ -51,7 +51,7 @@ def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int,
         if on_hopper() and jep_kernels.quantize.pack_kernel_takes(x):
             quantizers["jep kernel into packed rows"] = jep_kernels.quantize.pack_rows
         runs = {name: (jax.jit(lambda x, quantize=quantize: timing.repeat_rotated(
-                           lambda x: quantize(x), [(x,)], iters)), (x,))
+                           quantize, [(x,)], iters)), (x,))
                 for name, quantize in quantizers.items()}
         moved = x.size * (jnp.dtype(dtype).itemsize + 1) + 4 * x.size // fp8.TILE
         results += _timed(runs, iters=iters, repeats=repeats, moved=moved,

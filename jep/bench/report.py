@@ -79,8 +79,8 @@ def table(results: list[dict]) -> str:
         lines.append("")
     quantized = [r for r in results if r["suite"] == "quantize"]
     if quantized:
-        lines += ["| weight | variant | time (ms) | GB/s |", "| --- | --- | --- | --- |"]
-        lines += [f"| {' x '.join(map(str, r['shape']))} | {r['variant']} | "
+        lines += ["| op | shape | variant | time (ms) | GB/s |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['op']} | {' x '.join(map(str, r['shape']))} | {r['variant']} | "
                   f"{_time_cell(r, 1e3, '.3f')} | {_fmt(r['gb_per_s'], '.4g')} |"
                   for r in quantized]
         lines.append("")
