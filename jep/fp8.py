@@ -16,6 +16,10 @@ values are traced): it gets an inf or nan scale and dequantizes to nan throughou
 Checkpoints store the weights' `scale` as `weight_scale_inv` (the multiplier that dequantizes:
 DeepSeek-V3's HF weights), [ceil(rows / 128), ceil(cols / 128)] for a [rows, cols] weight.
 
+A weight gradient's operands (dw[g] = x[rows of g]^T dy[rows of g], the rows the contraction)
+take a scale per 128 rows of one group x 1 channel instead (`quantize_columns`), each group's
+rows from a tile of their own, stored transposed as Hopper's FP8 products read them.
+
 This is the reference (jnp, runs everywhere): what the FP8 kernels must match. `pack_rows`
 alone takes the rows kernel where it runs (the same bytes).
 """
@@ -32,6 +36,7 @@ import ml_dtypes
 
 import jep_kernels.quantize
 from jep import _checks
+from jep_kernels.grouped_matmul.dw_fp8 import column_tiles, padded_rows
 from jep.platform import on_hopper
 
 E4M3 = jnp.float8_e4m3fn
@@ -123,6 +128,67 @@ def unpack_rows(packed, hidden: int, dtype=jnp.bfloat16, *, tile: int = TILE):
     scales = jax.lax.bitcast_convert_type(
         as_bytes[:, hidden:].reshape(num_rows, hidden // tile, 4), jnp.float32)
     return dequantize_rows(q, scales, dtype, tile=tile)
+
+
+def _padded_sources(group_sizes, num_rows: int, tile: int):
+    """For each row of the padded layout, i32[P]: the row of x it holds, or -1 (padding)."""
+    num_groups = group_sizes.shape[0]
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    first, _ = column_tiles(group_sizes, num_rows, tile)
+    position = jnp.arange(padded_rows(num_rows, num_groups, tile), dtype=jnp.int32)
+    # The last group starting at or before each position (an empty group starts where the
+    # next one does, so `right` passes over it).
+    group = jnp.searchsorted(first * tile, position, side="right") - 1
+    source = starts[group] + position - first[group] * tile
+    return jnp.where(source < ends[group], source, -1)
+
+
+def quantize_columns(x, group_sizes, *, tile: int = TILE):
+    """A weight gradient's operands (dw[g] = x[rows of g]^T dy[rows of g], the rows the
+    contraction): a scale per `tile` x 1 piece of each group's rows (`tile` consecutive rows of
+    one group, one channel), transposed, as Hopper's FP8 products read them (K-major).
+
+    Each group's rows start a new tile, so that no tile holds two groups' rows: group g's rows
+    are tiles first[g] .. first[g] + tiles[g] of a padded layout of P rows (`column_tiles`,
+    `padded_rows`), the rest of its last tile zeros. The tiles after the last group's are
+    zeros, with scale 1.
+
+    Args:
+      x: f[M, H]; group_sizes: i32[G], the rows of group 0, then 1, ...; rows past their sum
+        are left out.
+    Returns:
+      (q_t e4m3[H, P], scales f32[P / tile, H]): x ~ q_t^T * scale of its tile, P =
+      padded_rows(M, G, tile).
+    """
+    _checks.floating(x, "x")
+    _checks.rank(x, 2, "x")
+    _checks.rank(group_sizes, 1, "group_sizes")
+    source = _padded_sources(group_sizes, x.shape[0], tile)
+    padded = jnp.where(source[:, None] >= 0, x[jnp.maximum(source, 0)].astype(jnp.float32), 0)
+    pieces = padded.reshape(-1, tile, x.shape[1])
+    scales = _scales(jnp.max(jnp.abs(pieces), axis=1), False)
+    q = _to_e4m3(pieces / scales[:, None, :]).reshape(padded.shape)
+    return q.T, scales
+
+
+def dequantize_columns(q_t, scales, group_sizes, num_rows: int, dtype=jnp.bfloat16, *,
+                       tile: int = TILE):
+    """x ~ q * scale for `quantize_columns`' results, back in x's layout: [M, H] in `dtype`,
+    rows past the groups zero."""
+    width, padded = q_t.shape
+    if padded != padded_rows(num_rows, group_sizes.shape[0], tile) or scales.shape != (
+            padded // tile, width):
+        raise ValueError(f"q_t must be [H, {padded_rows(num_rows, group_sizes.shape[0], tile)}] "
+                         f"and scales [P / {tile}, H] for {num_rows} rows in "
+                         f"{group_sizes.shape[0]} groups, got {q_t.shape} and {scales.shape}")
+    values = (q_t.T.astype(jnp.float32).reshape(-1, tile, width)
+              * scales[:, None, :]).reshape(padded, width)
+    source = _padded_sources(group_sizes, num_rows, tile)
+    # Each row of x from its place in the padded layout (rows past the groups stay zero).
+    x = jnp.zeros((num_rows, width), jnp.float32).at[jnp.where(source >= 0, source, num_rows)].set(
+        values, mode="drop")
+    return x.astype(dtype)
 
 
 def block_grid(shape, block: int = TILE) -> tuple[int, int]:

@@ -16,6 +16,11 @@ into FP8 dispatch's packed rows instead, which saves the packing's own pass over
 the 42.4 us the H200 took at 4096 x 7168); it matches the reference in the interpreter and
 lowers for Hopper but has not yet run on a GPU, so `jep.fp8.pack_rows` does not take it yet.
 
+`quantize_columns(x, group_sizes)` is `jep.fp8.quantize_columns` as one kernel: a weight
+gradient's operand quantized along its rows, a scale per 128 rows of one group x 1 channel,
+stored transposed, each group from a tile of its own (`jep.experts` takes it for the FP8
+weight gradient on Hopper).
+
 `quantize_weight(w)` is `jep.fp8.quantize_weight(w)` as one kernel: each 128 x 128 block of a
 bf16/f16 weight read once, its max-abs taken in registers, and the block stored in e4m3 in
 both layouts, the second read out of shared memory transposed (Mosaic GPU's transposed
@@ -37,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jep_kernels.grouped_matmul.dw_fp8 import column_tiles, padded_rows
 from jep_kernels.grouped_matmul.mgpu import FP8_TILE as TILE, interpret_params, named, smem_transforms
 from jep_kernels.vma import vary_like
 
@@ -264,3 +270,123 @@ def quantize_weight(w, *, stages: int = 2, interpret: bool = False):
     scales = spread[..., 0]
     return (vary_like(q, w), vary_like(scales, w), vary_like(q_t, w),
             vary_like(jnp.swapaxes(scales, 1, 2), w))
+
+
+def columns_kernel_takes(x) -> bool:
+    """Whether `quantize_columns` takes x: [M, H] bf16/f16 (read exactly by the transposed
+    loads), H a multiple of 128, M of 8 (the rows of a TMA tile), M at least 1."""
+    return (x.ndim == 2 and x.dtype in (jnp.bfloat16, jnp.float16) and x.shape[0] > 0
+            and x.shape[0] % 8 == 0 and x.shape[1] > 0 and x.shape[1] % TILE == 0)
+
+
+def quantize_columns(x, group_sizes, *, stages: int = 2, splits: int | None = None,
+                     interpret: bool = False):
+    """(q_t e4m3[H, P], scales f32[P / 128, H]): `jep.fp8.quantize_columns(x, group_sizes)`, a
+    weight gradient's operand quantized along its rows (a scale per 128 rows of one group x 1
+    channel), transposed, each group from a tile of its own (P = `padded_rows`).
+
+    A program takes one tile of the padded layout (128 rows of one group, the rest zeros) and
+    `H / 128 / splits` of its blocks of 128 channels, through a pipeline of `stages` TMA loads:
+    a group's rows start anywhere, and TMA loads a swizzled tile from row offsets in multiples
+    of 8 only, so each block comes in plain, its rows past the group are zeroed in registers,
+    it goes back to shared memory swizzled, and is read out transposed (as `quantize_weight`
+    reads its q_t); each channel's max-abs over the tile's rows gives its scale, and the e4m3
+    block is stored into q_t. The tiles after the last group's are zeros with scale 1.
+
+    Args:
+      x: [M, H] bf16 or f16, H a multiple of 128, M of 8 (`columns_kernel_takes`).
+      group_sizes: i32[G], rows per group; rows past their sum are left out.
+      stages: blocks in flight per program.
+      splits: programs per tile, each taking H / 128 / splits of its blocks (a divisor of
+        H / 128); by default `column_splits`.
+      interpret: Pallas's GPU interpret mode (CPU, for tests).
+    """
+    if not columns_kernel_takes(x) or stages < 1:
+        raise ValueError(f"x must be [M, H] bf16/f16 with H a multiple of {TILE} and M of 8 "
+                         f"(stages={stages} >= 1), got {x.dtype}{list(x.shape)}")
+    if group_sizes.ndim != 1:
+        raise ValueError(f"group_sizes must be [G], got shape {group_sizes.shape}")
+    num_rows, hidden = x.shape
+    blocks = hidden // TILE
+    splits = column_splits(hidden) if splits is None else splits
+    if splits < 1 or blocks % splits:
+        raise ValueError(f"splits must divide the {blocks} blocks of 128 channels, got {splits}")
+    own = blocks // splits
+    padded = padded_rows(num_rows, group_sizes.shape[0])
+    tiles = padded // TILE
+    first, _ = column_tiles(group_sizes, num_rows)
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    # Each padded tile's first row of x, and how many of its rows are the group's (none past
+    # the last group's tiles): i32[2 P / 128].
+    tile = jnp.arange(tiles, dtype=jnp.int32)
+    group = jnp.maximum(jnp.searchsorted(first, tile, side="right") - 1, 0)
+    row = starts[group] + (tile - first[group]) * TILE
+    held = jnp.clip(ends[group] - row, 0, TILE)
+    table = jnp.stack([jnp.where(held > 0, row, 0), held], axis=1).reshape(-1)
+    half = TILE // 2  # the rows of one warpgroup register tile
+    laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
+
+    def rows_of(x_smem, h, held):
+        """Rows h * 64 .. of the block, f32 [64, 128], those past the group's `held` zeroed."""
+        values = laid_out(x_smem[pl.ds(h * half, half)], plgpu.Layout.WGMMA).astype(jnp.float32)
+        index = laid_out(lax.broadcasted_iota(jnp.int32, (half, TILE), 0), plgpu.Layout.WGMMA)
+        return jnp.where(index + h * half < held, values, 0.0)
+
+    def columns_of(t_smem, h):
+        """Channels h * 64 .. of the block as rows, f32 [64, 128] (as `quantize_weight`)."""
+        if interpret:
+            return t_smem[:, pl.ds(h * half, half)].T.astype(jnp.float32)
+        read = plgpu.load(plgpu.transpose_ref(t_smem.at[:, pl.ds(h * half, half)], (1, 0)), (),
+                          layout=plgpu.Layout.WGMMA_TRANSPOSED)
+        return plgpu.layout_cast(read.astype(jnp.float32), plgpu.Layout.WGMMA)
+
+    def body(table_gmem, x_gmem, q_gmem, scales_gmem, t_smem, q_smem, scales_smem):
+        index = lax.axis_index("tiles")
+        base = lax.axis_index("columns") * own
+        held = table_gmem[2 * index + 1]
+
+        def step(indices, x_smem):
+            block = indices[0]
+            slot = block % 2
+            for h in range(2):
+                t_smem[pl.ds(h * half, half)] = rows_of(x_smem, h, held).astype(x.dtype)
+            plgpu.commit_smem()
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's store is done
+            for h in range(2):
+                values = columns_of(t_smem, h)
+                amax = jnp.max(jnp.abs(values), axis=1)
+                scale = jnp.where(amax == 0, 1.0, amax / E4M3_MAX)
+                q_smem[slot, pl.ds(h * half, half)] = (
+                    values / lax.broadcast_in_dim(scale, values.shape, [0])).astype(E4M3)
+                scales_smem[block, pl.ds(h * half, half)] = scale
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[slot],
+                                    q_gmem.at[pl.ds((base + block) * TILE, TILE),
+                                              pl.ds(index * TILE, TILE)])
+
+        plgpu.emit_pipeline(step, grid=(own,),
+                            in_specs=[plgpu.BlockSpec((TILE, TILE), lambda b: (0, base + b))],
+                            max_concurrent_steps=stages)(
+            x_gmem.at[pl.ds(table_gmem[2 * index], TILE)])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(scales_smem, scales_gmem.at[index, pl.ds(base, own)])
+        plgpu.wait_smem_to_gmem(0)
+
+    # The interpreter reads past x's end as zeros only within the array: pad a tile of rows.
+    x_in = jnp.pad(x, ((0, TILE), (0, 0))) if interpret else x
+    q_t, scales = plgpu.kernel(
+        named(body, "jep_fp8_quantize_columns"),
+        out_type=(jax.ShapeDtypeStruct((hidden, padded), E4M3),
+                  jax.ShapeDtypeStruct((tiles, blocks, TILE), jnp.float32)),
+        grid=(tiles, splits),
+        grid_names=("tiles", "columns"),
+        scratch_types=[plgpu.SMEM((TILE, TILE), x.dtype,
+                                  transforms=() if interpret else smem_transforms(TILE, x.dtype)),
+                       plgpu.SMEM((2, TILE, TILE), E4M3),
+                       plgpu.SMEM((own, TILE), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params() if interpret else None,
+    )(table, x_in)
+    return vary_like(q_t, x), vary_like(scales.reshape(tiles, hidden), x)

@@ -150,6 +150,97 @@ def test_bad_input_raises():
         fp8.dequantize_rows(q, scales[:, :1])
 
 
+def columns_by_hand(x, sizes, tile=128):
+    """float64 [P, H] of `quantize_columns`' padded layout, built group by group, and each
+    group's first tile."""
+    x = np.asarray(x, np.float64)
+    padded = np.zeros((fp8.padded_rows(x.shape[0], len(sizes), tile), x.shape[1]))
+    start, at, firsts = 0, 0, []
+    for size in sizes:
+        firsts.append(at // tile)
+        padded[at:at + size] = x[start:start + size]
+        start += size
+        at += -(-size // tile) * tile
+    return padded, firsts
+
+
+@pytest.mark.parametrize("sizes", [[70, 0, 100, 30], [200, 0, 0, 0], [0, 0, 0, 0], [1, 129, 40, 0]])
+def test_columns_are_each_groups_own_tiles_of_128_rows(rng, sizes):
+    """quantize_columns: each group's rows from a tile of their own, a scale per 128 rows x 1
+    channel from those rows alone (a group of rows 1e3 larger beside one does not coarsen its
+    scales), zeros between groups and after them (scale 1), rows past the groups left out;
+    the round trip within e4m3's bound; dequantize_columns puts the rows back."""
+    num_rows, width = 256, 256
+    x = magnitudes(rng, (num_rows, width))
+    x[:70] *= 1e3
+    x = jnp.asarray(x, jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    q_t, scales = fp8.quantize_columns(x, group_sizes)
+    padded, firsts = columns_by_hand(x, sizes)
+    assert q_t.shape == (width, padded.shape[0]) and q_t.dtype == fp8.E4M3
+    assert scales.shape == (padded.shape[0] // 128, width)
+    np.testing.assert_array_equal(np.asarray(fp8.column_tiles(group_sizes, num_rows)[0]), firsts)
+    amax = np.abs(padded.reshape(-1, 128, width)).max(axis=1)
+    np.testing.assert_allclose(np.asarray(scales), np.where(amax == 0, 1, amax / 448), rtol=2.5e-7)
+    spread = np.repeat(np.asarray(scales, np.float64), 128, axis=0)
+    back = np.asarray(q_t.astype(jnp.float32), np.float64).T * spread
+    assert_within_e4m3(padded, back, spread)
+    np.testing.assert_array_equal(back[padded == 0], 0)
+    again = np.asarray(fp8.dequantize_columns(q_t, scales, group_sizes, num_rows, jnp.float32))
+    used = sum(sizes)
+    np.testing.assert_array_equal(again[used:], 0)
+    assert_within_e4m3(np.asarray(x)[:used], again[:used],
+                       spread[np.concatenate([np.arange(s, s + n) for s, n in zip(
+                           np.asarray(firsts) * 128, sizes)] or [np.zeros(0, int)])])
+    with pytest.raises(ValueError, match="q_t must be"):
+        fp8.dequantize_columns(q_t[:, :128], scales, group_sizes, num_rows)
+
+
+@pytest.mark.parametrize("sizes, splits", [([70, 0, 100, 30], None), ([200, 0, 0, 0], 1),
+                                           ([1, 129, 40, 22], 2)])
+def test_columns_kernel_is_the_definition(rng, sizes, splits):
+    """jep_kernels.quantize.quantize_columns (Pallas Mosaic GPU; interpreted on the CPU): the
+    reference's scales bit for bit, q_t = e4m3(x / scale) (`assert_rounded_from`: exact but
+    at ties, where the division may land either side; the interpreter's as well), the padding
+    zeros. Groups starting at rows that are no multiple of 8 (the kernel's plain loads), a
+    group of more than one tile, magnitudes 1e-3 to 1e3; one program a tile or several. It
+    lowers for Hopper at DeepSeek-V3's 32768 x 7168 in 32 groups."""
+    import jep_kernels.quantize
+
+    num_rows, width = 232, 512
+    x = magnitudes(rng, (num_rows, width))
+    x[3] = 0
+    x = jnp.asarray(x, jnp.bfloat16)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    q_t, scales = jep_kernels.quantize.quantize_columns(
+        x, group_sizes, splits=splits, interpret=jax.default_backend() != "gpu")
+    want_q, want_scales = fp8.quantize_columns(x, group_sizes)
+    assert q_t.shape == want_q.shape and q_t.dtype == fp8.E4M3
+    np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
+    padded, _ = columns_by_hand(x, sizes)
+    spread = np.repeat(np.asarray(want_scales, np.float64), 128, axis=0)
+    assert_rounded_from(q_t, (padded / spread).T)
+    spec = (jax.ShapeDtypeStruct((32768, 7168), jnp.bfloat16), jax.ShapeDtypeStruct((32,), jnp.int32))
+    jax.jit(jep_kernels.quantize.quantize_columns).trace(*spec).lower(lowering_platforms=("cuda",))
+
+
+def test_columns_kernel_refuses_what_it_cannot_take():
+    import jep_kernels.quantize
+
+    sizes = jnp.zeros(2, jnp.int32)
+    for shape, dtype in [((100, 128), jnp.bfloat16), ((64, 100), jnp.bfloat16),
+                         ((64, 128), jnp.float32), ((64, 2, 128), jnp.bfloat16)]:
+        assert not jep_kernels.quantize.columns_kernel_takes(jnp.zeros(shape, dtype))
+        with pytest.raises(ValueError, match="bf16/f16 with H a multiple of 128 and M of 8"):
+            jep_kernels.quantize.quantize_columns(jnp.zeros(shape, dtype), sizes, interpret=True)
+    with pytest.raises(ValueError, match="splits must divide"):
+        jep_kernels.quantize.quantize_columns(jnp.zeros((64, 384), jnp.bfloat16), sizes,
+                                              splits=2, interpret=True)
+    with pytest.raises(ValueError, match="group_sizes must be"):
+        jep_kernels.quantize.quantize_columns(jnp.zeros((64, 128), jnp.bfloat16), sizes[None],
+                                              interpret=True)
+
+
 @pytest.mark.parametrize("dtype, tiles, splits", [
     (jnp.bfloat16, 3, 1), (jnp.float32, 3, 1),  # a block's 3 tiles in one program
     (jnp.bfloat16, 3, None),  # one tile a program (`column_splits` for an odd count)

@@ -525,6 +525,93 @@ def test_fp8_kernel_matches_float64_of_its_quantized_operands(config, sizes):
                                atol=1e-2 * np.abs(want_dx).max())
 
 
+# Two steps of stages: the ring wraps within a group of 200 rows and across tiles; tiles of
+# 128 x 64, one epilogue piece a warpgroup.
+DW_FP8_SMALL = gm.DwConfig(block_k=128, block_n=64, block_rows=128, max_concurrent_steps=2,
+                           warp_specialized=True, epilogue_k=64, epilogue_n=64)
+
+
+@pytest.mark.parametrize("config", [None, DW_FP8_SMALL], ids=["default", "two-stages"])
+@pytest.mark.parametrize("sizes", [[70, 0, 100], [0, 200, 0], [33, 31, 1], [0, 0, 0]])
+def test_fp8_weight_gradient_matches_float64_of_its_quantized_operands(config, sizes):
+    """grouped_matmul_dw_fp8 against float64 products of x and dy dequantized from
+    `jep.fp8.quantize_columns` (a scale per 128 rows of a group x 1 channel): equal to float32
+    rounding when interpreted, within the tensor cores' narrower sums inside each 128-row step
+    on the GPU (as the FP8 forward kernel). Rows and channels of very different scales, so
+    that a scale applied to the wrong rows, channel or step shows; empty groups are zeros and
+    the rows past the groups take no part."""
+    from jep import fp8
+
+    rng = np.random.default_rng(sum(sizes) + len(sizes))
+    m, k, n = 232, 256, 384
+    x = jnp.asarray(rng.normal(size=(m, k)) * np.exp(2 * rng.normal(size=(m, 1)))
+                    * np.exp(rng.normal(size=(1, k))), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(m, n)) * np.exp(rng.normal(size=(m, 1)))
+                     * np.exp(2 * rng.normal(size=(1, n))), jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    x_t, x_scales = fp8.quantize_columns(x, group_sizes)
+    dy_t, dy_scales = fp8.quantize_columns(dy, group_sizes)
+    dw = gm.grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, num_rows=m,
+                                  config=config, interpret=not ON_GPU)
+    x64, dy64 = (np.asarray(fp8.dequantize_columns(*q, group_sizes, m, jnp.float32), np.float64)
+                 for q in ((x_t, x_scales), (dy_t, dy_scales)))
+    want = np.zeros((len(sizes), k, n))
+    start = 0
+    for g, size in enumerate(sizes):
+        want[g] = x64[start:start + size].T @ dy64[start:start + size]
+        start += size
+    assert dw.dtype == jnp.float32 and dw.shape == (len(sizes), k, n)
+    bound = 1e-3 if ON_GPU else 1e-5
+    np.testing.assert_allclose(np.asarray(dw, np.float64), want, rtol=bound,
+                               atol=bound * max(np.abs(want).max(), 1e-30))
+    for g, size in enumerate(sizes):
+        if size == 0:
+            assert not np.asarray(dw[g]).any()
+    as_bf16 = gm.grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, num_rows=m,
+                                       config=config, out_dtype=jnp.bfloat16,
+                                       interpret=not ON_GPU)
+    assert as_bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(as_bf16, np.float64), want, rtol=1e-2,
+                               atol=1e-2 * max(np.abs(want).max(), 1e-30))
+
+
+def test_fp8_weight_gradient_lowers_and_refuses_what_it_cannot_take():
+    """The FP8 weight gradient lowers for Hopper at DeepSeek-V3's expert shapes (32 and 256
+    groups of 32768 rows), from any platform; operands of the wrong layout, dtype or config are
+    refused by name."""
+    from jep import fp8
+
+    for m, k, n, g in [(32768, 7168, 2048, 32), (32768, 2048, 7168, 256)]:
+        p = fp8.padded_rows(m, g)
+        spec = jax.ShapeDtypeStruct
+        jax.jit(lambda *a, m=m: gm.grouped_matmul_dw_fp8(*a, num_rows=m, out_dtype=jnp.bfloat16)
+                ).trace(spec((k, p), fp8.E4M3), spec((p // 128, k), jnp.float32),
+                        spec((n, p), fp8.E4M3), spec((p // 128, n), jnp.float32),
+                        spec((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    sizes = jnp.asarray([10, 20], jnp.int32)
+    p = fp8.padded_rows(40, 2)
+    x_t, x_scales = jnp.zeros((256, p), fp8.E4M3), jnp.zeros((p // 128, 256), jnp.float32)
+    dy_t, dy_scales = jnp.zeros((128, p), fp8.E4M3), jnp.zeros((p // 128, 128), jnp.float32)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        gm.grouped_matmul_dw_fp8(x_t.astype(jnp.bfloat16), x_scales, dy_t, dy_scales, sizes,
+                                 num_rows=40)
+    with pytest.raises(ValueError, match="P=768 columns for 400 rows in 2 groups"):
+        gm.grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, sizes, num_rows=400)
+    with pytest.raises(ValueError, match=r"dy_scales must be float32\[3, 128\]"):
+        gm.grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales[:1], sizes, num_rows=40)
+    with pytest.raises(ValueError, match="block_rows=128"):
+        gm.grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, sizes, num_rows=40,
+                                 config=gm.DwConfig(warp_specialized=True))
+    with pytest.raises(ValueError, match="epilogue_k a multiple of 64"):
+        gm.grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, sizes, num_rows=40,
+                                 config=gm.DwConfig(block_k=128, block_rows=128, epilogue_k=32,
+                                                    warp_specialized=True))
+    with pytest.raises(ValueError, match="N=128 of block_n=256"):
+        gm.grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, sizes, num_rows=40,
+                                 config=gm.DwConfig(block_k=128, block_n=256, block_rows=128,
+                                                    warp_specialized=True))
+
+
 def test_fp8_kernel_refuses_what_it_cannot_take():
     f8 = jnp.float8_e4m3fn
     x, x_scales = jnp.zeros((8, 256), f8), jnp.zeros((8, 2), jnp.float32)

@@ -9,7 +9,9 @@ w_gate) * (x @ w_up) with both products and the activation in one kernel
 (`mgpu.grouped_matmul_gated`), and the backward of `grouped_matmul_weights`.
 
 `grouped_matmul_fp8` is the FP8 product (e4m3 operands with per-tile scales, not differentiable
-on its own: `jep.experts.fp8_grouped_matmul` makes it the forward and dx of one).
+on its own: `jep.experts.fp8_grouped_matmul` makes it the forward and dx of one), and
+`grouped_matmul_dw_fp8` the FP8 weight gradient (`dw_fp8`, operands quantized along the rows:
+that product's dw).
 
 Each product runs with its own configuration, looked up by shape in the tuning table (`tuning`)
 unless one is given: a `Config` for the forward and dx, a `DwConfig` (its own dimensions: K
@@ -25,12 +27,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jep_kernels.grouped_matmul import mgpu, tuning
+from jep_kernels.grouped_matmul import dw_fp8, mgpu, tuning
 from jep_kernels.grouped_matmul.mgpu import SCOPES, Config, DwConfig, check_shapes
 from jep_kernels.vma import vary_like
 
 __all__ = ["Config", "Configs", "DwConfig", "SCOPES", "SHAPE_MULTIPLE", "check_shapes",
-           "configs_for", "grouped_matmul", "grouped_matmul_chunks", "grouped_matmul_fp8",
+           "configs_for", "grouped_matmul", "grouped_matmul_chunks", "grouped_matmul_dw_fp8",
+           "grouped_matmul_fp8",
            "grouped_matmul_gated", "grouped_matmul_weights"]
 
 
@@ -329,3 +332,28 @@ def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config 
                                     group_sizes.astype(jnp.int32), config=config,
                                     out_dtype=out_dtype, name=name, interpret=interpret)
         return vary_like(y[:x.shape[0]], x, w, group_sizes)
+
+
+def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_rows: int,
+                          config: DwConfig | None = None, out_dtype=jnp.float32,
+                          interpret: bool = False):
+    """dw[G, K, N]: dw[g] = x[rows of g]^T @ dy[rows of g] from e4m3 operands quantized along
+    the rows (`jep.fp8.quantize_columns`): `dw_fp8.grouped_matmul_dw_fp8`, not differentiable
+    (`jep.experts.fp8_grouped_matmul`'s weight gradient on Hopper).
+
+    Args:
+      x_t: e4m3[K, P], x_scales: f32[P / 128, K]; dy_t: e4m3[N, P], dy_scales: f32[P / 128, N]
+        (`quantize_columns` of x [M, K] and dy [M, N] by group_sizes i32[G]).
+      num_rows: M. config: the tiles (a `DwConfig`, block_rows 128), by default the tuning
+        table's "dw_fp8" entry for (K, N, G), else `dw_fp8.DW_FP8_CONFIG`. K must be a
+        multiple of block_k, N of block_n (128 each by default).
+    """
+    if x_t.ndim != 2 or dy_t.ndim != 2:
+        raise ValueError(f"x_t must be [K, P] and dy_t [N, P], got {x_t.shape} and {dy_t.shape}")
+    config = config or tuning.config_for(tuning.DW_FP8, x_t.shape[0], dy_t.shape[0],
+                                         group_sizes.shape[0])
+    with jax.named_scope(SCOPES["dw_fp8"]):
+        dw = dw_fp8.grouped_matmul_dw_fp8(
+            x_t, x_scales, dy_t, dy_scales, group_sizes.astype(jnp.int32), num_rows=num_rows,
+            config=config, out_dtype=out_dtype, interpret=interpret)
+        return vary_like(dw, x_t, dy_t, group_sizes)

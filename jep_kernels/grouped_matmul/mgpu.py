@@ -151,7 +151,7 @@ def interpret_params():
 # Each product runs under a name scope of its own, and its kernel has the same name: a profile
 # of a step tells the three apart by these names (`jep.bench.profile.KINDS`).
 SCOPES = {"forward": "jep_grouped_forward", "dx": "jep_grouped_dx", "dw": "jep_grouped_dw",
-          "fp8": "jep_grouped_fp8"}
+          "fp8": "jep_grouped_fp8", "dw_fp8": "jep_grouped_dw_fp8"}
 
 
 def named(body, name: str):

@@ -7,7 +7,8 @@ The three products of one grouped matmul y = x @ w[g] (x [M, K], w [G, K, N]) ar
 - "dw": dw[g] = x[rows of g]^T @ dy[rows of g], [K, M_g] x [M_g, N].
 
 The FP8 kernel ("fp8", `grouped_matmul_fp8`) has entries of its own, keyed by its product's K
-(the contraction) and N; so has the dx of several weights of one shape summed in one kernel
+(the contraction) and N, and so has the FP8 weight gradient ("dw_fp8", `grouped_matmul_dw_fp8`,
+keyed as "dw" is); so has the dx of several weights of one shape summed in one kernel
 ("dx_sum", `mgpu.grouped_matmul_sum`: the gate and up products' dx), keyed as "dx" is (one
 product's K and N). `tune` writes a "dx_sum" entry only where its pick beat two dx kernels and
 their sum, timed beside it; where the table has none, `grouped_matmul_weights` runs those.
@@ -30,14 +31,15 @@ import json
 import math
 import pathlib
 
-from jep_kernels.grouped_matmul import mgpu
+from jep_kernels.grouped_matmul import dw_fp8, mgpu
 from jep_kernels.grouped_matmul.mgpu import Config, DwConfig
 
 OPS = ("forward", "dx", "dw")
 FP8 = "fp8"  # the FP8 kernel (forward and dx alike: x [M, K] times w [G, N, K] transposed)
+DW_FP8 = "dw_fp8"  # the FP8 weight gradient (`dw_fp8`: x and dy quantized along the rows)
 DX_SUM = "dx_sum"  # dy_a @ w_a[g]^T + dy_b @ w_b[g]^T, ... in one kernel (`mgpu.grouped_matmul_sum`)
 GATED = "gated"  # act(x @ w_gate[g]) * (x @ w_up[g]) in one kernel (`mgpu.grouped_matmul_gated`)
-TUNED = (*OPS, FP8, DX_SUM, GATED)  # every op with entries in the table
+TUNED = (*OPS, FP8, DW_FP8, DX_SUM, GATED)  # every op with entries in the table
 TABLE = pathlib.Path(__file__).with_name("table.json")
 
 
@@ -47,9 +49,11 @@ def key(op: str, k: int, n: int, groups: int) -> str:
 
 def default(op: str, k: int, n: int) -> Config | DwConfig:
     """A configuration that takes every K and N that are multiples of 128 (a `DwConfig` for
-    "dw")."""
+    "dw" and "dw_fp8")."""
     if op == "dw":
         return DwConfig(block_k=128, block_n=128, block_rows=64, max_concurrent_steps=4)
+    if op == DW_FP8:
+        return dw_fp8.DW_FP8_CONFIG
     block_n = 128 if n % 256 == 0 else 64
     if op == FP8:  # two warpgroups of 64 rows x 128 columns
         return Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=4,
@@ -71,8 +75,9 @@ def summing(config: Config, k: int, n: int) -> Config:
 
 
 def config_class(op: str) -> type:
-    """The configuration type of `op`: `DwConfig` for "dw", `Config` for the others."""
-    return DwConfig if op == "dw" else Config
+    """The configuration type of `op`: `DwConfig` for "dw" and "dw_fp8", `Config` for the
+    others."""
+    return DwConfig if op in ("dw", DW_FP8) else Config
 
 
 @functools.cache
@@ -144,6 +149,14 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                       (128, 4, 64, 128, 3, 0))]
         return [c for c in found if k % (c.block_k * (c.run_k_blocks or 1)) == 0
                 and n % mgpu.dw_tile_n(c) == 0]
+    if op == DW_FP8:  # 128 rows a step (one scale tile); a warpgroup takes half of block_k
+        found = [dataclasses.replace(dw_fp8.DW_FP8_CONFIG, block_k=bk, block_n=bn,
+                                     max_concurrent_steps=steps, epilogue_n=en)
+                 for bk, bn, steps, en in ((128, 128, 3, 64), (128, 128, 4, 64),
+                                           (128, 128, 5, 64), (128, 128, 4, 128),
+                                           (128, 64, 4, 64), (128, 64, 6, 64),
+                                           (256, 64, 4, 64), (256, 64, 5, 64))]
+        return [c for c in found if k % c.block_k == 0 and n % c.block_n == 0]
     if op == GATED:  # the ring, 64 columns of each weight a warpgroup (shared memory: a
         # stage of 128 rows is 48 KB, of 192 rows 56 KB, of 256 rows 64 KB)
         found = [Config(block_m=bm, block_n=64, block_k=64, max_concurrent_steps=steps,
