@@ -16,6 +16,7 @@ import jep_kernels.grouped_matmul
 import jep_kernels.grouped_matmul.reference
 import jep_kernels.quantize
 from jep import _checks, fp8
+from jep_kernels.vma import vary_like, varying
 from jep.config import ACTIVATIONS, PRECISIONS
 from jep.platform import current_platform, on_hopper
 
@@ -76,26 +77,27 @@ def grouped_matmul_backend(x, w, backend: str = "auto") -> str:
 
 
 def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, quantized_rows=None,
-                       backend: str = "auto"):
+                       quantized_columns=None, backend: str = "auto"):
     """`grouped_matmul` in DeepSeek-V3's FP8 recipe: [C, N] in x.dtype.
 
     x is quantized to e4m3 with a scale per 1 x 128 tile of each row (`jep.fp8.quantize_rows`)
     and w with one per 128 x 128 block of each group's [K, N] (`jep.fp8.quantize_blocks`);
     y = x' @ w' of the dequantized values, accumulated in float32. The backward: dx = dy' @ w'^T
-    with dy quantized per 1 x 128 tile and the same quantized w; dw = x^T dy in x.dtype by the
-    `backend`'s grouped product, straight through the quantization to the master weights w
-    (DeepSeek-V3 computes it in FP8 too; bf16 is the safer half of the issue's choice).
+    with dy quantized per 1 x 128 tile and the same quantized w; dw[g] = x''^T dy'' over the
+    group's rows, with x and dy quantized along the rows, a scale per 128 rows of one group x 1
+    channel (`jep.fp8.quantize_columns`), in w's dtype, straight through the quantization to
+    the master weights w. All three products are FP8, as DeepSeek-V3 trains.
 
     Where the bf16 Pallas kernels run (a Hopper GPU, bf16/f16 x, `backend` "auto" or
-    "pallas"), the forward and dx are FP8 tensor-core products
-    (`jep_kernels.grouped_matmul.grouped_matmul_fp8`), their rows quantized in one pass
-    (`jep_kernels.quantize`, where the rows are a multiple of 64; the same values as
-    `jep.fp8.quantize_rows`, 2x faster than XLA's fusions of it on an H200 at 32768 x 7168),
-    and w by the kernel that reads it once (the values of `jep.fp8.quantize_weight`, but that
-    the GPU's division may round a quotient at an e4m3 tie either way).
-    Elsewhere they are emulated: the e4m3 values and scales are exact and the products run in
-    float32 (XLA's `ragged_dot`), the numerics of FP8 products, not their speed. Both sum each
-    128-deep block's products in float32 before scaling it.
+    "pallas"), the three are FP8 tensor-core products (`jep_kernels.grouped_matmul`'s
+    `grouped_matmul_fp8` and `grouped_matmul_dw_fp8`), their operands quantized by one-pass
+    kernels (`jep_kernels.quantize`: rows where they are a multiple of 64, the same values as
+    `jep.fp8.quantize_rows`, 2x faster than XLA's fusions of it on an H200 at 32768 x 7168;
+    columns where x is bf16/f16 and its rows a multiple of 8), and w by the kernel that reads
+    it once. The kernels' quotients at an e4m3 tie may round either way (the GPU's division).
+    Elsewhere the products are emulated: the e4m3 values and scales are exact and the products
+    run in float32 (XLA's `ragged_dot`), the numerics of FP8 products, not their speed. Both
+    sum each 128-deep block's products in float32 before scaling it.
 
     Args:
       x: f[C, K], K a multiple of 128; w: f[G, K, N], N a multiple of 128 (the master weights,
@@ -106,7 +108,10 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, quantized_rows=None
       quantized_rows: `jep.fp8.quantize_rows(x)` (q e4m3[C, K], scales f32[C, K / 128]) where
         already made (one quantization of x for several products, e.g. the gate and up
         projections), else made here. x itself still receives the gradient.
-      backend: the grouped product of the weight gradient (as for `grouped_matmul`).
+      quantized_columns: `jep.fp8.quantize_columns(x, group_sizes)` (q_t e4m3[K, P], scales
+        f32[P / 128, K]) where already made (as `quantized_rows`, for the weight gradient),
+        else made in the backward.
+      backend: "auto", "pallas" (the FP8 kernels; Hopper), "xla" or "reference" (emulated).
     """
     _checks.rank(x, 2, "x")
     _checks.rank(w, 3, "w")
@@ -121,20 +126,25 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, quantized_rows=None
         raise TypeError(f"quantized must be a jep.fp8.QuantizedWeight (jep.fp8.quantize_weight), "
                         f"got {type(quantized).__name__}")
     if quantized_rows is not None:
-        _check_quantized_rows(quantized_rows, x)
-    return _fp8_product(x, w, quantized, quantized_rows, group_sizes, backend)
+        _check_quantized(quantized_rows, "quantized_rows", "jep.fp8.quantize_rows",
+                         (x.shape, (x.shape[0], x.shape[1] // fp8.TILE)))
+    if quantized_columns is not None:
+        padded = fp8.padded_rows(x.shape[0], group_sizes.shape[0])
+        _check_quantized(quantized_columns, "quantized_columns", "jep.fp8.quantize_columns",
+                         ((x.shape[1], padded), (padded // fp8.TILE, x.shape[1])))
+    return _fp8_product(x, w, quantized, quantized_rows, quantized_columns, group_sizes, backend)
 
 
-def _check_quantized_rows(quantized_rows, x) -> None:
-    want = ((x.shape, fp8.E4M3), ((x.shape[0], x.shape[1] // fp8.TILE), jnp.float32))
-    if not (isinstance(quantized_rows, tuple) and len(quantized_rows) == 2 and all(
+def _check_quantized(quantized, name: str, maker: str, shapes) -> None:
+    """Raises a ValueError unless `quantized` is (e4m3 values, f32 scales) of `shapes`."""
+    want = tuple(zip(shapes, (fp8.E4M3, jnp.float32)))
+    if not (isinstance(quantized, tuple) and len(quantized) == 2 and all(
             a.shape == shape and a.dtype == dtype for a, (shape, dtype) in
-            zip(quantized_rows, want))):
-        got = (f"({', '.join(f'{a.dtype}{list(a.shape)}' for a in quantized_rows)})"
-               if isinstance(quantized_rows, tuple) else type(quantized_rows).__name__)
-        raise ValueError(f"quantized_rows must be (q float8_e4m3fn{list(want[0][0])}, scales "
-                         f"float32{list(want[1][0])}) for x {list(x.shape)} "
-                         f"(jep.fp8.quantize_rows), got {got}")
+            zip(quantized, want))):
+        got = (f"({', '.join(f'{a.dtype}{list(a.shape)}' for a in quantized)})"
+               if isinstance(quantized, tuple) else type(quantized).__name__)
+        raise ValueError(f"{name} must be (q float8_e4m3fn{list(shapes[0])}, scales "
+                         f"float32{list(shapes[1])}) ({maker}), got {got}")
 
 
 def _quantize_weight(w, rows, backend: str) -> fp8.QuantizedWeight:
@@ -164,6 +174,38 @@ def _quantize_rows(a, kernel: bool):
     return fp8.quantize_rows(a)
 
 
+def _quantize_columns(a, group_sizes, kernel: bool):
+    """`jep.fp8.quantize_columns(a, group_sizes)`: by the one-pass kernel where the products run
+    on the Pallas kernels (`kernel`) and it takes the rows, else by XLA's fusions of the
+    reference."""
+    if kernel and jep_kernels.quantize.columns_kernel_takes(a):
+        return jep_kernels.quantize.quantize_columns(a, group_sizes)
+    return fp8.quantize_columns(a, group_sizes)
+
+
+def _fp8_weight_gradient(x_columns, dy_columns, group_sizes, num_rows: int, w, kernel: bool):
+    """dw [G, K, N] in w's dtype from x and dy quantized along the rows: the FP8 kernel
+    (`kernel`), else in float32 from the dequantized values. Inside `shard_map`, summed over
+    the mesh axes the rows vary over and w does not (w's data-parallel copies), as the
+    cotangent of w."""
+    if kernel:
+        dw = jep_kernels.grouped_matmul.grouped_matmul_dw_fp8(
+            *x_columns, *dy_columns, group_sizes, num_rows=num_rows, out_dtype=w.dtype)
+    else:
+        x32, dy32 = (fp8.dequantize_columns(*columns, group_sizes, num_rows, jnp.float32)
+                     for columns in (x_columns, dy_columns))
+        # The product's transpose in w (at w = 0: it is linear), w typed as varying like the
+        # rows, so that nothing is summed here.
+        zeros = vary_like(jnp.zeros(w.shape, jnp.float32), x32, dy32)
+        _, pullback = jax.vjp(lambda v: lax.ragged_dot(x32, v, group_sizes,
+                                                       precision=lax.Precision.HIGHEST), zeros)
+        dw = pullback(dy32)[0].astype(w.dtype)
+    copies = tuple(sorted(varying(dw) - varying(w)))
+    if copies:
+        dw = lax.psum(dw, copies)
+    return vary_like(dw, w)
+
+
 def _fp8_times(a, b_q, b_scales, group_sizes, backend: str, a_quantized=None):
     """a quantized per 1 x 128 tile (`a_quantized`, else made here), times b^T (b e4m3[G, N, K]
     K-major, scaled per 128 x 128 block): [C, N] in a.dtype. The FP8 Pallas kernel where the
@@ -178,23 +220,26 @@ def _fp8_times(a, b_q, b_scales, group_sizes, backend: str, a_quantized=None):
     return lax.ragged_dot(a32, b32, group_sizes, precision=lax.Precision.HIGHEST).astype(a.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fp8_product(x, w, quantized, x_quantized, group_sizes, backend):
-    return _fp8_times(x, quantized.q_t, quantized.scales_t, group_sizes, backend, x_quantized)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fp8_product(x, w, quantized, x_rows, x_columns, group_sizes, backend):
+    return _fp8_times(x, quantized.q_t, quantized.scales_t, group_sizes, backend, x_rows)
 
 
-def _fp8_product_fwd(x, w, quantized, x_quantized, group_sizes, backend):
-    return (_fp8_product(x, w, quantized, x_quantized, group_sizes, backend),
-            (x, w, quantized, group_sizes))
+def _fp8_product_fwd(x, w, quantized, x_rows, x_columns, group_sizes, backend):
+    return (_fp8_product(x, w, quantized, x_rows, x_columns, group_sizes, backend),
+            (x, w, quantized, x_columns, group_sizes))
 
 
 def _fp8_product_bwd(backend, residuals, dy):
-    x, w, quantized, group_sizes = residuals
+    x, w, quantized, x_columns, group_sizes = residuals
     dy = dy.astype(x.dtype)
     dx = _fp8_times(dy, quantized.q, quantized.scales, group_sizes, backend)
-    _, pullback = jax.vjp(lambda w: grouped_matmul(x, w.astype(x.dtype), group_sizes,
-                                                   backend=backend), w)
-    return dx, pullback(dy)[0], None, None, None
+    kernel = _runs_fp8_kernel(x, w.shape, backend)
+    if x_columns is None:
+        x_columns = _quantize_columns(x, group_sizes, kernel)
+    dw = _fp8_weight_gradient(x_columns, _quantize_columns(dy, group_sizes, kernel),
+                              group_sizes, x.shape[0], w, kernel)
+    return dx, dw, None, None, None, None
 
 
 _fp8_product.defvjp(_fp8_product_fwd, _fp8_product_bwd)
@@ -256,15 +301,20 @@ def _hidden_of(precision: str, backend: str, rows, w_gate, group_sizes):
 def _fp8_hidden(rows, weights, activation, *, backend, group_sizes):
     """act(rows @ w_gate) * (rows @ w_up) in FP8 (`fp8_grouped_matmul`), rows an array or a
     tuple of chunks (group_sizes a list of the chunks' sizes): each weight quantized once for
-    all chunks, each chunk's rows once for both products."""
+    all chunks, each chunk's rows once for both products (by rows for the products, along
+    the rows for their weight gradients: in the forward, where the backward would take it
+    twice)."""
     chunks = rows if isinstance(rows, tuple) else (rows,)
     quantized = [_quantize_weight(w, chunks[0], backend) for w in weights]
     hs = []
     for chunk, sizes in zip(chunks, group_sizes):
-        chunk_q = _quantize_rows(lax.stop_gradient(chunk),
-                                 _runs_fp8_kernel(chunk, weights[0].shape, backend))
-        gate, up = (fp8_grouped_matmul(chunk, w, sizes, quantized=q, quantized_rows=chunk_q,
-                                       backend=backend) for w, q in zip(weights, quantized))
+        kernel = _runs_fp8_kernel(chunk, weights[0].shape, backend)
+        fixed = lax.stop_gradient(chunk)
+        chunk_rows = _quantize_rows(fixed, kernel)
+        chunk_columns = _quantize_columns(fixed, sizes, kernel)
+        gate, up = (fp8_grouped_matmul(chunk, w, sizes, quantized=q, quantized_rows=chunk_rows,
+                                       quantized_columns=chunk_columns, backend=backend)
+                    for w, q in zip(weights, quantized))
         hs.append(_activate(gate, up, activation, chunk.dtype))
     return tuple(hs) if isinstance(rows, tuple) else hs[0]
 
@@ -336,7 +386,8 @@ def expert_ffn_chunks(recv_xs, group_sizes, w_gate, w_up, w_down, *, activation:
     With the Pallas kernels, each weight's gradient is computed once over the rows of every
     chunk (`jep_kernels.grouped_matmul.grouped_matmul_chunks`), not once per chunk and summed:
     chunking does not multiply the weight-gradient work. Elsewhere, one `expert_ffn` a chunk;
-    in FP8 (`precision`) each weight is quantized once for all chunks.
+    in FP8 (`precision`) each weight is quantized once for all chunks, and each chunk's weight
+    gradient is its own (quantized along the chunk's rows of each group, then summed).
     """
     recv_xs, group_sizes = tuple(recv_xs), tuple(group_sizes)
     if not recv_xs or len(recv_xs) != len(group_sizes):

@@ -79,7 +79,15 @@ def test_quantize_times_token_rows_and_counts_their_bytes(tmp_path):
         (v, (t, 256)) for v in ("jep.fp8 (XLA)", "jep.fp8.pack_rows (XLA)") for t in (8, 16)}
     assert all(r["bytes"] == r["shape"][0] * (256 * 3 + 2 * 4) and r["seconds"] > 0
                for r in rows)
-    assert [r["shape"] for r in results if r["op"] != "rows"] == [[2, 256, 128], [2, 128, 256]]
+    # Along the rows, in 2 groups (the experts): each group's rows from a tile of 128 of their
+    # own, 3 tiles in the layout (`jep.fp8.padded_rows`), a float32 scale per tile and channel.
+    columns = [r for r in results if r["op"] == "columns, 2 groups"]
+    assert {(r["variant"], tuple(r["shape"])) for r in columns} >= {
+        ("jep.fp8 (XLA)", (t, 256)) for t in (8, 16)}
+    assert all(r["bytes"] == r["shape"][0] * 256 * 2 + 384 * 256 + 3 * 256 * 4
+               and r["seconds"] > 0 for r in columns)
+    assert [r["shape"] for r in results if r["op"].startswith("weight")] == [[2, 256, 128],
+                                                                             [2, 128, 256]]
 
 
 def test_capacity_baseline_without_drops_equals_the_reference(rng):
@@ -216,7 +224,7 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
     assert [r["picked"] for r in results] == [r is fastest for r in results[:2]] + [False]
 
 
-@pytest.mark.parametrize("op", ["forward", "dx", "dw", "fp8", "dx_sum", "gated"])
+@pytest.mark.parametrize("op", ["forward", "dx", "dw", "fp8", "dw_fp8", "dx_sum", "gated"])
 def test_tune_names_every_candidate_apart(op):
     """The tune suite keys its runs by the candidates' names: two configurations with one name
     would time one of them only (ping-pong copies of the dw candidates once were)."""
@@ -250,6 +258,31 @@ def test_tune_times_the_ops_on_two_weights(monkeypatch, op, shape, key_k, key_n)
     m, k, n, groups = shape
     assert r["picked"] and r["tflop_per_s"] == pytest.approx(4 * m * k * n / r["seconds"] / 1e12)
     assert picks == {tuning.key(op, key_k, key_n, groups): config}
+
+
+@pytest.mark.slow
+def test_tune_times_the_fp8_weight_gradient_beside_the_bf16_one(monkeypatch):
+    """"dw_fp8" tuned on the CPU in interpret mode: each candidate on x and dy quantized along
+    the rows before the loop, the table's bf16 dw timed beside them and never picked; the pick
+    keyed as "dw" is, and taken by the kernel's wrapper where no config is given."""
+    import jep_kernels.grouped_matmul as gm
+    from jep.bench import tune
+    from jep_kernels.grouped_matmul import tuning
+
+    config = gm.DwConfig(block_k=128, block_n=64, block_rows=128, max_concurrent_steps=2,
+                         warp_specialized=True)
+    monkeypatch.setattr(tuning, "candidates", lambda op, k, n: [config])
+    results, picks = tune.measure(shapes=[(96, 128, 128, 3)], dtype=jnp.bfloat16,
+                                  routing="zipf", iters=1, repeats=1, ops=("dw_fp8",),
+                                  interpret=True)
+    assert [r["variant"] for r in results] == [tune._describe("dw_fp8", config),
+                                               "bf16 dw (the table's)"]
+    assert all(r["seconds"] > 0 for r in results)
+    assert [r["picked"] for r in results] == [True, False]
+    assert picks == {tuning.key("dw_fp8", 128, 128, 3): config}
+    monkeypatch.setattr(tuning, "_table", lambda: {tuning.key("dw_fp8", 256, 128, 4): config})
+    assert tuning.config_for("dw_fp8", 256, 128, 8) == config
+    assert tuning.config_for("dw_fp8", 512, 128, 8) == gm.dw_fp8.DW_FP8_CONFIG
 
 
 def test_unrolled_calls_take_each_rotation_in_turn():

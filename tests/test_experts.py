@@ -248,7 +248,8 @@ def grouped64(x, w, sizes):
 def test_fp8_grouped_matmul_matches_float64_of_the_same_quantization(rng, kind):
     """Forward: x per 1 x 128 tile, w per 128 x 128 block (N = 384 with K = 256: whole blocks;
     the group sizes leave a zero tail). dx: dy per tile times the same quantized w transposed.
-    dw: x^T dy, unquantized, to the master weights."""
+    dw: x^T dy per group, both quantized along the group's rows (`quantize_columns`), to the
+    master weights."""
     num_rows, k, n, groups = 40, 256, 384, 5
     x = jnp.asarray(rng.normal(size=(num_rows, k)) * 3, jnp.float32)
     w = jnp.asarray(rng.normal(size=(groups, k, n)) * 0.1, jnp.float32)
@@ -264,13 +265,17 @@ def test_fp8_grouped_matmul_matches_float64_of_the_same_quantization(rng, kind):
     np.testing.assert_allclose(
         dx, grouped64(_quantized64(dy, rows=True), np.swapaxes(w64, 1, 2), sizes),
         rtol=1e-5, atol=1e-5)
+    group_sizes = jnp.asarray(sizes)
+    x64, dy64 = (np.asarray(jep.fp8.dequantize_columns(
+        *jep.fp8.quantize_columns(a, group_sizes), group_sizes, num_rows, jnp.float32),
+        np.float64) for a in (x, dy))
     want_dw = np.zeros(w.shape)
     start = 0
     for g, size in enumerate(sizes):
         rows = slice(start, start + size)
-        want_dw[g] = np.asarray(x, np.float64)[rows].T @ np.asarray(dy, np.float64)[rows]
+        want_dw[g] = x64[rows].T @ dy64[rows]
         start += size
-    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5 * np.abs(want_dw).max())
     # The quantization is real: the product differs from the unquantized one.
     assert np.abs(np.asarray(y) - grouped64(np.asarray(x), np.asarray(w), sizes)).max() > 1e-3 \
         or kind == "empty"
@@ -298,9 +303,10 @@ def test_fp8_kernel_path_equals_the_emulated_one_in_bf16(rng):
 
 
 def test_fp8_rows_quantized_once_for_gate_and_up(rng, monkeypatch):
-    """Given the rows' quantization, an FP8 product is the same, value and gradients, as one
-    that makes it; the FP8 experts quantize each chunk's rows once for the gate and up
-    products (the forward: rows, hidden), and a wrong quantization is refused by name."""
+    """Given the rows' quantization (by rows and along them), an FP8 product is the same, value
+    and gradients, as one that makes it; the FP8 experts quantize each chunk's rows once for
+    the gate and up products (the forward: rows, hidden; along the rows: the chunk's rows, for
+    both weight gradients), and a wrong quantization is refused by name."""
     x = jnp.asarray(rng.normal(size=(24, 128)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 128, 256)) * 0.1, jnp.float32)
     sizes = jnp.asarray([10, 0, 11], jnp.int32)
@@ -310,23 +316,35 @@ def test_fp8_rows_quantized_once_for_gate_and_up(rng, monkeypatch):
         y, pullback = jax.vjp(lambda x, w: experts.fp8_grouped_matmul(x, w, sizes, **given), x, w)
         return (y, *pullback(dy))
 
-    for got, want in zip(run(quantized_rows=jep.fp8.quantize_rows(x)), run()):
+    for got, want in zip(run(quantized_rows=jep.fp8.quantize_rows(x),
+                             quantized_columns=jep.fp8.quantize_columns(x, sizes)), run()):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match=r"quantized_rows must be \(q float8_e4m3fn\[24, 128\]"):
         experts.fp8_grouped_matmul(x, w, sizes, quantized_rows=jep.fp8.quantize_rows(x[:8]))
+    with pytest.raises(ValueError, match=r"quantized_columns must be \(q float8_e4m3fn\[128, 512\]"):
+        experts.fp8_grouped_matmul(x, w, sizes, quantized_columns=jep.fp8.quantize_rows(x))
 
-    calls = []
-    quantize_rows = jep.fp8.quantize_rows
+    calls, columns = [], []
+    quantize_rows, quantize_columns = jep.fp8.quantize_rows, jep.fp8.quantize_columns
     monkeypatch.setattr(jep.fp8, "quantize_rows",
                         lambda a, **kw: calls.append(a.shape) or quantize_rows(a, **kw))
+    monkeypatch.setattr(jep.fp8, "quantize_columns",
+                        lambda a, s: columns.append(a.shape) or quantize_columns(a, s))
     w_down = jnp.asarray(rng.normal(size=(3, 256, 128)) * 0.1, jnp.float32)
     jax.eval_shape(lambda x: jep.expert_ffn(x, sizes, w, w, w_down, precision="fp8"), x)
-    assert calls == [(24, 128), (24, 256)]
+    assert calls == [(24, 128), (24, 256)] and columns == [(24, 128)]
     calls.clear()
+    columns.clear()
     jax.eval_shape(lambda x: experts.expert_ffn_chunks(
         (x, x[:8]), (sizes, jnp.asarray([8, 0, 0], jnp.int32)), w, w, w_down,
         precision="fp8"), x)
     assert calls == [(24, 128), (8, 128), (24, 256), (8, 256)]
+    assert columns == [(24, 128), (8, 128)]
+    # The backward: each product's dy along its rows, and the hidden rows for w_down's.
+    columns.clear()
+    jax.eval_shape(jax.grad(lambda x: jep.expert_ffn(x, sizes, w, w, w_down,
+                                                     precision="fp8").sum()), x)
+    assert sorted(columns) == sorted([(24, 128), (24, 128), (24, 256), (24, 256), (24, 256)])
 
 
 def test_fp8_expert_ffn_is_the_swiglu_of_fp8_products_and_needs_128_channel_tiles(rng):

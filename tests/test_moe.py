@@ -366,7 +366,9 @@ def test_fp8_dispatch_layer_is_close_to_the_bf16_one(rng, mode):
 def test_fp8_experts_layer_is_close_to_the_bf16_one_and_chunks_quantize_alike(rng):
     """MoEConfig(expert_precision="fp8"): each product's input through e4m3 per 1 x 128 tile and
     each weight per 128 x 128 block (relative error a few 2^-5 a value), gradients to the
-    master weights; a layer in two chunks quantizes every row and weight as one chunk does."""
+    master weights; a layer in two chunks quantizes every row and weight as one chunk does for
+    the products and dx. The weight gradients' tiles are each chunk's rows of a group there
+    (one chunk: all of the group's rows), so those differ by FP8's error (1.7% measured)."""
     mesh = make_mesh((4,), ("ep",))
     base = jep.MoEConfig(num_experts=8, top_k=2)
     params = jep.init_params(jax.random.key(2), hidden=128, ffn=128, config=base)
@@ -385,7 +387,11 @@ def test_fp8_experts_layer_is_close_to_the_bf16_one_and_chunks_quantize_alike(rn
         assert a.dtype == b.dtype and rel_err(np.asarray(a), np.asarray(b)) < 0.2
     chunked, chunked_grads = run("fp8", num_chunks=2)
     np.testing.assert_allclose(float(chunked), float(got), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(got_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    (chunked_dx, chunked_params), (dx, params_grads) = chunked_grads, got_grads
+    np.testing.assert_allclose(np.asarray(chunked_dx), np.asarray(dx), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked_params["router"]),
+                               np.asarray(params_grads["router"]), rtol=1e-4, atol=1e-5)
+    for name in ("w_gate", "w_up", "w_down"):  # quantized along each chunk's rows of a group
+        assert 0 < rel_err(chunked_params[name], params_grads[name]) < 0.05
     with pytest.raises(ValueError, match="expert_precision must be one of"):
         jep.MoEConfig(num_experts=8, top_k=2, expert_precision="int8")

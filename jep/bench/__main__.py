@@ -78,7 +78,8 @@ def parse_args(argv=None):
            "and the hierarchical modes, with the bytes that cross the node axis")
     a("--tune-ops", type=_ops, default=list(tuning.OPS),
       help=f"tune: the products to tune, comma-separated, of "
-           f"{','.join(tuning.TUNED)} (fp8: the FP8 kernel, forward and dx alike; dx_sum: "
+           f"{','.join(tuning.TUNED)} (fp8: the FP8 kernel, forward and dx alike; dw_fp8: "
+           f"the FP8 weight gradient, beside the table's bf16 one; dx_sum: "
            f"the dx of two weights summed in one kernel, as of the gate and up products; "
            f"gated: the gate and up products and the activation in one kernel)")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")

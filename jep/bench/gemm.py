@@ -50,8 +50,9 @@ def _ops(matmul):
 
 
 def _fp8_ops():
-    """forward and dx of `jep.experts.fp8_grouped_matmul` with the weight quantized beforehand
-    (the rotations' fifth element); dw is the bf16 product ("jep"'s)."""
+    """forward, dx and dw of `jep.experts.fp8_grouped_matmul` with the weight quantized
+    beforehand (the rotations' fifth element); x and dy are quantized in the loop, by rows for
+    the forward and dx, along the rows for dw."""
     def forward(x, w, dy, sizes, quantized):
         return experts.fp8_grouped_matmul(x, w, sizes, quantized=quantized)
 
@@ -59,7 +60,11 @@ def _fp8_ops():
         return jax.vjp(lambda x: experts.fp8_grouped_matmul(x, w, sizes, quantized=quantized),
                        x)[1](dy)[0]
 
-    return {"forward": forward, "dx": dx}
+    def dw(x, w, dy, sizes, quantized):
+        return jax.vjp(lambda w: experts.fp8_grouped_matmul(x, w, sizes, quantized=quantized),
+                       w)[1](dy)[0]
+
+    return {"forward": forward, "dx": dx, "dw": dw}
 
 
 def _jax_pallas_ops():
@@ -151,7 +156,7 @@ def add_rooflines(results: list[dict], bytes_per_second: float) -> list[dict]:
             continue
         dw = next((d for d in results if d["op"] == "dw" and d["variant"] == r["variant"]
                    and key(d) == key(r)), None)
-        if dw is None:  # "jep fp8": its dw is jep's
+        if dw is None:
             continue
         entry = {k: v for k, v in r.items() if k not in ("error", "backend")} | {
             "op": "dx + dw", "roofline_seconds": None, "vs_roofline": None}
@@ -201,7 +206,7 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
                 else:
                     record(variant, op, body)
         if "jep fp8" in peers and k % fp8.TILE == 0 and n % fp8.TILE == 0:
-            # FP8 forward and dx, each weight quantized before the loop (x and dy in it).
+            # FP8 products, each weight quantized before the loop (x and dy in it).
             quantized = [(*r, fp8.quantize_weight(r[1])) for r in rotations]
             for op, body in _fp8_ops().items():
                 record("jep fp8", op, body, quantized)

@@ -62,8 +62,10 @@ def device_events(path: str) -> list[dict]:
 KINDS = (
     ("grouped forward", ("jep_grouped_forward",)),
     ("grouped dx", ("jep_grouped_dx",)),
+    ("grouped FP8 dw", ("jep_grouped_dw_fp8",)),
     ("grouped dw", ("jep_grouped_dw",)),
     ("grouped FP8 (forward and dx)", ("jep_grouped_fp8",)),
+    ("FP8 quantization", ("jep_fp8_quantize",)),
     ("exchange", ("jep_exchange", "all-to-all", "all_to_all", "nccl", "RaggedAllToAll",
                   "MultiGpuBarrier")),
     ("routing and layout", ("jep_route", "jep_layout")),

@@ -10,6 +10,10 @@ fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
   FP8 dispatch's `jep.fp8.pack_rows` (rows and scales packed into one row each) against the
   kernel storing into the packed rows (`jep_kernels.quantize.pack_rows`), where H is a
   multiple of 128. Bytes = x read, the e4m3 rows and their scales written.
+- the same rows as a weight gradient's operand, in `groups` equal groups:
+  `jep.fp8.quantize_columns` (a scale per 128 rows of a group x 1 channel, transposed) against
+  its kernel. Bytes = x read, the e4m3 layout (padded to whole tiles a group) and its scales
+  written.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def _timed(runs, *, iters, repeats, about, moved):
     return results
 
 
-def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int,
+def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int, groups: int = 32,
                  seed: int = 0) -> list[dict]:
     results = []
     for count in tokens if hidden % fp8.TILE == 0 else ():
@@ -56,13 +60,24 @@ def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int,
         moved = x.size * (jnp.dtype(dtype).itemsize + 1) + 4 * x.size // fp8.TILE
         results += _timed(runs, iters=iters, repeats=repeats, moved=moved,
                           about={"op": "rows", "shape": [count, hidden]})
+        sizes = jnp.full((groups,), count // groups, jnp.int32)
+        quantizers = {VARIANTS[0]: fp8.quantize_columns}
+        if on_hopper() and jep_kernels.quantize.columns_kernel_takes(x):
+            quantizers[VARIANTS[1]] = jep_kernels.quantize.quantize_columns
+        runs = {name: (jax.jit(lambda x, quantize=quantize: timing.repeat_rotated(
+                           lambda x: quantize(x, sizes), [(x,)], iters)), (x,))
+                for name, quantize in quantizers.items()}
+        padded = fp8.padded_rows(count, groups)
+        moved = x.size * jnp.dtype(dtype).itemsize + padded * hidden + 4 * padded * hidden // fp8.TILE
+        results += _timed(runs, iters=iters, repeats=repeats, moved=moved,
+                          about={"op": f"columns, {groups} groups", "shape": [count, hidden]})
     return results
 
 
 def measure(*, tokens, hidden: int, ffn: int, experts: int, dtype, iters: int, repeats: int,
             seed: int = 0) -> list[dict]:
     results = measure_rows(tokens=tokens, hidden=hidden, dtype=dtype, iters=iters,
-                           repeats=repeats, seed=seed)
+                           repeats=repeats, groups=experts, seed=seed)
     key = jax.random.key(seed)
     for shape in ((experts, hidden, ffn), (experts, ffn, hidden)):
         # Drawn on the device: DeepSeek-V3's weights are 3.8 G elements.

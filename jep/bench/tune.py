@@ -29,6 +29,13 @@ def _fp8_operands(rotations):
     return [quantized(*r) for r in rotations]
 
 
+def _fp8_dw_operands(rotations):
+    """Each rotation (x, w, dy, sizes) as the FP8 weight gradient takes it, beside the bf16
+    one: x and dy each as (itself, quantized along the rows by `jep.fp8.quantize_columns`)."""
+    return [((x, fp8.quantize_columns(x, sizes)), None, (dy, fp8.quantize_columns(dy, sizes)),
+             sizes) for x, w, dy, sizes in rotations]
+
+
 def _paired_operands(rotations):
     """For "dx_sum" and "gated": each rotation (x, w, dy, sizes) with the next rotation's w and
     dy beside its own, as tuples (two weights in buffers of their own, as the gate and up
@@ -58,7 +65,7 @@ def _apart(config):
 
 
 def _describe(op, config) -> str:
-    if op == "dw":  # a DwConfig: K block x N block x rows a step
+    if op in ("dw", tuning.DW_FP8):  # a DwConfig: K block x N block x rows a step
         kind = "ws" if config.warp_specialized else "plain"
         epilogue = (f" e{config.epilogue_k}x{config.epilogue_n}"
                     if config.warp_specialized else "")
@@ -83,10 +90,14 @@ def _describe(op, config) -> str:
             f"s{config.max_concurrent_steps}")
 
 
-def _product(op, config, interpret: bool = False):
+def _product(op, config, interpret: bool = False, num_rows: int = 0):
     if op == tuning.FP8:  # operands quantized before the loop (`_fp8_operands`)
         return lambda x, w, dy, sizes: gm.grouped_matmul_fp8(*x, *w, sizes, config=config,
                                                              interpret=interpret)
+    if op == tuning.DW_FP8:  # operands quantized before the loop (`_fp8_dw_operands`)
+        return lambda x, w, dy, sizes: gm.grouped_matmul_dw_fp8(
+            *x[1], *dy[1], sizes, num_rows=num_rows, config=config,
+            out_dtype=jax.numpy.bfloat16, interpret=interpret)
     if op == "forward":
         return lambda x, w, dy, sizes: mgpu.grouped_matmul(x, w, sizes, config=config,
                                                            interpret=interpret)
@@ -122,9 +133,14 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
         for op in ops:
             flops = 2.0 * m * k * n * (2 if op in (tuning.DX_SUM, tuning.GATED) else 1)
             pk, pn = tuning.product_shape(op, k, n)
-            bodies = {_describe(op, c): (_product(op, c, interpret), c)
+            bodies = {_describe(op, c): (_product(op, c, interpret, num_rows=m), c)
                       for c in tuning.candidates(op, pk, pn)}
-            if op in gemm.DENSE:  # none for "fp8": the gemm suite times FP8 beside the dense
+            # The bf16 weight gradient of the table beside the FP8 one (never picked).
+            if op == tuning.DW_FP8:
+                bf16_dw = _product("dw", tuning.config_for("dw", pk, pn, g), interpret)
+                bodies["bf16 dw (the table's)"] = (
+                    lambda x, w, dy, sizes: bf16_dw(x[0], w, dy[0], sizes), None)
+            if op in gemm.DENSE:  # none for the FP8 ops: the gemm suite times them beside it
                 bodies["dense matmul"] = (gemm.DENSE[op], None)
             # What the one-kernel ops replace, timed beside them (an entry only where beaten).
             baseline_name = {tuning.DX_SUM: "two dx and their sum",
@@ -134,6 +150,7 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
             if op == tuning.GATED and not interpret:
                 bodies[baseline_name] = (_apart(tuning.config_for("forward", pk, pn, g)), None)
             operands = (_fp8_operands(rotations) if op == tuning.FP8 else
+                        _fp8_dw_operands(rotations) if op == tuning.DW_FP8 else
                         _paired_operands(rotations) if op in (tuning.DX_SUM, tuning.GATED)
                         else rotations)
             runs = {name: (jax.jit(lambda rotations, body=body:
