@@ -11,10 +11,10 @@ end.
 
 Built for DeepSeek-V3's FP8 recipe, where every expert product quantizes its rows first: on
 Hopper `jep.experts.fp8_grouped_matmul` quantizes its rows with it, and FP8 dispatch packs the
-kernel's rows and scales (`jep.fp8.pack_rows`). `pack_rows(x)` stores the e4m3 tiles straight
-into FP8 dispatch's packed rows instead, which saves the packing's own pass over them (15.7 of
-the 42.4 us the H200 took at 4096 x 7168); it matches the reference in the interpreter and
-lowers for Hopper but has not yet run on a GPU, so `jep.fp8.pack_rows` does not take it yet.
+kernel's rows and scales where `pack_rows(x)` does not take them: it stores the e4m3 tiles
+straight into FP8 dispatch's packed rows, which saves the packing's own pass over them (30 us
+against 45 on an H200 at 4096 x 7168; `jep.fp8.pack_rows` takes it where H is a multiple of
+1024).
 
 `quantize_columns(x, group_sizes)` is `jep.fp8.quantize_columns` as one kernel: a weight
 gradient's operand quantized along its rows, a scale per 128 rows of one group x 1 channel,

@@ -269,10 +269,12 @@ def test_quantize_kernel_equals_the_reference_bit_for_bit(rng, dtype, tiles, spl
 
 
 @pytest.mark.skipif(not jep.platform.on_hopper(), reason="pack_rows takes the kernel on Hopper")
-def test_pack_rows_with_the_kernel_is_the_reference_packed(rng):
-    """On Hopper, FP8 dispatch's pack_rows quantizes with the rows kernel (rows a multiple of
-    64): the same words as the reference quantization packed, a zero row included."""
-    x = magnitudes(rng, (192, 7168))
+@pytest.mark.parametrize("hidden", [7168, 1152])  # straight into packed rows; rows, then packed
+def test_pack_rows_with_the_kernel_is_the_reference_packed(rng, hidden):
+    """On Hopper, FP8 dispatch's pack_rows quantizes with the kernels (rows a multiple of 64):
+    stored straight into the packed rows where H is a multiple of 1024, else the rows kernel's
+    output packed; the same words as the reference quantization packed, a zero row included."""
+    x = magnitudes(rng, (192, hidden))
     x[7] = 0
     x = jnp.asarray(x, jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(fp8.pack_rows(x)),
