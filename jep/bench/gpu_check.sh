@@ -64,8 +64,15 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     --iters 10 --repeats 5 --min-seconds 1 --out "$out/gemm" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench gemm --routing zipf --gemm-shapes 32768x7168x2048x8 --iters 10 --repeats 5 --min-seconds 1 \
     --out "$out/gemm_zipf" 2>&1 | tee -a "$out/bench.txt"
+  # The FP8 weight gradient's configurations beside the table's bf16 dw (issue 21): DeepSeek-V3's
+  # expert shapes at 32 experts (a GPU's share under EP=8) and 256. Its table.json goes to $out.
+  python3 -m jep.bench tune --gemm-shapes 32768x7168x2048x32,32768x2048x7168x32,32768x7168x2048x256 \
+    --tune-ops dw_fp8 --iters 5 --repeats 3 --out "$out/tune_dw_fp8" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench layer --tokens 4096 --hidden 2048 --ffn 1024 --experts 64 --topk 4 --iters 5 \
     --repeats 5 --out "$out/layer_small" 2>&1 | tee -a "$out/bench.txt"
+  # DeepSeek-V3's recipe against the bf16 layer at a GPU's share of its experts (issue 21).
+  python3 -m jep.bench layer --hidden 7168 --ffn 2048 --experts 32 --topk 8 --tokens 4096 \
+    --layer-variants jep,fp8 --iters 3 --repeats 3 --profile --out "$out/layer_fp8_e32" 2>&1 | tee -a "$out/bench.txt"
   # Real models' expert shapes, with the time of a step by kind of kernel (--profile).
   for model in deepseek-v3 qwen3-30b-a3b olmoe; do
     python3 -m jep.bench layer --model "$model" --tokens 4096 --iters 3 --repeats 3 \
