@@ -454,8 +454,12 @@ def test_grouped_products_run_under_their_scopes():
     text += jax.jit(lambda x_q, x_scales, q, scales: gm.grouped_matmul_fp8(
         x_q, x_scales, q, scales, sizes, interpret=True)).lower(
         x_q, x_scales, weight.q_t, weight.scales_t).as_text(debug_info=True)
+    columns = fp8.quantize_columns(x, sizes)
+    text += jax.jit(lambda a, b: gm.grouped_matmul_dw_fp8(
+        *a, *b, sizes, num_rows=64, interpret=True)).lower(columns, columns).as_text(
+        debug_info=True)
     kinds = {"forward": "grouped forward", "dx": "grouped dx", "dw": "grouped dw",
-             "fp8": "grouped FP8 (forward and dx)"}
+             "fp8": "grouped FP8 (forward and dx)", "dw_fp8": "grouped FP8 dw"}
     for op, scope in gm.SCOPES.items():
         assert scope in text
         # ... and the breakdown takes an op under that scope for that product.
