@@ -279,14 +279,14 @@ def columns_kernel_takes(x) -> bool:
             and x.shape[0] % 8 == 0 and x.shape[1] > 0 and x.shape[1] % TILE == 0)
 
 
-def quantize_columns(x, group_sizes, *, stages: int = 2, splits: int | None = None,
-                     interpret: bool = False):
+def quantize_columns(x, group_sizes, *, channels: int = 128, stages: int = 2,
+                     splits: int | None = None, interpret: bool = False):
     """(q_t e4m3[H, P], scales f32[P / 128, H]): `jep.fp8.quantize_columns(x, group_sizes)`, a
     weight gradient's operand quantized along its rows (a scale per 128 rows of one group x 1
     channel), transposed, each group from a tile of its own (P = `padded_rows`).
 
     A program takes one tile of the padded layout (128 rows of one group, the rest zeros) and
-    `H / 128 / splits` of its blocks of 128 channels, through a pipeline of `stages` TMA loads:
+    H / splits of its channels in blocks of `channels`, through a pipeline of `stages` TMA loads:
     a group's rows start anywhere, and TMA loads a swizzled tile from row offsets in multiples
     of 8 only, so each block comes in plain, its rows past the group are zeroed in registers,
     it goes back to shared memory swizzled, and is read out transposed (as `quantize_weight`
@@ -296,22 +296,26 @@ def quantize_columns(x, group_sizes, *, stages: int = 2, splits: int | None = No
     Args:
       x: [M, H] bf16 or f16, H a multiple of 128, M of 8 (`columns_kernel_takes`).
       group_sizes: i32[G], rows per group; rows past their sum are left out.
+      channels: the channels of a block, 128 or 64 (half the shared memory a program: on an
+        H200 a program of 128-channel blocks takes about 130 KB, one a multiprocessor).
       stages: blocks in flight per program.
-      splits: programs per tile, each taking H / 128 / splits of its blocks (a divisor of
+      splits: programs per tile, each taking H / splits of its channels (a divisor of
         H / 128); by default `column_splits`.
       interpret: Pallas's GPU interpret mode (CPU, for tests).
     """
-    if not columns_kernel_takes(x) or stages < 1:
+    if not columns_kernel_takes(x) or stages < 1 or channels not in (64, 128):
         raise ValueError(f"x must be [M, H] bf16/f16 with H a multiple of {TILE} and M of 8 "
-                         f"(stages={stages} >= 1), got {x.dtype}{list(x.shape)}")
+                         f"(stages={stages} >= 1, channels={channels} 64 or 128), got "
+                         f"{x.dtype}{list(x.shape)}")
     if group_sizes.ndim != 1:
         raise ValueError(f"group_sizes must be [G], got shape {group_sizes.shape}")
     num_rows, hidden = x.shape
-    blocks = hidden // TILE
     splits = column_splits(hidden) if splits is None else splits
-    if splits < 1 or blocks % splits:
-        raise ValueError(f"splits must divide the {blocks} blocks of 128 channels, got {splits}")
-    own = blocks // splits
+    if splits < 1 or (hidden // TILE) % splits:
+        raise ValueError(f"splits must divide the {hidden // TILE} blocks of 128 channels, got "
+                         f"{splits}")
+    blocks = hidden // channels
+    own = blocks // splits  # the blocks of one program
     padded = padded_rows(num_rows, group_sizes.shape[0])
     tiles = padded // TILE
     first, _ = column_tiles(group_sizes, num_rows)
@@ -328,9 +332,11 @@ def quantize_columns(x, group_sizes, *, stages: int = 2, splits: int | None = No
     laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
 
     def rows_of(x_smem, h, held):
-        """Rows h * 64 .. of the block, f32 [64, 128], those past the group's `held` zeroed."""
+        """Rows h * 64 .. of the block, f32 [64, channels], those past the group's `held`
+        zeroed."""
         values = laid_out(x_smem[pl.ds(h * half, half)], plgpu.Layout.WGMMA).astype(jnp.float32)
-        index = laid_out(lax.broadcasted_iota(jnp.int32, (half, TILE), 0), plgpu.Layout.WGMMA)
+        index = laid_out(lax.broadcasted_iota(jnp.int32, (half, channels), 0),
+                         plgpu.Layout.WGMMA)
         return jnp.where(index + h * half < held, values, 0.0)
 
     def columns_of(t_smem, h):
@@ -353,7 +359,7 @@ def quantize_columns(x, group_sizes, *, stages: int = 2, splits: int | None = No
                 t_smem[pl.ds(h * half, half)] = rows_of(x_smem, h, held).astype(x.dtype)
             plgpu.commit_smem()
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's store is done
-            for h in range(2):
+            for h in range(channels // half):
                 values = columns_of(t_smem, h)
                 amax = jnp.max(jnp.abs(values), axis=1)
                 scale = jnp.where(amax == 0, 1.0, amax / E4M3_MAX)
@@ -362,11 +368,12 @@ def quantize_columns(x, group_sizes, *, stages: int = 2, splits: int | None = No
                 scales_smem[block, pl.ds(h * half, half)] = scale
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[slot],
-                                    q_gmem.at[pl.ds((base + block) * TILE, TILE),
+                                    q_gmem.at[pl.ds((base + block) * channels, channels),
                                               pl.ds(index * TILE, TILE)])
 
         plgpu.emit_pipeline(step, grid=(own,),
-                            in_specs=[plgpu.BlockSpec((TILE, TILE), lambda b: (0, base + b))],
+                            in_specs=[plgpu.BlockSpec((TILE, channels),
+                                                      lambda b: (0, base + b))],
                             max_concurrent_steps=stages)(
             x_gmem.at[pl.ds(table_gmem[2 * index], TILE)])
         plgpu.commit_smem()
@@ -378,13 +385,13 @@ def quantize_columns(x, group_sizes, *, stages: int = 2, splits: int | None = No
     q_t, scales = plgpu.kernel(
         named(body, "jep_fp8_quantize_columns"),
         out_type=(jax.ShapeDtypeStruct((hidden, padded), E4M3),
-                  jax.ShapeDtypeStruct((tiles, blocks, TILE), jnp.float32)),
+                  jax.ShapeDtypeStruct((tiles, blocks, channels), jnp.float32)),
         grid=(tiles, splits),
         grid_names=("tiles", "columns"),
-        scratch_types=[plgpu.SMEM((TILE, TILE), x.dtype,
-                                  transforms=() if interpret else smem_transforms(TILE, x.dtype)),
-                       plgpu.SMEM((2, TILE, TILE), E4M3),
-                       plgpu.SMEM((own, TILE), jnp.float32)],
+        scratch_types=[plgpu.SMEM((TILE, channels), x.dtype, transforms=() if interpret
+                                  else smem_transforms(channels, x.dtype)),
+                       plgpu.SMEM((2, channels, TILE), E4M3),
+                       plgpu.SMEM((own, channels), jnp.float32)],
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None,

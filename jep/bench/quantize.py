@@ -12,11 +12,13 @@ fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
   multiple of 128. Bytes = x read, the e4m3 rows and their scales written.
 - the same rows as a weight gradient's operand, in `groups` equal groups:
   `jep.fp8.quantize_columns` (a scale per 128 rows of a group x 1 channel, transposed) against
-  its kernel. Bytes = x read, the e4m3 layout (padded to whole tiles a group) and its scales
+  its kernel, in blocks of 128 channels and of 64 (half the shared memory). Bytes = x read, the e4m3 layout (padded to whole tiles a group) and its scales
   written.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +66,8 @@ def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int, groups
         quantizers = {VARIANTS[0]: fp8.quantize_columns}
         if on_hopper() and jep_kernels.quantize.columns_kernel_takes(x):
             quantizers[VARIANTS[1]] = jep_kernels.quantize.quantize_columns
+            quantizers["jep kernel, 64-channel blocks"] = functools.partial(
+                jep_kernels.quantize.quantize_columns, channels=64)
         runs = {name: (jax.jit(lambda x, quantize=quantize: timing.repeat_rotated(
                            lambda x: quantize(x, sizes), [(x,)], iters)), (x,))
                 for name, quantize in quantizers.items()}
