@@ -36,7 +36,8 @@ import ml_dtypes
 
 import jep_kernels.quantize
 from jep import _checks
-from jep_kernels.grouped_matmul.dw_fp8 import column_tiles, padded_rows
+# The layout of `quantize_columns` (column_tiles and padded_rows are exported from here).
+from jep_kernels.grouped_matmul.dw_fp8 import column_tiles, padded_rows, tile_rows  # noqa: F401
 from jep.platform import on_hopper
 
 E4M3 = jnp.float8_e4m3fn
@@ -137,16 +138,9 @@ def unpack_rows(packed, hidden: int, dtype=jnp.bfloat16, *, tile: int = TILE):
 
 def _padded_sources(group_sizes, num_rows: int, tile: int):
     """For each row of the padded layout, i32[P]: the row of x it holds, or -1 (padding)."""
-    num_groups = group_sizes.shape[0]
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    first, _ = column_tiles(group_sizes, num_rows, tile)
-    position = jnp.arange(padded_rows(num_rows, num_groups, tile), dtype=jnp.int32)
-    # The last group starting at or before each position (an empty group starts where the
-    # next one does, so `right` passes over it).
-    group = jnp.searchsorted(first * tile, position, side="right") - 1
-    source = starts[group] + position - first[group] * tile
-    return jnp.where(source < ends[group], source, -1)
+    row, held = tile_rows(group_sizes, num_rows, tile)
+    offset = jnp.arange(tile, dtype=jnp.int32)
+    return jnp.where(offset < held[:, None], row[:, None] + offset, -1).reshape(-1)
 
 
 def quantize_columns(x, group_sizes, *, tile: int = TILE):

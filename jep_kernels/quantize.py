@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jep_kernels.grouped_matmul.dw_fp8 import column_tiles, padded_rows
+from jep_kernels.grouped_matmul.dw_fp8 import padded_rows, tile_rows
 from jep_kernels.grouped_matmul.mgpu import FP8_TILE as TILE, interpret_params, named, smem_transforms
 from jep_kernels.vma import vary_like
 
@@ -318,15 +318,8 @@ def quantize_columns(x, group_sizes, *, channels: int = 128, stages: int = 2,
     own = blocks // splits  # the blocks of one program
     padded = padded_rows(num_rows, group_sizes.shape[0])
     tiles = padded // TILE
-    first, _ = column_tiles(group_sizes, num_rows)
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    # Each padded tile's first row of x, and how many of its rows are the group's (none past
-    # the last group's tiles): i32[2 P / 128].
-    tile = jnp.arange(tiles, dtype=jnp.int32)
-    group = jnp.maximum(jnp.searchsorted(first, tile, side="right") - 1, 0)
-    row = starts[group] + (tile - first[group]) * TILE
-    held = jnp.clip(ends[group] - row, 0, TILE)
+    # Each tile's first row of x (0 where it holds none) and its rows of the group: i32[2 P / 128].
+    row, held = tile_rows(group_sizes, num_rows)
     table = jnp.stack([jnp.where(held > 0, row, 0), held], axis=1).reshape(-1)
     half = TILE // 2  # the rows of one warpgroup register tile
     laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast

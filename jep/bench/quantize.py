@@ -12,8 +12,8 @@ fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
   multiple of 128. Bytes = x read, the e4m3 rows and their scales written.
 - the same rows as a weight gradient's operand, in `groups` equal groups:
   `jep.fp8.quantize_columns` (a scale per 128 rows of a group x 1 channel, transposed) against
-  its kernel, in blocks of 128 channels and of 64 (half the shared memory). Bytes = x read, the e4m3 layout (padded to whole tiles a group) and its scales
-  written.
+  its kernel, in blocks of 128 channels and of 64 (half the shared memory). Bytes = x read,
+  the e4m3 layout (padded to whole tiles a group) and its scales written.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jep_kernels.grouped_matmul.mgpu import (FP8_TILE as TILE, SCOPES, DwConfig, _drain,
-                                             _free_stage, _persistent, smem_transforms)
+                                             _free_stage, _persistent, _store_pieces,
+                                             group_rows,
+                                             smem_transforms)
 from jep_kernels.vma import vary_like
 
 E4M3 = jnp.float8_e4m3fn
@@ -34,7 +36,7 @@ DW_FP8_CONFIG = DwConfig(block_k=128, block_n=128, block_rows=TILE, max_concurre
                          warp_specialized=True, epilogue_k=64, epilogue_n=64)
 
 
-# The operands' layout (`jep.fp8.quantize_columns` makes it; `jep.fp8` exports these two).
+# The operands' layout (`jep.fp8.quantize_columns` makes it; `jep.fp8` exports these).
 def padded_rows(num_rows: int, num_groups: int, tile: int = TILE) -> int:
     """Rows of `jep.fp8.quantize_columns`' layout for M rows in G groups, P: every group starts
     at a multiple of `tile`, so they take at most ceil((M + G (tile - 1)) / tile) tiles."""
@@ -44,10 +46,24 @@ def padded_rows(num_rows: int, num_groups: int, tile: int = TILE) -> int:
 def column_tiles(group_sizes, num_rows: int, tile: int = TILE):
     """(first, tiles), i32[G] each: group g's rows (clipped to `num_rows`) are `tiles[g]` tiles of
     `jep.fp8.quantize_columns`' layout from tile `first[g]` on."""
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    starts, ends = group_rows(group_sizes, num_rows)
     tiles = (ends - starts + tile - 1) // tile
     return jnp.cumsum(tiles) - tiles, tiles
+
+
+def tile_rows(group_sizes, num_rows: int, tile: int = TILE):
+    """(row, held), i32[P / tile] each: the row of x that each tile of `jep.fp8.quantize_columns`'
+    layout starts at, and how many of its rows are its group's (the rest padding; none in the
+    tiles past the last group's)."""
+    starts, ends = group_rows(group_sizes, num_rows)
+    first, _ = column_tiles(group_sizes, num_rows, tile)
+    index = jnp.arange(padded_rows(num_rows, group_sizes.shape[0], tile) // tile,
+                       dtype=jnp.int32)
+    # The last group starting at or before each tile (an empty group starts where the next one
+    # does, so `right` passes over it).
+    group = jnp.maximum(jnp.searchsorted(first, index, side="right") - 1, 0)
+    row = starts[group] + (index - first[group]) * tile
+    return row, jnp.clip(ends[group] - row, 0, tile)
 
 
 def check_dw_fp8_shapes(x_t, x_scales, dy_t, dy_scales, group_sizes, num_rows: int, *,
@@ -105,7 +121,6 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
     bm, bn, stages = config.block_k, config.block_n, config.max_concurrent_steps
     wm = bm // 2  # each compute warpgroup's rows of a tile
     em, en = min(config.epilogue_k, wm), min(config.epilogue_n, bn)
-    pieces = (wm // em) * (bn // en)
     k_blocks, n_blocks = depth // bm, width // bn
     num_tiles = num_groups * k_blocks * n_blocks
     out_dtype = jnp.dtype(out_dtype)
@@ -202,21 +217,9 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
                     # Zero for an empty group (no steps).
                     acc = lax.fori_loop(0, steps, step, laid_out(
                         jnp.zeros((wm, bn), jnp.float32), plgpu.Layout.WGMMA)).astype(out_dtype)
-                    for i in range(wm // em):
-                        for j in range(bn // en):
-                            piece = i * (bn // en) + j
-                            slot = piece % 2
-                            # The buffer's last store has read it (with an odd number of
-                            # pieces, the first piece's buffer was the last one used).
-                            plgpu.wait_smem_to_gmem(0 if piece == 0 and pieces % 2 else 1,
-                                                    wait_read_only=True)
-                            out_smem[wg, slot] = acc[i * em:(i + 1) * em, j * en:(j + 1) * en]
-                            plgpu.commit_smem()
-                            row = pl.multiple_of(kb * bm + wg * wm + i * em, 8)
-                            col = pl.multiple_of(nb * bn + j * en, en)
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot],
-                                out_gmem.at[group, pl.ds(row, em), pl.ds(col, en)])
+                    _store_pieces(acc, out_smem.at[wg], lambda i, j: out_gmem.at[
+                        group, pl.ds(pl.multiple_of(kb * bm + wg * wm + i * em, 8), em),
+                        pl.ds(pl.multiple_of(nb * bn + j * en, en), en)], (em, en))
                     return count + steps
 
                 plgpu.nd_loop((num_tiles,), collective_axes="sm",

@@ -798,6 +798,26 @@ def _free_stage(consumed, position, stages: int):
     return slot
 
 
+def _store_pieces(acc, out_smem, destination, piece: tuple[int, int]):
+    """Stores a warpgroup's result `acc` [R, C] (in the output's dtype) piece by piece through
+    its buffers `out_smem` [B, em, en] (one or two), without waiting for the stores:
+    `destination(i, j)` is the gmem ref of piece (i, j), rows i * em .., columns j * en ...
+    Each buffer is reused once its last store has read it (with two buffers and an odd number
+    of pieces, the first piece's buffer was the last one used, by the result before)."""
+    em, en = piece
+    buffers = out_smem.shape[0]
+    pieces = (acc.shape[0] // em) * (acc.shape[1] // en)
+    for i in range(acc.shape[0] // em):
+        for j in range(acc.shape[1] // en):
+            index = i * (acc.shape[1] // en) + j
+            slot = index % buffers
+            alone = buffers == 1 or (index == 0 and pieces % 2)
+            plgpu.wait_smem_to_gmem(0 if alone else 1, wait_read_only=True)
+            out_smem[slot] = acc[i * em:(i + 1) * em, j * en:(j + 1) * en]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[slot], destination(i, j))
+
+
 def _drain(barriers, total, ring: int):
     """A ring's last releases: waited for, so that no barrier is left with a phase unobserved
     (`total` positions went through a ring of `ring` stages)."""
@@ -887,7 +907,7 @@ def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width, comm
         rows //= 2
 
 
-def _group_rows(group_sizes, num_rows: int):
+def group_rows(group_sizes, num_rows: int):
     """(starts, ends), i32[G] each: the rows [start, end) of each group, clipped to num_rows."""
     ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
@@ -900,7 +920,7 @@ def _segment_rows(group_sizes, chunk_rows):
     group_sizes[c] (i32[C, G])."""
     starts, ends, offset = [], [], 0
     for c, rows in enumerate(chunk_rows):
-        start, end = _group_rows(group_sizes[c], rows)
+        start, end = group_rows(group_sizes[c], rows)
         starts.append(start + offset)
         ends.append(end + offset)
         offset += rows
@@ -1265,22 +1285,10 @@ def _grouped_matmul_dw_ws(x, dy, segments, *, config, out_dtype, interpret):
 
                         # Zero where the group is empty (no steps): the accumulator starts at zero.
                         acc = pl.run_scoped(multiply, plgpu.ACC((bm, bn))).astype(out_dtype)
-                        for i in range(bm // em):
-                            for jj in range(bn // en):
-                                piece = i * (bn // en) + jj
-                                slot = piece % buffers
-                                # The buffer's last store has read it. (With two buffers and an
-                                # odd number of pieces, the first piece's buffer was the last
-                                # one used.)
-                                alone = buffers == 1 or (piece == 0 and pieces % 2)
-                                plgpu.wait_smem_to_gmem(0 if alone else 1, wait_read_only=True)
-                                out_smem[wg, slot] = acc[i * em:(i + 1) * em, jj * en:(jj + 1) * en]
-                                plgpu.commit_smem()
-                                row = pl.multiple_of((k0 + j) * bm + i * em, 8)
-                                col = pl.multiple_of((2 * ni + wg) * bn + jj * en, en)
-                                plgpu.copy_smem_to_gmem(
-                                    out_smem.at[wg, slot],
-                                    out_gmem.at[group, pl.ds(row, em), pl.ds(col, en)])
+                        _store_pieces(acc, out_smem.at[wg], lambda i, jj, j=j: out_gmem.at[
+                            group, pl.ds(pl.multiple_of((k0 + j) * bm + i * em, 8), em),
+                            pl.ds(pl.multiple_of((2 * ni + wg) * bn + jj * en, en), en)],
+                            (em, en))
                         return x_count + steps, dy_at + steps
 
                     return lax.fori_loop(0, run_k, tile_product, carry)
