@@ -132,7 +132,8 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, quantized_rows=None
         padded = fp8.padded_rows(x.shape[0], group_sizes.shape[0])
         _check_quantized(quantized_columns, "quantized_columns", "jep.fp8.quantize_columns",
                          ((x.shape[1], padded), (padded // fp8.TILE, x.shape[1])))
-    return _fp8_product(x, w, quantized, quantized_rows, quantized_columns, group_sizes, backend)
+    return _fp8_products(x, (w,), (quantized,), quantized_rows, quantized_columns, group_sizes,
+                         backend)[0]
 
 
 def _check_quantized(quantized, name: str, maker: str, shapes) -> None:
@@ -209,40 +210,60 @@ def _fp8_weight_gradient(x_columns, dy_columns, group_sizes, num_rows: int, w, k
 def _fp8_times(a, b_q, b_scales, group_sizes, backend: str, a_quantized=None):
     """a quantized per 1 x 128 tile (`a_quantized`, else made here), times b^T (b e4m3[G, N, K]
     K-major, scaled per 128 x 128 block): [C, N] in a.dtype. The FP8 Pallas kernel where the
-    bf16 ones run, else in float32."""
-    kernel = _runs_fp8_kernel(a, b_q.shape, backend)
-    a_q, a_scales = a_quantized if a_quantized is not None else _quantize_rows(a, kernel)
+    bf16 ones run, else in float32. With sequences for a, b_q and b_scales (a_quantized None):
+    the sum of their products, rounded once (on the Pallas kernels, one kernel)."""
+    summed = isinstance(a, tuple)
+    as_, b_qs, b_scales = (tuple(v) if summed else (v,) for v in (a, b_q, b_scales))
+    kernel = _runs_fp8_kernel(as_[0], b_qs[0].shape, backend)
+    quantized = ((a_quantized,) if a_quantized is not None
+                 else tuple(_quantize_rows(one, kernel) for one in as_))
+    dtype = as_[0].dtype
     if kernel:
-        return jep_kernels.grouped_matmul.grouped_matmul_fp8(a_q, a_scales, b_q, b_scales,
-                                                             group_sizes, out_dtype=a.dtype)
-    a32 = fp8.dequantize_rows(a_q, a_scales, jnp.float32)
-    b32 = jnp.swapaxes(fp8.dequantize_blocks(b_q, b_scales, jnp.float32), 1, 2)
-    return lax.ragged_dot(a32, b32, group_sizes, precision=lax.Precision.HIGHEST).astype(a.dtype)
+        a_qs, a_scales = (tuple(part) for part in zip(*quantized))
+        return jep_kernels.grouped_matmul.grouped_matmul_fp8(
+            a_qs if summed else a_qs[0], a_scales if summed else a_scales[0],
+            b_qs if summed else b_qs[0], b_scales if summed else b_scales[0], group_sizes,
+            out_dtype=dtype)
+    total = 0
+    for (a_q, a_scale), q, scale in zip(quantized, b_qs, b_scales):
+        a32 = fp8.dequantize_rows(a_q, a_scale, jnp.float32)
+        b32 = jnp.swapaxes(fp8.dequantize_blocks(q, scale, jnp.float32), 1, 2)
+        total = total + lax.ragged_dot(a32, b32, group_sizes, precision=lax.Precision.HIGHEST)
+    return total.astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fp8_product(x, w, quantized, x_rows, x_columns, group_sizes, backend):
-    return _fp8_times(x, quantized.q_t, quantized.scales_t, group_sizes, backend, x_rows)
+def _fp8_products(x, ws, quantized, x_rows, x_columns, group_sizes, backend):
+    """x @ ws[i] in FP8 for each weight (`fp8_grouped_matmul`), x quantized once for all (by
+    rows `x_rows` and along the rows `x_columns` where given, else made here): a tuple. The
+    backward's dx, the sum over the weights of dy[i] @ ws[i]^T, is one FP8 product on the
+    Pallas kernels (the gate and up projections' dx written once)."""
+    if x_rows is None:
+        x_rows = _quantize_rows(x, _runs_fp8_kernel(x, ws[0].shape, backend))
+    return tuple(_fp8_times(x, q.q_t, q.scales_t, group_sizes, backend, x_rows)
+                 for q in quantized)
 
 
-def _fp8_product_fwd(x, w, quantized, x_rows, x_columns, group_sizes, backend):
-    return (_fp8_product(x, w, quantized, x_rows, x_columns, group_sizes, backend),
-            (x, w, quantized, x_columns, group_sizes))
+def _fp8_products_fwd(x, ws, quantized, x_rows, x_columns, group_sizes, backend):
+    return (_fp8_products(x, ws, quantized, x_rows, x_columns, group_sizes, backend),
+            (x, ws, quantized, x_columns, group_sizes))
 
 
-def _fp8_product_bwd(backend, residuals, dy):
-    x, w, quantized, x_columns, group_sizes = residuals
-    dy = dy.astype(x.dtype)
-    dx = _fp8_times(dy, quantized.q, quantized.scales, group_sizes, backend)
-    kernel = _runs_fp8_kernel(x, w.shape, backend)
+def _fp8_products_bwd(backend, residuals, dys):
+    x, ws, quantized, x_columns, group_sizes = residuals
+    dys = tuple(dy.astype(x.dtype) for dy in dys)
+    dx = _fp8_times(dys, tuple(q.q for q in quantized), tuple(q.scales for q in quantized),
+                    group_sizes, backend)
+    kernel = _runs_fp8_kernel(x, ws[0].shape, backend)
     if x_columns is None:
         x_columns = _quantize_columns(x, group_sizes, kernel)
-    dw = _fp8_weight_gradient(x_columns, _quantize_columns(dy, group_sizes, kernel),
-                              group_sizes, x.shape[0], w, kernel)
-    return dx, dw, None, None, None, None
+    dws = tuple(_fp8_weight_gradient(x_columns, _quantize_columns(dy, group_sizes, kernel),
+                                     group_sizes, x.shape[0], w, kernel)
+                for dy, w in zip(dys, ws))
+    return dx, dws, None, None, None, None
 
 
-_fp8_product.defvjp(_fp8_product_fwd, _fp8_product_bwd)
+_fp8_products.defvjp(_fp8_products_fwd, _fp8_products_bwd)
 
 
 def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",
@@ -303,7 +324,7 @@ def _fp8_hidden(rows, weights, activation, *, backend, group_sizes):
     tuple of chunks (group_sizes a list of the chunks' sizes): each weight quantized once for
     all chunks, each chunk's rows once for both products (by rows for the products, along
     the rows for their weight gradients: in the forward, where the backward would take it
-    twice)."""
+    twice), and each chunk's dx of both one product (`_fp8_products`)."""
     chunks = rows if isinstance(rows, tuple) else (rows,)
     quantized = [_quantize_weight(w, chunks[0], backend) for w in weights]
     hs = []
@@ -312,9 +333,8 @@ def _fp8_hidden(rows, weights, activation, *, backend, group_sizes):
         fixed = lax.stop_gradient(chunk)
         chunk_rows = _quantize_rows(fixed, kernel)
         chunk_columns = _quantize_columns(fixed, sizes, kernel)
-        gate, up = (fp8_grouped_matmul(chunk, w, sizes, quantized=q, quantized_rows=chunk_rows,
-                                       quantized_columns=chunk_columns, backend=backend)
-                    for w, q in zip(weights, quantized))
+        gate, up = _fp8_products(chunk, tuple(weights), tuple(quantized), chunk_rows,
+                                 chunk_columns, sizes, backend)
         hs.append(_activate(gate, up, activation, chunk.dtype))
     return tuple(hs) if isinstance(rows, tuple) else hs[0]
 

@@ -302,6 +302,52 @@ def test_fp8_kernel_path_equals_the_emulated_one_in_bf16(rng):
     assert not np.asarray(results["auto"][0][950:], np.float32).any()  # the zero tail
 
 
+@pytest.mark.slow
+def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch):
+    """The FP8 experts on the Pallas kernels (interpreted off a GPU): the products, their
+    operands' quantization, the gate and up products' dx as one summed FP8 product, and the
+    three FP8 weight gradients, against the emulated FP8 experts (backend "xla"), value and
+    gradients, within bf16 rounding and the sums' order (1e-2 of each array's largest)."""
+    import functools
+
+    import jep_kernels.grouped_matmul as gm
+    import jep_kernels.quantize as quantize
+
+    if not ON_HOPPER:
+        monkeypatch.setattr(experts, "_runs_fp8_kernel",
+                            lambda rows, w_shape, backend: backend == "auto")
+        for module, names in ((gm, ("grouped_matmul_fp8", "grouped_matmul_dw_fp8")),
+                              (quantize, ("quantize_rows", "quantize_columns",
+                                          "quantize_weight"))):
+            for name in names:
+                monkeypatch.setattr(module, name,
+                                    functools.partial(getattr(module, name), interpret=True))
+    products = []  # the products of each FP8 kernel call
+    fp8_kernel = gm.grouped_matmul_fp8
+    monkeypatch.setattr(gm, "grouped_matmul_fp8", lambda x, *args, **kwargs: products.append(
+        len(x) if isinstance(x, (list, tuple)) else 1) or fp8_kernel(x, *args, **kwargs))
+    hidden, ffn, groups = 128, 256, 2
+    x = jnp.asarray(rng.normal(size=(64, hidden)), jnp.bfloat16)
+    sizes = jnp.asarray([40, 17], jnp.int32)  # and a tail of rows past the groups
+    w_gate, w_up = (jnp.asarray(rng.normal(size=(groups, hidden, ffn)) / 11, jnp.bfloat16)
+                    for _ in range(2))
+    w_down = jnp.asarray(rng.normal(size=(groups, ffn, hidden)) / 16, jnp.bfloat16)
+
+    def loss(backend, *args):
+        y = experts.expert_ffn(args[0], sizes, *args[1:], backend=backend, precision="fp8")
+        return jnp.sum(y.astype(jnp.float32) * jnp.arange(hidden, dtype=jnp.float32)), y
+
+    results = {backend: jax.grad(loss, argnums=(1, 2, 3, 4), has_aux=True)(
+        backend, x, w_gate, w_up, w_down) for backend in ("auto", "xla")}
+    assert products == [1, 1, 1, 1, 2]  # gate, up, down, down's dx, gate's and up's dx
+    for got, want in zip(*(jax.tree.leaves(results[b]) for b in ("auto", "xla"))):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        want = np.asarray(want, np.float32)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0,
+                                   atol=1e-2 * np.abs(want).max())
+    assert not np.asarray(results["auto"][1][57:], np.float32).any()
+
+
 def test_fp8_rows_quantized_once_for_gate_and_up(rng, monkeypatch):
     """Given the rows' quantization (by rows and along them), an FP8 product is the same, value
     and gradients, as one that makes it; the FP8 experts quantize each chunk's rows once for

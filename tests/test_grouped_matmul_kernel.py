@@ -525,6 +525,48 @@ def test_fp8_kernel_matches_float64_of_its_quantized_operands(config, sizes):
                                atol=1e-2 * np.abs(want_dx).max())
 
 
+@pytest.mark.parametrize("sizes", [[33, 31, 1], pytest.param([0, 200, 0], marks=pytest.mark.slow)])
+def test_fp8_sum_of_products_matches_float64(sizes):
+    """The FP8 kernel's sum of two products of the same rows (the gate and up dx: dg @ w_g^T
+    + du @ w_u^T, contractions of 128 and 256 here, so that the steps of the second pair take
+    their scales from after the first's) against float64 of the dequantized operands, and
+    refusals: pairs of unequal count or rows, a config without the ring."""
+    from jep import fp8
+
+    rng = np.random.default_rng(sum(sizes))
+    m, n = 200, 256
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    want = np.zeros((m, n))
+    xs, x_scales, ws, w_scales = [], [], [], []
+    for k in (128, 256):
+        x = jnp.asarray(rng.normal(size=(m, k)) * np.exp(2 * rng.normal(size=(m, 1))),
+                        jnp.float32)
+        v = jnp.asarray(rng.normal(size=(len(sizes), k, n)) * np.exp(rng.normal(
+            size=(len(sizes), k // 128, 1, 2, 1))).repeat(128, 2).repeat(128, 4).reshape(
+            -1, k, n), jnp.float32)
+        x_q, x_s = fp8.quantize_rows(x)
+        weight = fp8.quantize_weight(v)
+        for parts, part in zip((xs, x_scales, ws, w_scales),
+                               (x_q, x_s, weight.q_t, weight.scales_t)):
+            parts.append(part)
+        want += numpy_grouped(np.asarray(fp8.dequantize_rows(x_q, x_s, jnp.float32), np.float64),
+                              np.asarray(fp8.dequantize_blocks(weight.q, weight.scales,
+                                                               jnp.float32), np.float64), sizes)
+    y = gm.grouped_matmul_fp8(xs, x_scales, ws, w_scales, group_sizes, config=FP8_CONFIG_ACROSS,
+                              out_dtype=jnp.float32, interpret=not ON_GPU)
+    bound = 1e-3 if ON_GPU else 1e-5
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=bound,
+                               atol=bound * np.abs(want).max())
+    assert not np.asarray(y[sum(sizes):]).any()
+    with pytest.raises(ValueError, match="sequences of one length"):
+        gm.grouped_matmul_fp8(xs, x_scales[:1], ws, w_scales, group_sizes)
+    with pytest.raises(ValueError, match="across_tiles=True"):
+        gm.grouped_matmul_fp8(xs, x_scales, ws, w_scales, group_sizes, config=FP8_CONFIG_SPLIT_M)
+    with pytest.raises(ValueError, match="the same rows"):
+        gm.grouped_matmul_fp8([xs[0], xs[1][:8]], [x_scales[0], x_scales[1][:8]], ws, w_scales,
+                              group_sizes, config=FP8_CONFIG_ACROSS)
+
+
 # Two steps of stages: the ring wraps within a group of 200 rows and across tiles; tiles of
 # 128 x 64, one epilogue piece a warpgroup.
 DW_FP8_SMALL = gm.DwConfig(block_k=128, block_n=64, block_rows=128, max_concurrent_steps=2,

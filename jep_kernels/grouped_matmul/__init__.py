@@ -314,24 +314,33 @@ def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config 
                        out_dtype=jnp.bfloat16, interpret: bool = False):
     """y[M, N] = rows of g of (x * x_scales) @ (w[g] * w_scales[g])^T in e4m3 (DeepSeek-V3's FP8
     recipe): `mgpu.grouped_matmul_fp8`, not differentiable (`jep.experts.fp8_grouped_matmul`
-    is, with this as its forward and dx on Hopper).
+    is, with this as its forward and dx on Hopper). With sequences of one length for x,
+    x_scales, w and w_scales: the sum of their products, in one kernel that writes y once (the
+    gate and up products' dx).
 
     Args:
       x: e4m3[M, K], x_scales: f32[M, K / 128] (`jep.fp8.quantize_rows`).
       w: e4m3[G, N, K], K-major; w_scales: f32[G, N / 128, K / 128] (`jep.fp8.QuantizedWeight`'s
         q_t and scales_t for y = x @ v[g], its q and scales for dy @ v[g]^T).
       group_sizes: i32[G]. config: the tiles (`Config`, block_k 128), by default the tuning
-        table's "fp8" entry for (K, N, G). K and N must be multiples of 128.
+        table's "fp8" entry for (K, N, G) (of the first product, made to sum by
+        `tuning.summing` for a sum). K and N must be multiples of 128.
     """
-    if w.ndim != 3:
-        raise ValueError(f"w must be [G, N, K], got {w.shape}")
-    config = config or tuning.config_for("fp8", w.shape[2], w.shape[1], w.shape[0])
+    xs, x_scales, ws, w_scales = (list(part) for part in zip(*mgpu.fp8_pairs(
+        x, x_scales, w, w_scales)))
+    if ws[0].ndim != 3:
+        raise ValueError(f"w must be [G, N, K], got {ws[0].shape}")
+    if config is None:
+        groups, n, k = ws[0].shape
+        config = tuning.config_for(tuning.FP8, k, n, groups)
+        if len(xs) > 1:
+            config = tuning.summing(config, k, n)
     name = SCOPES["fp8"]
     with jax.named_scope(name):
-        y = mgpu.grouped_matmul_fp8(_pad_rows(x), _pad_rows(x_scales), w, w_scales,
-                                    group_sizes.astype(jnp.int32), config=config,
+        y = mgpu.grouped_matmul_fp8([_pad_rows(a) for a in xs], [_pad_rows(s) for s in x_scales],
+                                    ws, w_scales, group_sizes.astype(jnp.int32), config=config,
                                     out_dtype=out_dtype, name=name, interpret=interpret)
-        return vary_like(y[:x.shape[0]], x, w, group_sizes)
+        return vary_like(y[:xs[0].shape[0]], *xs, *ws, group_sizes)
 
 
 def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_rows: int,

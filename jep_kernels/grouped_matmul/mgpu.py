@@ -377,7 +377,8 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
 
     With `scales` = (x's f32[K / 128, M] transposed, w's f32[G, N / 128, K / 128]), x and w
     are e4m3 (w transposed) and each 128-deep step's product is scaled into the float32
-    accumulator: `grouped_matmul_fp8`.
+    accumulator: `grouped_matmul_fp8` (with several pairs, K is theirs in turn: the pairs'
+    scales side by side).
 
     A tile's steps (block_k of K each) go through a pipeline of `max_concurrent_steps` stages:
     one of its own for each tile, or with `Config.across_tiles` one ring of stages for all of a
@@ -864,28 +865,60 @@ def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config,
                        out_dtype=jnp.bfloat16, name: str | None = None,
                        interpret: bool = False):
     """y[M, N]: rows of group g of (x * x_scales) @ (w[g] * w_scales[g])^T, e4m3 operands
-    (DeepSeek-V3's FP8 recipe), rows past the groups zero.
+    (DeepSeek-V3's FP8 recipe), rows past the groups zero; or the sum of several such products
+    of the same rows and groups (x, x_scales, w and w_scales sequences of one length: the gate
+    and up products' dx of a SwiGLU expert, dg @ w_gate[g]^T + du @ w_up[g]^T, written once).
 
     Each 128-deep step's products go into a float32 accumulator of their own, which is then
     scaled by its rows' x scales times the w block's scale and added to the tile's float32
-    sum; the sum is rounded once to `out_dtype`.
+    sum (across the products of a sum, each product's steps in turn); the sum is rounded once
+    to `out_dtype`.
 
     Args:
       x: e4m3[M, K]; x_scales: f32[M, K / 128], one per 1 x 128 tile of x's rows.
       w: e4m3[G, N, K], K-major (Hopper's FP8 products read both operands K-major): for
         y = x @ v[g] with v [G, K, N], w is v transposed; for dx = dy @ v[g]^T, w is v itself.
       w_scales: f32[G, N / 128, K / 128], one per 128 x 128 block of w[g].
-      group_sizes: i32[G]. config: warp-specialized, block_k 128 (see `check_fp8_shapes`).
+      group_sizes: i32[G]. config: warp-specialized, block_k 128 (see `check_fp8_shapes`);
+        for a sum of products with `across_tiles` (the memory warpgroup loads each step from
+        its own pair).
       name: the kernel's name in a profile.
     """
-    check_fp8_shapes(x, x_scales, w, w_scales, group_sizes, config=config)
+    pairs = fp8_pairs(x, x_scales, w, w_scales)
+    for pair in pairs:
+        check_fp8_shapes(*pair, group_sizes, config=config)
+    xs, x_scales, ws, w_scales = (list(part) for part in zip(*pairs))
+    if len(pairs) > 1:
+        if any(a.shape[0] != xs[0].shape[0] or b.shape[:2] != ws[0].shape[:2]
+               for a, b in zip(xs, ws)):
+            raise ValueError(f"a sum of FP8 products takes x's of the same rows and w's of the "
+                             f"same groups and N, got {[a.shape for a in xs]} and "
+                             f"{[b.shape for b in ws]}")
+        if not config.across_tiles:
+            raise ValueError(f"a sum of {len(pairs)} FP8 products needs a config with "
+                             f"across_tiles=True, got {config}")
     if interpret:  # the interpreter has no transposed shared-memory views: w as [G, K, N]
-        w, transpose_w = jnp.swapaxes(w, 1, 2), False
+        ws, transpose_w = [jnp.swapaxes(b, 1, 2) for b in ws], False
     else:
         transpose_w = True
-    return _grouped_matmul_ws([x], [w], group_sizes, transpose_w=transpose_w, config=config,
-                              interpret=interpret, scales=(x_scales.T, w_scales),
-                              out_dtype=out_dtype, name=name)
+    # The pairs' scales side by side along K, as their steps follow one another.
+    scales = (jnp.concatenate([s.T for s in x_scales]), jnp.concatenate(w_scales, axis=2))
+    return _grouped_matmul_ws(xs, ws, group_sizes, transpose_w=transpose_w, config=config,
+                              interpret=interpret, scales=scales, out_dtype=out_dtype,
+                              name=name)
+
+
+def fp8_pairs(x, x_scales, w, w_scales):
+    """[(x, x_scales, w, w_scales)] of one product, or of each of a sum's (sequences)."""
+    parts = (x, x_scales, w, w_scales)
+    if not any(isinstance(a, (list, tuple)) for a in parts):
+        return [parts]
+    if (not all(isinstance(a, (list, tuple)) for a in parts)
+            or len({len(a) for a in parts}) != 1 or not parts[0]):
+        raise ValueError(f"a sum of FP8 products takes x, x_scales, w and w_scales as sequences "
+                         f"of one length (at least one), got "
+                         f"{[len(a) if isinstance(a, (list, tuple)) else 'an array' for a in parts]}")
+    return list(zip(*parts))
 
 
 def _store_rows(smem, gmem, block_row, offset, count, col, max_rows, width, commit_group=True):
