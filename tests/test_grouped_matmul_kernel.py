@@ -470,6 +470,8 @@ FP8_CONFIG = gm.Config(block_m=128, block_n=64, block_k=128, max_concurrent_step
 FP8_CONFIG_SPLIT_M = dataclasses.replace(FP8_CONFIG, split="m")
 FP8_CONFIG_ACROSS = dataclasses.replace(FP8_CONFIG_SPLIT_M, max_concurrent_steps=3,
                                         across_tiles=True)
+# Two blocks of a cluster on neighbouring column tiles, sharing x's tile (GPU only).
+FP8_CONFIG_CLUSTER = dataclasses.replace(FP8_CONFIG_SPLIT_M, cluster_n=2)
 
 
 @pytest.mark.parametrize("config, sizes", [
@@ -481,8 +483,11 @@ FP8_CONFIG_ACROSS = dataclasses.replace(FP8_CONFIG_SPLIT_M, max_concurrent_steps
     pytest.param(FP8_CONFIG_SPLIT_M, [33, 31, 1], marks=pytest.mark.slow),
     pytest.param(FP8_CONFIG_SPLIT_M, [70, 0, 100], marks=pytest.mark.slow),
     (FP8_CONFIG_ACROSS, [70, 0, 100]),
+    pytest.param(FP8_CONFIG_CLUSTER, [33, 31, 1], marks=ON_GPU_ONLY),
+    pytest.param(FP8_CONFIG_CLUSTER, [70, 0, 100], marks=ON_GPU_ONLY),
 ], ids=lambda v: {id(FP8_CONFIG): "split-n", id(FP8_CONFIG_SPLIT_M): "split-m",
-                  id(FP8_CONFIG_ACROSS): "across-tiles"}.get(id(v)))
+                  id(FP8_CONFIG_ACROSS): "across-tiles",
+                  id(FP8_CONFIG_CLUSTER): "cluster"}.get(id(v)))
 def test_fp8_kernel_matches_float64_of_its_quantized_operands(config, sizes):
     """grouped_matmul_fp8 against float64 products of the dequantized e4m3 operands: the
     kernel sums each 128-deep block in float32 and scales it, so the two agree to float32
@@ -652,6 +657,30 @@ def test_fp8_weight_gradient_lowers_and_refuses_what_it_cannot_take():
         gm.grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, sizes, num_rows=40,
                                  config=gm.DwConfig(block_k=128, block_n=256, block_rows=128,
                                                     warp_specialized=True))
+
+
+def test_fp8_kernel_lowers_for_each_configuration_tuning_times():
+    """Every FP8 candidate of `python -m jep.bench tune` (clusters too, which the interpreter
+    cannot run) lowers for Hopper at the DeepSeek-V3 expert's two product shapes, from any
+    platform, and so does the sum of two products: a GPU visit then times them instead of
+    finding a lowering error."""
+    from jep_kernels.grouped_matmul import tuning
+
+    spec, f8 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn
+    for m, k, n, g in [(32768, 7168, 2048, 8), (32768, 2048, 7168, 256)]:
+        configs = tuning.candidates(tuning.FP8, k, n)
+        assert any(c.cluster_n == 2 for c in configs)
+        for config in configs:
+            jax.jit(lambda *a, config=config: gm.grouped_matmul_fp8(*a, config=config)).trace(
+                spec((m, k), f8), spec((m, k // 128), jnp.float32), spec((g, n, k), f8),
+                spec((g, n // 128, k // 128), jnp.float32), spec((g,), jnp.int32)).lower(
+                lowering_platforms=("cuda",))
+    # The gate and up products' dx at 32 experts: a sum of two, the table's config made to sum.
+    m, k, n, g = 32768, 2048, 7168, 32
+    pair = (spec((m, k), f8), spec((m, k // 128), jnp.float32), spec((g, n, k), f8),
+            spec((g, n // 128, k // 128), jnp.float32))
+    jax.jit(lambda *a: gm.grouped_matmul_fp8(*([a[i], a[i + 4]] for i in range(4)), a[8])).trace(
+        *pair, *pair, spec((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
 
 
 def test_fp8_kernel_refuses_what_it_cannot_take():

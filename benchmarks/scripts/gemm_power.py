@@ -1,8 +1,10 @@
 """The GEMM shape of issue 6 (M=32768 K=7168 N=2048, bf16) held for seconds: jep's grouped
-forward (G=8), JAX's dense Pallas Hopper matmul and XLA's dense matmul, one after the other,
-each looped for a few seconds, with the SM clock and the power nvidia-smi sampled meanwhile.
+forward (G=8), JAX's dense Pallas Hopper matmul and XLA's dense matmul, then jep's FP8 grouped
+forward (issue 21: x and w quantized beforehand; the table's configuration, then the 2-block
+cluster multicasting x), one after the other, each looped for a few seconds, with the SM clock
+and the power nvidia-smi sampled meanwhile.
 
-    python benchmarks/scripts/gemm_power.py
+    python benchmarks/scripts/gemm_power.py [NAME ...]   (all by default)
 
 An H200 runs these products at its power cap, so the clock, and with it a product's TFLOP/s,
 depends on how long and how hard the GPU has been working. Needs a Hopper GPU and nvidia-smi.
@@ -11,7 +13,9 @@ depends on how long and how hard the GPU has been working. Needs a Hopper GPU an
 from __future__ import annotations
 
 import csv
+import dataclasses
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -22,6 +26,7 @@ from jax import lax
 from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu
 
 import jep_kernels.grouped_matmul as grouped
+from jep import fp8
 
 M, K, N, G = 32768, 7168, 2048, 8
 LOOP = 200  # products per call
@@ -38,16 +43,31 @@ def products():
         tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
         wg_dimension=hopper_matmul_mgpu.MatmulDimension.N,
         cluster_dimension=hopper_matmul_mgpu.MatmulDimension.N)
+    weight = jax.jit(fp8.quantize_weight)(w)
+    x_q, x_scales = jax.jit(fp8.quantize_rows)(x)
+    table = grouped.tuning.config_for(grouped.tuning.FP8, K, N, G)
+    cluster = dataclasses.replace(table, cluster_n=2, across_tiles=False)
+
+    def fp8_forward(config):
+        # x stands in for its quantized rows (the loop's argument), so that the product is
+        # the kernel alone.
+        return lambda x: grouped.grouped_matmul_fp8(x_q, x_scales, weight.q_t, weight.scales_t,
+                                                    sizes, config=config)
+
     return x, {
         "jep grouped forward": lambda x: grouped.grouped_matmul(x, w, sizes),
         "JAX dense Pallas matmul": lambda x: hopper_matmul_mgpu.matmul(x, w0, None,
                                                                        dense_pallas),
         "XLA dense matmul": lambda x: x @ w0,
+        "jep FP8 forward": fp8_forward(table),
+        "jep FP8 forward, cluster 2": fp8_forward(cluster),
     }
 
 
 def main():
     x, fns = products()
+    if sys.argv[1:]:
+        fns = {name: fns[name] for name in sys.argv[1:]}
     spans = {}
     with tempfile.TemporaryDirectory() as folder:
         samples = f"{folder}/samples.csv"

@@ -850,9 +850,9 @@ def check_fp8_shapes(x, x_scales, w, w_scales, group_sizes, *, config: Config):
     if group_sizes.shape != (num_groups,):
         raise ValueError(f"group_sizes must be [{num_groups}], got {group_sizes.shape}")
     warpgroup_n = config.block_n * (2 if config.split == "m" else 1)
-    if not (config.warp_specialized and config.cluster_n == 1 and config.block_k == FP8_TILE
-            and not config.acc_rows and FP8_TILE % warpgroup_n == 0):
-        raise ValueError(f"the FP8 kernel takes warp-specialized configs with cluster_n=1, "
+    if not (config.warp_specialized and config.block_k == FP8_TILE and not config.acc_rows
+            and FP8_TILE % warpgroup_n == 0):
+        raise ValueError(f"the FP8 kernel takes warp-specialized configs with "
                          f"block_k={FP8_TILE}, acc_rows=0 and each warpgroup's columns inside "
                          f"one scale block (block_n 64 or 128 split by columns, 64 by rows), "
                          f"got {config}")

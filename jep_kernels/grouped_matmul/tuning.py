@@ -174,7 +174,12 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                      (5, "m", 8, False))]
         found += [dataclasses.replace(c, across_tiles=True) for c in found
                   if c.split == "m" and c.band == 1 and not c.swizzled_epilogue]
-        return [c for c in found if n % (2 * c.block_n) == 0]
+        # Clusters of two blocks on neighbouring column tiles multicasting x's tile: a
+        # block's reads through L2 a step go from 32 to 24 KB.
+        found += [Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=steps,
+                         warp_specialized=True, split=split, band=band, cluster_n=2)
+                  for steps, split, band in ((4, "m", 1), (5, "m", 1), (4, "m", 8), (4, "n", 1))]
+        return [c for c in found if n % (2 * c.block_n * c.cluster_n) == 0]
     found = [Config(block_m=bm, block_n=128, block_k=64, max_concurrent_steps=steps)
              for bm, steps in ((128, 4), (128, 5), (192, 4))]
     found += [Config(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=steps,
