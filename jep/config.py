@@ -120,8 +120,8 @@ class MoEConfig:
         `precision`): each product's input quantized to e4m3 per 1 x 128 tile and each weight
         per 128 x 128 block, once per step, the weight gradients' operands along the rows (a
         scale per 128 rows of one expert x 1 channel), the master weights kept in their dtype.
-        H and F must be multiples of 128. FP8 tensor-core kernels on Hopper with bf16 tokens;
-        elsewhere emulated (exact FP8 values, float32 products): the numerics of FP8, not its
+        H and F must be multiples of 128. FP8 tensor-core kernels on Hopper (bf16, f16 or
+        float32 tokens); elsewhere emulated (exact FP8 values, float32 products): the numerics of FP8, not its
         speed.
     """
 

@@ -64,15 +64,21 @@ def grouped_matmul_backend(x, w, backend: str = "auto") -> str:
     """The backend `grouped_matmul(x, w, ..., backend=backend)` runs: `backend` itself, or for
     "auto" "pallas" where the kernels run and take the shapes, else "xla". Raises ValueError for
     an unknown backend, or "pallas" where it cannot run."""
+    return _resolved(backend, _pallas_takes(x, w), lambda: (
+        "backend='pallas' (jep_kernels.grouped_matmul, Pallas Mosaic GPU) needs a Hopper GPU, "
+        f"bf16 or f16 x and w, and K and N multiples of 128; got x {x.dtype}{list(x.shape)}, "
+        f"w {w.dtype}{list(w.shape)} on {current_platform()!r}. Use 'xla' or 'auto'."))
+
+
+def _resolved(backend: str, pallas_takes: bool, refusal) -> str:
+    """`backend`, or for "auto" "pallas" where `pallas_takes` else "xla"; a ValueError for an
+    unknown backend, or for "pallas" where it cannot run (`refusal()` its message)."""
     if backend == "auto":
-        return "pallas" if _pallas_takes(x, w) else "xla"
+        return "pallas" if pallas_takes else "xla"
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {tuple(_BACKENDS)}, got {backend!r}")
-    if backend == "pallas" and not _pallas_takes(x, w):
-        raise ValueError(
-            "backend='pallas' (jep_kernels.grouped_matmul, Pallas Mosaic GPU) needs a Hopper GPU, "
-            f"bf16 or f16 x and w, and K and N multiples of 128; got x {x.dtype}{list(x.shape)}, "
-            f"w {w.dtype}{list(w.shape)} on {current_platform()!r}. Use 'xla' or 'auto'.")
+    if backend == "pallas" and not pallas_takes:
+        raise ValueError(refusal())
     return backend
 
 
@@ -88,13 +94,13 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, quantized_rows=None
     channel (`jep.fp8.quantize_columns`), in w's dtype, straight through the quantization to
     the master weights w. All three products are FP8, as DeepSeek-V3 trains.
 
-    Where the bf16 Pallas kernels run (a Hopper GPU, bf16/f16 x, `backend` "auto" or
-    "pallas"), the three are FP8 tensor-core products (`jep_kernels.grouped_matmul`'s
-    `grouped_matmul_fp8` and `grouped_matmul_dw_fp8`), their operands quantized by one-pass
-    kernels (`jep_kernels.quantize`: rows where they are a multiple of 64, the same values as
+    On a Hopper GPU (bf16, f16 or float32 x, `backend` "auto" or "pallas": `fp8_backend`), the
+    three are FP8 tensor-core products (`jep_kernels.grouped_matmul`'s `grouped_matmul_fp8`
+    and `grouped_matmul_dw_fp8`), their operands quantized by one-pass kernels
+    (`jep_kernels.quantize`: rows where they are a multiple of 64, the same values as
     `jep.fp8.quantize_rows`, 2x faster than XLA's fusions of it on an H200 at 32768 x 7168;
     columns where x is bf16/f16 and its rows a multiple of 8), and w by the kernel that reads
-    it once. The kernels' quotients at an e4m3 tie may round either way (the GPU's division).
+    it once where it is bf16/f16 (XLA's fusions otherwise). The kernels' quotients at an e4m3 tie may round either way (the GPU's division).
     Elsewhere the products are emulated: the e4m3 values and scales are exact and the products
     run in float32 (XLA's `ragged_dot`), the numerics of FP8 products, not their speed. Both
     sum each 128-deep block's products in float32 before scaling it.
@@ -111,15 +117,15 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, quantized_rows=None
       quantized_columns: `jep.fp8.quantize_columns(x, group_sizes)` (q_t e4m3[K, P], scales
         f32[P / 128, K]) where already made (as `quantized_rows`, for the weight gradient),
         else made in the backward.
-      backend: "auto", "pallas" (the FP8 kernels; Hopper), "xla" or "reference" (emulated).
+      backend: "auto", "pallas" (the FP8 kernels; Hopper), "xla" or "reference" (emulated):
+        `fp8_backend`.
     """
     _checks.rank(x, 2, "x")
     _checks.rank(w, 3, "w")
     if x.shape[1] != w.shape[1] or x.shape[1] % fp8.TILE or w.shape[2] % fp8.TILE:
         raise ValueError(f"FP8 products take x [C, K] and w [G, K, N] with K and N multiples of "
                          f"{fp8.TILE}, got x {list(x.shape)} and w {list(w.shape)}")
-    # Refuses a backend that cannot run here, as the bf16 product does.
-    grouped_matmul_backend(x, jax.ShapeDtypeStruct(w.shape, x.dtype), backend)
+    fp8_backend(x, w.shape, backend)  # refuses a backend that cannot run here
     if quantized is None:
         quantized = _quantize_weight(w, x, backend)
     if not isinstance(quantized, fp8.QuantizedWeight):
@@ -159,11 +165,26 @@ def _quantize_weight(w, rows, backend: str) -> fp8.QuantizedWeight:
     return fp8.quantize_weight(w)
 
 
+def fp8_backend(rows, w_shape, backend: str = "auto") -> str:
+    """The backend `fp8_grouped_matmul(rows, w, ..., backend=backend)` runs for w of `w_shape`
+    [G, K, N]: `backend` itself, or for "auto" "pallas" (the FP8 kernels) where they run and
+    take the shapes, else "xla" (emulated). The FP8 kernels run on a Hopper GPU for bf16, f16
+    or float32 rows (their products' inputs are e4m3 whatever the rows' dtype; float32 rows
+    take XLA's quantization along the rows, and float32 weights XLA's weight quantization),
+    with K and N multiples of 128. Raises ValueError for an unknown backend, or "pallas" where
+    it cannot run."""
+    takes = (on_hopper() and rows.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
+             and w_shape[1] % fp8.TILE == 0 and w_shape[2] % fp8.TILE == 0)
+    return _resolved(backend, takes, lambda: (
+        "backend='pallas' (the FP8 kernels, Pallas Mosaic GPU) needs a Hopper GPU, bf16, f16 "
+        f"or float32 rows, and K and N multiples of {fp8.TILE}; got rows "
+        f"{rows.dtype}{list(rows.shape)}, w {list(w_shape)} on {current_platform()!r}. Use "
+        "'xla' or 'auto'."))
+
+
 def _runs_fp8_kernel(rows, w_shape, backend: str) -> bool:
-    """Whether the FP8 products of `rows` with a weight of `w_shape` run on the Pallas kernels
-    (where the bf16 ones would)."""
-    return grouped_matmul_backend(rows, jax.ShapeDtypeStruct(w_shape, rows.dtype),
-                                  backend) == "pallas"
+    """Whether the FP8 products of `rows` with a weight of `w_shape` run on the FP8 kernels."""
+    return fp8_backend(rows, w_shape, backend) == "pallas"
 
 
 def _quantize_rows(a, kernel: bool):

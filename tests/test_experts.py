@@ -303,11 +303,14 @@ def test_fp8_kernel_path_equals_the_emulated_one_in_bf16(rng):
 
 
 @pytest.mark.slow
-def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch):
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch, dtype):
     """The FP8 experts on the Pallas kernels (interpreted off a GPU): the products, their
     operands' quantization, the gate and up products' dx as one summed FP8 product, and the
     three FP8 weight gradients, against the emulated FP8 experts (backend "xla"), value and
-    gradients, within bf16 rounding and the sums' order (1e-2 of each array's largest)."""
+    gradients, within bf16 rounding and the sums' order (1e-2 of each array's largest). float32
+    rows and weights take the FP8 kernels too (their quantization along the rows and the
+    weights' by XLA)."""
     import functools
 
     import jep_kernels.grouped_matmul as gm
@@ -327,11 +330,11 @@ def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch):
     monkeypatch.setattr(gm, "grouped_matmul_fp8", lambda x, *args, **kwargs: products.append(
         len(x) if isinstance(x, (list, tuple)) else 1) or fp8_kernel(x, *args, **kwargs))
     hidden, ffn, groups = 128, 256, 2
-    x = jnp.asarray(rng.normal(size=(64, hidden)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(64, hidden)), dtype)
     sizes = jnp.asarray([40, 17], jnp.int32)  # and a tail of rows past the groups
-    w_gate, w_up = (jnp.asarray(rng.normal(size=(groups, hidden, ffn)) / 11, jnp.bfloat16)
+    w_gate, w_up = (jnp.asarray(rng.normal(size=(groups, hidden, ffn)) / 11, dtype)
                     for _ in range(2))
-    w_down = jnp.asarray(rng.normal(size=(groups, ffn, hidden)) / 16, jnp.bfloat16)
+    w_down = jnp.asarray(rng.normal(size=(groups, ffn, hidden)) / 16, dtype)
 
     def loss(backend, *args):
         y = experts.expert_ffn(args[0], sizes, *args[1:], backend=backend, precision="fp8")
@@ -346,6 +349,25 @@ def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch):
         np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0,
                                    atol=1e-2 * np.abs(want).max())
     assert not np.asarray(results["auto"][1][57:], np.float32).any()
+
+
+def test_fp8_backend_takes_float32_rows_on_hopper_and_refuses_what_cannot_run(monkeypatch):
+    """The FP8 kernels' inputs are e4m3 whatever the rows' dtype: on Hopper they take bf16, f16
+    and float32 rows (the bf16 kernels bf16/f16 only), K and N multiples of 128; elsewhere
+    "auto" is the emulation, and "pallas" or an unknown backend is refused by name."""
+    rows32, shape = jax.ShapeDtypeStruct((8, 256), jnp.float32), (2, 256, 384)
+    if not jep.platform.on_hopper():
+        assert experts.fp8_backend(rows32, shape) == "xla"
+        with pytest.raises(ValueError, match="backend='pallas' .the FP8 kernels.* needs a Hopper"):
+            experts.fp8_grouped_matmul(jnp.zeros((8, 256)), jnp.zeros(shape),
+                                       jnp.zeros(2, jnp.int32), backend="pallas")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        experts.fp8_backend(rows32, shape, "mosaic")
+    monkeypatch.setattr(experts, "on_hopper", lambda: True)
+    assert experts.fp8_backend(rows32, shape) == "pallas"
+    assert experts.grouped_matmul_backend(rows32, jax.ShapeDtypeStruct(shape, jnp.float32)) == "xla"
+    assert experts.fp8_backend(rows32, (2, 256, 320)) == "xla"  # N not a multiple of 128
+    assert experts.fp8_backend(jax.ShapeDtypeStruct((8, 256), jnp.float64), shape) == "xla"
 
 
 def test_fp8_rows_quantized_once_for_gate_and_up(rng, monkeypatch):
