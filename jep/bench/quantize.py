@@ -13,7 +13,8 @@ fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
 - the same rows as a weight gradient's operand, in `groups` equal groups:
   `jep.fp8.quantize_columns` (a scale per 128 rows of a group x 1 channel, transposed) against
   its kernel, in blocks of 128 channels and of 64 (half the shared memory), with 2-4 blocks in
-  flight (stages; the weights' kernel likewise). Bytes = x read,
+  flight (stages; the weights' kernel likewise), and with shared memory free of bank conflicts
+  (`conflict_free`). Bytes = x read,
   the e4m3 layout (padded to whole tiles a group) and its scales written.
 """
 
@@ -73,6 +74,10 @@ def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int, groups
                 jep_kernels.quantize.quantize_columns, stages=3)
             quantizers["jep kernel, 64-channel blocks, 4 stages"] = functools.partial(
                 jep_kernels.quantize.quantize_columns, channels=64, stages=4)
+            for channels in (128, 64):
+                quantizers[f"jep kernel, conflict-free, {channels}-channel blocks"] = (
+                    functools.partial(jep_kernels.quantize.quantize_columns, channels=channels,
+                                      conflict_free=True))
         runs = {name: (jax.jit(lambda x, quantize=quantize: timing.repeat_rotated(
                            lambda x: quantize(x, sizes), [(x,)], iters)), (x,))
                 for name, quantize in quantizers.items()}
