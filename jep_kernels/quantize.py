@@ -178,7 +178,7 @@ def weight_kernel_takes(w) -> bool:
             and w.shape[2] % TILE == 0)
 
 
-def quantize_weight(w, *, stages: int = 2, interpret: bool = False):
+def quantize_weight(w, *, stages: int = 2, buffers: int = 2, interpret: bool = False):
     """(q e4m3[G, K, N], scales f32[G, K / 128, N / 128], q_t e4m3[G, N, K], scales_t
     f32[G, N / 128, K / 128]): `jep.fp8.quantize_weight(w)` (the same scales; the same q but
     where the GPU's division rounds a quotient at an e4m3 tie the other way), q_t exactly q
@@ -186,17 +186,21 @@ def quantize_weight(w, *, stages: int = 2, interpret: bool = False):
 
     Each program takes one band of 128 rows of one group's weight and walks its blocks of 128
     columns through a pipeline of `stages` TMA loads; a block's scale is its max-abs over 448
-    (1 for a block of zeros), its two layouts are stored from two slots each, and the band's
-    scales once at its end.
+    (1 for a block of zeros), and its two layouts and its scale are stored from one of
+    `buffers` slots.
 
     Args:
       w: [G, K, N] bf16 or f16, K and N multiples of 128.
       stages: blocks in flight per program.
+      buffers: slots of the stores, 1 or 2 (2: a block's stores run while the next block is
+        computed; 1: they are awaited first, and a program takes 32 KB less shared memory:
+        with 2 stages about 97 KB, two programs a multiprocessor).
       interpret: Pallas's GPU interpret mode (CPU, for tests).
     """
-    if not weight_kernel_takes(w) or stages < 1:
+    if not weight_kernel_takes(w) or stages < 1 or buffers not in (1, 2):
         raise ValueError(f"w must be [G, K, N] bf16/f16 with K and N multiples of {TILE} "
-                         f"(stages={stages} >= 1), got {w.dtype}{list(w.shape)}")
+                         f"(stages={stages} >= 1, buffers={buffers} 1 or 2), got "
+                         f"{w.dtype}{list(w.shape)}")
     groups, depth, width = w.shape
     row_blocks, col_blocks = depth // TILE, width // TILE
     half = TILE // 2  # the rows of one warpgroup register tile
@@ -223,23 +227,26 @@ def quantize_weight(w, *, stages: int = 2, interpret: bool = False):
 
         def step(indices, w_smem):
             block = indices[0]
-            slot = block % 2
+            slot = block % buffers
             parts = [rows_of(w_smem, h) for h in range(2)]
             # The block's max-abs: each row's, then theirs (Mosaic GPU reduces one axis at a
             # time).
             amax = jnp.max(jnp.maximum(jnp.max(jnp.abs(parts[0]), axis=1),
                                        jnp.max(jnp.abs(parts[1]), axis=1)), axis=0)
             scale = jnp.where(amax == 0, 1.0, amax / E4M3_MAX)
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's stores are done
+            # This slot's stores (a commit group a block) are done with it.
+            plgpu.wait_smem_to_gmem(buffers - 1, wait_read_only=True)
             for h in range(2):
                 q_smem[slot, pl.ds(h * half, half)] = (parts[h] / scale).astype(E4M3)
             for h in range(2):  # read after the rows are stored: fewer registers live
                 q_t_smem[slot, pl.ds(h * half, half)] = (
                     columns_of(w_smem, h) / scale).astype(E4M3)
-            scales_smem[block] = jnp.full((TILE,), scale, jnp.float32)
+            scales_smem[slot] = jnp.full((TILE,), scale, jnp.float32)
             plgpu.commit_smem()
             columns = pl.ds(block * TILE, TILE)
             plgpu.copy_smem_to_gmem(q_smem.at[slot], q_gmem.at[group, rows, columns],
+                                    commit_group=False)
+            plgpu.copy_smem_to_gmem(scales_smem.at[slot], scales_gmem.at[group, band, block],
                                     commit_group=False)
             plgpu.copy_smem_to_gmem(q_t_smem.at[slot], q_t_gmem.at[group, columns, rows])
 
@@ -249,8 +256,6 @@ def quantize_weight(w, *, stages: int = 2, interpret: bool = False):
                                       transforms=() if interpret
                                       else smem_transforms(TILE, w.dtype))],
             max_concurrent_steps=stages)(w_gmem.at[group, rows])
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(scales_smem, scales_gmem.at[group, band])
         plgpu.wait_smem_to_gmem(0)
 
     # Each scale is stored as a row of 128 copies (a register vector; 1/128 of the bytes).
@@ -261,8 +266,9 @@ def quantize_weight(w, *, stages: int = 2, interpret: bool = False):
                   jax.ShapeDtypeStruct((groups, row_blocks, col_blocks, TILE), jnp.float32)),
         grid=(groups, row_blocks),
         grid_names=("groups", "rows"),
-        scratch_types=[plgpu.SMEM((2, TILE, TILE), E4M3), plgpu.SMEM((2, TILE, TILE), E4M3),
-                       plgpu.SMEM((col_blocks, TILE), jnp.float32)],
+        scratch_types=[plgpu.SMEM((buffers, TILE, TILE), E4M3),
+                       plgpu.SMEM((buffers, TILE, TILE), E4M3),
+                       plgpu.SMEM((buffers, TILE), jnp.float32)],
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None,

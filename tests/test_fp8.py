@@ -1,5 +1,7 @@
 """jep.fp8: DeepSeek-V3's tile-wise e4m3 quantization, against float64 and e4m3's error bound."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -328,11 +330,12 @@ def test_quantize_kernel_refuses_what_it_cannot_take():
         jep_kernels.quantize.quantize_rows(jnp.zeros((64, 384)), splits=2, interpret=True)
 
 
-@pytest.mark.parametrize("shape, dtype, stages", [
-    ((2, 256, 384), jnp.bfloat16, 2),  # three blocks a band: more than the stages in flight
-    ((1, 128, 256), jnp.float16, 1),
+@pytest.mark.parametrize("shape, dtype, stages, buffers", [
+    ((2, 256, 384), jnp.bfloat16, 2, 2),  # three blocks a band: more than the stages in flight
+    ((1, 128, 256), jnp.float16, 1, 2),
+    ((2, 256, 384), jnp.bfloat16, 2, 1),  # the stores' one slot reused block after block
 ])
-def test_weight_kernel_is_the_definition_bit_for_bit(rng, shape, dtype, stages):
+def test_weight_kernel_is_the_definition_bit_for_bit(rng, shape, dtype, stages, buffers):
     """jep_kernels.quantize.quantize_weight (Pallas Mosaic GPU; interpreted on the CPU): the
     scales of jep.fp8's reference bit for bit, q = e4m3(w / scale) (`assert_rounded_from`:
     exact but at ties, where the GPU's division may land either side; XLA's fusions of the
@@ -345,7 +348,7 @@ def test_weight_kernel_is_the_definition_bit_for_bit(rng, shape, dtype, stages):
     w[0, :128, :128] = 0
     w = jnp.asarray(w, dtype)
     q, scales, q_t, scales_t = jep_kernels.quantize.quantize_weight(
-        w, stages=stages, interpret=jax.default_backend() != "gpu")
+        w, stages=stages, buffers=buffers, interpret=jax.default_backend() != "gpu")
     want_scales = fp8.quantize_blocks(w)[1]
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
     np.testing.assert_array_equal(np.asarray(scales_t), np.swapaxes(np.asarray(want_scales), 1, 2))
@@ -358,14 +361,21 @@ def test_weight_kernel_is_the_definition_bit_for_bit(rng, shape, dtype, stages):
 
 
 def test_weight_kernel_lowers_for_hopper_and_refuses_what_it_cannot_take():
-    """The weight kernel at DeepSeek-V3's expert shape lowers for an H100/H200 (layouts and
-    shared memory), from any platform; f32, 3-D-less and partial-block weights are refused."""
+    """The weight kernel at DeepSeek-V3's expert shapes lowers for an H100/H200 (layouts and
+    shared memory), one store slot or two, from any platform; f32, 3-D-less and partial-block
+    weights, and other slot counts, are refused."""
     import jep_kernels.quantize
 
-    spec = jax.ShapeDtypeStruct((256, 7168, 2048), jnp.bfloat16)
-    jax.jit(jep_kernels.quantize.quantize_weight).trace(spec).lower(lowering_platforms=("cuda",))
+    for shape in [(256, 7168, 2048), (32, 2048, 7168)]:
+        for buffers in (1, 2):
+            jax.jit(functools.partial(jep_kernels.quantize.quantize_weight, buffers=buffers)
+                    ).trace(jax.ShapeDtypeStruct(shape, jnp.bfloat16)).lower(
+                lowering_platforms=("cuda",))
     for shape, dtype in [((2, 128, 128), jnp.float32), ((128, 128), jnp.bfloat16),
                          ((2, 200, 128), jnp.bfloat16), ((2, 128, 100), jnp.bfloat16)]:
         assert not jep_kernels.quantize.weight_kernel_takes(jnp.zeros(shape, dtype))
         with pytest.raises(ValueError, match="multiples of 128"):
             jep_kernels.quantize.quantize_weight(jnp.zeros(shape, dtype), interpret=True)
+    with pytest.raises(ValueError, match="buffers=3 1 or 2"):
+        jep_kernels.quantize.quantize_weight(jnp.zeros((1, 128, 128), jnp.bfloat16), buffers=3,
+                                             interpret=True)

@@ -13,8 +13,8 @@ fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
 - the same rows as a weight gradient's operand, in `groups` equal groups:
   `jep.fp8.quantize_columns` (a scale per 128 rows of a group x 1 channel, transposed) against
   its kernel, in blocks of 128 channels and of 64 (half the shared memory), with 2-4 blocks in
-  flight (stages; the weights' kernel likewise), and with shared memory free of bank conflicts
-  (`conflict_free`). Bytes = x read,
+  flight (stages; the weights' kernel likewise, and with one slot for its stores instead of
+  two), and with shared memory free of bank conflicts (`conflict_free`). Bytes = x read,
   the e4m3 layout (padded to whole tiles a group) and its scales written.
 """
 
@@ -102,6 +102,9 @@ def measure(*, tokens, hidden: int, ffn: int, experts: int, dtype, iters: int, r
             for stages in (3, 4):  # blocks in flight a program (2 by default)
                 quantizers[f"jep kernel, {stages} stages"] = functools.partial(
                     jep_kernels.quantize.quantize_weight, stages=stages)
+            for stages in (2, 3):  # one store slot: two programs a multiprocessor with 2 stages
+                quantizers[f"jep kernel, one store slot, {stages} stages"] = functools.partial(
+                    jep_kernels.quantize.quantize_weight, stages=stages, buffers=1)
         runs = {name: (jax.jit(lambda w, quantize=quantize: timing.repeat_rotated(
                            lambda w: tuple(quantize(w)), [(w,)], iters)), (w,))
                 for name, quantize in quantizers.items()}
