@@ -271,7 +271,12 @@ def _fp8_products_fwd(x, ws, quantized, x_rows, x_columns, group_sizes, backend)
 
 
 def _fp8_products_bwd(backend, residuals, dys):
-    x, ws, quantized, x_columns, group_sizes = residuals
+    return _fp8_cotangents(backend, *residuals, dys)
+
+
+def _fp8_cotangents(backend, x, ws, quantized, x_columns, group_sizes, dys):
+    """The cotangents of (x, ws, quantized, x_rows, x_columns, group_sizes) for those `dys` of
+    the products x @ ws[i]: dx one FP8 product summing all, each dw its own FP8 product."""
     dys = tuple(dy.astype(x.dtype) for dy in dys)
     dx = _fp8_times(dys, tuple(q.q for q in quantized), tuple(q.scales for q in quantized),
                     group_sizes, backend)
@@ -285,6 +290,32 @@ def _fp8_products_bwd(backend, residuals, dys):
 
 
 _fp8_products.defvjp(_fp8_products_fwd, _fp8_products_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fp8_gated(x, ws, quantized, x_rows, x_columns, group_sizes, activation, backend):
+    """act(x @ ws[0]) * (x @ ws[1]) in FP8, both products and the activation in one kernel
+    (`jep_kernels.grouped_matmul.grouped_matmul_fp8_gated`: Hopper only), x quantized
+    beforehand (`x_rows`, and `x_columns` for the weight gradients); the backward is
+    `_fp8_products`' after the activation's gradient (by XLA, from the kernel's gate and up)."""
+    return _fp8_gated_fwd(x, ws, quantized, x_rows, x_columns, group_sizes, activation,
+                          backend)[0]
+
+
+def _fp8_gated_fwd(x, ws, quantized, x_rows, x_columns, group_sizes, activation, backend):
+    h, gate, up = jep_kernels.grouped_matmul.grouped_matmul_fp8_gated(
+        *x_rows, quantized[0].q_t, quantized[0].scales_t, quantized[1].q_t,
+        quantized[1].scales_t, group_sizes, activation=activation, out_dtype=x.dtype)
+    return h, (x, ws, quantized, x_columns, group_sizes, gate, up)
+
+
+def _fp8_gated_bwd(activation, backend, residuals, dh):
+    *residuals, gate, up = residuals
+    _, pullback = jax.vjp(lambda g, u: _activate(g, u, activation, dh.dtype), gate, up)
+    return _fp8_cotangents(backend, *residuals, pullback(dh))
+
+
+_fp8_gated.defvjp(_fp8_gated_fwd, _fp8_gated_bwd)
 
 
 def expert_ffn(recv_x, group_sizes, w_gate, w_up, w_down, *, activation: str = "silu",
@@ -345,17 +376,27 @@ def _fp8_hidden(rows, weights, activation, *, backend, group_sizes):
     tuple of chunks (group_sizes a list of the chunks' sizes): each weight quantized once for
     all chunks, each chunk's rows once for both products (by rows for the products, along
     the rows for their weight gradients: in the forward, where the backward would take it
-    twice), and each chunk's dx of both one product (`_fp8_products`)."""
+    twice), and each chunk's dx of both one product (`_fp8_products`). On Hopper, where the
+    tuning table has an "fp8_gated" entry for the shape, both products and the activation are
+    one kernel a chunk (`_fp8_gated`)."""
     chunks = rows if isinstance(rows, tuple) else (rows,)
-    quantized = [_quantize_weight(w, chunks[0], backend) for w in weights]
+    weights = tuple(weights)
+    quantized = tuple(_quantize_weight(w, chunks[0], backend) for w in weights)
+    groups, k, n = weights[0].shape
+    # The gated kernel where the tuning table has it (where it beat the products apart).
+    gated = jep_kernels.grouped_matmul.tuning.entry_for("fp8_gated", k, n, groups) is not None
     hs = []
     for chunk, sizes in zip(chunks, group_sizes):
         kernel = _runs_fp8_kernel(chunk, weights[0].shape, backend)
         fixed = lax.stop_gradient(chunk)
         chunk_rows = _quantize_rows(fixed, kernel)
         chunk_columns = _quantize_columns(fixed, sizes, kernel)
-        gate, up = _fp8_products(chunk, tuple(weights), tuple(quantized), chunk_rows,
-                                 chunk_columns, sizes, backend)
+        if kernel and gated:
+            hs.append(_fp8_gated(chunk, weights, quantized, chunk_rows, chunk_columns, sizes,
+                                 activation, backend))
+            continue
+        gate, up = _fp8_products(chunk, weights, quantized, chunk_rows, chunk_columns, sizes,
+                                 backend)
         hs.append(_activate(gate, up, activation, chunk.dtype))
     return tuple(hs) if isinstance(rows, tuple) else hs[0]
 

@@ -224,7 +224,8 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
     assert [r["picked"] for r in results] == [r is fastest for r in results[:2]] + [False]
 
 
-@pytest.mark.parametrize("op", ["forward", "dx", "dw", "fp8", "dw_fp8", "dx_sum", "gated"])
+@pytest.mark.parametrize("op", ["forward", "dx", "dw", "fp8", "dw_fp8", "dx_sum", "gated",
+                                "fp8_gated"])
 def test_tune_names_every_candidate_apart(op):
     """The tune suite keys its runs by the candidates' names: two configurations with one name
     would time one of them only (ping-pong copies of the dw candidates once were)."""
@@ -241,15 +242,17 @@ def test_tune_names_every_candidate_apart(op):
 @pytest.mark.parametrize("op, shape, key_k, key_n", [
     ("dx_sum", (96, 128, 64, 3), 64, 128),   # keyed as dx is: its own K and N
     ("gated", (96, 128, 128, 3), 128, 128),  # keyed as the forward is
+    ("fp8_gated", (96, 128, 128, 3), 128, 128),  # keyed as the FP8 forward is
 ])
 def test_tune_times_the_ops_on_two_weights(monkeypatch, op, shape, key_k, key_n):
-    """The summed dx ("dx_sum") and the gated kernel ("gated") tuned on the CPU in interpret
-    mode: each candidate runs on a pair of weights, counted at the flops of two products."""
+    """The summed dx ("dx_sum") and the gated kernels ("gated", "fp8_gated") tuned on the CPU
+    in interpret mode: each candidate runs on a pair of weights, counted at the flops of two
+    products."""
     from jep.bench import tune
     from jep_kernels.grouped_matmul import mgpu, tuning
 
-    config = mgpu.Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
-                         warp_specialized=True, across_tiles=True)
+    config = mgpu.Config(block_m=128, block_n=64, block_k=128 if op == "fp8_gated" else 64,
+                         max_concurrent_steps=2, warp_specialized=True, across_tiles=True)
     monkeypatch.setattr(tuning, "candidates", lambda op, k, n: [config])
     results, picks = tune.measure(shapes=[shape], dtype=jnp.bfloat16, routing="zipf", iters=1,
                                   repeats=1, ops=(op,), interpret=True)

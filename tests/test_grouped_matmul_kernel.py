@@ -572,6 +572,53 @@ def test_fp8_sum_of_products_matches_float64(sizes):
                               group_sizes, config=FP8_CONFIG_ACROSS)
 
 
+@pytest.mark.parametrize("sizes, activation", [([33, 31, 1], "silu"),
+                                               pytest.param([70, 0, 100], "gelu",
+                                                            marks=pytest.mark.slow)])
+def test_fp8_gated_products_match_float64(sizes, activation):
+    """The gated FP8 kernel (gate and up from one load of x a step, h = act(gate) * up in the
+    epilogue) against float64 of the dequantized operands: gate and up as the FP8 kernel's
+    products, h from them; each weight's own scales (of very different sizes, so that one
+    taken for the other shows); refusals by name."""
+    from jep import fp8
+
+    rng = np.random.default_rng(sum(sizes))
+    m, k, n = 200, 256, 256
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    x_q, x_scales = fp8.quantize_rows(jnp.asarray(
+        rng.normal(size=(m, k)) * np.exp(2 * rng.normal(size=(m, 1))), jnp.float32))
+    x64 = np.asarray(fp8.dequantize_rows(x_q, x_scales, jnp.float32), np.float64)
+    weights, wants = [], []
+    for size in (0.1, 10.0):
+        weight = fp8.quantize_weight(jnp.asarray(rng.normal(size=(len(sizes), k, n)) * size,
+                                                 jnp.float32))
+        weights.append(weight)
+        wants.append(numpy_grouped(x64, np.asarray(fp8.dequantize_blocks(
+            weight.q, weight.scales, jnp.float32), np.float64), sizes))
+    gate, up = wants
+    act = {"silu": lambda v: v * 0.5 * (1 + np.tanh(v / 2)),  # v sigmoid(v)
+           "gelu": lambda v: 0.5 * v * (1 + np.tanh(0.7978845608028654 * (v + 0.044715 * v**3)))}
+    got = mgpu.grouped_matmul_fp8_gated(
+        x_q, x_scales, weights[0].q_t, weights[0].scales_t, weights[1].q_t, weights[1].scales_t,
+        group_sizes, activation=activation, config=FP8_CONFIG_ACROSS, out_dtype=jnp.float32,
+        interpret=not ON_GPU)
+    bound = 1e-3 if ON_GPU else 1e-5
+    for a, want in zip(got, (act[activation](gate) * up, gate, up)):
+        assert a.dtype == jnp.float32 and a.shape == (m, n)
+        np.testing.assert_allclose(np.asarray(a, np.float64), want, rtol=bound,
+                                   atol=bound * np.abs(want).max())
+        assert not np.asarray(a[sum(sizes):]).any()
+    args = (x_q, x_scales, weights[0].q_t, weights[0].scales_t)
+    with pytest.raises(ValueError, match="across_tiles=True"):
+        mgpu.grouped_matmul_fp8_gated(*args, *args[2:], group_sizes, config=FP8_CONFIG_SPLIT_M)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mgpu.grouped_matmul_fp8_gated(*args, *args[2:], group_sizes, activation="tanh",
+                                      config=FP8_CONFIG_ACROSS)
+    with pytest.raises(ValueError, match="w_up must be w_gate's shape"):
+        mgpu.grouped_matmul_fp8_gated(*args, weights[0].q_t[:, :128], weights[0].scales_t[:, :1],
+                                      group_sizes, config=FP8_CONFIG_ACROSS)
+
+
 # Two steps of stages: the ring wraps within a group of 200 rows and across tiles; tiles of
 # 128 x 64, one epilogue piece a warpgroup.
 DW_FP8_SMALL = gm.DwConfig(block_k=128, block_n=64, block_rows=128, max_concurrent_steps=2,
@@ -662,8 +709,8 @@ def test_fp8_weight_gradient_lowers_and_refuses_what_it_cannot_take():
 def test_fp8_kernel_lowers_for_each_configuration_tuning_times():
     """Every FP8 candidate of `python -m jep.bench tune` (clusters too, which the interpreter
     cannot run) lowers for Hopper at the DeepSeek-V3 expert's two product shapes, from any
-    platform, and so does the sum of two products: a GPU visit then times them instead of
-    finding a lowering error."""
+    platform, and so do the sum of two products and the gated kernel: a GPU visit then times
+    them instead of finding a lowering error."""
     from jep_kernels.grouped_matmul import tuning
 
     spec, f8 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn
@@ -681,6 +728,12 @@ def test_fp8_kernel_lowers_for_each_configuration_tuning_times():
             spec((g, n // 128, k // 128), jnp.float32))
     jax.jit(lambda *a: gm.grouped_matmul_fp8(*([a[i], a[i + 4]] for i in range(4)), a[8])).trace(
         *pair, *pair, spec((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    # The gate and up products and the activation in one kernel at 32 experts (K 7168, N 2048).
+    m, k, n = 32768, 7168, 2048
+    weight = (spec((g, n, k), f8), spec((g, n // 128, k // 128), jnp.float32))
+    jax.jit(lambda *a: gm.grouped_matmul_fp8_gated(*a)).trace(
+        spec((m, k), f8), spec((m, k // 128), jnp.float32), *weight, *weight,
+        spec((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
 
 
 def test_fp8_kernel_refuses_what_it_cannot_take():

@@ -81,7 +81,8 @@ def parse_args(argv=None):
            f"{','.join(tuning.TUNED)} (fp8: the FP8 kernel, forward and dx alike; dw_fp8: "
            f"the FP8 weight gradient, beside the table's bf16 one; dx_sum: "
            f"the dx of two weights summed in one kernel, as of the gate and up products; "
-           f"gated: the gate and up products and the activation in one kernel)")
+           f"gated: the gate and up products and the activation in one kernel; fp8_gated: "
+           f"the same in FP8)")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")
     a("--repeats", type=int, default=5, help="timed loops; the median is reported")
     a("--min-seconds", type=float, default=0.0,

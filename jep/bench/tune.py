@@ -45,6 +45,16 @@ def _paired_operands(rotations):
             for i, (x, w, dy, sizes) in enumerate(rotations)]
 
 
+def _fp8_paired_operands(rotations):
+    """For "fp8_gated": `_paired_operands` as the FP8 kernels take them (`_fp8_operands`): x
+    quantized per 1 x 128 tile, both weights per 128 x 128 block and transposed."""
+    def quantized(w):
+        weight = fp8.quantize_weight(w)
+        return weight.q_t, weight.scales_t
+    return [(fp8.quantize_rows(x), tuple(quantized(w) for w in ws), None, sizes)
+            for x, ws, _, sizes in _paired_operands(rotations)]
+
+
 def _two_dx(config):
     """The summed dx as two dx kernels (`config`, the table's "dx") and XLA's sum of them: what
     the summing kernel replaces."""
@@ -52,14 +62,14 @@ def _two_dx(config):
     return lambda x, ws, dys, sizes: sum(dx(x, w, dy, sizes) for dy, w in zip(dys, ws))
 
 
-def _apart(config):
-    """The gated product as two forward kernels (`config`, the table's "forward") and XLA's
-    SiLU of one times the other: what the gated kernel replaces."""
-    forward = _product("forward", config)
+def _apart(config, op="forward"):
+    """The gated product as two `op` kernels ("forward", or "fp8" for "fp8_gated"; `config`,
+    the table's) and XLA's SiLU of one times the other: what the gated kernel replaces."""
+    forward = _product(op, config)
 
     def apart(x, ws, dys, sizes):
         gate, up = (forward(x, w, None, sizes) for w in ws)
-        return (jax.nn.silu(gate.astype(np.float32)) * up.astype(np.float32)).astype(x.dtype)
+        return (jax.nn.silu(gate.astype(np.float32)) * up.astype(np.float32)).astype(gate.dtype)
 
     return apart
 
@@ -107,6 +117,9 @@ def _product(op, config, interpret: bool = False, num_rows: int = 0):
     if op == tuning.GATED:  # operands paired (`_paired_operands`); h, gate and up kept
         return lambda x, ws, dys, sizes: mgpu.grouped_matmul_gated(
             x, *ws, sizes, config=config, interpret=interpret)
+    if op == tuning.FP8_GATED:  # operands paired and quantized (`_fp8_paired_operands`)
+        return lambda x, ws, dys, sizes: gm.grouped_matmul_fp8_gated(
+            *x, *ws[0], *ws[1], sizes, config=config, interpret=interpret)
     if op == tuning.DX_SUM:  # operands paired (`_paired_operands`)
         # The interpreter has no transposed shared-memory views: there w is transposed in memory.
         return lambda x, ws, dys, sizes: mgpu.grouped_matmul_sum(
@@ -131,7 +144,8 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
     for m, k, n, g in shapes:
         rotations = workloads.gemm_operands(routing, rng, (m, k, n, g), dtype)
         for op in ops:
-            flops = 2.0 * m * k * n * (2 if op in (tuning.DX_SUM, tuning.GATED) else 1)
+            flops = 2.0 * m * k * n * (
+                2 if op in (tuning.DX_SUM, tuning.GATED, tuning.FP8_GATED) else 1)
             pk, pn = tuning.product_shape(op, k, n)
             bodies = {_describe(op, c): (_product(op, c, interpret, num_rows=m), c)
                       for c in tuning.candidates(op, pk, pn)}
@@ -144,13 +158,18 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
                 bodies["dense matmul"] = (gemm.DENSE[op], None)
             # What the one-kernel ops replace, timed beside them (an entry only where beaten).
             baseline_name = {tuning.DX_SUM: "two dx and their sum",
-                             tuning.GATED: "two forwards and the activation"}.get(op)
+                             tuning.GATED: "two forwards and the activation",
+                             tuning.FP8_GATED: "two FP8 products and the activation"}.get(op)
             if op == tuning.DX_SUM and not interpret:
                 bodies[baseline_name] = (_two_dx(tuning.config_for("dx", pk, pn, g)), None)
             if op == tuning.GATED and not interpret:
                 bodies[baseline_name] = (_apart(tuning.config_for("forward", pk, pn, g)), None)
+            if op == tuning.FP8_GATED and not interpret:
+                bodies[baseline_name] = (_apart(tuning.config_for(tuning.FP8, pk, pn, g),
+                                                tuning.FP8), None)
             operands = (_fp8_operands(rotations) if op == tuning.FP8 else
                         _fp8_dw_operands(rotations) if op == tuning.DW_FP8 else
+                        _fp8_paired_operands(rotations) if op == tuning.FP8_GATED else
                         _paired_operands(rotations) if op in (tuning.DX_SUM, tuning.GATED)
                         else rotations)
             runs = {name: (jax.jit(lambda rotations, body=body:

@@ -9,7 +9,9 @@ w_gate) * (x @ w_up) with both products and the activation in one kernel
 (`mgpu.grouped_matmul_gated`), and the backward of `grouped_matmul_weights`.
 
 `grouped_matmul_fp8` is the FP8 product (e4m3 operands with per-tile scales, not differentiable
-on its own: `jep.experts.fp8_grouped_matmul` makes it the forward and dx of one), and
+on its own: `jep.experts.fp8_grouped_matmul` makes it the forward and dx of one; given several
+pairs of operands, the sum of their products), `grouped_matmul_fp8_gated` the gate and up FP8
+products and the activation in one kernel, and
 `grouped_matmul_dw_fp8` the FP8 weight gradient (`dw_fp8`, operands quantized along the rows:
 that product's dw).
 
@@ -33,7 +35,7 @@ from jep_kernels.vma import vary_like
 
 __all__ = ["Config", "Configs", "DwConfig", "SCOPES", "SHAPE_MULTIPLE", "check_shapes",
            "configs_for", "grouped_matmul", "grouped_matmul_chunks", "grouped_matmul_dw_fp8",
-           "grouped_matmul_fp8",
+           "grouped_matmul_fp8", "grouped_matmul_fp8_gated",
            "grouped_matmul_gated", "grouped_matmul_weights"]
 
 
@@ -341,6 +343,36 @@ def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config 
                                     ws, w_scales, group_sizes.astype(jnp.int32), config=config,
                                     out_dtype=out_dtype, name=name, interpret=interpret)
         return vary_like(y[:xs[0].shape[0]], *xs, *ws, group_sizes)
+
+
+def grouped_matmul_fp8_gated(x, x_scales, w_gate, w_gate_scales, w_up, w_up_scales,
+                             group_sizes, *, activation: str = "silu",
+                             config: Config | None = None, out_dtype=jnp.bfloat16,
+                             interpret: bool = False):
+    """(h, gate, up) [M, N] in `out_dtype`: the FP8 products of x with w_gate and w_up (as
+    `grouped_matmul_fp8`'s) and h = act(gate) * up, in one kernel (`mgpu.grouped_matmul_fp8_gated`:
+    each step of x loaded once for both), not differentiable (`jep.experts`' FP8 SwiGLU half
+    takes it on Hopper where the tuning table has its "fp8_gated" entry).
+
+    Args:
+      x: e4m3[M, K], x_scales: f32[M, K / 128]; w_gate, w_up: e4m3[G, N, K] and their scales
+        f32[G, N / 128, K / 128] (`jep.fp8.QuantizedWeight`'s q_t and scales_t of each).
+      group_sizes: i32[G]. activation: "silu", "gelu" (tanh approximation) or "relu".
+      config: the tiles (across tiles), by default the table's "fp8_gated" entry for
+        (K, N, G), else `tuning.default("fp8_gated", K, N)`.
+    """
+    if w_gate.ndim != 3:
+        raise ValueError(f"w_gate must be [G, N, K], got {w_gate.shape}")
+    if config is None:
+        groups, n, k = w_gate.shape
+        config = tuning.config_for(tuning.FP8_GATED, k, n, groups)
+    name = SCOPES["fp8"]
+    with jax.named_scope(name):
+        outs = mgpu.grouped_matmul_fp8_gated(
+            _pad_rows(x), _pad_rows(x_scales), w_gate, w_gate_scales, w_up, w_up_scales,
+            group_sizes.astype(jnp.int32), activation=activation, config=config,
+            out_dtype=out_dtype, name=name, interpret=interpret)
+        return tuple(vary_like(out[:x.shape[0]], x, w_gate, w_up, group_sizes) for out in outs)
 
 
 def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_rows: int,

@@ -378,7 +378,7 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
     With `scales` = (x's f32[K / 128, M] transposed, w's f32[G, N / 128, K / 128]), x and w
     are e4m3 (w transposed) and each 128-deep step's product is scaled into the float32
     accumulator: `grouped_matmul_fp8` (with several pairs, K is theirs in turn: the pairs'
-    scales side by side).
+    scales side by side); gated, one w scales array a weight (`grouped_matmul_fp8_gated`).
 
     A tile's steps (block_k of K each) go through a pipeline of `max_concurrent_steps` stages:
     one of its own for each tile, or with `Config.across_tiles` one ring of stages for all of a
@@ -405,9 +405,9 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
     num_items = items.shape[0] // 4
     xs = [_pad_for_blocks(x, bm, interpret) for x in xs]
     scaled = scales is not None
-    if scaled:
-        x_scales, w_scales = scales
-        x_scales = jnp.pad(x_scales, ((0, 0), (0, xs[0].shape[0] - x_scales.shape[1])))
+    if scaled:  # x's rows padded as x is (`_pad_for_blocks`)
+        scales = (jnp.pad(scales[0], ((0, 0), (0, xs[0].shape[0] - scales[0].shape[1]))),
+                  *scales[1:])
     # Split by rows into two accumulators each, an item whose rows all lie in the block's first
     # wm is shared out at wm / 2 rows a warpgroup, one accumulator each, instead of leaving the
     # second warpgroup without products (with block_m 256, a group of up to about 120 rows).
@@ -427,13 +427,16 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
     laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
 
     def body(items_gmem, *refs):
-        if gated:  # x, the weights, and the outputs (h, gate, up)
-            x_gmems, w_gmems = refs[:1], refs[1:1 + len(ws)]
-            scale_gmem, out_gmems = [], refs[1 + len(ws):]
+        # x, the weights, (FP8) x's scales and each weight's, and the outputs (gated: h, gate,
+        # up); or the pairs (x, w) in turn, their scales, the output.
+        num_in = 1 + len(ws) if gated else 2 * len(xs)
+        num_scales = len(scales) if scaled else 0
+        if gated:
+            x_gmems, w_gmems = refs[:1], refs[1:num_in]
         else:
-            x_gmems, w_gmems = refs[0:2 * len(xs):2], refs[1:2 * len(xs):2]
-            *scale_gmem, out_gmem = refs[2 * len(xs):]
-            out_gmems = [out_gmem]
+            x_gmems, w_gmems = refs[0:num_in:2], refs[1:num_in:2]
+        scale_gmem = refs[num_in:num_in + num_scales]
+        out_gmems = refs[num_in + num_scales:]
         x_gmem, w_gmem = x_gmems[0], w_gmems[0]
         wg = lax.axis_index("wg")
 
@@ -493,11 +496,11 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                 for s in range(subs):
                     pl.when(holds[s] & ~every)(lambda s=s: products([s]))
 
-        def scaled_step(t: _Tile, k, x_smem, w_smem, x_scale_smem, acc):
+        def scaled_step(t: _Tile, k, x_smem, w_smem, x_scale_smem, acc, product=0):
             """acc + (x tile @ w tile) * (row scales x the w block's scale): one step of 128,
             its products into an accumulator of their own (DeepSeek-V3's promotion of each K
-            block into float32)."""
-            w_scale = scale_gmem[1][t.group, t.wg_col // FP8_TILE, k]
+            block into float32). `product`: which weight's scales (gated: 0 gate, 1 up)."""
+            w_scale = scale_gmem[1 + product][t.group, t.wg_col // FP8_TILE, k]
             x_tile, w_tile = operand_tiles(t, x_smem, w_smem)
 
             def block(part_ref):
@@ -542,7 +545,7 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                 w_up=plgpu.SMEM((stages, *w_block), in_dtype, transforms=transforms)
                 if gated else None,
                 scale=plgpu.SMEM((stages, 1, bm), jnp.float32) if scaled else None,
-                loaded=plgpu.Barrier(num_arrivals=3 if scaled or gated else 2,
+                loaded=plgpu.Barrier(num_arrivals=2 + bool(gated) + scaled,
                                      num_barriers=stages),
                 consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages))
         else:  # allocations depend on the block shapes only
@@ -683,7 +686,8 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                     if gated:  # x's tile once, then the up weight's
                         pair_loads(x_gmem, w_gmem, k)
                         ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-                        plgpu.copy_gmem_to_smem(w_gmems[1].at[t.group, ks, cols],
+                        plgpu.copy_gmem_to_smem(w_gmems[1].at[t.group, cols, ks] if transpose_w
+                                                else w_gmems[1].at[t.group, ks, cols],
                                                 w_up_smem.at[slot], loaded.at[slot])
                     elif len(xs) == 1:
                         pair_loads(x_gmem, w_gmem, k)
@@ -706,15 +710,23 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                         plgpu.barrier_wait(loaded.at[slot])
                         return slot
 
-                    if scaled:
-                        def scaled_product(k, acc):
-                            slot = arrived(k)
-                            acc = scaled_step(t, k, x_smem.at[slot], w_smem.at[slot],
-                                              scale_smem.at[slot], acc)
-                            plgpu.barrier_arrive(consumed.at[slot])
-                            return acc
+                    if scaled:  # one accumulator a product (gated: gate's, up's)
+                        weights = [w_smem, w_up_smem] if gated else [w_smem]
 
-                        store_acc(t, lax.fori_loop(0, steps, scaled_product, zero_acc()))
+                        def scaled_product(k, accs):
+                            slot = arrived(k)
+                            accs = tuple(scaled_step(t, k, x_smem.at[slot], w.at[slot],
+                                                     scale_smem.at[slot], acc, product=p)
+                                         for p, (w, acc) in enumerate(zip(weights, accs)))
+                            plgpu.barrier_arrive(consumed.at[slot])
+                            return accs
+
+                        accs = lax.fori_loop(0, steps, scaled_product,
+                                             tuple(zero_acc() for _ in weights))
+                        if gated:
+                            store_gated(t, list(accs))
+                        else:
+                            store_acc(t, accs[0])
                         return
 
                     def multiply(acc_refs):
@@ -768,8 +780,7 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
     out_type = jax.ShapeDtypeStruct((num_rows, width), dtype)
     return _persistent(body, (out_type,) * 3 if gated else out_type, interpret,
                        name=name or SCOPES["dx" if transpose_w else "forward"], cluster=cluster,
-                       warpgroups=3)(items, *operands,
-                                     *((x_scales, w_scales) if scaled else ()))
+                       warpgroups=3)(items, *operands, *(scales if scaled else ()))
 
 
 class _Tile(NamedTuple):
@@ -906,6 +917,44 @@ def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config,
     return _grouped_matmul_ws(xs, ws, group_sizes, transpose_w=transpose_w, config=config,
                               interpret=interpret, scales=scales, out_dtype=out_dtype,
                               name=name)
+
+
+def grouped_matmul_fp8_gated(x, x_scales, w_gate, w_gate_scales, w_up, w_up_scales,
+                             group_sizes, *, activation: str = "silu", config: Config,
+                             out_dtype=jnp.bfloat16, name: str | None = None,
+                             interpret: bool = False):
+    """(h, gate, up), each [M, N] in `out_dtype`: gate and up the FP8 products of x with
+    w_gate and w_up (`grouped_matmul_fp8`'s, the same operands and scales), h = act(gate) * up
+    from their float32 sums, in one kernel: each step of x is loaded once for both products
+    (the FP8 counterpart of `grouped_matmul_gated`). Rows past the groups are zero.
+
+    Args:
+      x: e4m3[M, K]; x_scales: f32[M, K / 128].
+      w_gate, w_up: e4m3[G, N, K], K-major; w_gate_scales, w_up_scales: f32[G, N / 128,
+        K / 128] (`jep.fp8.QuantizedWeight`'s q_t and scales_t of each).
+      group_sizes: i32[G]. activation: as `grouped_matmul_gated`'s.
+      config: as `grouped_matmul_fp8`'s, with `across_tiles` (the ring's stages hold a step of
+        x and of both weights).
+    """
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(GATED_ACTIVATIONS)}, got "
+                         f"{activation!r}")
+    for w, w_scales in ((w_gate, w_gate_scales), (w_up, w_up_scales)):
+        check_fp8_shapes(x, x_scales, w, w_scales, group_sizes, config=config)
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up must be w_gate's shape, got {w_up.shape} and {w_gate.shape}")
+    if not config.across_tiles:
+        raise ValueError(f"the gated FP8 kernel needs a config with across_tiles=True (one "
+                         f"ring of stages), got {config}")
+    ws = [w_gate, w_up]
+    if interpret:  # the interpreter has no transposed shared-memory views: w as [G, K, N]
+        ws, transpose_w = [jnp.swapaxes(w, 1, 2) for w in ws], False
+    else:
+        transpose_w = True
+    return _grouped_matmul_ws([x], ws, group_sizes, transpose_w=transpose_w, config=config,
+                              interpret=interpret, scales=(x_scales.T, w_gate_scales,
+                                                           w_up_scales),
+                              out_dtype=out_dtype, name=name, gated=activation)
 
 
 def fp8_pairs(x, x_scales, w, w_scales):

@@ -15,7 +15,9 @@ their sum, timed beside it; where the table has none, `grouped_matmul_weights` r
 Likewise "gated" (`mgpu.grouped_matmul_gated`: the gate and up products from one load of x,
 act(gate) * up in the epilogue), keyed as "forward" is: written only where it beat the two
 forward products and the activation timed beside it; where the table has none,
-`grouped_matmul_gated` is not taken (`jep.experts` runs the products apart).
+`grouped_matmul_gated` is not taken (`jep.experts` runs the products apart). "fp8_gated"
+(`mgpu.grouped_matmul_fp8_gated`) is its FP8 counterpart, keyed as "fp8" is, against two FP8
+products and the activation.
 
 `table.json` (beside this file) holds the configuration a benchmark run picked for each measured
 (op, K, N, G), K and N named as in the list above (`python -m jep.bench tune` writes a new one;
@@ -39,7 +41,8 @@ FP8 = "fp8"  # the FP8 kernel (forward and dx alike: x [M, K] times w [G, N, K] 
 DW_FP8 = "dw_fp8"  # the FP8 weight gradient (`dw_fp8`: x and dy quantized along the rows)
 DX_SUM = "dx_sum"  # dy_a @ w_a[g]^T + dy_b @ w_b[g]^T, ... in one kernel (`mgpu.grouped_matmul_sum`)
 GATED = "gated"  # act(x @ w_gate[g]) * (x @ w_up[g]) in one kernel (`mgpu.grouped_matmul_gated`)
-TUNED = (*OPS, FP8, DW_FP8, DX_SUM, GATED)  # every op with entries in the table
+FP8_GATED = "fp8_gated"  # the same in FP8 (`mgpu.grouped_matmul_fp8_gated`)
+TUNED = (*OPS, FP8, DW_FP8, DX_SUM, GATED, FP8_GATED)  # every op with entries in the table
 TABLE = pathlib.Path(__file__).with_name("table.json")
 
 
@@ -55,9 +58,11 @@ def default(op: str, k: int, n: int) -> Config | DwConfig:
     if op == DW_FP8:
         return dw_fp8.DW_FP8_CONFIG
     block_n = 128 if n % 256 == 0 else 64
-    if op == FP8:  # two warpgroups of 64 rows x 128 columns
-        return Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=4,
-                      warp_specialized=True, split="m")
+    if op in (FP8, FP8_GATED):  # two warpgroups of 64 rows x 128 columns (gated: a ring of
+        # 3 stages of x's step and both weights', 48 KB each)
+        return Config(block_m=128, block_n=64, block_k=128,
+                      max_concurrent_steps=3 if op == FP8_GATED else 4, warp_specialized=True,
+                      split="m", across_tiles=op == FP8_GATED)
     if op == GATED:  # a stage holds a step of x and of both weights: 64 columns a warpgroup
         return Config(block_m=128, block_n=64, block_k=64, max_concurrent_steps=4,
                       warp_specialized=True, across_tiles=True)
@@ -165,6 +170,11 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                      (128, 3, "n", 0), (128, 4, "n", 0), (128, 4, "n", 64), (192, 3, "n", 64),
                      (256, 3, "m", 64), (128, 4, "m", 0))]
         return [c for c in found if k % c.block_k == 0 and n % (2 * c.block_n) == 0]
+    if op == FP8_GATED:  # the ring; a stage holds x's step and both weights' (48 KB)
+        found = [Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=steps,
+                        warp_specialized=True, split=split, across_tiles=True)
+                 for steps, split in ((3, "m"), (4, "m"), (3, "n"))]
+        return [c for c in found if n % (2 * c.block_n) == 0]
     if op == FP8:  # warp-specialized, 128 deep (one scale block a step)
         found = [Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=steps,
                         warp_specialized=True, split=split, band=band, swizzled_epilogue=swz)
