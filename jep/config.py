@@ -121,8 +121,8 @@ class MoEConfig:
         per 128 x 128 block, once per step, the weight gradients' operands along the rows (a
         scale per 128 rows of one expert x 1 channel), the master weights kept in their dtype.
         H and F must be multiples of 128. FP8 tensor-core kernels on Hopper (bf16, f16 or
-        float32 tokens); elsewhere emulated (exact FP8 values, float32 products): the numerics of FP8, not its
-        speed.
+        float32 tokens); elsewhere emulated (exact FP8 values, float32 products): the
+        numerics of FP8, not its speed.
     """
 
     num_experts: int

@@ -100,7 +100,8 @@ def fp8_grouped_matmul(x, w, group_sizes, *, quantized=None, quantized_rows=None
     (`jep_kernels.quantize`: rows where they are a multiple of 64, the same values as
     `jep.fp8.quantize_rows`, 2x faster than XLA's fusions of it on an H200 at 32768 x 7168;
     columns where x is bf16/f16 and its rows a multiple of 8), and w by the kernel that reads
-    it once where it is bf16/f16 (XLA's fusions otherwise). The kernels' quotients at an e4m3 tie may round either way (the GPU's division).
+    it once where it is bf16/f16 (XLA's fusions otherwise). The kernels' quotients at an e4m3
+    tie may round either way (the GPU's division).
     Elsewhere the products are emulated: the e4m3 values and scales are exact and the products
     run in float32 (XLA's `ragged_dot`), the numerics of FP8 products, not their speed. Both
     sum each 128-deep block's products in float32 before scaling it.
@@ -230,8 +231,8 @@ def _fp8_weight_gradient(x_columns, dy_columns, group_sizes, num_rows: int, w, k
 
 def _fp8_times(a, b_q, b_scales, group_sizes, backend: str, a_quantized=None):
     """a quantized per 1 x 128 tile (`a_quantized`, else made here), times b^T (b e4m3[G, N, K]
-    K-major, scaled per 128 x 128 block): [C, N] in a.dtype. The FP8 Pallas kernel where the
-    bf16 ones run, else in float32. With sequences for a, b_q and b_scales (a_quantized None):
+    K-major, scaled per 128 x 128 block): [C, N] in a.dtype. The FP8 Pallas kernel where they
+    run (`fp8_backend`), else in float32. With sequences for a, b_q and b_scales (a_quantized None):
     the sum of their products, rounded once (on the Pallas kernels, one kernel)."""
     summed = isinstance(a, tuple)
     as_, b_qs, b_scales = (tuple(v) if summed else (v,) for v in (a, b_q, b_scales))

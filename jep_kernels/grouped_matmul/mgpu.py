@@ -908,15 +908,21 @@ def grouped_matmul_fp8(x, x_scales, w, w_scales, group_sizes, *, config: Config,
         if not config.across_tiles:
             raise ValueError(f"a sum of {len(pairs)} FP8 products needs a config with "
                              f"across_tiles=True, got {config}")
-    if interpret:  # the interpreter has no transposed shared-memory views: w as [G, K, N]
-        ws, transpose_w = [jnp.swapaxes(b, 1, 2) for b in ws], False
-    else:
-        transpose_w = True
+    ws, transpose_w = _k_major(ws, interpret)
     # The pairs' scales side by side along K, as their steps follow one another.
     scales = (jnp.concatenate([s.T for s in x_scales]), jnp.concatenate(w_scales, axis=2))
     return _grouped_matmul_ws(xs, ws, group_sizes, transpose_w=transpose_w, config=config,
                               interpret=interpret, scales=scales, out_dtype=out_dtype,
                               name=name)
+
+
+def _k_major(ws, interpret: bool):
+    """(ws, transpose_w) for `_grouped_matmul_ws`: the FP8 kernels' e4m3 weights [G, N, K]
+    read transposed, or on the interpreter, which has no transposed shared-memory views,
+    transposed in memory ([G, K, N])."""
+    if interpret:
+        return [jnp.swapaxes(w, 1, 2) for w in ws], False
+    return list(ws), True
 
 
 def grouped_matmul_fp8_gated(x, x_scales, w_gate, w_gate_scales, w_up, w_up_scales,
@@ -946,11 +952,7 @@ def grouped_matmul_fp8_gated(x, x_scales, w_gate, w_gate_scales, w_up, w_up_scal
     if not config.across_tiles:
         raise ValueError(f"the gated FP8 kernel needs a config with across_tiles=True (one "
                          f"ring of stages), got {config}")
-    ws = [w_gate, w_up]
-    if interpret:  # the interpreter has no transposed shared-memory views: w as [G, K, N]
-        ws, transpose_w = [jnp.swapaxes(w, 1, 2) for w in ws], False
-    else:
-        transpose_w = True
+    ws, transpose_w = _k_major([w_gate, w_up], interpret)
     return _grouped_matmul_ws([x], ws, group_sizes, transpose_w=transpose_w, config=config,
                               interpret=interpret, scales=(x_scales.T, w_gate_scales,
                                                            w_up_scales),
@@ -964,9 +966,9 @@ def fp8_pairs(x, x_scales, w, w_scales):
         return [parts]
     if (not all(isinstance(a, (list, tuple)) for a in parts)
             or len({len(a) for a in parts}) != 1 or not parts[0]):
+        lengths = [len(a) if isinstance(a, (list, tuple)) else "an array" for a in parts]
         raise ValueError(f"a sum of FP8 products takes x, x_scales, w and w_scales as sequences "
-                         f"of one length (at least one), got "
-                         f"{[len(a) if isinstance(a, (list, tuple)) else 'an array' for a in parts]}")
+                         f"of one length (at least one), got {lengths}")
     return list(zip(*parts))
 
 
