@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 21's FP8 work on one lent H200, in parts that each fit a 10-minute device call:
+#   1: the FP8 tests on the GPU, the quantize suite (the kernels' variants side by side), and
+#      the FP8 products' clocks against the bf16 ones (gemm_power);
+#   2: tune the FP8 forward/dx (clusters among the candidates), the gated FP8 kernel and the
+#      FP8 weight gradient; the picks go to $OUT/tune_*/table.json;
+#   3: the layer at DeepSeek-V3's expert shape, 32 experts, bf16 against FP8, profiled, and
+#      the gemm suite's FP8 products against the bf16 ones at 8 and 256 groups.
+# Usage, from the repository root: bash jep/bench/fp8_check.sh PART   (logs go to $OUT, or ./out)
+set -uo pipefail
+out="${OUT:-out}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+case "${1:-}" in
+  1)
+    python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" \
+      2>&1 | tee "$out/versions.txt"
+    python3 -m pytest -q -p no:cacheprovider -n 4 -rs -m "" tests/test_fp8.py \
+      tests/test_grouped_matmul_kernel.py tests/test_experts.py -k "fp8 or columns or weight or quantize" \
+      2>&1 | tee "$out/tests_fp8.txt"
+    python3 -m jep.bench quantize --model deepseek-v3 --tokens 4096,32768 --iters 10 --repeats 5 \
+      --out "$out/quantize" 2>&1 | tee "$out/quantize.txt"
+    python3 benchmarks/scripts/gemm_power.py "jep grouped forward" "jep FP8 forward" \
+      "jep FP8 forward, cluster 2" 2>&1 | tee "$out/gemm_power_fp8.txt"
+    ;;
+  2)
+    python3 -m jep.bench tune --gemm-shapes 32768x7168x2048x8,32768x7168x2048x32,32768x2048x7168x32 \
+      --tune-ops fp8 --iters 5 --repeats 3 --out "$out/tune_fp8" 2>&1 | tee "$out/tune.txt"
+    python3 -m jep.bench tune --gemm-shapes 32768x7168x2048x32 --tune-ops fp8_gated --iters 5 \
+      --repeats 3 --out "$out/tune_fp8_gated" 2>&1 | tee -a "$out/tune.txt"
+    python3 -m jep.bench tune --gemm-shapes 32768x7168x2048x32,32768x2048x7168x32 \
+      --tune-ops dw_fp8 --iters 5 --repeats 3 --out "$out/tune_dw_fp8" 2>&1 | tee -a "$out/tune.txt"
+    ;;
+  3)
+    python3 -m jep.bench layer --hidden 7168 --ffn 2048 --experts 32 --topk 8 --tokens 4096 \
+      --layer-variants jep,fp8 --iters 3 --repeats 3 --profile --out "$out/layer_fp8_e32" \
+      2>&1 | tee "$out/layer.txt"
+    python3 -m jep.bench gemm --gemm-shapes 32768x7168x2048x8,32768x7168x2048x256 --iters 10 \
+      --repeats 3 --min-seconds 0.5 --out "$out/gemm_fp8" 2>&1 | tee "$out/gemm.txt"
+    ;;
+  *)
+    echo "usage: bash jep/bench/fp8_check.sh 1|2|3" >&2
+    exit 2
+    ;;
+esac
