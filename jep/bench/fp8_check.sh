@@ -5,7 +5,9 @@
 #   2: tune the FP8 forward/dx (clusters among the candidates), the gated FP8 kernel and the
 #      FP8 weight gradient; the picks go to $OUT/tune_*/table.json;
 #   3: the layer at DeepSeek-V3's expert shape, 32 experts, bf16 against FP8, profiled, and
-#      the gemm suite's FP8 products against the bf16 ones at 8 and 256 groups.
+#      the gemm suite's FP8 products against the bf16 ones at 8 and 256 groups;
+#   4: the training example (float32) at gpu_check's sizes, without and with --fp8: held-out
+#      loss and tokens/s.
 # Usage, from the repository root: bash jep/bench/fp8_check.sh PART   (logs go to $OUT, or ./out)
 set -uo pipefail
 out="${OUT:-out}"
@@ -40,8 +42,16 @@ case "${1:-}" in
     python3 -m jep.bench gemm --gemm-shapes 32768x7168x2048x8,32768x7168x2048x256 --iters 10 \
       --repeats 3 --min-seconds 0.5 --out "$out/gemm_fp8" 2>&1 | tee "$out/gemm.txt"
     ;;
+  4)
+    for flag in "" --fp8; do
+      python3 examples/train_moe_lm.py --dp 1 --ep 1 --steps 300 --batch 32 --seq-len 256 \
+        --d-model 512 --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 \
+        --eval-every 100 --seed 0 --no-progress --out "/tmp/train${flag}" $flag \
+        2>&1 | tee -a "$out/train_fp8.txt"
+    done
+    ;;
   *)
-    echo "usage: bash jep/bench/fp8_check.sh 1|2|3" >&2
+    echo "usage: bash jep/bench/fp8_check.sh 1|2|3|4" >&2
     exit 2
     ;;
 esac
