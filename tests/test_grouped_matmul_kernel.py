@@ -728,12 +728,14 @@ def test_fp8_kernel_lowers_for_each_configuration_tuning_times():
             spec((g, n // 128, k // 128), jnp.float32))
     jax.jit(lambda *a: gm.grouped_matmul_fp8(*([a[i], a[i + 4]] for i in range(4)), a[8])).trace(
         *pair, *pair, spec((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
-    # The gate and up products and the activation in one kernel at 32 experts (K 7168, N 2048).
+    # The gate and up products and the activation in one kernel at 32 experts (K 7168, N 2048),
+    # each of its candidates.
     m, k, n = 32768, 7168, 2048
     weight = (spec((g, n, k), f8), spec((g, n // 128, k // 128), jnp.float32))
-    jax.jit(lambda *a: gm.grouped_matmul_fp8_gated(*a)).trace(
-        spec((m, k), f8), spec((m, k // 128), jnp.float32), *weight, *weight,
-        spec((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    for config in tuning.candidates(tuning.FP8_GATED, k, n):
+        jax.jit(lambda *a, config=config: gm.grouped_matmul_fp8_gated(*a, config=config)).trace(
+            spec((m, k), f8), spec((m, k // 128), jnp.float32), *weight, *weight,
+            spec((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
 
 
 def test_fp8_kernel_refuses_what_it_cannot_take():
