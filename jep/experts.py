@@ -223,6 +223,12 @@ def _fp8_weight_gradient(x_columns, dy_columns, group_sizes, num_rows: int, w, k
         _, pullback = jax.vjp(lambda v: lax.ragged_dot(x32, v, group_sizes,
                                                        precision=lax.Precision.HIGHEST), zeros)
         dw = pullback(dy32)[0].astype(w.dtype)
+    return _dp_summed(dw, w)
+
+
+def _dp_summed(dw, w):
+    """dw summed over the mesh axes it varies over and w does not (w's data-parallel copies),
+    typed as w: the cotangent of w inside `shard_map`."""
     copies = tuple(sorted(varying(dw) - varying(w)))
     if copies:
         dw = lax.psum(dw, copies)
@@ -284,9 +290,18 @@ def _fp8_cotangents(backend, x, ws, quantized, x_columns, group_sizes, dys):
     kernel = _runs_fp8_kernel(x, ws[0].shape, backend)
     if x_columns is None:
         x_columns = _quantize_columns(x, group_sizes, kernel)
-    dws = tuple(_fp8_weight_gradient(x_columns, _quantize_columns(dy, group_sizes, kernel),
-                                     group_sizes, x.shape[0], w, kernel)
-                for dy, w in zip(dys, ws))
+    dy_columns = tuple(_quantize_columns(dy, group_sizes, kernel) for dy in dys)
+    groups, k, n = ws[0].shape
+    if kernel and len(ws) == 2 and jep_kernels.grouped_matmul.tuning.entry_for(
+            "dw_fp8_pair", k, n, groups) is not None:
+        # Both weight gradients in one kernel, where the tuning table has it (where it beat
+        # two kernels).
+        dws = jep_kernels.grouped_matmul.grouped_matmul_dw_fp8(
+            *x_columns, [q for q, _ in dy_columns], [s for _, s in dy_columns], group_sizes,
+            num_rows=x.shape[0], out_dtype=ws[0].dtype)
+        return dx, tuple(_dp_summed(dw, w) for dw, w in zip(dws, ws)), None, None, None, None
+    dws = tuple(_fp8_weight_gradient(x_columns, columns, group_sizes, x.shape[0], w, kernel)
+                for columns, w in zip(dy_columns, ws))
     return dx, dws, None, None, None, None
 
 

@@ -225,7 +225,7 @@ def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest
 
 
 @pytest.mark.parametrize("op", ["forward", "dx", "dw", "fp8", "dw_fp8", "dx_sum", "gated",
-                                "fp8_gated"])
+                                "fp8_gated", "dw_fp8_pair"])
 def test_tune_names_every_candidate_apart(op):
     """The tune suite keys its runs by the candidates' names: two configurations with one name
     would time one of them only (ping-pong copies of the dw candidates once were)."""
@@ -286,6 +286,15 @@ def test_tune_times_the_fp8_weight_gradient_beside_the_bf16_one(monkeypatch):
     monkeypatch.setattr(tuning, "_table", lambda: {tuning.key("dw_fp8", 256, 128, 4): config})
     assert tuning.config_for("dw_fp8", 256, 128, 8) == config
     assert tuning.config_for("dw_fp8", 512, 128, 8) == gm.dw_fp8.DW_FP8_CONFIG
+    # The gate and up weight gradients in one kernel: timed on a pair of dy, at the flops of
+    # two products.
+    results, picks = tune.measure(shapes=[(96, 128, 128, 3)], dtype=jnp.bfloat16,
+                                  routing="zipf", iters=1, repeats=1, ops=("dw_fp8_pair",),
+                                  interpret=True)
+    (r,) = results
+    assert r["variant"] == tune._describe("dw_fp8_pair", config) and r["picked"]
+    assert r["tflop_per_s"] == pytest.approx(4 * 96 * 128 * 128 / r["seconds"] / 1e12)
+    assert picks == {tuning.key("dw_fp8_pair", 128, 128, 3): config}
 
 
 def test_unrolled_calls_take_each_rotation_in_turn():

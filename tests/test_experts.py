@@ -311,8 +311,9 @@ def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch, dt
     three FP8 weight gradients, against the emulated FP8 experts (backend "xla"), value and
     gradients, within bf16 rounding and the sums' order (1e-2 of each array's largest). float32
     rows and weights take the FP8 kernels too (their quantization along the rows and the
-    weights' by XLA). `gated`: with an "fp8_gated" entry in the tuning table, the gate and up
-    products and the activation are one kernel. It rounds h once, from the float32 products,
+    weights' by XLA). `gated`: with "fp8_gated" and "dw_fp8_pair" entries in the tuning table,
+    the gate and up products and the activation are one kernel, and so are their weight
+    gradients. It rounds h once, from the float32 products,
     where the products apart round gate and up to the rows' dtype first: in bf16 that moves h
     by its rounding, which moves some of h's e4m3 values by a step (2% of y measured), so it
     is compared in float32."""
@@ -336,10 +337,15 @@ def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch, dt
         len(x) if isinstance(x, (list, tuple)) else 1) or fp8_kernel(x, *args, **kwargs))
     monkeypatch.setattr(gm, "grouped_matmul_fp8_gated", lambda *args, **kwargs: products.append(
         "gated") or gated_kernel(*args, **kwargs, interpret=not ON_HOPPER))
+    weight_gradients = []  # the weight gradients of each FP8 dw kernel call
+    dw_kernel = gm.grouped_matmul_dw_fp8
+    monkeypatch.setattr(gm, "grouped_matmul_dw_fp8", lambda x_t, x_s, dy_t, *args, **kwargs: (
+        weight_gradients.append(len(dy_t) if isinstance(dy_t, list) else 1)
+        or dw_kernel(x_t, x_s, dy_t, *args, **kwargs)))
     entry_for = gm.tuning.entry_for
     monkeypatch.setattr(gm.tuning, "entry_for", lambda op, k, n, groups: (
-        (gm.tuning.default(op, k, n) if gated else None) if op == gm.tuning.FP8_GATED
-        else entry_for(op, k, n, groups)))
+        (gm.tuning.default(op, k, n) if gated else None)
+        if op in (gm.tuning.FP8_GATED, gm.tuning.DW_FP8_PAIR) else entry_for(op, k, n, groups)))
     hidden, ffn, groups = 128, 256, 2
     x = jnp.asarray(rng.normal(size=(64, hidden)), dtype)
     sizes = jnp.asarray([40, 17], jnp.int32)  # and a tail of rows past the groups
@@ -355,6 +361,7 @@ def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch, dt
         backend, x, w_gate, w_up, w_down) for backend in ("auto", "xla")}
     # gate, up (or both and the activation), down, down's dx, gate's and up's dx
     assert products == ["gated" if gated else 1] * (1 if gated else 2) + [1, 1, 2]
+    assert weight_gradients == [1] + ([2] if gated else [1, 1])  # down's, then gate's and up's
     for got, want in zip(*(jax.tree.leaves(results[b]) for b in ("auto", "xla"))):
         assert got.shape == want.shape and got.dtype == want.dtype
         want = np.asarray(want, np.float32)

@@ -669,11 +669,43 @@ def test_fp8_weight_gradient_matches_float64_of_its_quantized_operands(config, s
                                atol=1e-2 * max(np.abs(want).max(), 1e-30))
 
 
+@pytest.mark.parametrize("config", [None, DW_FP8_SMALL], ids=["default", "two-stages"])
+def test_fp8_weight_gradients_of_one_x_equal_one_kernel_each(config):
+    """Two dy of one x (the gate and up products'): one kernel that loads each step of x once
+    for both gives each weight gradient bit for bit as a kernel of its own does; dy of unequal
+    shapes are refused."""
+    from jep import fp8
+
+    rng = np.random.default_rng(7)
+    m, k, n = 232, 256, 384
+    group_sizes = jnp.asarray([70, 0, 100], jnp.int32)
+    x_t, x_scales = fp8.quantize_columns(jnp.asarray(rng.normal(size=(m, k)), jnp.float32),
+                                         group_sizes)
+    dys = [fp8.quantize_columns(jnp.asarray(rng.normal(size=(m, n)) * size, jnp.float32),
+                                group_sizes) for size in (1.0, 100.0)]
+    pair = gm.grouped_matmul_dw_fp8(x_t, x_scales, [d for d, _ in dys], [s for _, s in dys],
+                                    group_sizes, num_rows=m, config=config,
+                                    interpret=not ON_GPU)
+    assert isinstance(pair, tuple) and len(pair) == 2
+    for got, (dy_t, dy_scales) in zip(pair, dys):
+        alone = gm.grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes,
+                                         num_rows=m, config=config, interpret=not ON_GPU)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(alone))
+    assert np.abs(np.asarray(pair[1])).max() > 10 * np.abs(np.asarray(pair[0])).max()
+    with pytest.raises(ValueError, match="the dy_t of one shape"):
+        gm.grouped_matmul_dw_fp8(x_t, x_scales, [dys[0][0], dys[1][0][:128]],
+                                 [dys[0][1], dys[1][1][:, :128]], group_sizes, num_rows=m,
+                                 config=config, interpret=True)
+
+
 def test_fp8_weight_gradient_lowers_and_refuses_what_it_cannot_take():
     """The FP8 weight gradient lowers for Hopper at DeepSeek-V3's expert shapes (32 and 256
-    groups of 32768 rows), from any platform; operands of the wrong layout, dtype or config are
-    refused by name."""
+    groups of 32768 rows), from any platform, and so do tune's candidates of the gate and up
+    weight gradients in one kernel; operands of the wrong layout, dtype or config are refused
+    by name."""
     from jep import fp8
+
+    from jep_kernels.grouped_matmul import tuning
 
     for m, k, n, g in [(32768, 7168, 2048, 32), (32768, 2048, 7168, 256)]:
         p = fp8.padded_rows(m, g)
@@ -681,6 +713,15 @@ def test_fp8_weight_gradient_lowers_and_refuses_what_it_cannot_take():
         jax.jit(lambda *a, m=m: gm.grouped_matmul_dw_fp8(*a, num_rows=m, out_dtype=jnp.bfloat16)
                 ).trace(spec((k, p), fp8.E4M3), spec((p // 128, k), jnp.float32),
                         spec((n, p), fp8.E4M3), spec((p // 128, n), jnp.float32),
+                        spec((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    # The gate and up weight gradients in one kernel at 32 experts, each candidate of tune's.
+    m, k, n, g = 32768, 7168, 2048, 32
+    p = fp8.padded_rows(m, g)
+    dy = (spec((n, p), fp8.E4M3), spec((p // 128, n), jnp.float32))
+    for config in tuning.candidates(tuning.DW_FP8_PAIR, k, n):
+        jax.jit(lambda x_t, x_s, a, b, c, d, s, config=config: gm.grouped_matmul_dw_fp8(
+            x_t, x_s, [a, c], [b, d], s, num_rows=m, config=config, out_dtype=jnp.bfloat16)
+                ).trace(spec((k, p), fp8.E4M3), spec((p // 128, k), jnp.float32), *dy, *dy,
                         spec((g,), jnp.int32)).lower(lowering_platforms=("cuda",))
     sizes = jnp.asarray([10, 20], jnp.int32)
     p = fp8.padded_rows(40, 2)

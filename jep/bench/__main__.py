@@ -82,7 +82,7 @@ def parse_args(argv=None):
            f"the FP8 weight gradient, beside the table's bf16 one; dx_sum: "
            f"the dx of two weights summed in one kernel, as of the gate and up products; "
            f"gated: the gate and up products and the activation in one kernel; fp8_gated: "
-           f"the same in FP8)")
+           f"the same in FP8; dw_fp8_pair: the gate and up FP8 weight gradients in one)")
     a("--iters", type=int, default=20, help="iterations inside one jitted loop")
     a("--repeats", type=int, default=5, help="timed loops; the median is reported")
     a("--min-seconds", type=float, default=0.0,

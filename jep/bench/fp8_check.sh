@@ -2,8 +2,9 @@
 # Issue 21's FP8 work on one lent H200, in parts that each fit a 10-minute device call:
 #   1: the FP8 tests on the GPU, the quantize suite (the kernels' variants side by side), and
 #      the FP8 products' clocks against the bf16 ones (gemm_power);
-#   2: tune the FP8 forward/dx (clusters among the candidates), the gated FP8 kernel and the
-#      FP8 weight gradient; the picks go to $OUT/tune_*/table.json;
+#   2: tune the FP8 forward/dx (clusters among the candidates), the gated FP8 kernel, the FP8
+#      weight gradient and its gate/up pair in one kernel; the picks go to
+#      $OUT/tune_*/table.json;
 #   3: the layer at DeepSeek-V3's expert shape, 32 experts, bf16 against FP8, profiled, and
 #      the gemm suite's FP8 products against the bf16 ones at 8 and 256 groups;
 #   4: the training example (float32) at gpu_check's sizes, without and with --fp8: held-out
@@ -34,6 +35,8 @@ case "${1:-}" in
       --repeats 3 --out "$out/tune_fp8_gated" 2>&1 | tee -a "$out/tune.txt"
     python3 -m jep.bench tune --gemm-shapes 32768x7168x2048x32,32768x2048x7168x32 \
       --tune-ops dw_fp8 --iters 5 --repeats 3 --out "$out/tune_dw_fp8" 2>&1 | tee -a "$out/tune.txt"
+    python3 -m jep.bench tune --gemm-shapes 32768x7168x2048x32 --tune-ops dw_fp8_pair --iters 5 \
+      --repeats 3 --out "$out/tune_dw_fp8_pair" 2>&1 | tee -a "$out/tune.txt"
     ;;
   3)
     python3 -m jep.bench layer --hidden 7168 --ffn 2048 --experts 32 --topk 8 --tokens 4096 \

@@ -74,6 +74,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # The FP8 gate and up products and the activation in one kernel, against them apart.
   python3 -m jep.bench tune --gemm-shapes 32768x7168x2048x8,32768x7168x2048x32 \
     --tune-ops fp8_gated --iters 5 --repeats 3 --out "$out/tune_fp8_gated" 2>&1 | tee -a "$out/bench.txt"
+  python3 -m jep.bench tune --gemm-shapes 32768x7168x2048x32 --tune-ops dw_fp8_pair --iters 5 \
+    --repeats 3 --out "$out/tune_dw_fp8_pair" 2>&1 | tee -a "$out/bench.txt"
   python3 -m jep.bench layer --tokens 4096 --hidden 2048 --ffn 1024 --experts 64 --topk 4 --iters 5 \
     --repeats 5 --out "$out/layer_small" 2>&1 | tee -a "$out/bench.txt"
   # DeepSeek-V3's recipe against the bf16 layer at a GPU's share of its experts (issue 21).

@@ -55,6 +55,23 @@ def _fp8_paired_operands(rotations):
             for x, ws, _, sizes in _paired_operands(rotations)]
 
 
+def _fp8_dw_pair_operands(rotations):
+    """For "dw_fp8_pair": `_paired_operands` with x and both dy quantized along the rows
+    (`_fp8_dw_operands`)."""
+    return [(fp8.quantize_columns(x, sizes), None,
+             tuple(fp8.quantize_columns(dy, sizes) for dy in dys), sizes)
+            for x, _, dys, sizes in _paired_operands(rotations)]
+
+
+def _two_dw_fp8(config, num_rows: int):
+    """The gate and up FP8 weight gradients as two kernels (`config`, the table's "dw_fp8"):
+    what the kernel of both replaces."""
+    def two(x, w, dys, sizes):
+        return tuple(gm.grouped_matmul_dw_fp8(*x, *dy, sizes, num_rows=num_rows, config=config,
+                                              out_dtype=jax.numpy.bfloat16) for dy in dys)
+    return two
+
+
 def _two_dx(config):
     """The summed dx as two dx kernels (`config`, the table's "dx") and XLA's sum of them: what
     the summing kernel replaces."""
@@ -75,7 +92,7 @@ def _apart(config, op="forward"):
 
 
 def _describe(op, config) -> str:
-    if op in ("dw", tuning.DW_FP8):  # a DwConfig: K block x N block x rows a step
+    if op in ("dw", tuning.DW_FP8, tuning.DW_FP8_PAIR):  # a DwConfig: K x N blocks, rows a step
         kind = "ws" if config.warp_specialized else "plain"
         epilogue = (f" e{config.epilogue_k}x{config.epilogue_n}"
                     if config.warp_specialized else "")
@@ -108,6 +125,10 @@ def _product(op, config, interpret: bool = False, num_rows: int = 0):
         return lambda x, w, dy, sizes: gm.grouped_matmul_dw_fp8(
             *x[1], *dy[1], sizes, num_rows=num_rows, config=config,
             out_dtype=jax.numpy.bfloat16, interpret=interpret)
+    if op == tuning.DW_FP8_PAIR:  # operands paired and quantized (`_fp8_dw_pair_operands`)
+        return lambda x, w, dys, sizes: gm.grouped_matmul_dw_fp8(
+            *x, [dy for dy, _ in dys], [s for _, s in dys], sizes, num_rows=num_rows,
+            config=config, out_dtype=jax.numpy.bfloat16, interpret=interpret)
     if op == "forward":
         return lambda x, w, dy, sizes: mgpu.grouped_matmul(x, w, sizes, config=config,
                                                            interpret=interpret)
@@ -145,7 +166,8 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
         rotations = workloads.gemm_operands(routing, rng, (m, k, n, g), dtype)
         for op in ops:
             flops = 2.0 * m * k * n * (
-                2 if op in (tuning.DX_SUM, tuning.GATED, tuning.FP8_GATED) else 1)
+                2 if op in (tuning.DX_SUM, tuning.GATED, tuning.FP8_GATED, tuning.DW_FP8_PAIR)
+                else 1)
             pk, pn = tuning.product_shape(op, k, n)
             bodies = {_describe(op, c): (_product(op, c, interpret, num_rows=m), c)
                       for c in tuning.candidates(op, pk, pn)}
@@ -159,17 +181,22 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
             # What the one-kernel ops replace, timed beside them (an entry only where beaten).
             baseline_name = {tuning.DX_SUM: "two dx and their sum",
                              tuning.GATED: "two forwards and the activation",
-                             tuning.FP8_GATED: "two FP8 products and the activation"}.get(op)
+                             tuning.FP8_GATED: "two FP8 products and the activation",
+                             tuning.DW_FP8_PAIR: "two FP8 weight gradients"}.get(op)
             if op == tuning.DX_SUM and not interpret:
                 bodies[baseline_name] = (_two_dx(tuning.config_for("dx", pk, pn, g)), None)
             if op == tuning.GATED and not interpret:
                 bodies[baseline_name] = (_apart(tuning.config_for("forward", pk, pn, g)), None)
+            if op == tuning.DW_FP8_PAIR and not interpret:
+                bodies[baseline_name] = (_two_dw_fp8(tuning.config_for(tuning.DW_FP8, pk, pn, g),
+                                                     m), None)
             if op == tuning.FP8_GATED and not interpret:
                 bodies[baseline_name] = (_apart(tuning.config_for(tuning.FP8, pk, pn, g),
                                                 tuning.FP8), None)
             operands = (_fp8_operands(rotations) if op == tuning.FP8 else
                         _fp8_dw_operands(rotations) if op == tuning.DW_FP8 else
                         _fp8_paired_operands(rotations) if op == tuning.FP8_GATED else
+                        _fp8_dw_pair_operands(rotations) if op == tuning.DW_FP8_PAIR else
                         _paired_operands(rotations) if op in (tuning.DX_SUM, tuning.GATED)
                         else rotations)
             runs = {name: (jax.jit(lambda rotations, body=body:

@@ -380,21 +380,31 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
                           interpret: bool = False):
     """dw[G, K, N]: dw[g] = x[rows of g]^T @ dy[rows of g] from e4m3 operands quantized along
     the rows (`jep.fp8.quantize_columns`): `dw_fp8.grouped_matmul_dw_fp8`, not differentiable
-    (`jep.experts.fp8_grouped_matmul`'s weight gradient on Hopper).
+    (`jep.experts.fp8_grouped_matmul`'s weight gradient on Hopper). With sequences of one
+    length for dy_t and dy_scales, a tuple: the weight gradients of the same x in one kernel
+    (the gate and up projections').
 
     Args:
       x_t: e4m3[K, P], x_scales: f32[P / 128, K]; dy_t: e4m3[N, P], dy_scales: f32[P / 128, N]
         (`quantize_columns` of x [M, K] and dy [M, N] by group_sizes i32[G]).
       num_rows: M. config: the tiles (a `DwConfig`, block_rows 128), by default the tuning
-        table's "dw_fp8" entry for (K, N, G), else `dw_fp8.DW_FP8_CONFIG`. K must be a
-        multiple of block_k, N of block_n (128 each by default).
+        table's "dw_fp8" entry for (K, N, G) ("dw_fp8_pair" for two dy), else
+        `tuning.default` of it. K must be a multiple of block_k, N of block_n (128 each by
+        default).
     """
-    if x_t.ndim != 2 or dy_t.ndim != 2:
-        raise ValueError(f"x_t must be [K, P] and dy_t [N, P], got {x_t.shape} and {dy_t.shape}")
-    config = config or tuning.config_for(tuning.DW_FP8, x_t.shape[0], dy_t.shape[0],
+    several = isinstance(dy_t, (list, tuple))
+    first_dy = dy_t[0] if several and dy_t else dy_t
+    if x_t.ndim != 2 or getattr(first_dy, "ndim", None) != 2:
+        raise ValueError(f"x_t must be [K, P] and dy_t [N, P] (or a sequence of them), got "
+                         f"{x_t.shape} and {getattr(first_dy, 'shape', first_dy)}")
+    op = tuning.DW_FP8_PAIR if several and len(dy_t) == 2 else tuning.DW_FP8
+    config = config or tuning.config_for(op, x_t.shape[0], first_dy.shape[0],
                                          group_sizes.shape[0])
     with jax.named_scope(SCOPES["dw_fp8"]):
         dw = dw_fp8.grouped_matmul_dw_fp8(
             x_t, x_scales, dy_t, dy_scales, group_sizes.astype(jnp.int32), num_rows=num_rows,
             config=config, out_dtype=out_dtype, interpret=interpret)
-        return vary_like(dw, x_t, dy_t, group_sizes)
+        dys = tuple(dy_t) if several else (dy_t,)
+        dws = tuple(vary_like(one, x_t, *dys, group_sizes) for one in
+                    (dw if several else (dw,)))
+        return dws if several else dws[0]

@@ -105,6 +105,9 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
                           interpret: bool = False):
     """dw[G, K, N]: dw[g] = (x * x_scales)[rows of g]^T @ (dy * dy_scales)[rows of g] from
     `jep.fp8.quantize_columns`' operands, zero for an empty group, rounded once to `out_dtype`.
+    With sequences of one length for dy_t and dy_scales (the gate and up products' dy), a tuple
+    of the weight gradients of the same x, in one kernel that loads each step of x once for all
+    of them (each the same values as a kernel of its own gives).
 
     Args:
       x_t: e4m3[K, P], x_scales: f32[P / 128, K]: `quantize_columns(x, group_sizes)` of the
@@ -115,8 +118,23 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
         and a third that only issues TMA loads into a ring of `max_concurrent_steps` stages
         that runs on from one tile into the next (`check_dw_fp8_shapes`).
     """
-    check_dw_fp8_shapes(x_t, x_scales, dy_t, dy_scales, group_sizes, num_rows, config=config)
-    depth, width = x_t.shape[0], dy_t.shape[0]
+    several = isinstance(dy_t, (list, tuple))
+    dys, dy_scales = (list(a) if several else [a] for a in (dy_t, dy_scales))
+    if not dys or len(dys) != len(dy_scales) or any(d.shape != dys[0].shape for d in dys):
+        raise ValueError(f"dy_t and dy_scales must be as many (at least one), the dy_t of one "
+                         f"shape, got {len(dys)} and {len(dy_scales)}: {[d.shape for d in dys]}")
+    for dy, scales in zip(dys, dy_scales):
+        check_dw_fp8_shapes(x_t, x_scales, dy, scales, group_sizes, num_rows, config=config)
+    outs = _dw_fp8(x_t, x_scales, dys, dy_scales, group_sizes, num_rows=num_rows,
+                   config=config, out_dtype=out_dtype, interpret=interpret)
+    return tuple(outs) if several else outs[0]
+
+
+def _dw_fp8(x_t, x_scales, dys, dy_scales, group_sizes, *, num_rows, config, out_dtype,
+            interpret):
+    """`grouped_matmul_dw_fp8` of each of `dys` (checked), one kernel: a list."""
+    depth, width = x_t.shape[0], dys[0].shape[0]
+    products = len(dys)
     num_groups = group_sizes.shape[0]
     bm, bn, stages = config.block_k, config.block_n, config.max_concurrent_steps
     wm = bm // 2  # each compute warpgroup's rows of a tile
@@ -127,12 +145,15 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
     # i32[2 G]: each group's first tile of the layout and its number of tiles.
     table = jnp.stack(column_tiles(group_sizes, num_rows), axis=1).reshape(-1)
     # The interpreter has no transposed shared-memory views: there dy is [P, N] in memory.
-    dy_in = dy_t.T if interpret else dy_t
+    dys_in = [dy.T for dy in dys] if interpret else dys
     dy_tile = (TILE, bn) if interpret else (bn, TILE)
     laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
     transforms = (lambda minor, dtype: ()) if interpret else smem_transforms
 
-    def body(table_gmem, x_gmem, x_scales_gmem, dy_gmem, dy_scales_gmem, out_gmem):
+    def body(table_gmem, x_gmem, x_scales_gmem, *refs):
+        # Each dy's values and scales, then each weight gradient.
+        dy_gmems, dy_scales_gmems = refs[0:2 * products:2], refs[1:2 * products:2]
+        out_gmems = refs[2 * products:]
         wg = lax.axis_index("wg")
 
         def tile_of(info):
@@ -146,11 +167,12 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
         @functools.partial(
             pl.run_scoped,
             x_smem=plgpu.SMEM((stages, bm, TILE), E4M3, transforms=transforms(TILE, E4M3)),
-            dy_smem=plgpu.SMEM((stages, *dy_tile), E4M3, transforms=transforms(dy_tile[1], E4M3)),
+            dy_smem=[plgpu.SMEM((stages, *dy_tile), E4M3, transforms=transforms(dy_tile[1], E4M3))
+                     for _ in range(products)],
             x_scale_smem=plgpu.SMEM((stages, 1, bm), jnp.float32),
-            dy_scale_smem=plgpu.SMEM((stages, 1, bn), jnp.float32),
+            dy_scale_smem=[plgpu.SMEM((stages, 1, bn), jnp.float32) for _ in range(products)],
             out_smem=plgpu.SMEM((2, 2, em, en), out_dtype, transforms=transforms(en, out_dtype)),
-            loaded=plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+            loaded=plgpu.Barrier(num_arrivals=2 + 2 * products, num_barriers=stages),
             consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             collective_axes="wg",
         )
@@ -172,13 +194,14 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
                         rows = pl.ds(pl.multiple_of(tile * TILE, TILE), TILE)
                         plgpu.copy_gmem_to_smem(x_gmem.at[ks, rows], x_smem.at[slot],
                                                 loaded.at[slot])
-                        plgpu.copy_gmem_to_smem(dy_gmem.at[rows, ns] if interpret else
-                                                dy_gmem.at[ns, rows], dy_smem.at[slot],
-                                                loaded.at[slot])
                         plgpu.copy_gmem_to_smem(x_scales_gmem.at[pl.ds(tile, 1), ks],
                                                 x_scale_smem.at[slot], loaded.at[slot])
-                        plgpu.copy_gmem_to_smem(dy_scales_gmem.at[pl.ds(tile, 1), ns],
-                                                dy_scale_smem.at[slot], loaded.at[slot])
+                        for p in range(products):
+                            plgpu.copy_gmem_to_smem(
+                                dy_gmems[p].at[rows, ns] if interpret else
+                                dy_gmems[p].at[ns, rows], dy_smem[p].at[slot], loaded.at[slot])
+                            plgpu.copy_gmem_to_smem(dy_scales_gmems[p].at[pl.ds(tile, 1), ns],
+                                                    dy_scale_smem[p].at[slot], loaded.at[slot])
 
                     return count + steps
 
@@ -194,12 +217,12 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
                     count = carry  # the steps taken before this tile's
                     group, kb, nb, _, steps = tile_of(info)
 
-                    def step(b, acc):
-                        slot = (count + b) % stages
-                        plgpu.barrier_wait(loaded.at[slot])
+                    def promoted(slot, p, acc):
+                        """acc + this step's products with dy p, scaled (one accumulator of
+                        their own, then the promotion)."""
                         x_part = x_smem.at[slot, pl.ds(wg * wm, wm)]
-                        dy_part = (dy_smem.at[slot] if interpret else
-                                   plgpu.transpose_ref(dy_smem.at[slot], (1, 0)))
+                        dy_part = (dy_smem[p].at[slot] if interpret else
+                                   plgpu.transpose_ref(dy_smem[p].at[slot], (1, 0)))
 
                         def block(part_ref):
                             plgpu.wgmma(part_ref, x_part, dy_part)
@@ -208,25 +231,37 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
                         part = pl.run_scoped(block, plgpu.ACC((wm, bn)))
                         row_scales = laid_out(x_scale_smem.at[slot, 0, pl.ds(wg * wm, wm)][...],
                                               plgpu.Layout.WGMMA.reduce(1))
-                        col_scales = laid_out(dy_scale_smem.at[slot, 0][...],
+                        col_scales = laid_out(dy_scale_smem[p].at[slot, 0][...],
                                               plgpu.Layout.WGMMA.reduce(0))
-                        plgpu.barrier_arrive(consumed.at[slot])
                         return acc + (part * lax.broadcast_in_dim(row_scales, (wm, bn), [0])
                                       * lax.broadcast_in_dim(col_scales, (wm, bn), [1]))
 
+                    def step(b, accs):
+                        slot = (count + b) % stages
+                        plgpu.barrier_wait(loaded.at[slot])
+                        accs = tuple(promoted(slot, p, acc) for p, acc in enumerate(accs))
+                        plgpu.barrier_arrive(consumed.at[slot])
+                        return accs
+
                     # Zero for an empty group (no steps).
-                    acc = lax.fori_loop(0, steps, step, laid_out(
-                        jnp.zeros((wm, bn), jnp.float32), plgpu.Layout.WGMMA)).astype(out_dtype)
-                    _store_pieces(acc, out_smem.at[wg], lambda i, j: out_gmem.at[
-                        group, pl.ds(pl.multiple_of(kb * bm + wg * wm + i * em, 8), em),
-                        pl.ds(pl.multiple_of(nb * bn + j * en, en), en)], (em, en))
+                    zero = laid_out(jnp.zeros((wm, bn), jnp.float32), plgpu.Layout.WGMMA)
+                    accs = lax.fori_loop(0, steps, step, (zero,) * products)
+                    for acc, out_gmem in zip(accs, out_gmems):
+                        def destination(i, j, out_gmem=out_gmem):
+                            return out_gmem.at[
+                                group, pl.ds(pl.multiple_of(kb * bm + wg * wm + i * em, 8), em),
+                                pl.ds(pl.multiple_of(nb * bn + j * en, en), en)]
+
+                        _store_pieces(acc.astype(out_dtype), out_smem.at[wg], destination,
+                                      (em, en))
                     return count + steps
 
                 plgpu.nd_loop((num_tiles,), collective_axes="sm",
                               init_carry=jnp.int32(0))(tile_product)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    out = _persistent(body, jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype),
-                      interpret, name=SCOPES["dw_fp8"], warpgroups=3)(
-        table, x_t, x_scales, dy_in, dy_scales)
-    return vary_like(out, x_t)
+    out_type = jax.ShapeDtypeStruct((num_groups, depth, width), out_dtype)
+    outs = _persistent(body, (out_type,) * products, interpret, name=SCOPES["dw_fp8"],
+                       warpgroups=3)(table, x_t, x_scales,
+                                     *(a for pair in zip(dys_in, dy_scales) for a in pair))
+    return [vary_like(out, x_t) for out in outs]

@@ -17,7 +17,8 @@ act(gate) * up in the epilogue), keyed as "forward" is: written only where it be
 forward products and the activation timed beside it; where the table has none,
 `grouped_matmul_gated` is not taken (`jep.experts` runs the products apart). "fp8_gated"
 (`mgpu.grouped_matmul_fp8_gated`) is its FP8 counterpart, keyed as "fp8" is, against two FP8
-products and the activation.
+products and the activation; "dw_fp8_pair" (`grouped_matmul_dw_fp8` of two dy: the gate and
+up weight gradients from one load of x a step), keyed as "dw" is, against two "dw_fp8".
 
 `table.json` (beside this file) holds the configuration a benchmark run picked for each measured
 (op, K, N, G), K and N named as in the list above (`python -m jep.bench tune` writes a new one;
@@ -42,7 +43,8 @@ DW_FP8 = "dw_fp8"  # the FP8 weight gradient (`dw_fp8`: x and dy quantized along
 DX_SUM = "dx_sum"  # dy_a @ w_a[g]^T + dy_b @ w_b[g]^T, ... in one kernel (`mgpu.grouped_matmul_sum`)
 GATED = "gated"  # act(x @ w_gate[g]) * (x @ w_up[g]) in one kernel (`mgpu.grouped_matmul_gated`)
 FP8_GATED = "fp8_gated"  # the same in FP8 (`mgpu.grouped_matmul_fp8_gated`)
-TUNED = (*OPS, FP8, DW_FP8, DX_SUM, GATED, FP8_GATED)  # every op with entries in the table
+DW_FP8_PAIR = "dw_fp8_pair"  # two FP8 weight gradients of one x in one kernel (gate's, up's)
+TUNED = (*OPS, FP8, DW_FP8, DX_SUM, GATED, FP8_GATED, DW_FP8_PAIR)  # ops with table entries
 TABLE = pathlib.Path(__file__).with_name("table.json")
 
 
@@ -57,6 +59,8 @@ def default(op: str, k: int, n: int) -> Config | DwConfig:
         return DwConfig(block_k=128, block_n=128, block_rows=64, max_concurrent_steps=4)
     if op == DW_FP8:
         return dw_fp8.DW_FP8_CONFIG
+    if op == DW_FP8_PAIR:  # a stage holds x's step and both dy's (48 KB): three of them
+        return dataclasses.replace(dw_fp8.DW_FP8_CONFIG, max_concurrent_steps=3)
     block_n = 128 if n % 256 == 0 else 64
     if op in (FP8, FP8_GATED):  # two warpgroups of 64 rows x 128 columns (gated: a ring of
         # 3 stages of x's step and both weights', 48 KB each)
@@ -82,7 +86,7 @@ def summing(config: Config, k: int, n: int) -> Config:
 def config_class(op: str) -> type:
     """The configuration type of `op`: `DwConfig` for "dw" and "dw_fp8", `Config` for the
     others."""
-    return DwConfig if op in ("dw", DW_FP8) else Config
+    return DwConfig if op in ("dw", DW_FP8, DW_FP8_PAIR) else Config
 
 
 @functools.cache
@@ -161,6 +165,12 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                                            (128, 128, 5, 64), (128, 128, 4, 128),
                                            (128, 64, 4, 64), (128, 64, 6, 64),
                                            (256, 64, 4, 64), (256, 64, 5, 64))]
+        return [c for c in found if k % c.block_k == 0 and n % c.block_n == 0]
+    if op == DW_FP8_PAIR:  # a stage: x's 128 rows of K and both dy's of N (48 KB at 128 x 128)
+        found = [dataclasses.replace(dw_fp8.DW_FP8_CONFIG, block_k=bk, block_n=bn,
+                                     max_concurrent_steps=steps)
+                 for bk, bn, steps in ((128, 128, 2), (128, 128, 3), (128, 64, 3), (128, 64, 4),
+                                       (256, 64, 3))]
         return [c for c in found if k % c.block_k == 0 and n % c.block_n == 0]
     if op == GATED:  # the ring, 64 columns of each weight a warpgroup (shared memory: a
         # stage of 128 rows is 48 KB, of 192 rows 56 KB, of 256 rows 64 KB)
