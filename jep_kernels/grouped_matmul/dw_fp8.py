@@ -10,6 +10,8 @@ groups' rows: nothing is masked, and every step's scales are the group's own.
 Each 128-row step's products go into a float32 accumulator of their own, which is then scaled
 by its K rows' x scales times its N columns' dy scales and added to the tile's float32 sum
 (the promotion of `grouped_matmul_fp8`, with a scale per column instead of one per block).
+Several dy of one x (the gate and up projections') take one kernel: each step of x is loaded
+once, and each dy's products go into a sum of their own.
 """
 
 from __future__ import annotations
