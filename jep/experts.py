@@ -246,12 +246,10 @@ def _fp8_times(a, b_q, b_scales, group_sizes, backend: str, a_quantized=None):
     quantized = ((a_quantized,) if a_quantized is not None
                  else tuple(_quantize_rows(one, kernel) for one in as_))
     dtype = as_[0].dtype
-    if kernel:
+    if kernel:  # one product is a sum of one
         a_qs, a_scales = (tuple(part) for part in zip(*quantized))
-        return jep_kernels.grouped_matmul.grouped_matmul_fp8(
-            a_qs if summed else a_qs[0], a_scales if summed else a_scales[0],
-            b_qs if summed else b_qs[0], b_scales if summed else b_scales[0], group_sizes,
-            out_dtype=dtype)
+        return jep_kernels.grouped_matmul.grouped_matmul_fp8(a_qs, a_scales, b_qs, b_scales,
+                                                             group_sizes, out_dtype=dtype)
     total = 0
     for (a_q, a_scale), q, scale in zip(quantized, b_qs, b_scales):
         a32 = fp8.dequantize_rows(a_q, a_scale, jnp.float32)

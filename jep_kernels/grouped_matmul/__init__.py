@@ -393,18 +393,17 @@ def grouped_matmul_dw_fp8(x_t, x_scales, dy_t, dy_scales, group_sizes, *, num_ro
         default).
     """
     several = isinstance(dy_t, (list, tuple))
-    first_dy = dy_t[0] if several and dy_t else dy_t
-    if x_t.ndim != 2 or getattr(first_dy, "ndim", None) != 2:
+    dys = tuple(dy_t) if several else (dy_t,)
+    if x_t.ndim != 2 or not dys or any(dy.ndim != 2 for dy in dys):
         raise ValueError(f"x_t must be [K, P] and dy_t [N, P] (or a sequence of them), got "
-                         f"{x_t.shape} and {getattr(first_dy, 'shape', first_dy)}")
-    op = tuning.DW_FP8_PAIR if several and len(dy_t) == 2 else tuning.DW_FP8
-    config = config or tuning.config_for(op, x_t.shape[0], first_dy.shape[0],
+                         f"{x_t.shape} and {[dy.shape for dy in dys]}")
+    op = tuning.DW_FP8_PAIR if len(dys) == 2 else tuning.DW_FP8
+    config = config or tuning.config_for(op, x_t.shape[0], dys[0].shape[0],
                                          group_sizes.shape[0])
     with jax.named_scope(SCOPES["dw_fp8"]):
-        dw = dw_fp8.grouped_matmul_dw_fp8(
-            x_t, x_scales, dy_t, dy_scales, group_sizes.astype(jnp.int32), num_rows=num_rows,
-            config=config, out_dtype=out_dtype, interpret=interpret)
-        dys = tuple(dy_t) if several else (dy_t,)
-        dws = tuple(vary_like(one, x_t, *dys, group_sizes) for one in
-                    (dw if several else (dw,)))
+        dws = dw_fp8.grouped_matmul_dw_fp8(
+            x_t, x_scales, list(dys), dy_scales if several else [dy_scales],
+            group_sizes.astype(jnp.int32), num_rows=num_rows, config=config,
+            out_dtype=out_dtype, interpret=interpret)
+        dws = tuple(vary_like(dw, x_t, *dys, group_sizes) for dw in dws)
         return dws if several else dws[0]
