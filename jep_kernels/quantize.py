@@ -178,7 +178,7 @@ def weight_kernel_takes(w) -> bool:
             and w.shape[2] % TILE == 0)
 
 
-def quantize_weight(w, *, stages: int = 2, buffers: int = 2, interpret: bool = False):
+def quantize_weight(w, *, stages: int = 4, buffers: int = 2, interpret: bool = False):
     """(q e4m3[G, K, N], scales f32[G, K / 128, N / 128], q_t e4m3[G, N, K], scales_t
     f32[G, N / 128, K / 128]): `jep.fp8.quantize_weight(w)` (the same scales; the same q but
     where the GPU's division rounds a quotient at an e4m3 tie the other way), q_t exactly q
@@ -191,10 +191,12 @@ def quantize_weight(w, *, stages: int = 2, buffers: int = 2, interpret: bool = F
 
     Args:
       w: [G, K, N] bf16 or f16, K and N multiples of 128.
-      stages: blocks in flight per program.
+      stages: blocks in flight per program (on an H200, [256, 7168, 2048] bf16 in 4.00 ms with
+        4, 4.13 with 3, 4.37 with 2; jax 0.11.2, 2026-12-05).
       buffers: slots of the stores, 1 or 2 (2: a block's stores run while the next block is
         computed; 1: they are awaited first, and a program takes 32 KB less shared memory:
-        with 2 stages about 97 KB, two programs a multiprocessor).
+        with 2 stages about 97 KB, two programs a multiprocessor; 4.11 ms with 2 or 3
+        stages).
       interpret: Pallas's GPU interpret mode (CPU, for tests).
     """
     if not weight_kernel_takes(w) or stages < 1 or buffers not in (1, 2):
@@ -285,15 +287,8 @@ def columns_kernel_takes(x) -> bool:
             and x.shape[0] % 8 == 0 and x.shape[1] > 0 and x.shape[1] % TILE == 0)
 
 
-# Channels a tile's rows of x are padded by in shared memory with `quantize_columns(...,
-# conflict_free=True)`: 16 bytes, so that the 8 rows one warp reads at a time fall in
-# different banks (at a pitch of 128 bf16 channels, 256 bytes, all 8 fall in the same 4).
-PITCH_PAD = 8
-
-
-def quantize_columns(x, group_sizes, *, channels: int = 128, stages: int = 2,
-                     splits: int | None = None, conflict_free: bool = False,
-                     interpret: bool = False):
+def quantize_columns(x, group_sizes, *, channels: int = 64, stages: int = 2,
+                     splits: int | None = None, interpret: bool = False):
     """(q_t e4m3[H, P], scales f32[P / 128, H]): `jep.fp8.quantize_columns(x, group_sizes)`, a
     weight gradient's operand quantized along its rows (a scale per 128 rows of one group x 1
     channel), transposed, each group from a tile of its own (P = `padded_rows`).
@@ -309,16 +304,12 @@ def quantize_columns(x, group_sizes, *, channels: int = 128, stages: int = 2,
     Args:
       x: [M, H] bf16 or f16, H a multiple of 128, M of 8 (`columns_kernel_takes`).
       group_sizes: i32[G], rows per group; rows past their sum are left out.
-      channels: the channels of a block, 128 or 64 (half the shared memory a program: on an
-        H200 a program of 128-channel blocks takes about 130 KB, one a multiprocessor).
+      channels: the channels of a block, 64 or 128 (on an H200 a program of 128-channel blocks
+        takes about 130 KB of shared memory, one a multiprocessor; of 64, two: 0.44 ms against
+        0.64 at 32768 x 7168 in 256 groups, jax 0.11.2, 2026-12-05).
       stages: blocks in flight per program.
       splits: programs per tile, each taking H / splits of its channels (a divisor of
         H / 128); by default `column_splits`.
-      conflict_free: shared memory read and written without bank conflicts: each block comes
-        in `PITCH_PAD` channels wider than it is (the next block's first channels, or zeros
-        past H), so that its rows lie 16 bytes off the banks of the row before, and the e4m3
-        block goes out through a swizzled tile. Without it, both the plain block's reads and
-        the e4m3 writes hit each bank 8 times over.
       interpret: Pallas's GPU interpret mode (CPU, for tests).
     """
     if not columns_kernel_takes(x) or stages < 1 or channels not in (64, 128):
@@ -341,7 +332,6 @@ def quantize_columns(x, group_sizes, *, channels: int = 128, stages: int = 2,
     table = jnp.stack([jnp.where(held > 0, row, 0), held], axis=1).reshape(-1)
     half = TILE // 2  # the rows of one warpgroup register tile
     laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
-    pad = PITCH_PAD if conflict_free else 0
 
     def rows_of(x_smem, h, held):
         """Rows h * 64 .. of the block, f32 [64, channels], those past the group's `held`
@@ -384,20 +374,17 @@ def quantize_columns(x, group_sizes, *, channels: int = 128, stages: int = 2,
                                     q_gmem.at[pl.ds((base + block) * channels, channels),
                                               pl.ds(index * TILE, TILE)])
 
-        # Blocks of channels + pad, from each block's first channel on (element offsets).
         plgpu.emit_pipeline(step, grid=(own,),
-                            in_specs=[plgpu.BlockSpec((TILE, pl.Element(channels + pad)),
-                                                      lambda b: (0, (base + b) * channels))],
+                            in_specs=[plgpu.BlockSpec((TILE, channels),
+                                                      lambda b: (0, base + b))],
                             max_concurrent_steps=stages)(
             x_gmem.at[pl.ds(table_gmem[2 * index], TILE)])
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(scales_smem, scales_gmem.at[index, pl.ds(base, own)])
         plgpu.wait_smem_to_gmem(0)
 
-    # The interpreter reads past x's end as zeros only within the array: pad a tile of rows
-    # (and the channels past H that the last padded block reads).
-    x_in = jnp.pad(x, ((0, TILE), (0, pad))) if interpret else x
-    q_transforms = () if interpret or not conflict_free else smem_transforms(TILE, E4M3)
+    # The interpreter reads past x's end as zeros only within the array: pad a tile of rows.
+    x_in = jnp.pad(x, ((0, TILE), (0, 0))) if interpret else x
     q_t, scales = plgpu.kernel(
         named(body, "jep_fp8_quantize_columns"),
         out_type=(jax.ShapeDtypeStruct((hidden, padded), E4M3),
@@ -406,7 +393,7 @@ def quantize_columns(x, group_sizes, *, channels: int = 128, stages: int = 2,
         grid_names=("tiles", "columns"),
         scratch_types=[plgpu.SMEM((TILE, channels), x.dtype, transforms=() if interpret
                                   else smem_transforms(channels, x.dtype)),
-                       plgpu.SMEM((2, channels, TILE), E4M3, transforms=q_transforms),
+                       plgpu.SMEM((2, channels, TILE), E4M3),
                        plgpu.SMEM((own, channels), jnp.float32)],
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),

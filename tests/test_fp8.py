@@ -198,20 +198,18 @@ def test_columns_are_each_groups_own_tiles_of_128_rows(rng, sizes):
         fp8.dequantize_columns(q_t[:, :128], scales, group_sizes, num_rows)
 
 
-@pytest.mark.parametrize("sizes, splits, channels, conflict_free", [
-    ([70, 0, 100, 30], None, 128, False), ([200, 0, 0, 0], 1, 128, False),
-    ([1, 129, 40, 22], 2, 128, False),
-    ([1, 129, 40, 22], None, 64, False),  # blocks of 64 channels: four a program
-    ([1, 129, 40, 22], 2, 128, True), ([70, 0, 100, 30], None, 64, True),  # padded pitch
+@pytest.mark.parametrize("sizes, splits, channels", [
+    ([70, 0, 100, 30], None, 128), ([200, 0, 0, 0], 1, 128), ([1, 129, 40, 22], 2, 128),
+    ([1, 129, 40, 22], None, 64),  # blocks of 64 channels: four a program
+    ([70, 0, 100, 30], 2, 64),
 ])
-def test_columns_kernel_is_the_definition(rng, sizes, splits, channels, conflict_free):
+def test_columns_kernel_is_the_definition(rng, sizes, splits, channels):
     """jep_kernels.quantize.quantize_columns (Pallas Mosaic GPU; interpreted on the CPU): the
     reference's scales bit for bit, q_t = e4m3(x / scale) (`assert_rounded_from`: exact but
     at ties, where the division may land either side; the interpreter's as well), the padding
     zeros. Groups starting at rows that are no multiple of 8 (the kernel's plain loads), a
     group of more than one tile, magnitudes 1e-3 to 1e3; one program a tile or several, blocks
-    of 128 or 64 channels, read at a padded pitch (`conflict_free`, the last block's pad past
-    H). It lowers for Hopper at DeepSeek-V3's 32768 x 7168 in 32 groups."""
+    of 128 or 64 channels. It lowers for Hopper at DeepSeek-V3's 32768 x 7168 in 32 groups."""
     import jep_kernels.quantize
 
     num_rows, width = 232, 512
@@ -220,7 +218,7 @@ def test_columns_kernel_is_the_definition(rng, sizes, splits, channels, conflict
     x = jnp.asarray(x, jnp.bfloat16)
     group_sizes = jnp.asarray(sizes, jnp.int32)
     q_t, scales = jep_kernels.quantize.quantize_columns(
-        x, group_sizes, channels=channels, splits=splits, conflict_free=conflict_free,
+        x, group_sizes, channels=channels, splits=splits,
         interpret=jax.default_backend() != "gpu")
     want_q, want_scales = fp8.quantize_columns(x, group_sizes)
     assert q_t.shape == want_q.shape and q_t.dtype == fp8.E4M3
@@ -230,7 +228,7 @@ def test_columns_kernel_is_the_definition(rng, sizes, splits, channels, conflict
     assert_rounded_from(q_t, (padded / spread).T)
     spec = (jax.ShapeDtypeStruct((32768, 7168), jnp.bfloat16), jax.ShapeDtypeStruct((32,), jnp.int32))
     jax.jit(lambda x, sizes: jep_kernels.quantize.quantize_columns(
-        x, sizes, channels=channels, conflict_free=conflict_free)).trace(*spec).lower(
+        x, sizes, channels=channels)).trace(*spec).lower(
         lowering_platforms=("cuda",))
 
 

@@ -12,9 +12,9 @@ fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
   multiple of 128. Bytes = x read, the e4m3 rows and their scales written.
 - the same rows as a weight gradient's operand, in `groups` equal groups:
   `jep.fp8.quantize_columns` (a scale per 128 rows of a group x 1 channel, transposed) against
-  its kernel, in blocks of 128 channels and of 64 (half the shared memory), with 2-4 blocks in
-  flight (stages; the weights' kernel likewise, and with one slot for its stores instead of
-  two), and with shared memory free of bank conflicts (`conflict_free`). Bytes = x read,
+  its kernel, in blocks of 64 channels (its default) and of 128, with 2-4 blocks in flight
+  (stages; the weights' kernel likewise, and with one slot for its stores instead of two).
+  Bytes = x read,
   the e4m3 layout (padded to whole tiles a group) and its scales written.
 """
 
@@ -68,16 +68,10 @@ def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int, groups
         quantizers = {VARIANTS[0]: fp8.quantize_columns}
         if on_hopper() and jep_kernels.quantize.columns_kernel_takes(x):
             quantizers[VARIANTS[1]] = jep_kernels.quantize.quantize_columns
-            quantizers["jep kernel, 64-channel blocks"] = functools.partial(
-                jep_kernels.quantize.quantize_columns, channels=64)
-            quantizers["jep kernel, 3 stages"] = functools.partial(
-                jep_kernels.quantize.quantize_columns, stages=3)
-            quantizers["jep kernel, 64-channel blocks, 4 stages"] = functools.partial(
-                jep_kernels.quantize.quantize_columns, channels=64, stages=4)
-            for channels in (128, 64):
-                quantizers[f"jep kernel, conflict-free, {channels}-channel blocks"] = (
-                    functools.partial(jep_kernels.quantize.quantize_columns, channels=channels,
-                                      conflict_free=True))
+            quantizers["jep kernel, 128-channel blocks"] = functools.partial(
+                jep_kernels.quantize.quantize_columns, channels=128)
+            quantizers["jep kernel, 4 stages"] = functools.partial(
+                jep_kernels.quantize.quantize_columns, stages=4)
         runs = {name: (jax.jit(lambda x, quantize=quantize: timing.repeat_rotated(
                            lambda x: quantize(x, sizes), [(x,)], iters)), (x,))
                 for name, quantize in quantizers.items()}
@@ -99,7 +93,7 @@ def measure(*, tokens, hidden: int, ffn: int, experts: int, dtype, iters: int, r
         quantizers = {VARIANTS[0]: fp8.quantize_weight}
         if on_hopper() and jep_kernels.quantize.weight_kernel_takes(w):
             quantizers[VARIANTS[1]] = jep_kernels.quantize.quantize_weight
-            for stages in (3, 4):  # blocks in flight a program (2 by default)
+            for stages in (2, 3):  # blocks in flight a program (4 by default)
                 quantizers[f"jep kernel, {stages} stages"] = functools.partial(
                     jep_kernels.quantize.quantize_weight, stages=stages)
             for stages in (2, 3):  # one store slot: two programs a multiprocessor with 2 stages
