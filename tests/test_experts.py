@@ -249,15 +249,17 @@ def test_fp8_grouped_matmul_matches_float64_of_the_same_quantization(rng, kind):
     """Forward: x per 1 x 128 tile, w per 128 x 128 block (N = 384 with K = 256: whole blocks;
     the group sizes leave a zero tail). dx: dy per tile times the same quantized w transposed.
     dw: x^T dy per group, both quantized along the group's rows (`quantize_columns`), to the
-    master weights."""
+    master weights. The emulated products (backend "xla", what "auto" runs off Hopper): on
+    Hopper float32 rows take the kernels, whose tensor cores sum each 128-deep block more
+    narrowly than float32 (`test_fp8_kernel_path_equals_the_emulated_one`)."""
     num_rows, k, n, groups = 40, 256, 384, 5
     x = jnp.asarray(rng.normal(size=(num_rows, k)) * 3, jnp.float32)
     w = jnp.asarray(rng.normal(size=(groups, k, n)) * 0.1, jnp.float32)
     dy = jnp.asarray(rng.normal(size=(num_rows, n)), jnp.float32)
     sizes = group_sizes_for(kind, rng, groups, num_rows)
 
-    y, pullback = jax.vjp(lambda x, w: experts.fp8_grouped_matmul(x, w, jnp.asarray(sizes)),
-                          x, w)
+    y, pullback = jax.vjp(lambda x, w: experts.fp8_grouped_matmul(x, w, jnp.asarray(sizes),
+                                                                  backend="xla"), x, w)
     dx, dw = pullback(dy)
     w64 = _quantized64(w, rows=False)
     np.testing.assert_allclose(y, grouped64(_quantized64(x, rows=True), w64, sizes),
@@ -282,14 +284,16 @@ def test_fp8_grouped_matmul_matches_float64_of_the_same_quantization(rng, kind):
 
 
 @pytest.mark.skipif(not jep.platform.on_hopper(), reason="the FP8 kernel runs on Hopper GPUs")
-def test_fp8_kernel_path_equals_the_emulated_one_in_bf16(rng):
-    """On Hopper, bf16 rows take the FP8 kernel for the forward and dx; the emulated products
-    (backend "xla") are the same numerics: equal but for bf16 rounding and the tensor cores'
-    narrower sums inside each 128-deep block (measured 0.3-0.6% of the largest entry). 1024
-    rows: the one-pass quantize kernel takes them (a multiple of 64)."""
-    x = jnp.asarray(rng.normal(size=(1024, 512)), jnp.bfloat16)
-    w = jnp.asarray(rng.normal(size=(4, 512, 256)) / 20, jnp.bfloat16)
-    dy = jnp.asarray(rng.normal(size=(1024, 256)), jnp.bfloat16)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fp8_kernel_path_equals_the_emulated_one(rng, dtype):
+    """On Hopper, bf16 and float32 rows take the FP8 kernels for the forward, dx and dw; the
+    emulated products (backend "xla") are the same numerics: equal but for bf16 rounding and
+    the tensor cores' narrower sums inside each 128-deep block (DeepSeek-V3's report: about 14
+    bits kept; measured 0.3-0.6% of the largest entry in bf16, 0.03% in float32 at K = 256).
+    1024 rows: the one-pass quantize kernel takes them (a multiple of 64)."""
+    x = jnp.asarray(rng.normal(size=(1024, 512)), dtype)
+    w = jnp.asarray(rng.normal(size=(4, 512, 256)) / 20, dtype)
+    dy = jnp.asarray(rng.normal(size=(1024, 256)), dtype)
     sizes = jnp.asarray([300, 0, 500, 150], jnp.int32)
     results = {}
     for backend in ("auto", "xla"):
@@ -298,7 +302,8 @@ def test_fp8_kernel_path_equals_the_emulated_one_in_bf16(rng):
         results[backend] = (y, *pullback(dy))
     for got, want in zip(results["auto"], results["xla"]):
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-        np.testing.assert_allclose(got, want, atol=1e-2 * np.abs(want).max())
+        np.testing.assert_allclose(got, want, atol=(1e-2 if dtype == jnp.bfloat16 else 2e-3)
+                                   * np.abs(want).max())
     assert not np.asarray(results["auto"][0][950:], np.float32).any()  # the zero tail
 
 
@@ -309,7 +314,10 @@ def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch, dt
     """The FP8 experts on the Pallas kernels (interpreted off a GPU): the products, their
     operands' quantization, the gate and up products' dx as one summed FP8 product, and the
     three FP8 weight gradients, against the emulated FP8 experts (backend "xla"), value and
-    gradients, within bf16 rounding and the sums' order (1e-2 of each array's largest). float32
+    gradients, within bf16 rounding and the sums' order: 1e-2 of each array's largest in
+    norm, each entry within 3e-2 of it (a product's sums moving a later operand's e4m3 value
+    by a step, or a tile's max-abs and with it the tile's scale, moves a few entries by a few
+    percent: on an H200 2 of 8192 by 1.2e-2 of the largest). float32
     rows and weights take the FP8 kernels too (their quantization along the rows and the
     weights' by XLA). `gated`: with "fp8_gated" and "dw_fp8_pair" entries in the tuning table,
     the gate and up products and the activation are one kernel, and so are their weight
@@ -364,9 +372,9 @@ def test_fp8_experts_on_the_kernels_equal_the_emulated_ones(rng, monkeypatch, dt
     assert weight_gradients == [1] + ([2] if gated else [1, 1])  # down's, then gate's and up's
     for got, want in zip(*(jax.tree.leaves(results[b]) for b in ("auto", "xla"))):
         assert got.shape == want.shape and got.dtype == want.dtype
-        want = np.asarray(want, np.float32)
-        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0,
-                                   atol=1e-2 * np.abs(want).max())
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
+        np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * np.abs(want).max())
     assert not np.asarray(results["auto"][1][57:], np.float32).any()
 
 
@@ -441,7 +449,9 @@ def test_fp8_expert_ffn_is_the_swiglu_of_fp8_products_and_needs_128_channel_tile
                     for _ in range(2))
     w_down = jnp.asarray(rng.normal(size=(groups, ffn, hidden)) * 0.1, jnp.float32)
     sizes = np.array([10, 0, 11], np.int32)
-    got = jep.expert_ffn(x, jnp.asarray(sizes), w_gate, w_up, w_down, precision="fp8")
+    # The emulated products (on Hopper float32 rows take the kernels: compared above).
+    got = jep.expert_ffn(x, jnp.asarray(sizes), w_gate, w_up, w_down, precision="fp8",
+                         backend="xla")
     x64 = _quantized64(x, rows=True)
     gate = grouped64(x64, _quantized64(w_gate, rows=False), sizes)
     up = grouped64(x64, _quantized64(w_up, rows=False), sizes)
