@@ -496,11 +496,14 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                 for s in range(subs):
                     pl.when(holds[s] & ~every)(lambda s=s: products([s]))
 
-        def scaled_step(t: _Tile, k, x_smem, w_smem, x_scale_smem, acc, product=0):
-            """acc + (x tile @ w tile) * (row scales x the w block's scale): one step of 128,
-            its products into an accumulator of their own (DeepSeek-V3's promotion of each K
-            block into float32). `product`: which weight's scales (gated: 0 gate, 1 up)."""
-            w_scale = scale_gmem[1 + product][t.group, t.wg_col // FP8_TILE, k]
+        def w_scale_of(t: _Tile, k, product=0):
+            """The w block's scale of step k (`product`: which weight's; gated: 0 gate, 1 up)."""
+            return scale_gmem[1 + product][t.group, t.wg_col // FP8_TILE, k]
+
+        def scaled_step(t: _Tile, w_scale, x_smem, w_smem, x_scale_smem, acc):
+            """acc + (x tile @ w tile) * (row scales x the w block's scale `w_scale`): one step
+            of 128, its products into an accumulator of their own (DeepSeek-V3's promotion of
+            each K block into float32)."""
             x_tile, w_tile = operand_tiles(t, x_smem, w_smem)
 
             def block(part_ref):
@@ -652,7 +655,8 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                     @pl.when(multiplies(t))
                     def _product():
                         if scaled:
-                            pipeline(lambda indices, *refs: scaled_step(t, indices[0], *refs),
+                            pipeline(lambda indices, *refs: scaled_step(
+                                         t, w_scale_of(t, indices[0]), *refs),
                                      lambda evaluate: store_acc(t, evaluate(zero_acc())), t.col)(
                                 x_gmem.at[pl.ds(t.row, bm)], w_gmem.at[t.group],
                                 scale_gmem[0].at[:, pl.ds(t.row, bm)], allocations=stage_smem)
@@ -713,16 +717,24 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                     if scaled:  # one accumulator a product (gated: gate's, up's)
                         weights = [w_smem, w_up_smem] if gated else [w_smem]
 
-                        def scaled_product(k, accs):
-                            slot = arrived(k)
-                            accs = tuple(scaled_step(t, k, x_smem.at[slot], w.at[slot],
-                                                     scale_smem.at[slot], acc, product=p)
-                                         for p, (w, acc) in enumerate(zip(weights, accs)))
-                            plgpu.barrier_arrive(consumed.at[slot])
-                            return accs
+                        def w_scales(k):
+                            return tuple(w_scale_of(t, k, p) for p in range(len(weights)))
 
-                        accs = lax.fori_loop(0, steps, scaled_product,
-                                             tuple(zero_acc() for _ in weights))
+                        def scaled_product(k, carry):
+                            # Step k + 1's w scales are loaded a step ahead: a load from
+                            # global memory waited for inside the step would hold up its
+                            # products' scaling.
+                            accs, scales_k = carry
+                            scales_next = w_scales(jnp.minimum(k + 1, steps - 1))
+                            slot = arrived(k)
+                            accs = tuple(scaled_step(t, scale, x_smem.at[slot], w.at[slot],
+                                                     scale_smem.at[slot], acc)
+                                         for w, acc, scale in zip(weights, accs, scales_k))
+                            plgpu.barrier_arrive(consumed.at[slot])
+                            return accs, scales_next
+
+                        accs, _ = lax.fori_loop(0, steps, scaled_product, (
+                            tuple(zero_acc() for _ in weights), w_scales(0)))
                         if gated:
                             store_gated(t, list(accs))
                         else:
