@@ -8,7 +8,9 @@
 #   3: the layer at DeepSeek-V3's expert shape, 32 experts, bf16 against FP8, profiled, and
 #      the gemm suite's FP8 products against the bf16 ones at 8 and 256 groups;
 #   4: the training example (float32) at gpu_check's sizes, without and with --fp8: held-out
-#      loss and tokens/s.
+#      loss and tokens/s;
+#   5: where the FP8 forward's time goes: its registers and spills (ptxas, with the PTX and
+#      SASS kept), then Nsight Compute's stall reasons by SASS line.
 # Usage, from the repository root: bash jep/bench/fp8_check.sh PART   (logs go to $OUT, or ./out)
 set -uo pipefail
 out="${OUT:-out}"
@@ -53,8 +55,17 @@ case "${1:-}" in
         2>&1 | tee -a "$out/train_fp8.txt"
     done
     ;;
+  5)
+    MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_SASS=1 \
+      MOSAIC_GPU_DUMP_TO="$out/dump" python3 benchmarks/scripts/gemm_profile.py "jep FP8 forward"
+    grep -rhiE "registers|spill|stack frame" "$out/dump" | sort | uniq -c | tee "$out/ptxas.txt"
+    (cd benchmarks/scripts && timeout 300 "${NCU:-/usr/local/cuda/bin/ncu}" -k regex:jep_grouped_fp8 \
+      --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters \
+      --print-details all python3 gemm_profile.py "jep FP8 forward") > "$out/ncu_source.txt" 2>&1
+    grep -vE "^\s*-+\s*$|^\s*$" "$out/ncu_source.txt" | sed -n '/Source Counters/,$p' | head -80
+    ;;
   *)
-    echo "usage: bash jep/bench/fp8_check.sh 1|2|3|4" >&2
+    echo "usage: bash jep/bench/fp8_check.sh 1|2|3|4|5" >&2
     exit 2
     ;;
 esac
