@@ -442,6 +442,30 @@ def test_fp8_rows_quantized_once_for_gate_and_up(rng, monkeypatch):
     assert sorted(columns) == sorted([(24, 128), (24, 128), (24, 256), (24, 256), (24, 256)])
 
 
+def test_fp8_experts_on_the_kernels_lower_for_hopper_without_loops(monkeypatch):
+    """The FP8 experts' forward and backward on the kernels lower for Hopper from any platform,
+    all three products and their quantization as Mosaic GPU kernels, with no while loop in the
+    program: a GPU runs a loop's kernels outside the step's CUDA graph, each launched on its own
+    (a binary search over the groups did: 24 kernels a step, 0.24 ms idle, on an H200)."""
+    monkeypatch.setattr(experts, "_runs_fp8_kernel",
+                        lambda rows, w_shape, backend: backend == "auto")
+    rows, hidden, ffn, groups = 512, 256, 384, 4
+    spec = jax.ShapeDtypeStruct
+
+    def loss(x, sizes, w_gate, w_up, w_down):
+        y = jep.expert_ffn(x, sizes, w_gate, w_up, w_down, precision="fp8")
+        return y.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4))).trace(
+        spec((rows, hidden), jnp.bfloat16), spec((groups,), jnp.int32),
+        *(spec((groups, hidden, ffn), jnp.bfloat16) for _ in range(2)),
+        spec((groups, ffn, hidden), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.while" not in text
+    for kernel in ("jep_grouped_fp8", "jep_grouped_dw_fp8", "jep_fp8_quantize_weight",
+                   "jep_fp8_quantize_columns", "jep_fp8_quantize_mosaic_gpu"):
+        assert kernel in text
+
+
 def test_fp8_expert_ffn_is_the_swiglu_of_fp8_products_and_needs_128_channel_tiles(rng):
     num_rows, hidden, ffn, groups = 24, 128, 256, 3
     x = jnp.asarray(rng.normal(size=(num_rows, hidden)), jnp.float32)

@@ -232,6 +232,40 @@ def test_columns_kernel_is_the_definition(rng, sizes, splits, channels):
         lowering_platforms=("cuda",))
 
 
+def _primitives(jaxpr) -> set[str]:
+    """The names of the primitives in a jaxpr and in every jaxpr inside it."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    names |= _primitives(inner)
+    return names
+
+
+def test_kernel_tables_are_made_without_loops():
+    """The tables the FP8 kernels read (each tile of the columns layout: its first row of x
+    and its rows of the group; each block of the products: its group and rows) are made
+    without loops: a GPU runs a while loop's kernels outside the step's CUDA graph, each
+    launched on its own. The tiles' rows as the layout has them."""
+    from jep_kernels.grouped_matmul import dw_fp8, schedule
+
+    sizes = jnp.asarray([70, 0, 100, 300], jnp.int32)
+    for table in (lambda s: dw_fp8.tile_rows(s, 480), lambda s: schedule.work_items(s, 480, 64)):
+        names = _primitives(jax.make_jaxpr(table)(sizes).jaxpr)
+        assert not names & {"while", "scan", "cond"}, sorted(names)
+    # What it looks for: the default binary search is a scan (a while loop in XLA).
+    assert "scan" in _primitives(jax.make_jaxpr(
+        lambda s: jnp.searchsorted(jnp.cumsum(s), jnp.arange(8)))(sizes).jaxpr)
+    row, held = dw_fp8.tile_rows(sizes, 480)
+    tiles = 1 + 1 + 3  # 70 rows, 100, 300: a tile each started, then more past 128
+    np.testing.assert_array_equal(row[:tiles], [0, 70, 170, 298, 426])
+    np.testing.assert_array_equal(held[:tiles], [70, 100, 128, 128, 44])
+    assert not np.asarray(held[tiles:]).any()
+
+
 def test_columns_kernel_refuses_what_it_cannot_take():
     import jep_kernels.quantize
 

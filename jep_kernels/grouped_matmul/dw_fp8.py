@@ -62,8 +62,11 @@ def tile_rows(group_sizes, num_rows: int, tile: int = TILE):
     index = jnp.arange(padded_rows(num_rows, group_sizes.shape[0], tile) // tile,
                        dtype=jnp.int32)
     # The last group starting at or before each tile (an empty group starts where the next one
-    # does, so `right` passes over it).
-    group = jnp.maximum(jnp.searchsorted(first, index, side="right") - 1, 0)
+    # does, so `right` passes over it). Compared against every group's first tile at once: the
+    # default binary search is a while loop, whose kernels a GPU runs outside the step's CUDA
+    # graph, each launched on its own (24 a step, 0.24 ms idle, in the FP8 layer at 32 experts).
+    group = jnp.maximum(jnp.searchsorted(first, index, side="right", method="compare_all") - 1,
+                        0)
     row = starts[group] + (index - first[group]) * tile
     return row, jnp.clip(ends[group] - row, 0, tile)
 
