@@ -886,7 +886,7 @@ def test_tuning_table_entries_take_their_shapes_and_defaults_take_multiples_of_1
         op, *dims = name.split()
         k, n, groups = (int(d.split("=")[1]) for d in dims)
         assert tuning.config_for(op, k, n, groups) == config
-        if op == "dw":
+        if op in ("dw", tuning.DW_FP8, tuning.DW_FP8_PAIR):  # the weight gradients' configs
             assert isinstance(config, gm.DwConfig)
             assert k % config.block_k == 0 and n % mgpu.dw_tile_n(config) == 0
         else:
