@@ -326,28 +326,33 @@ def test_pack_rows_with_the_kernel_is_the_reference_packed(rng, hidden):
                                   np.asarray(fp8.pack(*fp8.quantize_rows(x))))
 
 
+@pytest.mark.parametrize("tails", ["kernel", "xla"])
 @pytest.mark.parametrize("splits", [None, 1])
-def test_packing_kernel_is_the_reference_packed(rng, splits):
+def test_packing_kernel_is_the_reference_packed(rng, splits, tails):
     """jep_kernels.quantize.pack_rows (interpreted on the CPU): the kernel's e4m3 tiles stored
-    straight into the packed rows, the scales' bytes then written into their tails: the same
-    words as jep.fp8's quantization packed, with four programs a block of rows or one; a zero
-    row and a zero tile. It lowers for Hopper at DeepSeek-V3's 4096 x 7168 and refuses an H
-    whose packed rows are not whole 32-byte units."""
+    straight into the packed rows, the scales' bytes into their tails by the kernel or by XLA
+    after it: the same words as jep.fp8's quantization packed, with four programs a block of
+    rows or one; a zero row, a zero tile, and rows of scales from 1e-3 to 1e3 (every byte of
+    a scale's word in play). It lowers for Hopper at DeepSeek-V3's 4096 x 7168 and
+    refuses an H whose packed rows are not whole 32-byte units, and an unknown `tails`."""
     import jep_kernels.quantize
 
     x = magnitudes(rng, (128, 1024))
     x[3] = 0
     x[70, 256:384] = 0
     x = jnp.asarray(x, jnp.bfloat16)
-    packed = jep_kernels.quantize.pack_rows(x, stages=2, splits=splits,
+    packed = jep_kernels.quantize.pack_rows(x, stages=2, splits=splits, tails=tails,
                                             interpret=jax.default_backend() != "gpu")
     assert packed.shape == (128, fp8.packed_width(1024)) and packed.dtype == jnp.uint32
     np.testing.assert_array_equal(np.asarray(packed), np.asarray(fp8.pack(*fp8.quantize_rows(x))))
     spec = jax.ShapeDtypeStruct((4096, 7168), jnp.bfloat16)
-    jax.jit(jep_kernels.quantize.pack_rows).trace(spec).lower(lowering_platforms=("cuda",))
+    jax.jit(functools.partial(jep_kernels.quantize.pack_rows, tails=tails)).trace(spec).lower(
+        lowering_platforms=("cuda",))
     assert not jep_kernels.quantize.pack_kernel_takes(x[:, :512])
     with pytest.raises(ValueError, match="H a multiple of 1024"):
         jep_kernels.quantize.pack_rows(x[:, :512], interpret=True)
+    with pytest.raises(ValueError, match="tails must be one of"):
+        jep_kernels.quantize.pack_rows(x, tails="smem", interpret=True)
 
 
 def test_quantize_kernel_refuses_what_it_cannot_take():

@@ -9,7 +9,8 @@ fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
 - token rows [T, H] for each of `tokens`: `jep.fp8.quantize_rows` against the rows kernel, and
   FP8 dispatch's `jep.fp8.pack_rows` (rows and scales packed into one row each) against the
   kernel storing into the packed rows (`jep_kernels.quantize.pack_rows`), where H is a
-  multiple of 128. Bytes = x read, the e4m3 rows and their scales written.
+  multiple of 1024, the scales' bytes stored by an XLA pass after it (its default) and by the
+  kernel itself. Bytes = x read, the e4m3 rows and their scales written.
 - the same rows as a weight gradient's operand, in `groups` equal groups:
   `jep.fp8.quantize_columns` (a scale per 128 rows of a group x 1 channel, transposed) against
   its kernel, in blocks of 64 channels (its default) and of 128, with 2-4 blocks in flight
@@ -58,6 +59,8 @@ def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int, groups
             quantizers[VARIANTS[1]] = jep_kernels.quantize.quantize_rows
         if on_hopper() and jep_kernels.quantize.pack_kernel_takes(x):
             quantizers["jep kernel into packed rows"] = jep_kernels.quantize.pack_rows
+            quantizers["jep kernel into packed rows, tails by the kernel"] = functools.partial(
+                jep_kernels.quantize.pack_rows, tails="kernel")
         runs = {name: (jax.jit(lambda x, quantize=quantize: timing.repeat_rotated(
                            quantize, [(x,)], iters)), (x,))
                 for name, quantize in quantizers.items()}
