@@ -203,6 +203,26 @@ def test_dispatch_pieces_script_times_every_piece():
     assert len(times) == 9 and all(seconds > 0 for seconds in times.values())
 
 
+def test_pack_profile_script_runs_each_pack_pass_and_dispatch(tmp_path):
+    """benchmarks/scripts/pack_profile.py on the CPU: the reference's pack pass and the bf16
+    and FP8 dispatch of every transport that runs here are each called under the profiler (no
+    device streams on the CPU, so no figures), and the JSON is written."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts" / "pack_profile.py"
+    spec = importlib.util.spec_from_file_location("pack_profile", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "pack.json"
+    times = script.main(["--tokens", "64", "--hidden", "1024", "--experts", "16", "--topk", "2",
+                         "--calls", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["device_us_per_call"] == times
+    assert {"pack, XLA's fusions", "dispatch reference", "dispatch reference fp8",
+            "dispatch ffi", "dispatch ffi fp8"} <= set(times)
+    assert all(us is None for us in times.values())  # the CPU: no device events
+
+
 def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest(monkeypatch):
     """The tune suite on the CPU, its kernels in Pallas's GPU interpret mode, dw only, two
     candidates: each is timed, the dense matmul is timed beside them and never picked, and the

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Issue 21's FP8 work on one lent H200, in parts that each fit a 10-minute device call:
-#   1: the FP8 tests on the GPU, the quantize suite (the kernels' variants side by side), and
-#      the FP8 products' clocks against the bf16 ones (gemm_power);
+#   1: the FP8 tests on the GPU, the quantize suite (the kernels' variants side by side), FP8
+#      dispatch's pack pass against the bf16 dispatch in device time (pack_profile), and the
+#      FP8 products' clocks against the bf16 ones (gemm_power);
 #   2: tune the FP8 forward/dx (clusters among the candidates), the gated FP8 kernel, the FP8
 #      weight gradient and its gate/up pair in one kernel; the picks go to
 #      $OUT/tune_*/table.json;
 #   3: the layer at DeepSeek-V3's expert shape, 32 experts, bf16 against FP8, profiled, and
 #      the gemm suite's FP8 products against the bf16 ones at 8 and 256 groups;
-#   4: the training example (float32) at gpu_check's sizes, without and with --fp8: held-out
-#      loss and tokens/s;
+#   4: the training example (float32) at gpu_check's sizes, without and with --fp8, seeds 0-2
+#      (a GPU's runs are not bit-reproducible: one seed's pair says little): held-out loss and
+#      tokens/s;
 #   5: where the FP8 forward's time goes: its registers and spills (ptxas, with the PTX and
 #      SASS kept), then Nsight Compute's stall reasons by SASS line.
 # Usage, from the repository root: bash jep/bench/fp8_check.sh PART   (logs go to $OUT, or ./out)
@@ -27,6 +29,8 @@ case "${1:-}" in
       2>&1 | tee "$out/tests_fp8.txt"
     python3 -m jep.bench quantize --model deepseek-v3 --tokens 4096,32768 --iters 10 --repeats 5 \
       --out "$out/quantize" 2>&1 | tee "$out/quantize.txt"
+    python3 benchmarks/scripts/pack_profile.py --tokens 4096 --out "$out/pack_profile.json" \
+      2>&1 | tee "$out/pack_profile.txt"
     python3 benchmarks/scripts/gemm_power.py "jep grouped forward" "jep FP8 forward" \
       "jep FP8 forward, cluster 2" 2>&1 | tee "$out/gemm_power_fp8.txt"
     ;;
@@ -48,11 +52,14 @@ case "${1:-}" in
       --repeats 3 --min-seconds 0.5 --out "$out/gemm_fp8" 2>&1 | tee "$out/gemm.txt"
     ;;
   4)
-    for flag in "" --fp8; do
-      python3 examples/train_moe_lm.py --dp 1 --ep 1 --steps 300 --batch 32 --seq-len 256 \
-        --d-model 512 --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 \
-        --eval-every 100 --seed 0 --no-progress --out "/tmp/train${flag}" $flag \
-        2>&1 | tee -a "$out/train_fp8.txt"
+    for seed in 0 1 2; do
+      for flag in "" --fp8; do
+        echo "seed $seed ${flag:-float32}" | tee -a "$out/train_fp8.txt"
+        python3 examples/train_moe_lm.py --dp 1 --ep 1 --steps 300 --batch 32 --seq-len 256 \
+          --d-model 512 --heads 8 --layers 4 --experts 16 --top-k 4 --ffn 1024 --corpus-mb 16 \
+          --eval-every 100 --seed "$seed" --no-progress --out "/tmp/train${flag}_$seed" $flag \
+          2>&1 | tee -a "$out/train_fp8.txt"
+      done
     done
     ;;
   5)

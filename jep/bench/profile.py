@@ -26,6 +26,11 @@ def trace(run, args, log_dir: str) -> str:
     jax.block_until_ready(run(*args))
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         jax.block_until_ready(run(*args))
+    return latest_trace(log_dir)
+
+
+def latest_trace(log_dir: str) -> str:
+    """The path of the latest Chrome trace (JSON) JAX's profiler wrote under `log_dir`."""
     paths = glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
         raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
