@@ -115,8 +115,8 @@ def pack_rows(x, *, block_rows: int = 64, stages: int = 4, splits: int | None = 
     else:
         rows, scales = _quantize_rows(x, width, block_rows=block_rows, stages=stages,
                                       splits=splits, interpret=interpret)
-        tails = lax.bitcast_convert_type(scales, E4M3).reshape(num_rows, width - hidden)
-        rows = lax.dynamic_update_slice(rows, tails, (0, hidden))
+        tail_bytes = lax.bitcast_convert_type(scales, E4M3).reshape(num_rows, width - hidden)
+        rows = lax.dynamic_update_slice(rows, tail_bytes, (0, hidden))
     return lax.bitcast_convert_type(rows.reshape(num_rows, width // 4, 4), jnp.uint32)
 
 
@@ -149,8 +149,9 @@ def _quantize_rows(x, width: int, *, block_rows: int, stages: int, splits: int |
         first = lax.axis_index("columns") * own
 
         def store_tail(tile, scale):
-            """The tile's scales' bytes into its rows' tails, a byte at a time (a row's 4
-            bytes lie in its own 16-byte unit, too narrow for TMA)."""
+            """The tile's scales' bytes into its rows' tails, a byte at a time from registers
+            (a program's 4 x `own` bytes a row are narrower than the 16 bytes a row of a TMA
+            store's box takes at least)."""
             word = lax.bitcast_convert_type(scale, jnp.uint32)
             column = hidden + 4 * (first + tile)
             for j in range(4):
