@@ -15,6 +15,7 @@ that runs here, top-8 of 256 uniform experts, one device. Their words are compar
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 
@@ -33,12 +34,8 @@ from jep.platform import on_hopper
 def device_us(fn, args, calls: int) -> float | None:
     """Device time per call of the jitted `fn(*args)`, from the profiler; None where it saw no
     device streams (the CPU)."""
-    jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as log_dir:
-        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-            for _ in range(calls):
-                jax.block_until_ready(fn(*args))
-        events = profile.device_events(profile.latest_trace(log_dir))
+        events = profile.device_events(profile.trace(fn, args, log_dir, calls))
     return sum(e["duration"] for e in events) / calls if events else None
 
 
@@ -58,21 +55,21 @@ def main(argv=None):
     ids = put(workloads.expert_ids("uniform", rng, (1, args.tokens), args.experts,
                                    args.topk)[0])
 
-    packs = {"pack, XLA's fusions": lambda x: fp8.pack(*fp8.quantize_rows(x))}
+    packs = {"pack, XLA's fusions": jax.jit(lambda x: fp8.pack(*fp8.quantize_rows(x)))}
     if on_hopper() and jep_kernels.quantize.pack_kernel_takes(x):
         for tails in jep_kernels.quantize.TAILS:
-            packs[f"pack, kernel, tails by {tails}"] = (
-                lambda x, tails=tails: jep_kernels.quantize.pack_rows(x, tails=tails))
-    want = np.asarray(jax.jit(packs["pack, XLA's fusions"])(x))
+            packs[f"pack, kernel, tails by {tails}"] = jax.jit(functools.partial(
+                jep_kernels.quantize.pack_rows, tails=tails))
+    want = np.asarray(packs["pack, XLA's fusions"](x))
     for name, pack in packs.items():
-        same = np.array_equal(np.asarray(jax.jit(pack)(x)), want)
+        same = np.array_equal(np.asarray(pack(x)), want)
         print(f"{name}: the reference's words: {same}", flush=True)
 
     def dispatch(backend: str, fp8_rows: bool):
         def local(x, ids):
             return jep.dispatch(x, ids, num_experts=args.experts, axis_name="ep",
                                 backend=backend, fp8=fp8_rows)[0]
-        return jax.shard_map(local, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
 
     runs = {name: (pack, (x,)) for name, pack in packs.items()}
     for backend in jep.transport.names():
@@ -82,7 +79,7 @@ def main(argv=None):
     times = {}
     for name, (fn, fn_args) in runs.items():
         try:
-            times[name] = device_us(jax.jit(fn), fn_args, args.calls)
+            times[name] = device_us(fn, fn_args, args.calls)
         except Exception as e:  # a transport that does not run here
             print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             continue

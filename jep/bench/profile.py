@@ -20,17 +20,13 @@ import tempfile
 import jax
 
 
-def trace(run, args, log_dir: str) -> str:
-    """Runs `run(*args)` once (after a warm-up call) under the profiler; the path of the Chrome
-    trace (JSON) it wrote."""
+def trace(run, args, log_dir: str, calls: int = 1) -> str:
+    """Runs `run(*args)` `calls` times (after a warm-up call) under the profiler; the path of
+    the Chrome trace (JSON) it wrote."""
     jax.block_until_ready(run(*args))
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        jax.block_until_ready(run(*args))
-    return latest_trace(log_dir)
-
-
-def latest_trace(log_dir: str) -> str:
-    """The path of the latest Chrome trace (JSON) JAX's profiler wrote under `log_dir`."""
+        for _ in range(calls):
+            jax.block_until_ready(run(*args))
     paths = glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
         raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
