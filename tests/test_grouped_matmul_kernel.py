@@ -472,6 +472,10 @@ FP8_CONFIG_ACROSS = dataclasses.replace(FP8_CONFIG_SPLIT_M, max_concurrent_steps
                                         across_tiles=True)
 # Two blocks of a cluster on neighbouring column tiles, sharing x's tile (GPU only).
 FP8_CONFIG_CLUSTER = dataclasses.replace(FP8_CONFIG_SPLIT_M, cluster_n=2)
+# Blocks of 256 rows, each warpgroup's 128 in two sums of 64 rows promoted in turn.
+FP8_CONFIG_TALL = dataclasses.replace(FP8_CONFIG_SPLIT_M, block_m=256, acc_rows=64)
+FP8_CONFIG_TALL_ACROSS = dataclasses.replace(FP8_CONFIG_TALL, max_concurrent_steps=3,
+                                             across_tiles=True)
 
 
 @pytest.mark.parametrize("config, sizes", [
@@ -485,9 +489,12 @@ FP8_CONFIG_CLUSTER = dataclasses.replace(FP8_CONFIG_SPLIT_M, cluster_n=2)
     (FP8_CONFIG_ACROSS, [70, 0, 100]),
     pytest.param(FP8_CONFIG_CLUSTER, [33, 31, 1], marks=ON_GPU_ONLY),
     pytest.param(FP8_CONFIG_CLUSTER, [70, 0, 100], marks=ON_GPU_ONLY),
+    (FP8_CONFIG_TALL, [70, 0, 100]),  # a warpgroup's rows past a group's end in a second sum
+    pytest.param(FP8_CONFIG_TALL_ACROSS, [33, 31, 1], marks=pytest.mark.slow),
 ], ids=lambda v: {id(FP8_CONFIG): "split-n", id(FP8_CONFIG_SPLIT_M): "split-m",
-                  id(FP8_CONFIG_ACROSS): "across-tiles",
-                  id(FP8_CONFIG_CLUSTER): "cluster"}.get(id(v)))
+                  id(FP8_CONFIG_ACROSS): "across-tiles", id(FP8_CONFIG_CLUSTER): "cluster",
+                  id(FP8_CONFIG_TALL): "tall", id(FP8_CONFIG_TALL_ACROSS): "tall-across"
+                  }.get(id(v)))
 def test_fp8_kernel_matches_float64_of_its_quantized_operands(config, sizes):
     """grouped_matmul_fp8 against float64 products of the dequantized e4m3 operands: the
     kernel sums each 128-deep block in float32 and scales it, so the two agree to float32
@@ -758,6 +765,7 @@ def test_fp8_kernel_lowers_for_each_configuration_tuning_times():
     for m, k, n, g in [(32768, 7168, 2048, 8), (32768, 2048, 7168, 256)]:
         configs = tuning.candidates(tuning.FP8, k, n)
         assert any(c.cluster_n == 2 for c in configs)
+        assert any(c.block_m == 256 and c.acc_rows == 64 for c in configs)
         for config in configs:
             jax.jit(lambda *a, config=config: gm.grouped_matmul_fp8(*a, config=config)).trace(
                 spec((m, k), f8), spec((m, k // 128), jnp.float32), spec((g, n, k), f8),

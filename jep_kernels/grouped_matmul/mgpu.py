@@ -63,7 +63,9 @@ class Config:
     # block_m computes about its rows only (with block_m 256, most groups of up to about 250
     # rows take one block: one read of their weights). Split by rows, two accumulators a
     # warpgroup: an item within the block's first half is shared out at a quarter of the
-    # block a warpgroup, so that both multiply.
+    # block a warpgroup, so that both multiply. FP8: a float32 sum of 64 rows each, every
+    # step's products of each through one 64-row part in turn (block_m 256 split by rows:
+    # two sums and a part, 192 registers, where one part of 128 rows would spill).
     acc_rows: int = 0
     # Warp-specialized only: one pipeline across all of a program's tiles. The memory
     # warpgroup loads the next tiles' first steps while the compute warpgroups finish a tile
@@ -500,24 +502,34 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
             """The w block's scale of step k (`product`: which weight's; gated: 0 gate, 1 up)."""
             return scale_gmem[1 + product][t.group, t.wg_col // FP8_TILE, k]
 
-        def scaled_step(t: _Tile, w_scale, x_smem, w_smem, x_scale_smem, acc):
-            """acc + (x tile @ w tile) * (row scales x the w block's scale `w_scale`): one step
-            of 128, its products into an accumulator of their own (DeepSeek-V3's promotion of
-            each K block into float32)."""
+        def scaled_step(t: _Tile, w_scale, x_smem, w_smem, x_scale_smem, accs):
+            """accs + (x tile @ w tile) * (row scales x the w block's scale `w_scale`): one step
+            of 128, the products of each accumulator's rows (`Config.acc_rows`; accs one a
+            `sub` rows) into a float32 accumulator of their own, in turn (DeepSeek-V3's
+            promotion of each K block into float32): with 64 rows, one such accumulator of
+            64 x wn serves all of a warpgroup's rows."""
             x_tile, w_tile = operand_tiles(t, x_smem, w_smem)
+            first = t.wg_row - t.row if config.split == "m" else 0
 
-            def block(part_ref):
-                plgpu.wgmma(part_ref, x_tile, w_tile)
-                return part_ref[...]
+            def block(rows):
+                def product(part_ref):
+                    plgpu.wgmma(part_ref, rows, w_tile)
+                    return part_ref[...]
 
-            part = pl.run_scoped(block, plgpu.ACC((wm, wn)))
-            rows = x_scale_smem.at[0, pl.ds(t.wg_row - t.row, wm)] if config.split == "m" else (
-                x_scale_smem.at[0])
-            row_scales = laid_out(rows[...], plgpu.Layout.WGMMA.reduce(1)) * w_scale
-            return acc + part * lax.broadcast_in_dim(row_scales, (wm, wn), [0])
+                return pl.run_scoped(product, plgpu.ACC((sub, wn)))
+
+            summed = []
+            for s, acc in enumerate(accs):
+                part = block(x_tile.at[pl.ds(s * sub, sub)] if subs > 1 else x_tile)
+                rows = x_scale_smem.at[0, pl.ds(first + s * sub, sub)]
+                row_scales = laid_out(rows[...], plgpu.Layout.WGMMA.reduce(1)) * w_scale
+                summed.append(acc + part * lax.broadcast_in_dim(row_scales, (sub, wn), [0]))
+            return tuple(summed)
 
         def zero_acc():
-            return laid_out(jnp.zeros((wm, wn), jnp.float32), plgpu.Layout.WGMMA)
+            """A warpgroup's float32 sum of one product: an array a `sub` rows."""
+            return tuple(laid_out(jnp.zeros((sub, wn), jnp.float32), plgpu.Layout.WGMMA)
+                         for _ in range(subs))
 
         acc_shapes = [plgpu.ACC((sub, wn)) for _ in range(subs * products_of)]
 
@@ -623,9 +635,11 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                 epilogue(t, lambda i, j: (act(piece(0, i, j)) * piece(1, i, j)).astype(dtype),
                          out_gmems[0])
 
-            def store_acc(t: _Tile, acc):
-                acc = acc.astype(dtype)
-                epilogue(t, lambda i, j: acc[i * em:(i + 1) * em, j * en:(j + 1) * en])
+            def store_acc(t: _Tile, accs):
+                """A float32 sum of `zero_acc`'s form, rounded to the output's dtype."""
+                accs = [acc.astype(dtype) for acc in accs]
+                epilogue(t, lambda i, j: accs[i * em // sub][
+                    i * em % sub:i * em % sub + em, j * en:(j + 1) * en])
 
             def store_zeros(t: _Tile):
                 """The rows past the last group (of each output)."""
@@ -735,8 +749,8 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
 
                         accs, _ = lax.fori_loop(0, steps, scaled_product, (
                             tuple(zero_acc() for _ in weights), w_scales(0)))
-                        if gated:
-                            store_gated(t, list(accs))
+                        if gated:  # the gate's accumulators, then the up's
+                            store_gated(t, [part for acc in accs for part in acc])
                         else:
                             store_acc(t, accs[0])
                         return
@@ -873,12 +887,11 @@ def check_fp8_shapes(x, x_scales, w, w_scales, group_sizes, *, config: Config):
     if group_sizes.shape != (num_groups,):
         raise ValueError(f"group_sizes must be [{num_groups}], got {group_sizes.shape}")
     warpgroup_n = config.block_n * (2 if config.split == "m" else 1)
-    if not (config.warp_specialized and config.block_k == FP8_TILE and not config.acc_rows
+    if not (config.warp_specialized and config.block_k == FP8_TILE
             and FP8_TILE % warpgroup_n == 0):
         raise ValueError(f"the FP8 kernel takes warp-specialized configs with "
-                         f"block_k={FP8_TILE}, acc_rows=0 and each warpgroup's columns inside "
-                         f"one scale block (block_n 64 or 128 split by columns, 64 by rows), "
-                         f"got {config}")
+                         f"block_k={FP8_TILE} and each warpgroup's columns inside one scale "
+                         f"block (block_n 64 or 128 split by columns, 64 by rows), got {config}")
     as_bf16 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
     check_shapes(as_bf16(x.shape), as_bf16(w.shape), group_sizes, transpose_w=True,
                  config=config)

@@ -194,6 +194,14 @@ def candidates(op: str, k: int, n: int) -> list[Config | DwConfig]:
                      (5, "m", 8, False))]
         found += [dataclasses.replace(c, across_tiles=True) for c in found
                   if c.split == "m" and c.band == 1 and not c.swizzled_epilogue]
+        # Blocks of 256 rows: each warpgroup's 128 in two sums of 64 promoted in turn through
+        # one 64-row part (192 registers of float32), so that a step's w tile serves 256 rows:
+        # 48 KB of loads a step for twice the products of 32 (reads through L2 and writes into
+        # shared memory a quarter fewer a product). Three stages (four exceed shared memory).
+        found += [Config(block_m=256, block_n=64, block_k=128, max_concurrent_steps=3,
+                         warp_specialized=True, split="m", band=band, acc_rows=64,
+                         across_tiles=across)
+                  for band, across in ((1, False), (8, False), (1, True))]
         # Clusters of two blocks on neighbouring column tiles multicasting x's tile: a
         # block's reads through L2 a step go from 32 to 24 KB.
         found += [Config(block_m=128, block_n=64, block_k=128, max_concurrent_steps=steps,
