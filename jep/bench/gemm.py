@@ -207,7 +207,7 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
                     record(variant, op, body)
         if "jep fp8" in peers and k % fp8.TILE == 0 and n % fp8.TILE == 0:
             # FP8 products, each weight quantized before the loop (x and dy in it).
-            quantized = [(*r, fp8.quantize_weight(r[1])) for r in rotations]
+            quantized = [(*r, workloads.quantize_weight(r[1])) for r in rotations]
             for op, body in _fp8_ops().items():
                 record("jep fp8", op, body, quantized)
         if "jax.experimental.pallas.ops" in peers and jax.default_backend() == "gpu":

@@ -24,7 +24,7 @@ def _fp8_operands(rotations):
     """Each rotation (x, w, dy, sizes) as the FP8 kernel's forward takes it: x quantized per
     1 x 128 tile, w per 128 x 128 block and transposed (K-major), as tuples."""
     def quantized(x, w, dy, sizes):
-        weight = fp8.quantize_weight(w)
+        weight = workloads.quantize_weight(w)
         return fp8.quantize_rows(x), (weight.q_t, weight.scales_t), None, sizes
     return [quantized(*r) for r in rotations]
 
@@ -49,7 +49,7 @@ def _fp8_paired_operands(rotations):
     """For "fp8_gated": `_paired_operands` as the FP8 kernels take them (`_fp8_operands`): x
     quantized per 1 x 128 tile, both weights per 128 x 128 block and transposed."""
     def quantized(w):
-        weight = fp8.quantize_weight(w)
+        weight = workloads.quantize_weight(w)
         return weight.q_t, weight.scales_t
     return [(fp8.quantize_rows(x), tuple(quantized(w) for w in ws), None, sizes)
             for x, ws, _, sizes in _paired_operands(rotations)]

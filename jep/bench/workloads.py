@@ -1,5 +1,5 @@
 """Routings and group sizes for the benchmarks: uniform, Zipf-skewed, or all to one expert; and
-the operands of a grouped GEMM.
+the operands of a grouped GEMM, and its weights quantized for the FP8 products.
 
 For group sizes, "uniform" is the same number of rows in every group, and "random" the sizes
 that routing each row to a uniformly random group gives (a multinomial draw: about M / G rows
@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jep import fp8
 
 ROUTINGS = ("uniform", "random", "zipf", "one-hot")
 
@@ -64,3 +66,9 @@ def gemm_operands(routing: str, rng: np.random.Generator, shape: tuple[int, int,
         sets.append((normal(keys[3 * r], (m, k), 1.0), normal(keys[3 * r + 1], (g, k, n), k**-0.5),
                      normal(keys[3 * r + 2], (m, n), 1.0), sizes))
     return sets
+
+
+
+# `jep.fp8.quantize_weight` for the FP8 products' operands, jitted: run op by op it holds float32
+# copies of w (14 GiB each at [256, 7168, 2048]), more than an 80 GB GPU has beside the operands.
+quantize_weight = jax.jit(fp8.quantize_weight)
