@@ -614,32 +614,33 @@ def _grouped_matmul_ws(xs, ws, group_sizes, *, transpose_w, config, interpret, s
                                     commit_group=False)
                         plgpu.commit_smem_to_gmem_group()
 
+            def acc_piece(accs, i, j):
+                """The [em, en] piece at rows i * em, columns j * en of a warpgroup's sum held
+                as arrays of `sub` rows each."""
+                acc = accs[i * em // sub]
+                return acc[i * em % sub:i * em % sub + em, j * en:(j + 1) * en]
+
             def store_accs(t: _Tile, acc_refs):
+                values = [ref[...] for ref in acc_refs]
                 if gated:
-                    store_gated(t, [ref[...] for ref in acc_refs])
-                    return
-                accs = [acc_ref[...].astype(dtype) for acc_ref in acc_refs]
-                epilogue(t, lambda i, j: accs[i * em // sub][
-                    i * em % sub:i * em % sub + em, j * en:(j + 1) * en])
+                    store_gated(t, values)
+                else:
+                    store_acc(t, values)
 
             def store_gated(t: _Tile, accs):
-                """Gate and up from their float32 accumulators, then act(gate) * up computed
-                a piece at a time."""
-                def piece(p, i, j):
-                    acc = accs[p * subs + i * em // sub]
-                    return acc[i * em % sub:i * em % sub + em, j * en:(j + 1) * en]
-
+                """Gate and up from their float32 accumulators (the gate's `subs`, then the
+                up's), then act(gate) * up computed a piece at a time."""
+                gate, up = accs[:subs], accs[subs:]
                 act = GATED_ACTIVATIONS[gated]
-                epilogue(t, lambda i, j: piece(0, i, j).astype(dtype), out_gmems[1])
-                epilogue(t, lambda i, j: piece(1, i, j).astype(dtype), out_gmems[2])
-                epilogue(t, lambda i, j: (act(piece(0, i, j)) * piece(1, i, j)).astype(dtype),
-                         out_gmems[0])
+                epilogue(t, lambda i, j: acc_piece(gate, i, j).astype(dtype), out_gmems[1])
+                epilogue(t, lambda i, j: acc_piece(up, i, j).astype(dtype), out_gmems[2])
+                epilogue(t, lambda i, j: (act(acc_piece(gate, i, j))
+                                          * acc_piece(up, i, j)).astype(dtype), out_gmems[0])
 
             def store_acc(t: _Tile, accs):
                 """A float32 sum of `zero_acc`'s form, rounded to the output's dtype."""
                 accs = [acc.astype(dtype) for acc in accs]
-                epilogue(t, lambda i, j: accs[i * em // sub][
-                    i * em % sub:i * em % sub + em, j * en:(j + 1) * en])
+                epilogue(t, lambda i, j: acc_piece(accs, i, j))
 
             def store_zeros(t: _Tile):
                 """The rows past the last group (of each output)."""
