@@ -68,7 +68,6 @@ def gemm_operands(routing: str, rng: np.random.Generator, shape: tuple[int, int,
     return sets
 
 
-
 # `jep.fp8.quantize_weight` for the FP8 products' operands, jitted: run op by op it holds float32
 # copies of w (14 GiB each at [256, 7168, 2048]), more than an 80 GB GPU has beside the operands.
 quantize_weight = jax.jit(fp8.quantize_weight)
