@@ -28,10 +28,11 @@ register layout). XLA's fusions of it read w twice, for the scales and then for 
 layouts: on an H200, [256, 7168, 2048] bf16 took 4.2 ms against 9.5 (3.55 against 1.58
 TB/s). `jep.experts` takes it for the FP8 products on Hopper.
 
-Division on the GPU is PTX's div.full.f32 (within 2 ulps; XLA's too), and with one divisor a
-block ptxas may take its reciprocal once: a quotient that lies on an e4m3 tie may round to
-either neighbour, so the weight kernel and XLA's fusions may differ there (the scales never
-do). The rows kernel has given XLA's bytes exactly in every run so far.
+The rows kernel divides each value by its scale, as the reference does, and has given XLA's
+bytes exactly in every run so far. The weight and columns kernels take each scale's reciprocal
+once and multiply: the product is within 3 float32 ulps of the quotient (the GPU's division,
+PTX's div.full.f32, XLA's too, within 2), so a quotient that lies on an e4m3 tie may round to
+either neighbour, and there the kernels and XLA's fusions may differ (the scales never do).
 """
 
 from __future__ import annotations
@@ -214,8 +215,8 @@ def weight_kernel_takes(w) -> bool:
 def quantize_weight(w, *, stages: int = 4, buffers: int = 2, interpret: bool = False):
     """(q e4m3[G, K, N], scales f32[G, K / 128, N / 128], q_t e4m3[G, N, K], scales_t
     f32[G, N / 128, K / 128]): `jep.fp8.quantize_weight(w)` (the same scales; the same q but
-    where the GPU's division rounds a quotient at an e4m3 tie the other way), q_t exactly q
-    transposed.
+    where the product by the scale's reciprocal rounds a quotient at an e4m3 tie the other
+    way), q_t exactly q transposed.
 
     Each program takes one band of 128 rows of one group's weight and walks its blocks of 128
     columns through a pipeline of `stages` TMA loads; a block's scale is its max-abs over 448
@@ -254,7 +255,8 @@ def quantize_weight(w, *, stages: int = 4, buffers: int = 2, interpret: bool = F
             return w_smem[:, pl.ds(h * half, half)].T.astype(jnp.float32)
         read = plgpu.load(plgpu.transpose_ref(w_smem.at[:, pl.ds(h * half, half)], (1, 0)), (),
                           layout=plgpu.Layout.WGMMA_TRANSPOSED)
-        return plgpu.layout_cast(read.astype(jnp.float32), plgpu.Layout.WGMMA)
+        # Moved in w's 16 bits (a shuffle and a byte permute a register), then widened.
+        return plgpu.layout_cast(read, plgpu.Layout.WGMMA).astype(jnp.float32)
 
     def body(w_gmem, q_gmem, q_t_gmem, scales_gmem, q_smem, q_t_smem, scales_smem):
         group, band = lax.axis_index("groups"), lax.axis_index("rows")
@@ -271,11 +273,12 @@ def quantize_weight(w, *, stages: int = 4, buffers: int = 2, interpret: bool = F
             scale = jnp.where(amax == 0, 1.0, amax / E4M3_MAX)
             # This slot's stores (a commit group a block) are done with it.
             plgpu.wait_smem_to_gmem(buffers - 1, wait_read_only=True)
+            inverse = 1.0 / scale  # one division a block, then a product an element
             for h in range(2):
-                q_smem[slot, pl.ds(h * half, half)] = (parts[h] / scale).astype(E4M3)
+                q_smem[slot, pl.ds(h * half, half)] = (parts[h] * inverse).astype(E4M3)
             for h in range(2):  # read after the rows are stored: fewer registers live
                 q_t_smem[slot, pl.ds(h * half, half)] = (
-                    columns_of(w_smem, h) / scale).astype(E4M3)
+                    columns_of(w_smem, h) * inverse).astype(E4M3)
             scales_smem[slot] = jnp.full((TILE,), scale, jnp.float32)
             plgpu.commit_smem()
             columns = pl.ds(block * TILE, TILE)
@@ -381,7 +384,7 @@ def quantize_columns(x, group_sizes, *, channels: int = 64, stages: int = 2,
             return t_smem[:, pl.ds(h * half, half)].T.astype(jnp.float32)
         read = plgpu.load(plgpu.transpose_ref(t_smem.at[:, pl.ds(h * half, half)], (1, 0)), (),
                           layout=plgpu.Layout.WGMMA_TRANSPOSED)
-        return plgpu.layout_cast(read.astype(jnp.float32), plgpu.Layout.WGMMA)
+        return plgpu.layout_cast(read, plgpu.Layout.WGMMA).astype(jnp.float32)
 
     def body(table_gmem, x_gmem, q_gmem, scales_gmem, t_smem, q_smem, scales_smem):
         index = lax.axis_index("tiles")
@@ -399,8 +402,9 @@ def quantize_columns(x, group_sizes, *, channels: int = 64, stages: int = 2,
                 values = columns_of(t_smem, h)
                 amax = jnp.max(jnp.abs(values), axis=1)
                 scale = jnp.where(amax == 0, 1.0, amax / E4M3_MAX)
+                inverse = 1.0 / scale  # a division a channel, then a product an element
                 q_smem[slot, pl.ds(h * half, half)] = (
-                    values / lax.broadcast_in_dim(scale, values.shape, [0])).astype(E4M3)
+                    values * lax.broadcast_in_dim(inverse, values.shape, [0])).astype(E4M3)
                 scales_smem[block, pl.ds(h * half, half)] = scale
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[slot],
