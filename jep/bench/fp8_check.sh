@@ -63,8 +63,11 @@ case "${1:-}" in
     done
     ;;
   5)
+    # The dumps go to a folder that must exist; ptxas' report may come on stdout instead.
+    mkdir -p "$out/dump"
     MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_SASS=1 \
-      MOSAIC_GPU_DUMP_TO="$out/dump" python3 benchmarks/scripts/gemm_profile.py "jep FP8 forward"
+      MOSAIC_GPU_DUMP_TO="$out/dump" python3 benchmarks/scripts/gemm_profile.py "jep FP8 forward" \
+      > "$out/dump/stdout.txt" 2>&1
     grep -rhiE "registers|spill|stack frame" "$out/dump" | sort | uniq -c | tee "$out/ptxas.txt"
     (cd benchmarks/scripts && timeout 300 "${NCU:-/usr/local/cuda/bin/ncu}" -k regex:jep_grouped_fp8 \
       --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters \
