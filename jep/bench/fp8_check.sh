@@ -12,7 +12,8 @@
 #      (a GPU's runs are not bit-reproducible: one seed's pair says little): held-out loss and
 #      tokens/s;
 #   5: where the FP8 forward's time goes: its registers and spills (ptxas, with the PTX and
-#      SASS kept), then Nsight Compute's stall reasons by SASS line.
+#      SASS kept, and each spill's SASS in spills.txt), then Nsight Compute's stall reasons by
+#      SASS line.
 # Usage, from the repository root: bash jep/bench/fp8_check.sh PART   (logs go to $OUT, or ./out)
 set -uo pipefail
 out="${OUT:-out}"
@@ -69,6 +70,9 @@ case "${1:-}" in
       MOSAIC_GPU_DUMP_TO="$out/dump" python3 benchmarks/scripts/gemm_profile.py "jep FP8 forward" \
       > "$out/dump/stdout.txt" 2>&1
     grep -rhiE "registers|spill|stack frame" "$out/dump" | sort | uniq -c | tee "$out/ptxas.txt"
+    # Where the spills are: each local-memory store and load of the SASS with the lines before it.
+    grep -rhE -B6 "\b(STL|LDL)(\.[0-9A-Z]+)*\b" "$out/dump" > "$out/spills.txt"
+    echo "local-memory instructions in the SASS: $(grep -cE "\b(STL|LDL)" "$out/spills.txt")"
     (cd benchmarks/scripts && timeout 300 "${NCU:-/usr/local/cuda/bin/ncu}" -k regex:jep_grouped_fp8 \
       --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters \
       --print-details all python3 gemm_profile.py "jep FP8 forward") > "$out/ncu_source.txt" 2>&1
