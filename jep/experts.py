@@ -188,12 +188,13 @@ def _runs_fp8_kernel(rows, w_shape, backend: str) -> bool:
     return fp8_backend(rows, w_shape, backend) == "pallas"
 
 
-def _quantize_rows(a, kernel: bool):
-    """`jep.fp8.quantize_rows(a)`: by the one-pass kernel where the products run on the Pallas
-    kernels (`kernel`) and it takes the rows (a multiple of 64 of them), else by XLA's fusions
-    of the reference."""
+def _quantize_rows(a, group_sizes, kernel: bool):
+    """`jep.fp8.quantize_rows(a)` for products of the rows of `group_sizes`: by the one-pass
+    kernel where the products run on the Pallas kernels (`kernel`) and it takes the rows (a
+    multiple of 64 of them), which skips the blocks of rows past the groups (no product reads
+    them into its output), else by XLA's fusions of the reference."""
     if kernel and jep_kernels.quantize.kernel_takes(a):
-        return jep_kernels.quantize.quantize_rows(a)
+        return jep_kernels.quantize.quantize_rows(a, group_sizes)
     return fp8.quantize_rows(a)
 
 
@@ -244,7 +245,7 @@ def _fp8_times(a, b_q, b_scales, group_sizes, backend: str, a_quantized=None):
     as_, b_qs, b_scales = (tuple(v) if summed else (v,) for v in (a, b_q, b_scales))
     kernel = _runs_fp8_kernel(as_[0], b_qs[0].shape, backend)
     quantized = ((a_quantized,) if a_quantized is not None
-                 else tuple(_quantize_rows(one, kernel) for one in as_))
+                 else tuple(_quantize_rows(one, group_sizes, kernel) for one in as_))
     dtype = as_[0].dtype
     if kernel:  # one product is a sum of one
         a_qs, a_scales = (tuple(part) for part in zip(*quantized))
@@ -265,7 +266,7 @@ def _fp8_products(x, ws, quantized, x_rows, x_columns, group_sizes, backend):
     backward's dx, the sum over the weights of dy[i] @ ws[i]^T, is one FP8 product on the
     Pallas kernels (the gate and up projections' dx written once)."""
     if x_rows is None:
-        x_rows = _quantize_rows(x, _runs_fp8_kernel(x, ws[0].shape, backend))
+        x_rows = _quantize_rows(x, group_sizes, _runs_fp8_kernel(x, ws[0].shape, backend))
     return tuple(_fp8_times(x, q.q_t, q.scales_t, group_sizes, backend, x_rows)
                  for q in quantized)
 
@@ -403,7 +404,7 @@ def _fp8_hidden(rows, weights, activation, *, backend, group_sizes):
     for chunk, sizes in zip(chunks, group_sizes):
         kernel = _runs_fp8_kernel(chunk, weights[0].shape, backend)
         fixed = lax.stop_gradient(chunk)
-        chunk_rows = _quantize_rows(fixed, kernel)
+        chunk_rows = _quantize_rows(fixed, sizes, kernel)
         chunk_columns = _quantize_columns(fixed, sizes, kernel)
         if kernel and gated:
             hs.append(_fp8_gated(chunk, weights, quantized, chunk_rows, chunk_columns, sizes,

@@ -67,20 +67,29 @@ def column_splits(hidden: int) -> int:
     return tiles // 2 if tiles % 2 == 0 else tiles
 
 
-def quantize_rows(x, *, block_rows: int = 64, stages: int = 4, splits: int | None = None,
-                  interpret: bool = False):
-    """(q e4m3[M, H], scales f32[M, H / 128]): `jep.fp8.quantize_rows(x)`, bit for bit.
+def quantize_rows(x, group_sizes=None, *, block_rows: int = 64, stages: int = 4,
+                  splits: int | None = None, interpret: bool = False):
+    """(q e4m3[M, H], scales f32[M, H / 128]): `jep.fp8.quantize_rows(x)`, bit for bit; with
+    `group_sizes`, in the blocks of rows that hold some of the groups' rows only.
 
     Args:
       x: [M, H] bf16, f16 or f32; H a multiple of 128, M of `block_rows` (64: the rows of one
         program, a multiple of the 64 rows a warpgroup's register tiles hold).
+      group_sizes: None, or i32[G], the rows of an expert-side buffer's groups (`jep.dispatch`'s
+        recv_x and what the experts make of it). The blocks of rows past their sum are left
+        unwritten, in q and in the scales: no grouped product stores a row past the groups.
+        Under EP=n a dropless buffer holds n times the rows an even spread fills, so this
+        skips most of the pass there.
       stages: tiles in flight per program.
       splits: programs per block of rows, each taking H / 128 / splits of its tiles (a divisor
         of H / 128); by default `column_splits`.
       interpret: Pallas's GPU interpret mode (CPU, for tests).
     """
+    if group_sizes is not None and group_sizes.ndim != 1:
+        raise ValueError(f"group_sizes must be [G], got shape {group_sizes.shape}")
+    end = None if group_sizes is None else jnp.sum(group_sizes, dtype=jnp.int32)[None]
     return _quantize_rows(x, x.shape[1], block_rows=block_rows, stages=stages, splits=splits,
-                          interpret=interpret)
+                          interpret=interpret, end=end)
 
 
 def pack_kernel_takes(x, block_rows: int = 64) -> bool:
@@ -122,10 +131,11 @@ def pack_rows(x, *, block_rows: int = 64, stages: int = 4, splits: int | None = 
 
 
 def _quantize_rows(x, width: int, *, block_rows: int, stages: int, splits: int | None,
-                   interpret: bool, tails: bool = False):
+                   interpret: bool, tails: bool = False, end=None):
     """`quantize_rows`, q stored as the first H columns of an e4m3[M, width] array (the rest
     left unwritten); with `tails`, each row's scales' bytes stored after its H columns
-    (`jep.fp8.pack`'s layout), and q alone returned."""
+    (`jep.fp8.pack`'s layout), and q alone returned. With `end` (i32[1]), the blocks of rows
+    from row end[0] on are left unwritten."""
     if not kernel_takes(x, block_rows) or block_rows % 64 or stages < 1:
         raise ValueError(f"x must be [M, H] bf16/f16/f32 with H a multiple of {TILE} and M of "
                          f"block_rows={block_rows} (a multiple of 64; stages={stages} >= 1), "
@@ -144,9 +154,12 @@ def _quantize_rows(x, width: int, *, block_rows: int, stages: int, splits: int |
     # Register layouts (the interpreter has none).
     laid_out = (lambda value, _: value) if interpret else plgpu.layout_cast
 
-    def body(x_gmem, q_gmem, *refs):
+    def body(*refs):
+        end_gmem, refs = (refs[0], refs[1:]) if end is not None else (None, refs)
+        x_gmem, q_gmem, *refs = refs
         scales_gmem, q_smem, scales_smem = (None, *refs, None) if tails else refs
-        rows = pl.ds(lax.axis_index("rows") * block_rows, block_rows)
+        start = lax.axis_index("rows") * block_rows
+        rows = pl.ds(start, block_rows)
         first = lax.axis_index("columns") * own
 
         def store_tail(tile, scale):
@@ -175,14 +188,20 @@ def _quantize_rows(x, width: int, *, block_rows: int, stages: int, splits: int |
             plgpu.copy_smem_to_gmem(q_smem.at[slot],
                                     q_gmem.at[rows, pl.ds((first + tile) * TILE, TILE)])
 
-        plgpu.emit_pipeline(step, grid=(own,),
-                            in_specs=[plgpu.BlockSpec((block_rows, TILE),
-                                                      lambda t: (0, first + t))],
-                            max_concurrent_steps=stages)(x_gmem.at[rows])
-        if not tails:
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(scales_smem, scales_gmem.at[pl.ds(first, own), rows])
-        plgpu.wait_smem_to_gmem(0)
+        def block():
+            plgpu.emit_pipeline(step, grid=(own,),
+                                in_specs=[plgpu.BlockSpec((block_rows, TILE),
+                                                          lambda t: (0, first + t))],
+                                max_concurrent_steps=stages)(x_gmem.at[rows])
+            if not tails:
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(scales_smem, scales_gmem.at[pl.ds(first, own), rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        if end_gmem is None:
+            block()
+        else:  # a block of rows past the groups: nothing to load or store
+            pl.when(start < end_gmem[0])(block)
 
     q_type = jax.ShapeDtypeStruct((num_rows, width), E4M3)
     q_smem = plgpu.SMEM((2, block_rows, TILE), E4M3, transforms=q_transforms)
@@ -197,7 +216,7 @@ def _quantize_rows(x, width: int, *, block_rows: int, stages: int, splits: int |
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params() if interpret else None,
-    )(x)
+    )(*(() if end is None else (end,)), x)
     if tails:
         return vary_like(outs, x)
     q, scales_t = outs
@@ -335,7 +354,10 @@ def quantize_columns(x, group_sizes, *, channels: int = 64, stages: int = 2,
     of 8 only, so each block comes in plain, its rows past the group are zeroed in registers,
     it goes back to shared memory swizzled, and is read out transposed (as `quantize_weight`
     reads its q_t); each channel's max-abs over the tile's rows gives its scale, and the e4m3
-    block is stored into q_t. The tiles after the last group's are zeros with scale 1.
+    block is stored into q_t. The tiles after the last group's (zeros with scale 1 in the
+    reference) are left unwritten: neither the FP8 weight gradient nor `dequantize_columns`
+    takes a value from them, and under EP=n a dropless buffer's layout holds about n times
+    the tiles an even spread fills.
 
     Args:
       x: [M, H] bf16 or f16, H a multiple of 128, M of 8 (`columns_kernel_takes`).
@@ -411,14 +433,16 @@ def quantize_columns(x, group_sizes, *, channels: int = 64, stages: int = 2,
                                     q_gmem.at[pl.ds((base + block) * channels, channels),
                                               pl.ds(index * TILE, TILE)])
 
-        plgpu.emit_pipeline(step, grid=(own,),
-                            in_specs=[plgpu.BlockSpec((TILE, channels),
-                                                      lambda b: (0, base + b))],
-                            max_concurrent_steps=stages)(
-            x_gmem.at[pl.ds(table_gmem[2 * index], TILE)])
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(scales_smem, scales_gmem.at[index, pl.ds(base, own)])
-        plgpu.wait_smem_to_gmem(0)
+        @pl.when(held > 0)  # a tile past the last group's: nothing to load or store
+        def _():
+            plgpu.emit_pipeline(step, grid=(own,),
+                                in_specs=[plgpu.BlockSpec((TILE, channels),
+                                                          lambda b: (0, base + b))],
+                                max_concurrent_steps=stages)(
+                x_gmem.at[pl.ds(table_gmem[2 * index], TILE)])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(scales_smem, scales_gmem.at[index, pl.ds(base, own)])
+            plgpu.wait_smem_to_gmem(0)
 
     # The interpreter reads past x's end as zeros only within the array: pad a tile of rows.
     x_in = jnp.pad(x, ((0, TILE), (0, 0))) if interpret else x

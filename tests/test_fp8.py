@@ -208,9 +208,11 @@ def test_columns_kernel_is_the_definition(rng, sizes, splits, channels):
     """jep_kernels.quantize.quantize_columns (Pallas Mosaic GPU; interpreted on the CPU): the
     reference's scales bit for bit, q_t = e4m3(x / scale) (`assert_rounded_from`: exact but
     at ties, where the division may land either side; the interpreter's as well), the padding
-    zeros. Groups starting at rows that are no multiple of 8 (the kernel's plain loads), a
-    group of more than one tile, magnitudes 1e-3 to 1e3; one program a tile or several, blocks
-    of 128 or 64 channels. It lowers for Hopper at DeepSeek-V3's 32768 x 7168 in 32 groups."""
+    zeros, in every tile of a group; the tiles after the last group's left unwritten (zeros
+    in the interpreter, where the reference's scales are 1). Groups starting at rows that are
+    no multiple of 8 (the kernel's plain loads), a group of more than one tile, magnitudes
+    1e-3 to 1e3; one program a tile or several, blocks of 128 or 64 channels. It lowers for
+    Hopper at DeepSeek-V3's 32768 x 7168 in 32 groups."""
     import jep_kernels.quantize
 
     num_rows, width = 232, 512
@@ -218,15 +220,21 @@ def test_columns_kernel_is_the_definition(rng, sizes, splits, channels):
     x[3] = 0
     x = jnp.asarray(x, jnp.bfloat16)
     group_sizes = jnp.asarray(sizes, jnp.int32)
+    interpret = jax.default_backend() != "gpu"
     q_t, scales = jep_kernels.quantize.quantize_columns(
-        x, group_sizes, channels=channels, splits=splits,
-        interpret=jax.default_backend() != "gpu")
+        x, group_sizes, channels=channels, splits=splits, interpret=interpret)
     want_q, want_scales = fp8.quantize_columns(x, group_sizes)
     assert q_t.shape == want_q.shape and q_t.dtype == fp8.E4M3
-    np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
+    used = sum(-(-size // 128) for size in sizes)  # the groups' tiles, then the rest
+    assert used < scales.shape[0]
+    np.testing.assert_array_equal(np.asarray(scales[:used]), np.asarray(want_scales[:used]))
     padded, _ = columns_by_hand(x, sizes)
     spread = np.repeat(np.asarray(want_scales, np.float64), 128, axis=0)
-    assert_rounded_from(q_t, (padded / spread).T, ulps=3)
+    assert_rounded_from(q_t[:, :used * 128], (padded / spread).T[:, :used * 128], ulps=3)
+    if interpret:
+        np.testing.assert_array_equal(np.asarray(scales[used:]), 0)
+        np.testing.assert_array_equal(np.asarray(q_t[:, used * 128:].astype(jnp.float32)), 0)
+        assert np.all(np.asarray(want_scales[used:]) == 1)
     spec = (jax.ShapeDtypeStruct((32768, 7168), jnp.bfloat16), jax.ShapeDtypeStruct((32,), jnp.int32))
     jax.jit(lambda x, sizes: jep_kernels.quantize.quantize_columns(
         x, sizes, channels=channels)).trace(*spec).lower(
@@ -312,6 +320,32 @@ def test_quantize_kernel_equals_the_reference_bit_for_bit(rng, dtype, tiles, spl
                                   np.asarray(want_q.astype(jnp.float32)))
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
     assert float(scales[5, 0]) == 1.0 and float(scales[9, 1]) == 1.0
+
+
+@pytest.mark.parametrize("sizes", [[70, 0, 30], [0, 0, 0], [64, 64, 64]])
+def test_quantize_kernel_skips_the_rows_past_the_groups(rng, sizes):
+    """With group_sizes, jep_kernels.quantize.quantize_rows gives the reference's bytes in
+    every block of 64 rows that holds some of the groups' rows (the rows past the groups in
+    such a block included) and leaves the blocks past them unwritten: zeros in the
+    interpreter, where the reference has the rows' values. Nothing of the groups' rows
+    missing, an empty buffer, a full one."""
+    import jep_kernels.quantize
+
+    x = jnp.asarray(magnitudes(rng, (192, 256)) + 1.0, jnp.bfloat16)  # no zero row
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    interpret = jax.default_backend() != "gpu"
+    q, scales = jep_kernels.quantize.quantize_rows(x, group_sizes, stages=2, interpret=interpret)
+    want_q, want_scales = fp8.quantize_rows(x)
+    kept = -(-sum(sizes) // 64) * 64
+    np.testing.assert_array_equal(np.asarray(q[:kept].astype(jnp.float32)),
+                                  np.asarray(want_q[:kept].astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(scales[:kept]), np.asarray(want_scales[:kept]))
+    if interpret:
+        np.testing.assert_array_equal(np.asarray(q[kept:].astype(jnp.float32)), 0)
+        np.testing.assert_array_equal(np.asarray(scales[kept:]), 0)
+        assert np.all(np.asarray(want_scales[kept:]) > 0)
+    with pytest.raises(ValueError, match="group_sizes must be"):
+        jep_kernels.quantize.quantize_rows(x, group_sizes[None], interpret=True)
 
 
 @pytest.mark.skipif(not jep.platform.on_hopper(), reason="pack_rows takes the kernel on Hopper")

@@ -6,7 +6,9 @@ fusions (`jep.fp8`) against the kernels (`jep_kernels.quantize`, Hopper):
   128). A layer's gate/up shape [E, H, F] and its down shape [E, F, H]. Bytes = the weight read
   once and its two e4m3 layouts written (the scales, 1/16384 of that, left out): 2 bytes an
   element for bf16, 4 in all.
-- token rows [T, H] for each of `tokens`: `jep.fp8.quantize_rows` against the rows kernel, and
+- token rows [T, H] for each of `tokens`: `jep.fp8.quantize_rows` against the rows kernel (and
+  the kernel over a buffer whose groups fill an eighth of its rows, as a dropless buffer under
+  EP=8 is filled: it skips the rest), and
   FP8 dispatch's `jep.fp8.pack_rows` (rows and scales packed into one row each) against the
   kernel storing into the packed rows (`jep_kernels.quantize.pack_rows`), where H is a
   multiple of 1024, the scales' bytes stored by an XLA pass after it (its default) and by the
@@ -67,6 +69,17 @@ def measure_rows(*, tokens, hidden: int, dtype, iters: int, repeats: int, groups
         moved = x.size * (jnp.dtype(dtype).itemsize + 1) + 4 * x.size // fp8.TILE
         results += _timed(runs, iters=iters, repeats=repeats, moved=moved,
                           about={"op": "rows", "shape": [count, hidden]})
+        if VARIANTS[1] in quantizers:
+            # An expert-side buffer under EP=8, dropless: the groups fill an eighth of its rows,
+            # and the kernel skips the rest. Bytes: those of the rows it quantizes.
+            filled = jnp.full((groups,), count // 8 // groups, jnp.int32)
+            runs = {f"{VARIANTS[1]}, the groups' rows ({groups} groups, 1/8 of the buffer)": (
+                jax.jit(lambda x: timing.repeat_rotated(
+                    lambda x: jep_kernels.quantize.quantize_rows(x, filled), [(x,)], iters)),
+                (x,))}
+            results += _timed(runs, iters=iters, repeats=repeats,
+                              moved=moved * int(filled.sum()) // count,
+                              about={"op": "rows", "shape": [count, hidden]})
         sizes = jnp.full((groups,), count // groups, jnp.int32)
         quantizers = {VARIANTS[0]: fp8.quantize_columns}
         if on_hopper() and jep_kernels.quantize.columns_kernel_takes(x):
