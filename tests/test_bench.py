@@ -223,6 +223,25 @@ def test_pack_profile_script_runs_each_pack_pass_and_dispatch(tmp_path):
     assert all(us is None for us in times.values())  # the CPU: no device events
 
 
+def test_buffer_fill_script_profiles_both_buffers_and_their_gradients_agree():
+    """benchmarks/scripts/buffer_fill.py on the CPU: the experts' forward and backward in bf16
+    and FP8 over a full buffer and one four times its rows are each profiled (no device
+    streams on the CPU, so no figures), and the weights' gradients of the two buffers agree:
+    the rows past the groups take no part."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts" / "buffer_fill.py"
+    spec = importlib.util.spec_from_file_location("buffer_fill", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    totals, differences = script.main(["--tokens", "32", "--topk", "2", "--experts", "4",
+                                       "--hidden", "256", "--ffn", "128", "--fill", "4"])
+    assert set(totals) == {("bf16", 1), ("bf16", 4), ("fp8", 1), ("fp8", 4)}
+    assert all(t == {} for t in totals.values())  # the CPU: no device events
+    assert set(differences) == {"bf16", "fp8"} and max(differences.values()) < 1e-2
+
+
 def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest(monkeypatch):
     """The tune suite on the CPU, its kernels in Pallas's GPU interpret mode, dw only, two
     candidates: each is timed, the dense matmul is timed beside them and never picked, and the

@@ -6,8 +6,9 @@
 #   2: tune the FP8 forward/dx (clusters among the candidates), the gated FP8 kernel, the FP8
 #      weight gradient and its gate/up pair in one kernel; the picks go to
 #      $OUT/tune_*/table.json;
-#   3: the layer at DeepSeek-V3's expert shape, 32 experts, bf16 against FP8, profiled, and
-#      the gemm suite's FP8 products against the bf16 ones at 8 and 256 groups;
+#   3: the layer at DeepSeek-V3's expert shape, 32 experts, bf16 against FP8, profiled, the
+#      gemm suite's FP8 products against the bf16 ones at 8 and 256 groups, and the experts
+#      over a buffer the groups fill an eighth of, as a dropless one under EP=8 (buffer_fill);
 #   4: the training example (float32) at gpu_check's sizes, without and with --fp8, seeds 0-2
 #      (a GPU's runs are not bit-reproducible: one seed's pair says little): held-out loss and
 #      tokens/s;
@@ -51,6 +52,7 @@ case "${1:-}" in
       2>&1 | tee "$out/layer.txt"
     python3 -m jep.bench gemm --gemm-shapes 32768x7168x2048x8,32768x7168x2048x256 --iters 10 \
       --repeats 3 --min-seconds 0.5 --out "$out/gemm_fp8" 2>&1 | tee "$out/gemm.txt"
+    python3 benchmarks/scripts/buffer_fill.py 2>&1 | grep -v "^[WI]1" | tee "$out/buffer_fill.txt"
     ;;
   4)
     for seed in 0 1 2; do
