@@ -449,7 +449,9 @@ def test_dense_floor_is_one_swiglu_with_the_first_expert():
 
 def test_profile_breakdown_finds_each_kind_by_its_scope():
     """The layer's ops carry the scopes the breakdown looks for (read from the compiled HLO of
-    a step on the CPU), and events are counted by the kind of the instruction behind them."""
+    a step on the CPU: a jitted step is compiled for its arguments, as `report` does; a compiled
+    one is taken as it is), and events are counted by the kind of the instruction behind
+    them."""
     from jep.bench import profile
 
     mesh = make_mesh((4,), ("ep",))
@@ -457,7 +459,10 @@ def test_profile_breakdown_finds_each_kind_by_its_scope():
     params = jep.init_params(jax.random.key(0), hidden=16, ffn=8, config=config)
     x = jnp.ones((64, 16), jnp.float32)
     step = jax.jit(jax.grad(lambda p, x: jnp.sum(jep.moe(x, p, config=config, mesh=mesh)[0] ** 2)))
-    names = profile.op_names(step.lower(params, x).compile())
+    compiled = profile.compiled_program(step, (params, x))
+    assert profile.compiled_program(step, (params, x), compiled) is compiled
+    assert profile.compiled_program(compiled, (params, x)) is compiled
+    names = profile.op_names(compiled)
     found = {profile.kind_of({"name": "k", "args": {"hlo_op": op}}, names) for op in names}
     assert {"routing and layout", "permutes", "exchange", profile.OTHER} <= found
 

@@ -230,11 +230,21 @@ def _gap_lines(events: list[dict], top: int) -> list[str]:
     return lines
 
 
+def compiled_program(run, args, compiled=None):
+    """The compiled program whose HLO names `run`'s kernels (`op_names`): `compiled` where
+    given, else `run` if it is one (`jax.jit(f).lower(...).compile()`), else `run` (a jitted
+    function) lowered and compiled for `args`."""
+    if compiled is not None:
+        return compiled
+    return run if hasattr(run, "as_text") else run.lower(*args).compile()
+
+
 def report(run, args, title: str, steps: int = 1, compiled=None) -> dict:
     """Prints `summary` of one run of `run(*args)` (`steps` steps) and its `breakdown` per step,
     under `title`; returns the breakdown ({} where there are no device events: the CPU has no
     device streams). `compiled`: the compiled program whose HLO names the kernels (`op_names`),
-    where `run` is not one (a Python loop calling it); by default `run` itself."""
+    where `run` is not one (a Python loop calling it); by default `run` itself, or a jitted
+    `run` compiled for `args` (`compiled_program`)."""
     with tempfile.TemporaryDirectory() as log_dir:
         events = device_events(trace(run, args, log_dir))
     print(f"--- profile: {title}")
@@ -242,7 +252,7 @@ def report(run, args, title: str, steps: int = 1, compiled=None) -> dict:
         print("(no device events: the CPU has no device streams)")
         return {}
     print(summary(events))
-    names = op_names(run if compiled is None else compiled)
+    names = op_names(compiled_program(run, args, compiled))
     totals = breakdown(events, names, steps)
     device = min(e["device"] for e in events)  # the one `breakdown` counts
     print(f"  per step, by kind ({device}):")
