@@ -12,9 +12,9 @@
 #   4: the training example (float32) at gpu_check's sizes, without and with --fp8, seeds 0-2
 #      (a GPU's runs are not bit-reproducible: one seed's pair says little): held-out loss and
 #      tokens/s;
-#   5: where the FP8 forward's time goes: its registers and spills (ptxas, with the PTX and
-#      SASS kept, and each spill's SASS in spills.txt), then Nsight Compute's stall reasons by
-#      SASS line.
+#   5: where the FP8 forward's time goes: its registers and spills (ptxas, the PTX kept and
+#      compiled again to SASS, each spill's SASS lines in spills.txt), then Nsight Compute's
+#      stall reasons.
 # Usage, from the repository root: bash jep/bench/fp8_check.sh PART   (logs go to $OUT, or ./out)
 set -uo pipefail
 out="${OUT:-out}"
@@ -66,19 +66,26 @@ case "${1:-}" in
     done
     ;;
   5)
-    # The dumps go to a folder that must exist; ptxas' report may come on stdout instead.
-    mkdir -p "$out/dump"
-    MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_SASS=1 \
-      MOSAIC_GPU_DUMP_TO="$out/dump" python3 benchmarks/scripts/gemm_profile.py "jep FP8 forward" \
-      > "$out/dump/stdout.txt" 2>&1
-    grep -rhiE "registers|spill|stack frame" "$out/dump" | sort | uniq -c | tee "$out/ptxas.txt"
-    # Where the spills are: each local-memory store and load of the SASS with the lines before it.
-    grep -rhE -B6 "\b(STL|LDL)(\.[0-9A-Z]+)*\b" "$out/dump" > "$out/spills.txt"
-    echo "local-memory instructions in the SASS: $(grep -cE "\b(STL|LDL)" "$out/spills.txt")"
+    # Dumped to a scratch folder (it holds many files); the FP8 kernel's PTX is kept, and
+    # compiled again by ptxas to SASS (Mosaic GPU dumps no SASS): each spill's SASS lines go to
+    # spills.txt.
+    dump="$(mktemp -d)"
+    MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO="$dump" \
+      python3 benchmarks/scripts/gemm_profile.py "jep FP8 forward" > "$dump/stdout.txt" 2>&1
+    grep -rhE "^ptxas|bytes stack frame" "$dump" | sort | uniq -c | tee "$out/ptxas.txt"
+    ptx=$(ls "$dump"/jep_grouped_fp8*.ptx | head -1)
+    cp "$ptx" "$out/fp8_forward.ptx"
+    cuda_bin=$(dirname "${NCU:-/usr/local/cuda/bin/ncu}")
+    "$cuda_bin/ptxas" -arch=sm_90a -O3 -v "$ptx" -o "$dump/fp8.cubin" 2>&1 | tee -a "$out/ptxas.txt"
+    "$cuda_bin/cuobjdump" -sass "$dump/fp8.cubin" > "$out/fp8_forward.sass"
+    # Where the spills are: each local-memory store and load with the lines before it.
+    grep -E -B8 "\b(STL|LDL)(\.[0-9A-Z]+)*\b" "$out/fp8_forward.sass" > "$out/spills.txt"
+    echo "local-memory instructions in the SASS: $(grep -cE "\b(STL|LDL)" "$out/fp8_forward.sass")"
+    rm -rf "$dump"
     (cd benchmarks/scripts && timeout 300 "${NCU:-/usr/local/cuda/bin/ncu}" -k regex:jep_grouped_fp8 \
       --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters \
       --print-details all python3 gemm_profile.py "jep FP8 forward") > "$out/ncu_source.txt" 2>&1
-    grep -vE "^\s*-+\s*$|^\s*$" "$out/ncu_source.txt" | sed -n '/Source Counters/,$p' | head -80
+    grep -vE "^\s*-+\s*$|^\s*$" "$out/ncu_source.txt" | sed -n '/Source Counters/,$p' | sed -n 1,80p
     ;;
   *)
     echo "usage: bash jep/bench/fp8_check.sh 1|2|3|4|5" >&2
