@@ -190,14 +190,20 @@ def test_min_seconds_repeats_each_sample_until_it_lasts_that_long(monkeypatch):
     assert seconds["nap"] == step
 
 
-def test_dispatch_pieces_script_times_every_piece():
+def benchmark_script(name: str):
+    """benchmarks/scripts/NAME.py loaded as a module (a script folder, not a package)."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts" / "dispatch_pieces.py"
-    spec = importlib.util.spec_from_file_location("dispatch_pieces", path)
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_dispatch_pieces_script_times_every_piece():
+    script = benchmark_script("dispatch_pieces")
     times = script.main(["--tokens", "8", "--hidden", "16", "--experts", "16", "--topk", "2",
                          "--iters", "2", "--repeats", "1", "--backends", "reference"])
     assert len(times) == 9 and all(seconds > 0 for seconds in times.values())
@@ -207,13 +213,7 @@ def test_pack_profile_script_runs_each_pack_pass_and_dispatch(tmp_path):
     """benchmarks/scripts/pack_profile.py on the CPU: the reference's pack pass and the bf16
     and FP8 dispatch of every transport that runs here are each called under the profiler (no
     device streams on the CPU, so no figures), and the JSON is written."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts" / "pack_profile.py"
-    spec = importlib.util.spec_from_file_location("pack_profile", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("pack_profile")
     out = tmp_path / "pack.json"
     times = script.main(["--tokens", "64", "--hidden", "1024", "--experts", "16", "--topk", "2",
                          "--calls", "1", "--out", str(out)])
@@ -228,18 +228,29 @@ def test_buffer_fill_script_profiles_both_buffers_and_their_gradients_agree():
     and FP8 over a full buffer and one four times its rows are each profiled (no device
     streams on the CPU, so no figures), and the weights' gradients of the two buffers agree:
     the rows past the groups take no part."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts" / "buffer_fill.py"
-    spec = importlib.util.spec_from_file_location("buffer_fill", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("buffer_fill")
     totals, differences = script.main(["--tokens", "32", "--topk", "2", "--experts", "4",
                                        "--hidden", "256", "--ffn", "128", "--fill", "4"])
     assert set(totals) == {("bf16", 1), ("bf16", 4), ("fp8", 1), ("fp8", 4)}
     assert all(t == {} for t in totals.values())  # the CPU: no device events
     assert set(differences) == {"bf16", "fp8"} and max(differences.values()) < 1e-2
+
+
+def test_buffer_fill_takes_the_gated_fp8_kernel_only_inside_its_context():
+    """buffer_fill.py --fp8-gated: inside `gated_fp8_kernel` the experts find an "fp8_gated"
+    entry (the kernel's default) for a shape the table has none for, other ops' entries as
+    they were; after it, the table's answers again."""
+    import jep_kernels.grouped_matmul.tuning as tuning
+
+    script = benchmark_script("buffer_fill")
+    shape = (7168, 2048, 32)
+    assert tuning.entry_for(tuning.FP8_GATED, *shape) is None
+    fp8_entry = tuning.entry_for(tuning.FP8, *shape)
+    with script.gated_fp8_kernel():
+        assert tuning.entry_for(tuning.FP8_GATED, *shape) == tuning.default(
+            tuning.FP8_GATED, *shape[:2])
+        assert tuning.entry_for(tuning.FP8, *shape) == fp8_entry
+    assert tuning.entry_for(tuning.FP8_GATED, *shape) is None
 
 
 def test_tune_times_the_candidates_beside_the_dense_matmul_and_picks_the_fastest(monkeypatch):

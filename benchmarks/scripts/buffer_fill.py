@@ -12,17 +12,23 @@ each jitted alone and profiled (device time per call, by kind: `jep.bench.profil
 grows between the two is work spent on unfilled rows. The weights' gradients of the two must
 agree (the rows past the groups take no part): their largest difference relative to the
 largest gradient is printed.
+
+`--fp8-gated`: the FP8 products of gate and up and the activation in one kernel
+(`grouped_matmul_fp8_gated`, its default configuration) whether or not the tuning table has an
+"fp8_gated" entry for the shape (Hopper only; elsewhere FP8 is emulated either way).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jep
+import jep_kernels.grouped_matmul.tuning as tuning
 from jep.bench import profile
 
 
@@ -34,6 +40,24 @@ def step(precision: str):
     return jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4)))
 
 
+@contextlib.contextmanager
+def gated_fp8_kernel():
+    """Within it `jep.experts` finds an "fp8_gated" entry for every shape: the kernel's
+    default configuration."""
+    table_entry = tuning.entry_for
+
+    def entry_for(op, k, n, groups):
+        if op == tuning.FP8_GATED:
+            return tuning.default(op, k, n)
+        return table_entry(op, k, n, groups)
+
+    tuning.entry_for = entry_for
+    try:
+        yield
+    finally:
+        tuning.entry_for = table_entry
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -43,7 +67,14 @@ def main(argv=None):
     parser.add_argument("--ffn", type=int, default=2048)
     parser.add_argument("--fill", type=int, default=8,
                         help="the larger buffer's rows over the filled ones (EP=8: 8)")
+    parser.add_argument("--fp8-gated", action="store_true",
+                        help="take the gated FP8 kernel whether or not the table has it")
     args = parser.parse_args(argv)
+    with gated_fp8_kernel() if args.fp8_gated else contextlib.nullcontext():
+        return measure(args)
+
+
+def measure(args):
     rng = np.random.default_rng(0)
     filled = args.tokens * args.topk
     sizes = jnp.asarray(rng.multinomial(filled, np.full(args.experts, 1 / args.experts)),
