@@ -458,6 +458,18 @@ def test_dense_floor_is_one_swiglu_with_the_first_expert():
                                rtol=1e-6)
 
 
+def test_profile_report_runs_a_jitted_function_compiled_once_and_a_compiled_one(capsys):
+    """`profile.report` takes a jitted run (compiled for its args, and that program is what
+    runs) or a compiled one; on the CPU there are no device streams, so no breakdown."""
+    from jep.bench import profile
+
+    run = jax.jit(lambda x: jnp.sin(x) * 2)
+    x = jnp.ones((8,), jnp.float32)
+    assert profile.report(run, (x,), "jitted") == {}
+    assert profile.report(run.lower(x).compile(), (x,), "compiled") == {}
+    assert capsys.readouterr().out.count("no device events") == 2
+
+
 def test_profile_breakdown_finds_each_kind_by_its_scope():
     """The layer's ops carry the scopes the breakdown looks for (read from the compiled HLO of
     a step on the CPU: a jitted step is compiled for its arguments, as `report` does; a compiled

@@ -244,15 +244,16 @@ def report(run, args, title: str, steps: int = 1, compiled=None) -> dict:
     under `title`; returns the breakdown ({} where there are no device events: the CPU has no
     device streams). `compiled`: the compiled program whose HLO names the kernels (`op_names`),
     where `run` is not one (a Python loop calling it); by default `run` itself, or a jitted
-    `run` compiled for `args` (`compiled_program`)."""
+    `run` compiled for `args` (`compiled_program`), which is then what runs: one compilation."""
+    program = compiled_program(run, args, compiled)
     with tempfile.TemporaryDirectory() as log_dir:
-        events = device_events(trace(run, args, log_dir))
+        events = device_events(trace(run if compiled is not None else program, args, log_dir))
     print(f"--- profile: {title}")
     if not events:
         print("(no device events: the CPU has no device streams)")
         return {}
     print(summary(events))
-    names = op_names(compiled_program(run, args, compiled))
+    names = op_names(program)
     totals = breakdown(events, names, steps)
     device = min(e["device"] for e in events)  # the one `breakdown` counts
     print(f"  per step, by kind ({device}):")
