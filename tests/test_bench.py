@@ -544,3 +544,40 @@ def test_grouped_products_run_under_their_scopes():
         # ... and the breakdown takes an op under that scope for that product.
         kind = profile.kind_of({"name": "k", "args": {"hlo_op": "c.1"}}, {"c.1": f"f/{scope}/p"})
         assert kind == kinds[op]
+
+
+def test_gemm_fp8_peers_compute_the_products_they_time():
+    """"jep fp8 kernels" (the FP8 kernels on operands quantized before the loop; interpreted
+    off Hopper) against "jep fp8"'s forward, dx and dw (emulated on the CPU, quantizing in the
+    step as the layer does): the same quantization, so equal to float32 rounding; the empty
+    group's dw is zero and the rows past the groups stay zero. And "dense fp8"'s products
+    against float64 of its e4m3 operands (each op's operands laid out K-major)."""
+    from jep import fp8
+    from jep.bench import gemm
+
+    rng = np.random.default_rng(11)
+    m, k, n, sizes = 144, 128, 128, jnp.asarray([0, 100, 30], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(m, k)) * np.exp(rng.normal(size=(m, 1))), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, k, n)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+    operands = gemm.quantized_operands(x, dy, sizes, fp8.quantize_weight(w))
+    # On Hopper both run the kernels; their tensor cores sum each 128-deep block in fewer bits.
+    hopper = jep.experts.fp8_backend(x, w.shape) == "pallas"
+    kernels, bound = gemm._fp8_kernel_ops(interpret=not hopper), 1e-3 if hopper else 1e-5
+    for op, body in gemm._fp8_ops().items():
+        want = np.asarray(body(x, w, dy, sizes, operands["w"]), np.float64)
+        got = np.asarray(kernels[op](x, w, dy, sizes, operands), np.float64)
+        assert got.shape == want.shape, op
+        np.testing.assert_allclose(got, want, rtol=bound, atol=bound * np.abs(want).max(),
+                                   err_msg=op)
+        if op == "dw":
+            assert not got[0].any() and got[1:].any(axis=(1, 2)).all()
+        else:
+            assert not got[130:].any() and np.abs(got[:130]).max() > 0
+    x8, w8, dy8 = (np.asarray(a.astype(jnp.float8_e4m3fn), np.float64) for a in (x, w[0], dy))
+    dense = gemm.dense_fp8_operands(x, w, dy)
+    for op, want in {"forward": x8 @ w8, "dx": dy8 @ w8.T, "dw": x8.T @ dy8}.items():
+        got = gemm._dense_fp8(*dense[op])
+        assert got.dtype == jnp.bfloat16, op
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2,
+                                   atol=1e-2 * np.abs(want).max(), err_msg=op)

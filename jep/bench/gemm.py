@@ -19,6 +19,13 @@ operands and write its result once, (M K + G K N + M N) elements whichever produ
 and `vs_roofline` = roofline / measured time (1.0: at the roofline). Each variant also gets a
 "dx + dw" row: the backward, the two products' times and rooflines summed.
 
+In FP8 (DeepSeek-V3's recipe): "jep fp8" is `jep.experts.fp8_grouped_matmul` with the weight
+quantized beforehand, x and dy in the loop, as a training step runs it; "jep fp8 kernels" the
+FP8 kernels alone on operands all quantized beforehand (x as FP8 dispatch brings it);
+"dense fp8" the dense product of the same flops on e4m3 operands without scales (cuBLAS on a
+GPU), the device's FP8 ceiling. Their rooflines are bf16's, so that "vs roofline" is each one's
+speed-up on the bf16 ceiling.
+
 jep and the dense matmul are always timed; the peers (`PEERS`) where asked (`peers`): on a
 GPU each is a compile of its own per shape and product, and all of them for five large shapes
 take longer than one 10-minute device call."""
@@ -31,6 +38,7 @@ import numpy as np
 from jax import lax
 
 import jep
+import jep_kernels.grouped_matmul
 from jep import experts, fp8
 from jep.bench import timing, workloads
 
@@ -67,6 +75,44 @@ def _fp8_ops():
     return {"forward": forward, "dx": dx, "dw": dw}
 
 
+def _fp8_kernel_ops(interpret: bool = False):
+    """forward, dx and dw of jep's FP8 kernels alone (`jep_kernels.grouped_matmul`'s
+    `grouped_matmul_fp8` and `grouped_matmul_dw_fp8`), every operand quantized before the loop
+    (the rotations' fifth element: the weight's `jep.fp8.QuantizedWeight`, x and dy by rows and
+    along the rows). The experts get x so where FP8 dispatch brings it already quantized; dy is
+    quantized in a training step, so "jep fp8" is the step's dx and dw. `interpret`: Pallas's
+    interpret mode (the CPU, for tests)."""
+    kernels = jep_kernels.grouped_matmul
+
+    def forward(x, w, dy, sizes, q):
+        return kernels.grouped_matmul_fp8(*q["x_rows"], q["w"].q_t, q["w"].scales_t, sizes,
+                                          out_dtype=x.dtype, interpret=interpret)
+
+    def dx(x, w, dy, sizes, q):
+        return kernels.grouped_matmul_fp8(*q["dy_rows"], q["w"].q, q["w"].scales, sizes,
+                                          out_dtype=x.dtype, interpret=interpret)
+
+    def dw(x, w, dy, sizes, q):
+        return kernels.grouped_matmul_dw_fp8(*q["x_columns"], *q["dy_columns"], sizes,
+                                             num_rows=x.shape[0], out_dtype=w.dtype,
+                                             interpret=interpret)
+
+    return {"forward": forward, "dx": dx, "dw": dw}
+
+
+def quantized_operands(x, dy, sizes, weight: fp8.QuantizedWeight) -> dict:
+    """The operands of `_fp8_kernel_ops`: `weight` (`workloads.quantize_weight(w)`), and x and
+    dy quantized by `jep.fp8`'s references, in one jit."""
+    return _quantized_rows_and_columns(x, dy, sizes) | {"w": weight}
+
+
+@jax.jit
+def _quantized_rows_and_columns(x, dy, sizes):
+    return {"x_rows": fp8.quantize_rows(x), "dy_rows": fp8.quantize_rows(dy),
+            "x_columns": fp8.quantize_columns(x, sizes),
+            "dy_columns": fp8.quantize_columns(dy, sizes)}
+
+
 def _jax_pallas_ops():
     """forward, dx and dw from jax.experimental.pallas.ops.gpu's grouped-GEMM examples."""
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
@@ -100,11 +146,27 @@ DENSE = {"forward": lambda x, w, dy, sizes: x @ w[0], "dx": lambda x, w, dy, siz
          "dw": lambda x, w, dy, sizes: x.T @ dy}
 
 
+# The dense FP8 peer ("dense fp8"): the same flops as `DENSE`, its operands cast to e4m3
+# before the loop, both K-major (as Hopper's FP8 tensor-core products read them; on a GPU XLA
+# hands the product to cuBLAS), without scales: what an FP8 product reaches on the device, as
+# "dense matmul" is for bf16. Each op's two operands [rows, depth] and [columns, depth].
+@jax.jit
+def dense_fp8_operands(x, w, dy):
+    x8, w8, dy8 = (a.astype(jnp.float8_e4m3fn) for a in (x, w[0], dy))
+    return {"forward": (x8, w8.T), "dx": (dy8, w8), "dw": (x8.T, dy8.T)}
+
+
+def _dense_fp8(a, b):
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
+
+
 COPY_BYTES = 2**30
 RAGGED_DOT_MAX_GROUPS = 32
 # The variants besides jep and the dense matmul; "tokamax" and "jax.experimental.pallas.ops"
-# run on GPUs only (and tokamax where installed), "jep fp8" where K and N are multiples of 128.
-PEERS = ("lax.ragged_dot", "tokamax", "jep fp8", "jax.experimental.pallas.ops")
+# run on GPUs only (and tokamax where installed), "jep fp8" where K and N are multiples of 128,
+# "jep fp8 kernels" where the FP8 kernels run (Hopper).
+PEERS = ("lax.ragged_dot", "tokamax", "jep fp8", "jep fp8 kernels", "dense fp8",
+         "jax.experimental.pallas.ops")
 
 
 def copy_rates(*, iters: int, repeats: int, size: int = COPY_BYTES, min_seconds: float = 0.0,
@@ -205,16 +267,30 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
                         "materializes a product per group (56 GiB asked at 64)")
                 else:
                     record(variant, op, body)
-        if "jep fp8" in peers and k % fp8.TILE == 0 and n % fp8.TILE == 0:
-            # FP8 products, each weight quantized before the loop (x and dy in it).
-            quantized = [(*r, workloads.quantize_weight(r[1])) for r in rotations]
-            for op, body in _fp8_ops().items():
-                record("jep fp8", op, body, quantized)
+        kernels = ("jep fp8 kernels" in peers and experts.fp8_backend(
+            rotations[0][0], rotations[0][1].shape) == "pallas")
+        if k % fp8.TILE == 0 and n % fp8.TILE == 0 and ("jep fp8" in peers or kernels):
+            # Each weight quantized before the loop, once for both FP8 variants (two copies of
+            # a weight of 256 experts in FP8 are 15 GB).
+            weights = [workloads.quantize_weight(r[1]) for r in rotations]
+            if "jep fp8" in peers:  # x and dy quantized in the loop
+                quantized = [(*r, weight) for r, weight in zip(rotations, weights)]
+                for op, body in _fp8_ops().items():
+                    record("jep fp8", op, body, quantized)
+            if kernels:  # the FP8 kernels alone, where they run: every operand beforehand
+                operands = [(*r, quantized_operands(r[0], r[2], r[3], weight))
+                            for r, weight in zip(rotations, weights)]
+                for op, body in _fp8_kernel_ops().items():
+                    record("jep fp8 kernels", op, body, operands)
         if "jax.experimental.pallas.ops" in peers and jax.default_backend() == "gpu":
             for op, body in _jax_pallas_ops().items():
                 record("jax.experimental.pallas.ops", op, body)
         for op, body in DENSE.items():
             record("dense matmul", op, body)
+        if "dense fp8" in peers:
+            operands = [dense_fp8_operands(*r[:3]) for r in rotations]
+            for op in DENSE:
+                record("dense fp8", op, _dense_fp8, [o[op] for o in operands])
         # Every variant of the shape timed in turn, round by round (seconds_interleaved).
         timed = timing.seconds_interleaved(runs, iters=iters, repeats=repeats,
                                            min_seconds=min_seconds)
