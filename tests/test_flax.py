@@ -92,7 +92,8 @@ def test_modules_name_the_hidden_size_they_were_built_for(rng):
             jep.flax.MoE(config=CONFIG, ffn=FFN).apply({"params": params}, x)
 
 
-@pytest.mark.parametrize("explicit", [True, False])
+# Auto sharding's case in the slow job: the modules' other tests cover both mesh modes.
+@pytest.mark.parametrize("explicit", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_modules_carry_and_update_the_selection_bias(rng, explicit):
     # The bias is state: the modules route with it, move it by the sign rule after a training
     # call, leave it alone in evaluation, and an optimizer over the parameters never sees it.

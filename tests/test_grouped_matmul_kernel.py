@@ -174,12 +174,7 @@ DW_WS_RESIDENT_RUNS = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_con
                                   warp_specialized=True, resident_steps=2, run_k_blocks=1)
 
 
-@pytest.mark.parametrize("config", [
-    DW_PLAIN, DW_WS, pytest.param(DW_WS_THREE_STAGES, marks=pytest.mark.slow),
-    pytest.param(DW_WS_ONE_BUFFER, marks=pytest.mark.slow), DW_WS_RESIDENT,
-    pytest.param(DW_WS_RESIDENT_RUNS, marks=pytest.mark.slow)],
-    ids=["plain", "ws", "ws-3-stages", "ws-one-buffer", "ws-resident", "ws-resident-runs"])
-@pytest.mark.parametrize("sizes", [
+DW_SIZES = [
     [70, 0, 100, 30],      # an empty group; a zero tail past the last group
     [0, 200, 0, 0],        # every row in one group
     [1, 1, 1, 197],        # one-row groups
@@ -187,7 +182,25 @@ DW_WS_RESIDENT_RUNS = gm.DwConfig(block_k=64, block_n=64, block_rows=64, max_con
     [0, 0, 0, 0],          # nothing: all zeros
     [150, 100, 90, 5],     # sums past M: cut at M; the last groups get nothing
     [65, 63, 2, 70],       # sizes one off the steps
-])
+]
+
+
+def _dw_cases():
+    """Each config with each of DW_SIZES, ids "sizes{i}-{config}". The main job takes plain and
+    ws with all of them and ws-resident with four (an empty group, one group, sizes on and one
+    off the steps); the rest run in the slow job, to keep CI in its time."""
+    configs = {"plain": DW_PLAIN, "ws": DW_WS, "ws-3-stages": DW_WS_THREE_STAGES,
+               "ws-one-buffer": DW_WS_ONE_BUFFER, "ws-resident": DW_WS_RESIDENT,
+               "ws-resident-runs": DW_WS_RESIDENT_RUNS}
+    for name, config in configs.items():
+        for i, sizes in enumerate(DW_SIZES):
+            slow = name not in ("plain", "ws", "ws-resident") or (
+                name == "ws-resident" and i in (2, 4, 5))
+            yield pytest.param(config, sizes, id=f"sizes{i}-{name}",
+                               marks=pytest.mark.slow if slow else ())
+
+
+@pytest.mark.parametrize("config, sizes", list(_dw_cases()))
 def test_weight_gradient_matches_float64(config, sizes):
     rng = np.random.default_rng(sum(sizes) + len(sizes))
     m, k, n = 200, 128, 128
@@ -632,8 +645,12 @@ DW_FP8_SMALL = gm.DwConfig(block_k=128, block_n=64, block_rows=128, max_concurre
                            warp_specialized=True, epilogue_k=64, epilogue_n=64)
 
 
-@pytest.mark.parametrize("config", [None, DW_FP8_SMALL], ids=["default", "two-stages"])
-@pytest.mark.parametrize("sizes", [[70, 0, 100], [0, 200, 0], [33, 31, 1], [0, 0, 0]])
+@pytest.mark.parametrize("config, sizes", [
+    pytest.param(config, sizes, id=f"sizes{i}-{name}", marks=pytest.mark.slow if slow else ())
+    for i, sizes in enumerate([[70, 0, 100], [0, 200, 0], [33, 31, 1], [0, 0, 0]])
+    for name, config, slow in (("default", None, False),
+                               # the two-stage ring with one group or none: the slow job
+                               ("two-stages", DW_FP8_SMALL, i in (1, 3)))])
 def test_fp8_weight_gradient_matches_float64_of_its_quantized_operands(config, sizes):
     """grouped_matmul_dw_fp8 against float64 products of x and dy dequantized from
     `jep.fp8.quantize_columns` (a scale per 128 rows of a group x 1 channel): equal to float32
@@ -676,7 +693,8 @@ def test_fp8_weight_gradient_matches_float64_of_its_quantized_operands(config, s
                                atol=1e-2 * max(np.abs(want).max(), 1e-30))
 
 
-@pytest.mark.parametrize("config", [None, DW_FP8_SMALL], ids=["default", "two-stages"])
+@pytest.mark.parametrize("config", [
+    None, pytest.param(DW_FP8_SMALL, marks=pytest.mark.slow)], ids=["default", "two-stages"])
 def test_fp8_weight_gradients_of_one_x_equal_one_kernel_each(config):
     """Two dy of one x (the gate and up products'): one kernel that loads each step of x once
     for both gives each weight gradient bit for bit as a kernel of its own does; dy of unequal
