@@ -546,12 +546,13 @@ def test_grouped_products_run_under_their_scopes():
         assert kind == kinds[op]
 
 
-def test_gemm_fp8_peers_compute_the_products_they_time():
+# Interprets three kernels (20-30 s on 2 cores): the slow job, and every GPU visit (-m "").
+@pytest.mark.slow
+def test_gemm_fp8_kernels_compute_the_products_they_time():
     """"jep fp8 kernels" (the FP8 kernels on operands quantized before the loop; interpreted
     off Hopper) against "jep fp8"'s forward, dx and dw (emulated on the CPU, quantizing in the
     step as the layer does): the same quantization, so equal to float32 rounding; the empty
-    group's dw is zero and the rows past the groups stay zero. And "dense fp8"'s products
-    against float64 of its e4m3 operands (each op's operands laid out K-major)."""
+    group's dw is zero and the rows past the groups stay zero."""
     from jep import fp8
     from jep.bench import gemm
 
@@ -574,10 +575,20 @@ def test_gemm_fp8_peers_compute_the_products_they_time():
             assert not got[0].any() and got[1:].any(axis=(1, 2)).all()
         else:
             assert not got[130:].any() and np.abs(got[:130]).max() > 0
+
+
+def test_gemm_dense_fp8_computes_the_products_it_times():
+    """"dense fp8": each op's two operands laid out K-major, so that the product is the dense
+    one of the same flops: against float64 of its e4m3 operands."""
+    from jep.bench import gemm
+
+    rng = np.random.default_rng(12)
+    x, w, dy = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+                for shape in ((96, 64), (2, 64, 32), (96, 32)))
     x8, w8, dy8 = (np.asarray(a.astype(jnp.float8_e4m3fn), np.float64) for a in (x, w[0], dy))
     dense = gemm.dense_fp8_operands(x, w, dy)
     for op, want in {"forward": x8 @ w8, "dx": dy8 @ w8.T, "dw": x8.T @ dy8}.items():
         got = gemm._dense_fp8(*dense[op])
-        assert got.dtype == jnp.bfloat16, op
+        assert got.dtype == jnp.bfloat16 and got.shape == want.shape, op
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2,
                                    atol=1e-2 * np.abs(want).max(), err_msg=op)
