@@ -588,7 +588,7 @@ def test_gemm_dense_fp8_computes_the_products_it_times():
     x8, w8, dy8 = (np.asarray(a.astype(jnp.float8_e4m3fn), np.float64) for a in (x, w[0], dy))
     dense = gemm.dense_fp8_operands(x, w, dy)
     for op, want in {"forward": x8 @ w8, "dx": dy8 @ w8.T, "dw": x8.T @ dy8}.items():
-        got = gemm._dense_fp8(*dense[op])
+        got = gemm.dense_fp8(*dense[op])
         assert got.dtype == jnp.bfloat16 and got.shape == want.shape, op
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-2,
                                    atol=1e-2 * np.abs(want).max(), err_msg=op)

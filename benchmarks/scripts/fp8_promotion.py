@@ -20,11 +20,10 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 import jep_kernels.grouped_matmul as gm
 from jep import fp8
-from jep.bench import timing, workloads
+from jep.bench import gemm, timing, workloads
 from jep_kernels.grouped_matmul import mgpu, tuning
 
 
@@ -38,8 +37,7 @@ def bodies(config):
         "the FP8 kernel": lambda xq, wq, sizes: gm.grouped_matmul_fp8(
             *xq, wq.q_t, wq.scales_t, sizes),
         "the same without the promotion": unscaled,
-        "XLA's dense FP8": lambda xq, wq, sizes: lax.dot_general(
-            xq[0], wq.q_t[0], (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16),
+        "XLA's dense FP8": lambda xq, wq, sizes: gemm.dense_fp8(xq[0], wq.q_t[0]),
     }
 
 

@@ -22,8 +22,8 @@ and `vs_roofline` = roofline / measured time (1.0: at the roofline). Each varian
 In FP8 (DeepSeek-V3's recipe): "jep fp8" is `jep.experts.fp8_grouped_matmul` with the weight
 quantized beforehand, x and dy in the loop, as a training step runs it; "jep fp8 kernels" the
 FP8 kernels alone on operands all quantized beforehand (x as FP8 dispatch brings it);
-"dense fp8" the dense product of the same flops on e4m3 operands without scales (cuBLAS on a
-GPU), the device's FP8 ceiling. Their rooflines are bf16's, so that "vs roofline" is each one's
+"dense fp8" the dense product of the same flops on e4m3 operands without scales (XLA's choice
+of GEMM on a GPU), the device's FP8 ceiling. Their rooflines are bf16's, so that "vs roofline" is each one's
 speed-up on the bf16 ceiling.
 
 jep and the dense matmul are always timed; the peers (`PEERS`) where asked (`peers`): on a
@@ -148,15 +148,17 @@ DENSE = {"forward": lambda x, w, dy, sizes: x @ w[0], "dx": lambda x, w, dy, siz
 
 # The dense FP8 peer ("dense fp8"): the same flops as `DENSE`, its operands cast to e4m3
 # before the loop, both K-major (as Hopper's FP8 tensor-core products read them; on a GPU XLA
-# hands the product to cuBLAS), without scales: what an FP8 product reaches on the device, as
-# "dense matmul" is for bf16. Each op's two operands [rows, depth] and [columns, depth].
+# picks the GEMM: cuBLAS, or its own Triton GEMM at some shapes), without scales: what an FP8
+# product reaches on the device, as "dense matmul" is for bf16. Each op's two operands
+# [rows, depth] and [columns, depth], for `dense_fp8`.
 @jax.jit
 def dense_fp8_operands(x, w, dy):
     x8, w8, dy8 = (a.astype(jnp.float8_e4m3fn) for a in (x, w[0], dy))
     return {"forward": (x8, w8.T), "dx": (dy8, w8), "dw": (x8.T, dy8.T)}
 
 
-def _dense_fp8(a, b):
+def dense_fp8(a, b):
+    """a [R, D] @ b [C, D]^T of e4m3 operands, K-major both: bf16[R, C]."""
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
 
 
@@ -290,7 +292,7 @@ def measure(*, shapes, dtype, routing: str, iters: int, repeats: int,
         if "dense fp8" in peers:
             operands = [dense_fp8_operands(*r[:3]) for r in rotations]
             for op in DENSE:
-                record("dense fp8", op, _dense_fp8, [o[op] for o in operands])
+                record("dense fp8", op, dense_fp8, [o[op] for o in operands])
         # Every variant of the shape timed in turn, round by round (seconds_interleaved).
         timed = timing.seconds_interleaved(runs, iters=iters, repeats=repeats,
                                            min_seconds=min_seconds)
